@@ -1,0 +1,48 @@
+"""napari-medcl: torch-free medical image segmentation inference with UAFR uncertainty, and its napari plugin.
+
+The public API is imported lazily so that ``import napari_medcl`` stays fast (napari imports every plugin's
+package at start-up) and never pulls in onnxruntime, SimpleITK or torch until they are used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "predict": "napari_medcl.predict",
+    "predict_iter": "napari_medcl.predict",
+    "Progress": "napari_medcl.predict",
+    "load_model": "napari_medcl.engine",
+    "read_image": "napari_medcl.io",
+    "write_image": "napari_medcl.io",
+    "ModelSpec": "napari_medcl.spec",
+    "Volume": "napari_medcl.volume",
+    "Prediction": "napari_medcl.volume",
+    "segment_layer": "napari_medcl.layers",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from napari_medcl.engine import load_model
+    from napari_medcl.io import read_image, write_image
+    from napari_medcl.layers import segment_layer
+    from napari_medcl.predict import Progress, predict, predict_iter
+    from napari_medcl.spec import ModelSpec
+    from napari_medcl.volume import Prediction, Volume
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'napari_medcl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,196 @@
+"""ModelSpec: what a model file says about itself (stored as JSON under the ONNX metadata key ``medcl.spec``).
+
+The spec carries everything needed to run a model correctly: classes with names and colours, the spacing and
+normalisation it was trained with, its patch size, and the names of its UAFR uncertainty maps. Readers refuse
+a spec whose ``format_version`` is newer than they understand, and every malformed field is a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+METADATA_KEY = "medcl.spec"
+FORMAT_VERSION = 1
+NORMALIZATION_KINDS = ("zscore", "ct", "percentile", "none")
+DEFAULT_INTENDED_USE = (
+    "For research use only. Not a medical device; not for diagnosis or treatment decisions. "
+    "Review every result before use."
+)
+# A fixed palette so that exported models get stable, distinguishable colours when none are given.
+PALETTE = (
+    "#000000",
+    "#e6194b",
+    "#3cb44b",
+    "#4363d8",
+    "#ffe119",
+    "#f58231",
+    "#911eb4",
+    "#46f0f0",
+    "#f032e6",
+    "#bcf60c",
+    "#fabebe",
+    "#008080",
+    "#e6beff",
+    "#9a6324",
+    "#fffac8",
+    "#800000",
+    "#aaffc3",
+    "#808000",
+    "#ffd8b1",
+    "#000075",
+)
+
+
+class SpecError(ValueError):
+    """A ModelSpec is missing, malformed, or inconsistent with its graph."""
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    index: int
+    name: str
+    color: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's self-description; see architecture.md §4.2 for the meaning of every field.
+
+    All per-axis fields are in array order: (y, x) for 2D models, (z, y, x) for 3D models.
+    """
+
+    name: str
+    spatial_dims: int
+    in_channels: int
+    classes: tuple[ClassInfo, ...]
+    patch_size: tuple[int, ...]
+    divisor: tuple[int, ...]
+    spacing: tuple[float, ...] | None = None
+    normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "zscore"})
+    uncertainty_maps: tuple[str, ...] = ()
+    training: dict[str, Any] = field(default_factory=dict)
+    intended_use: str = DEFAULT_INTENDED_USE
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and self.name.strip(), "name must be a non-empty string")
+        _check(self.spatial_dims in (2, 3), f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        _check(
+            isinstance(self.in_channels, int) and self.in_channels >= 1,
+            f"in_channels must be a positive integer, got {self.in_channels!r}",
+        )
+        classes = tuple(c if isinstance(c, ClassInfo) else ClassInfo(**c) for c in self.classes)
+        _check(len(classes) >= 2, f"a segmentation model needs at least 2 classes, got {len(classes)}")
+        _check(
+            [c.index for c in classes] == list(range(len(classes))),
+            f"class indices must be 0..{len(classes) - 1} in order, got {[c.index for c in classes]}",
+        )
+        for c in classes:
+            _check(
+                isinstance(c.color, str) and len(c.color) == 7 and c.color.startswith("#"),
+                f"class {c.index} colour must look like '#rrggbb', got {c.color!r}",
+            )
+        object.__setattr__(self, "classes", classes)
+        for key in ("patch_size", "divisor"):
+            value = tuple(getattr(self, key))
+            _check(
+                len(value) == self.spatial_dims and all(isinstance(v, int) and v >= 1 for v in value),
+                f"{key} must be {self.spatial_dims} positive integers, got {list(value)}",
+            )
+            object.__setattr__(self, key, value)
+        if self.spacing is not None:
+            spacing = tuple(float(s) for s in self.spacing)
+            _check(
+                len(spacing) == self.spatial_dims and all(math.isfinite(s) and s > 0 for s in spacing),
+                f"spacing must be {self.spatial_dims} positive numbers or null, got {list(spacing)}",
+            )
+            object.__setattr__(self, "spacing", spacing)
+        kind = self.normalization.get("kind") if isinstance(self.normalization, dict) else None
+        _check(kind in NORMALIZATION_KINDS, f"normalization.kind must be one of {NORMALIZATION_KINDS}, got {kind!r}")
+        if kind == "ct":
+            for key in ("clip_low", "clip_high", "mean", "std"):
+                _check(key in self.normalization, f"normalization 'ct' needs {key!r}")
+        if kind == "percentile":
+            for key in ("low", "high"):
+                _check(key in self.normalization, f"normalization 'percentile' needs {key!r}")
+        maps = tuple(self.uncertainty_maps)
+        _check(all(isinstance(m, str) and m for m in maps), "uncertainty_maps must be non-empty names")
+        _check(len(set(maps)) == len(maps), f"uncertainty_maps has duplicate names: {list(maps)}")
+        object.__setattr__(self, "uncertainty_maps", maps)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["classes"] = [asdict(c) for c in self.classes]
+        for key in ("patch_size", "divisor", "uncertainty_maps"):
+            data[key] = list(data[key])
+        if self.spacing is not None:
+            data["spacing"] = list(self.spacing)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=None, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        if not isinstance(data, dict):
+            raise SpecError(f"the spec must be a JSON object, got {type(data).__name__}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int):
+            raise SpecError(f"format_version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise SpecError(
+                f"the model's spec has format_version {version}; this napari-medcl reads up to "
+                f"{FORMAT_VERSION}. Update napari-medcl to run this model."
+            )
+        known = set(cls.__dataclass_fields__)
+        missing = [k for k in ("name", "spatial_dims", "in_channels", "classes", "patch_size", "divisor") if k not in data]
+        if missing:
+            raise SpecError(f"the spec lacks required fields: {', '.join(missing)}")
+        fields = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**fields)
+        except TypeError as error:
+            raise SpecError(f"malformed spec: {error}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SpecError(f"the spec is not valid JSON ({error})") from None
+        return cls.from_dict(data)
+
+    def summary(self) -> str:
+        """One line for logs and the widget: name, dims, classes, patch, spacing."""
+        spacing = "native" if self.spacing is None else "x".join(f"{s:g}" for s in self.spacing) + " mm"
+        return (
+            f"{self.name}: {self.spatial_dims}D, {self.in_channels} channel(s), classes "
+            f"{', '.join(self.class_names)}, patch {'x'.join(map(str, self.patch_size))}, spacing {spacing}, "
+            f"{len(self.uncertainty_maps)} UAFR map(s)"
+        )
+
+
+def default_classes(names: list[str], colors: list[str] | None = None) -> tuple[ClassInfo, ...]:
+    """ClassInfo entries for ``names`` (index order), colours from ``colors`` or the fixed palette."""
+    if colors is not None and len(colors) != len(names):
+        raise SpecError(f"{len(colors)} colours given for {len(names)} classes")
+    return tuple(
+        ClassInfo(index=i, name=n, color=colors[i] if colors else PALETTE[i % len(PALETTE)])
+        for i, n in enumerate(names)
+    )
+
+
+def _check(condition: object, message: str) -> None:
+    if not condition:
+        raise SpecError(message)
