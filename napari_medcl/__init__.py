@@ -24,7 +24,19 @@ _EXPORTS = {
     "segment_layer": "napari_medcl.layers",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "predict",
+    "predict_iter",
+    "Progress",
+    "load_model",
+    "read_image",
+    "write_image",
+    "ModelSpec",
+    "Volume",
+    "Prediction",
+    "segment_layer",
+]
 
 if TYPE_CHECKING:
     from napari_medcl.engine import load_model

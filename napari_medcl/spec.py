@@ -109,7 +109,10 @@ class ModelSpec:
             )
             object.__setattr__(self, "spacing", spacing)
         kind = self.normalization.get("kind") if isinstance(self.normalization, dict) else None
-        _check(kind in NORMALIZATION_KINDS, f"normalization.kind must be one of {NORMALIZATION_KINDS}, got {kind!r}")
+        _check(
+            kind in NORMALIZATION_KINDS,
+            f"normalization.kind must be one of {NORMALIZATION_KINDS}, got {kind!r}",
+        )
         if kind == "ct":
             for key in ("clip_low", "clip_high", "mean", "std"):
                 _check(key in self.normalization, f"normalization 'ct' needs {key!r}")
@@ -154,7 +157,11 @@ class ModelSpec:
                 f"{FORMAT_VERSION}. Update napari-medcl to run this model."
             )
         known = set(cls.__dataclass_fields__)
-        missing = [k for k in ("name", "spatial_dims", "in_channels", "classes", "patch_size", "divisor") if k not in data]
+        missing = [
+            k
+            for k in ("name", "spatial_dims", "in_channels", "classes", "patch_size", "divisor")
+            if k not in data
+        ]
         if missing:
             raise SpecError(f"the spec lacks required fields: {', '.join(missing)}")
         fields = {k: v for k, v in data.items() if k in known}

@@ -73,7 +73,9 @@ class Volume:
         array = np.asarray(array)
         shape = array.shape[1:] if channel_axis else array.shape
         if tuple(shape) != self.spatial_shape:
-            raise ValueError(f"array spatial shape {tuple(shape)} differs from the volume's {self.spatial_shape}")
+            raise ValueError(
+                f"array spatial shape {tuple(shape)} differs from the volume's {self.spatial_shape}"
+            )
         return replace(self, array=array, channel_axis=channel_axis, **changes)
 
     def crop(self, box: tuple[slice, ...]) -> Volume:
