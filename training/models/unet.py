@@ -1,0 +1,301 @@
+"""nnU-Net-like plain convolutional U-Net, 2D and 3D, with optional UAFR, deep supervision and CCDC projection.
+
+Naming (taps, UAFR sites, ``uafr_layers``): stages are numbered by resolution, 1 = full resolution.
+``encoder1`` .. ``encoderN`` are the encoder stage outputs (``encoderN`` is the bottleneck); ``decoderK``
+(K = 1 .. N-1) is the decoder stage that works at the resolution of ``encoderK`` and receives its skip, so
+``decoder1`` is the full-resolution feature the segmentation head (and the projection head) reads, and
+``decoder{N-1}`` is the first one computed after the bottleneck. Dicts are ordered as computed:
+encoder1 .. encoderN, decoder{N-1} .. decoder1.
+
+Any input size works: the image is zero-padded at the high end of each axis to a multiple of ``divisor`` (the
+product of the strides per axis), and every output is cropped back to the units covering the input
+(``ceil(S / stride)``), so logits have the input's size and tap voxel ``i`` keeps its place ``i * stride``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from training.models.blocks import (
+    ConvNormAct,
+    as_tuple,
+    check_spatial_dims,
+    conv,
+    crop_to_grid,
+    norm,
+    pad_to_multiple,
+    transposed_conv,
+)
+from training.models.output import SegmentationOutput, TapInfo
+from training.models.receptive_field import Geometry, propagate_geometry
+from training.models.registry import register_model
+from training.models.uafr import UAFR
+
+__all__ = ["UNet", "init_conv_weights"]
+
+DEFAULT_STAGES = 6
+DEFAULT_MAX_FEATURES = {2: 512, 3: 320}  # nnU-Net's caps
+
+
+def init_conv_weights(module: nn.Module) -> None:
+    """nnU-Net's initialisation: He-normal for LeakyReLU(0.01), zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            nn.init.kaiming_normal_(m.weight, a=1e-2)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def projection_head(
+    spatial_dims: int, channels: int, out_channels: int, kernel_size, norm_kind: str
+) -> nn.Module:
+    """CCDC projection head: conv k (C -> C) -> norm -> ReLU -> conv 1 (C -> E). Not normalised (the loss does)."""
+    return nn.Sequential(
+        conv(spatial_dims, channels, channels, kernel_size, bias=False),
+        norm(norm_kind, spatial_dims, channels),
+        nn.ReLU(),
+        conv(spatial_dims, channels, out_channels, 1, bias=True),
+    )
+
+
+def _resolve_stages(n_stages, features, strides, kernel_sizes) -> int:
+    lengths = {
+        name: len(v)
+        for name, v in (("features", features), ("strides", strides), ("kernel_sizes", kernel_sizes))
+        if v is not None
+    }
+    if n_stages is not None:
+        lengths["n_stages"] = n_stages
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"the number of stages disagrees between arguments: {lengths}")
+    n = next(iter(lengths.values()), DEFAULT_STAGES)
+    if n < 2:
+        raise ValueError(f"a U-Net needs at least 2 stages, got {n}")
+    return n
+
+
+def resolve_uafr_sites(uafr: bool, uafr_layers: Sequence[str] | None, valid: Sequence[str]) -> list[str]:
+    """``uafr_layers`` (names) wins over ``uafr`` (all sites); returned in ``valid``'s order."""
+    if uafr_layers is None:
+        return list(valid) if uafr else []
+    if isinstance(uafr_layers, str):
+        uafr_layers = [uafr_layers]
+    unknown = [n for n in uafr_layers if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown UAFR site(s) {unknown}; valid names: {', '.join(valid)}")
+    return [n for n in valid if n in uafr_layers]
+
+
+@register_model("unet", spatial_dims=(2, 3))
+class UNet(nn.Module):
+    """Plain conv U-Net: per stage two (conv -> norm -> LeakyReLU), the first strided for downsampling;
+    transposed-conv upsampling (kernel = stride), skip concatenation, 1x1 segmentation head.
+
+    Args (all keyword-only):
+        spatial_dims: 2 or 3. in_channels, num_classes: image channels and classes K (background included).
+        features: channels per stage; default ``base_features * 2**i`` for ``n_stages`` stages (default 6).
+            Capped by ``max_features`` (default 512 in 2D, 320 in 3D, as nnU-Net).
+        strides: per stage, an int or one int per axis (array order); the first must be all ones.
+            Default ``[1, 2, 2, ...]``. Anisotropic example: ``[[1, 1, 1], [1, 2, 2], [2, 2, 2], ...]``.
+        kernel_sizes: per stage, odd int or per-axis ints, e.g. ``[[1, 3, 3], [3, 3, 3], ...]``; default 3.
+        norm: "instance" (default) | "batch" | "group". activation: "leakyrelu" (default) | "relu".
+        dropout: channel-dropout probability after each conv block (default 0, as nnU-Net).
+        deep_supervision: 1x1 heads on decoder2 .. decoder{N-1}; their logits come finest first.
+        uafr: UAFR after every encoder and decoder stage (paper default); ``uafr_layers`` picks sites by name.
+        uafr_m, uafr_hidden, uafr_norm: UAFR hyper-parameters (paper: 2, 16, "batch").
+        uafr_kernel_size: kernel of UAFR's first conv; default None = the stage's own kernel (3 by default, the
+            paper's best; [1, 3, 3] at anisotropic stages so UAFR does not mix slices the stage keeps apart).
+        projection_dim: CCDC projection head on decoder1 (full resolution) with this many output channels.
+        return_features: when False, taps and embedding are skipped (empty dict / None).
+    """
+
+    def __init__(
+        self,
+        *,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        features: Sequence[int] | None = None,
+        n_stages: int | None = None,
+        base_features: int = 32,
+        max_features: int | None = None,
+        strides: Sequence[int | Sequence[int]] | None = None,
+        kernel_sizes: Sequence[int | Sequence[int]] | None = None,
+        norm: str = "instance",
+        activation: str = "leakyrelu",
+        dropout: float = 0.0,
+        deep_supervision: bool = False,
+        uafr: bool = False,
+        uafr_layers: Sequence[str] | None = None,
+        uafr_m: int = 2,
+        uafr_hidden: int = 16,
+        uafr_kernel_size: int | Sequence[int] | None = None,
+        uafr_norm: str = "batch",
+        projection_dim: int | None = None,
+        return_features: bool = True,
+    ):
+        super().__init__()
+        sd = check_spatial_dims(spatial_dims)
+        if in_channels < 1 or num_classes < 1:
+            raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
+        n = _resolve_stages(n_stages, features, strides, kernel_sizes)
+        cap = DEFAULT_MAX_FEATURES[sd] if max_features is None else max_features
+        if features is None:
+            features = [base_features * 2**i for i in range(n)]
+        features = [min(int(f), cap) for f in features]
+        if min(features) < 1:
+            raise ValueError(f"features must be positive, got {features}")
+        strides = [1] + [2] * (n - 1) if strides is None else strides
+        stride_t = [as_tuple(s, sd, f"strides[{i}]") for i, s in enumerate(strides)]
+        if any(v != 1 for v in stride_t[0]):
+            raise ValueError(f"the first stage must have stride 1 (full resolution), got {strides[0]!r}")
+        kernel_sizes = [3] * n if kernel_sizes is None else kernel_sizes
+        kernel_t = [as_tuple(k, sd, f"kernel_sizes[{i}]") for i, k in enumerate(kernel_sizes)]
+
+        self.spatial_dims = sd
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.features = tuple(features)
+        self.return_features = return_features
+        self.embedding_channels = projection_dim
+        self.divisor = tuple(math.prod(s[a] for s in stride_t) for a in range(sd))
+
+        block = {"norm_kind": norm, "activation_kind": activation, "dropout_p": dropout}
+        self.encoder = nn.ModuleList()
+        for i in range(n):
+            c_in = in_channels if i == 0 else features[i - 1]
+            self.encoder.append(
+                nn.Sequential(
+                    ConvNormAct(sd, c_in, features[i], kernel_t[i], stride_t[i], **block),
+                    ConvNormAct(sd, features[i], features[i], kernel_t[i], **block),
+                )
+            )
+        # upsample[i] / decoder[i] build decoder{i+1} from level i+1 and the skip encoder{i+1}.
+        self.upsample = nn.ModuleList(
+            transposed_conv(sd, features[i + 1], features[i], stride_t[i + 1], bias=False)
+            for i in range(n - 1)
+        )
+        self.decoder = nn.ModuleList(
+            nn.Sequential(
+                ConvNormAct(sd, 2 * features[i], features[i], kernel_t[i], **block),
+                ConvNormAct(sd, features[i], features[i], kernel_t[i], **block),
+            )
+            for i in range(n - 1)
+        )
+        self._names = [f"encoder{i + 1}" for i in range(n)] + [
+            f"decoder{i + 1}" for i in reversed(range(n - 1))
+        ]
+        level = {name: int(name[7:]) - 1 for name in self._names}  # "encoderK"/"decoderK" -> K - 1
+        self._channels = {name: features[lv] for name, lv in level.items()}
+        sites = resolve_uafr_sites(uafr, uafr_layers, self._names)
+        self.uafr = nn.ModuleDict(
+            {
+                name: UAFR(
+                    self._channels[name],
+                    sd,
+                    uafr_m,
+                    uafr_hidden,
+                    kernel_t[level[name]] if uafr_kernel_size is None else uafr_kernel_size,
+                    uafr_norm,
+                )
+                for name in sites
+            }
+        )
+        self.head = conv(sd, features[0], num_classes, 1)
+        self.deep_supervision_heads = nn.ModuleList(
+            conv(sd, features[i], num_classes, 1) for i in range(1, n - 1) if deep_supervision
+        )
+        self.projection = (
+            None
+            if projection_dim is None
+            else projection_head(sd, features[0], int(projection_dim), kernel_t[0], norm)
+        )
+        init_conv_weights(self)
+        self._geometry = self._compute_geometry()
+
+    # --- description -------------------------------------------------------------------------------------
+
+    @property
+    def uncertainty_names(self) -> list[str]:
+        """UAFR site names, in the order of ``output.uncertainty``."""
+        return list(self.uafr.keys())
+
+    @property
+    def uncertainty_strides(self) -> dict[str, tuple[int, ...]]:
+        """Stride of each UAFR map (that of the stage it follows)."""
+        return {n: self._geometry[n].stride for n in self.uafr}
+
+    @property
+    def tap_geometry(self) -> dict[str, Geometry]:
+        """Exact per-voxel receptive-field geometry of every tap (see ``receptive_field.py``)."""
+        return dict(self._geometry)
+
+    @property
+    def tap_info(self) -> dict[str, TapInfo]:
+        return {
+            name: TapInfo(self._channels[name], g.stride, g.receptive_field)
+            for name, g in self._geometry.items()
+        }
+
+    def _compute_geometry(self) -> dict[str, Geometry]:
+        g = Geometry.identity(self.spatial_dims)
+        out: dict[str, Geometry] = {}
+        for i, stage in enumerate(self.encoder):
+            g = self._site_geometry(f"encoder{i + 1}", propagate_geometry(stage, g))
+            out[f"encoder{i + 1}"] = g
+        for i in reversed(range(len(self.decoder))):
+            g = propagate_geometry(self.upsample[i], g).merge(out[f"encoder{i + 1}"])
+            g = self._site_geometry(f"decoder{i + 1}", propagate_geometry(self.decoder[i], g))
+            out[f"decoder{i + 1}"] = g
+        return out
+
+    def _site_geometry(self, name: str, g: Geometry) -> Geometry:
+        return propagate_geometry(self.uafr[name], g) if name in self.uafr else g
+
+    # --- forward -----------------------------------------------------------------------------------------
+
+    def forward(self, image: Tensor) -> SegmentationOutput:
+        """image (B, C_in, *S) -> SegmentationOutput; any S (padded internally, outputs cropped back)."""
+        # Skipped while tracing for export: a traced shape check would be frozen into the graph.
+        if not torch.jit.is_tracing() and (
+            image.ndim != self.spatial_dims + 2 or image.shape[1] != self.in_channels
+        ):
+            raise ValueError(
+                f"expected an image (B, {self.in_channels}, *S) with {self.spatial_dims} spatial axes, "
+                f"got shape {tuple(image.shape)}"
+            )
+        spatial = image.shape[2:]
+        taps: dict[str, Tensor] = {}
+        uncertainty: dict[str, Tensor] = {}
+
+        def site(name: str, x: Tensor) -> Tensor:
+            stride = self._geometry[name].stride
+            if name in self.uafr:
+                x, u = self.uafr[name](x)
+                uncertainty[name] = crop_to_grid(u, spatial, stride)
+            if self.return_features:
+                taps[name] = crop_to_grid(x, spatial, stride)
+            return x
+
+        x = pad_to_multiple(image, self.divisor)
+        skips = []
+        for i, stage in enumerate(self.encoder):
+            x = site(f"encoder{i + 1}", stage(x))
+            skips.append(x)
+        deep: list[Tensor] = []
+        for i in reversed(range(len(self.decoder))):
+            x = self.upsample[i](x)
+            x = site(f"decoder{i + 1}", self.decoder[i](torch.cat([x, skips[i]], dim=1)))
+            if self.deep_supervision_heads and i >= 1:
+                stride = self._geometry[f"decoder{i + 1}"].stride
+                deep.append(crop_to_grid(self.deep_supervision_heads[i - 1](x), spatial, stride))
+        ones = (1,) * self.spatial_dims
+        logits = crop_to_grid(self.head(x), spatial, ones)
+        embedding = None
+        if self.projection is not None and self.return_features:
+            embedding = crop_to_grid(self.projection(x), spatial, ones)
+        return SegmentationOutput(logits, deep[::-1], taps, embedding, uncertainty)
