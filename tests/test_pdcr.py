@@ -392,7 +392,7 @@ def test_pdcr_module_pairs_features_with_the_labels_under_them():
     labels = (torch.rand(1, 24, 40, generator=g) > 0.6).long()
     stride = (2, 4)
     idx = sample_grid_positions((12, 10), 10**6)
-    centre_labels = labels[0][tuple(tap_centers(idx, stride, (24, 40)).T)]
+    centre_labels = labels[0][tuple(tap_centers(idx, stride, (24, 40), (0, 0)).T)]  # TapInfo.offset default
     aligned = F.one_hot(centre_labels, 2).T.float().reshape(1, 2, 12, 10)
     shifted = torch.roll(aligned, shifts=(1, 1), dims=(2, 3))
     info = {"t": TapInfo(channels=2, stride=stride, receptive_field=(1, 1))}

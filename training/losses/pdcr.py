@@ -433,8 +433,8 @@ class PDCRLoss(nn.Module):
         weight: lambda, the factor of the summed terms in ``PDCRTerms.loss`` (paper: 0.01).
         spatial_dims: 2 or 3.
         center_offsets: optional tap name -> per-axis offset from i * stride to the centre of cell i (see
-            tap_centers); taps not listed use (stride - 1) // 2. For same-padded encoder taps the exact
-            offset is 0 (the model's geometry tells).
+            tap_centers); taps not listed use their ``TapInfo.offset`` (0 for every model in the registry,
+            whose same-padded convs centre cell i on input voxel i * stride).
 
     The cross-layer projections are parameters of this module: the optimizer must include them.
     """
@@ -519,6 +519,10 @@ class PDCRLoss(nn.Module):
                 f"(unknown taps: {unknown})"
             )
         self.center_offsets = {name: tuple(map(operator.index, v)) for name, v in center_offsets.items()}
+        for name, info in tap_info.items():
+            offset = getattr(info, "offset", None)
+            if name not in self.center_offsets and offset is not None:
+                self.center_offsets[name] = tuple(offset)
         projected = list(dict.fromkeys(name for pair in cross_pairs for name in pair))
         keys = {name: _module_key(name) for name in projected}
         if len(set(keys.values())) != len(keys):

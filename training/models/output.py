@@ -35,11 +35,17 @@ class TapInfo:
     """A tapped feature map: channels, stride (input voxels per tap voxel, array order) and receptive field
     (per axis, in input voxels), both computed from the architecture by ``receptive_field.py``.
 
-    A tap has ``ceil(S / stride)`` voxels per axis. For encoder taps (same-padding convs) the field of tap
-    voxel ``i`` is centred on input voxel ``i * stride``; the exact per-voxel field of any tap, decoder taps
-    included, is ``model.tap_geometry[name].box(index)``.
+    A tap has ``ceil(S / stride)`` voxels per axis. Tap voxel ``i`` sits on input voxel
+    ``i * stride + center_offset`` (same-padding convs and aligned skips give offset 0, the default, in every
+    model here); the exact per-voxel field of any tap, decoder taps included, is
+    ``model.tap_geometry[name].box(index)``.
     """
 
     channels: int
     stride: tuple[int, ...]
     receptive_field: tuple[int, ...]
+    center_offset: tuple[int, ...] | None = None
+
+    @property
+    def offset(self) -> tuple[int, ...]:
+        return self.center_offset if self.center_offset is not None else (0,) * len(self.stride)
