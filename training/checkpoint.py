@@ -1,0 +1,160 @@
+"""Training checkpoints: atomic writes, weights-only loading, validation, and every RNG state.
+
+A checkpoint is a plain dict that ``torch.load(weights_only=True)`` can read back, so nothing in it may be an
+arbitrary Python object: tensors, numbers, strings, lists, tuples and dicts only (RNG states are converted to
+tensors and ints here). It holds:
+
+=================  ======================================================================================
+``format``         :data:`CHECKPOINT_FORMAT`, to tell our files from any other ``.pt``
+``config_version`` the config schema version (:data:`training.config.CONFIG_VERSION`)
+``config``         the resolved :class:`~training.config.TrainConfig` as a plain dict
+``epoch``          number of completed epochs (1-based: 1 after the first epoch)
+``model``          model ``state_dict`` (never a DDP or compiled wrapper's: keys have no prefixes)
+``losses``         ``state_dict`` of the loss modules with parameters (PDCR's cross-layer projections)
+``optimizer``      optimizer ``state_dict`` (model and loss parameters)
+``scheduler``      LR scheduler ``state_dict``
+``scaler``         GradScaler ``state_dict`` or None
+``rng``            :func:`capture_rng_state` of python, numpy, torch CPU/CUDA and the engine's generator
+``sampler``        ``{"seed": int, "epoch": int}`` of the patch sampler
+``spec``           the :class:`napari_medcl.spec.ModelSpec` dict (what export embeds in the ONNX file)
+``history``        the per-epoch metrics records written so far (so a resumed run rewrites metrics.jsonl)
+``best``           ``{"epoch": int, "mean_dice": float}`` of the best validation so far
+=================  ======================================================================================
+
+Loading never falls back to ``weights_only=False`` (reliability.md §2.1).
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.config import CONFIG_VERSION, ConfigError, TrainConfig, config_from_dict, migrate
+
+CHECKPOINT_FORMAT = "napari-medcl-checkpoint"
+REQUIRED_KEYS = (
+    "format",
+    "config_version",
+    "config",
+    "epoch",
+    "model",
+    "losses",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "sampler",
+    "spec",
+    "history",
+    "best",
+)
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "capture_rng_state",
+    "checkpoint_config",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, not ours, damaged, incomplete, or from an incompatible config version."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` to ``path`` atomically: a kill mid-write leaves the previous file intact."""
+    from napari_medcl.atomic import atomic_path
+
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint state lacks {missing}")
+    with atomic_path(Path(path)) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and validate a checkpoint with ``torch.load(weights_only=True)``; CheckpointError if unusable.
+
+    An older ``config_version`` is migrated (``training.config.migrate``) where a migration exists.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            path, f"not a readable napari-medcl checkpoint (torch.load, weights only: {first[:160]})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(path, "not a napari-medcl checkpoint (no 'format' marker)")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(path, f"incomplete checkpoint, missing {', '.join(missing)}")
+    version = state["config_version"]
+    if version != CONFIG_VERSION:
+        try:
+            state["config"] = migrate({**state["config"], "config_version": version}, source=str(path))
+        except ConfigError as error:
+            raise CheckpointError(path, f"written with config_version {version}: {error}") from None
+        state["config_version"] = CONFIG_VERSION
+    return state
+
+
+def checkpoint_config(state: dict[str, Any], path: str | Path = "checkpoint") -> TrainConfig:
+    """The resolved TrainConfig stored in a loaded checkpoint."""
+    try:
+        return config_from_dict(state["config"], source=f"{path} (stored config)")
+    except ConfigError as error:
+        raise CheckpointError(path, str(error)) from None
+
+
+def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every random state the run draws from, as weights-only-safe values (tensors, ints, tuples)."""
+    version, keys, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "keys": torch.tensor(keys, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": str(np_kind),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state() if generator is not None else None,
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Put back what :func:`capture_rng_state` saved (CUDA states only when as many devices are present)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(k) for k in py["keys"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"])
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"].cpu())

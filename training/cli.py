@@ -1,0 +1,282 @@
+"""Command lines: ``medcl-train`` and ``medcl-evaluate``. Argument parsing and files only; the work is in
+``training.engine`` (training), ``napari_medcl.predict`` (inference) and ``training.metrics`` (scores).
+
+User mistakes (a bad config key, a dataset problem, a missing or foreign file) print the error on stderr
+without a traceback and exit with 2 (usage and config) or 1 (data, files, training failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["evaluate_main", "train_main"]
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medcl-train",
+        description=(
+            "Train a segmentation network (U-Net or DeepLabV3+, with UAFR, PDCR and CCDC) from a YAML config "
+            "that lists only what differs from the defaults. Under `torchrun --nproc_per_node N --no-python "
+            "medcl-train CONFIG` it trains with DDP."
+        ),
+    )
+    parser.add_argument("config", type=Path, help="YAML config (presets: training/configs/*.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, value parsed as YAML (repeatable), e.g. --set train.patch_size=[64,64,32]",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint_last.pt")
+    parser.add_argument("--check", action="store_true", help="only check the dataset and print a summary")
+    return parser
+
+
+def _dist_from_env(environ: dict[str, str]) -> Any:
+    """Rank, world size and local rank as torchrun sets them (all absent: a single process)."""
+    from training.engine import DistInfo
+
+    try:
+        world = int(environ.get("WORLD_SIZE", "1"))
+        rank = int(environ.get("RANK", "0"))
+        local = int(environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
+    return DistInfo(rank=rank, world_size=world, local_rank=local)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``medcl-train CONFIG.yaml [--set key=value ...] [--resume] [--check]``; returns the exit code."""
+    args = _train_parser().parse_args(argv)
+    from napari_medcl.errors import MedclError
+    from training.checkpoint import CheckpointError
+    from training.config import ConfigError, load_config
+    from training.data import DatasetError, check_dataset
+    from training.engine import RunError, TrainingError, train
+
+    prefix = "medcl-train"
+    try:
+        dist = _dist_from_env(dict(os.environ))
+        if dist.world_size > 1:
+            prefix = f"medcl-train [rank {dist.rank}]"
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, ValueError) as error:
+        return _fail(prefix, error, EXIT_USAGE)
+    try:
+        if args.check:
+            for line in check_dataset(cfg.data):
+                print(line)
+            print("dataset OK")
+            return 0
+        result = train(cfg, resume=args.resume, dist=dist)
+    except ConfigError as error:
+        return _fail(prefix, error, EXIT_USAGE)
+    except (DatasetError, RunError, CheckpointError, MedclError, TrainingError, FileNotFoundError) as error:
+        return _fail(prefix, error, EXIT_FAILURE)
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    if dist.is_main:
+        best = (
+            f"best mean validation Dice {result.best_mean_dice:.4f} at epoch {result.best_epoch}"
+            if result.best_epoch is not None
+            else "no validation"
+        )
+        print(f"done: {result.epochs} epochs, {best}; checkpoints in {result.output_dir}")
+    return 0
+
+
+def _fail(prefix: str, error: BaseException, code: int) -> int:
+    print(f"{prefix}: error: {error}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medcl-evaluate",
+        description=(
+            "Score a model on a labelled dataset: Dice, Jaccard, pixel accuracy and HD95 (mm) per case and "
+            "class, on each case's own voxel grid. ONNX models run through napari_medcl.predict (as "
+            "medcl-predict does); checkpoints run the torch model through the same preprocessing and tiling."
+        ),
+    )
+    parser.add_argument("model", type=Path, help="a .onnx model or a training checkpoint (.pt)")
+    parser.add_argument("dataset", type=Path, help="dataset root folder")
+    parser.add_argument(
+        "--layout",
+        choices=("msd", "folder2d", "acdc"),
+        help="dataset layout (default: the checkpoint's, else msd)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("val", "all"),
+        default="val",
+        help="val: the validation cases of the training split (checkpoint: its fold; ONNX: --fold of the "
+        "default 5-fold split); all: every case (default: val)",
+    )
+    parser.add_argument(
+        "--fold", type=int, default=None, help="fold for --split val (default: the checkpoint's, else 0)"
+    )
+    parser.add_argument("-o", "--output", type=Path, help="write the per-case table as CSV here")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (default 2)")
+    parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster on large volumes)")
+    return parser
+
+
+class _TorchSession:
+    """Enough of an ONNX Runtime session for ``LoadedModel.run``: the torch network's softmax output."""
+
+    def __init__(self, model: Any, device: Any):
+        self.model = model
+        self.device = device
+
+    def run(self, names: Sequence[str], feeds: dict[str, Any]) -> list[Any]:
+        import torch
+
+        with torch.no_grad():
+            x = torch.from_numpy(feeds["image"]).to(self.device)
+            probs = self.model(x).logits.float().softmax(1)
+        return [probs.cpu().numpy()]
+
+    def get_providers(self) -> list[str]:
+        return [f"torch ({self.device})"]
+
+
+def load_checkpoint_model(path: Path, device: str = "auto") -> tuple[Any, Any]:
+    """(LoadedModel running the checkpoint's torch network, its TrainConfig), for napari_medcl.predict."""
+    import torch
+
+    from napari_medcl.engine import LoadedModel
+    from napari_medcl.spec import ModelSpec
+    from training.checkpoint import checkpoint_config, load_checkpoint
+    from training.engine import build_model
+
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = checkpoint_config(state, path)
+    spec = ModelSpec.from_dict(state["spec"])
+    # The encoder's pretrained weights are already in the state dict; the file may not exist here.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder_weights=None))
+    model = build_model(cfg, spec.in_channels, spec.num_classes)
+    model.load_state_dict(state["model"])
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA GPU")
+    target = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    model.to(target).eval()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    # Only labels are scored: no UAFR maps are asked for.
+    spec = dataclasses.replace(spec, uncertainty_maps=())
+    session = _TorchSession(model, target)
+    loaded = LoadedModel(
+        path=path, sha256=digest, spec=spec, provider=session.get_providers()[0], session=session
+    )
+    return loaded, cfg
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """``medcl-evaluate CHECKPOINT_OR_ONNX DATASET_ROOT [--layout L] [--split val|all] [-o metrics.csv]``."""
+    args = _evaluate_parser().parse_args(argv)
+    from napari_medcl.errors import MedclError
+    from training.checkpoint import CheckpointError
+    from training.config import ConfigError
+    from training.data import DatasetError
+
+    try:
+        return _evaluate(args)
+    except (DatasetError, CheckpointError, MedclError, ConfigError, FileNotFoundError, OSError) as error:
+        return _fail("medcl-evaluate", error, EXIT_FAILURE)
+    except ValueError as error:  # a bad option value (e.g. --overlap 1.5, --device cuda without a GPU)
+        return _fail("medcl-evaluate", error, EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("medcl-evaluate: interrupted", file=sys.stderr)
+        return 130
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from napari_medcl.engine import load_model
+    from napari_medcl.predict import predict
+    from training.data import DataConfig, DatasetError
+    from training.data.check import read_case
+    from training.data.layouts import discover
+    from training.data.preprocessing import split_cases
+    from training.metrics import evaluate_case, format_table, summarize, write_csv
+
+    if not args.model.is_file():
+        raise FileNotFoundError(f"{args.model}: no such model file")
+    is_onnx = args.model.suffix.lower() == ".onnx"
+    if is_onnx:
+        loaded, data_cfg = load_model(args.model, device=args.device), DataConfig()
+    else:
+        loaded, cfg = load_checkpoint_model(args.model, args.device)
+        data_cfg = cfg.data
+    if args.fold is not None:
+        data_cfg = dataclasses.replace(data_cfg, fold=args.fold, val_fraction=None)
+    layout = discover(args.layout or ("msd" if is_onnx else data_cfg.layout), args.dataset)
+    if layout.problems:
+        raise DatasetError(layout.problems, root=layout.root)
+    cases = list(layout.cases)
+    if args.split == "val":
+        _, cases = split_cases(
+            cases,
+            fold=data_cfg.fold,
+            num_folds=data_cfg.num_folds,
+            val_fraction=data_cfg.val_fraction,
+            split_seed=data_cfg.split_seed,
+        )
+    if not cases:
+        raise DatasetError([f"no cases to evaluate (split {args.split})"], root=layout.root)
+    spec = loaded.spec
+    print(f"model {spec.name} ({loaded.provider}); {len(cases)} case(s) of {layout.root} ({args.split})")
+    scores = []
+    for case in cases:
+        volume, label, problems = read_case(case, layout)
+        if problems:
+            raise DatasetError(problems, root=layout.root)
+        prediction = predict(volume, loaded, overlap=args.overlap, batch_size=args.batch_size)
+        scores.append(
+            evaluate_case(
+                prediction.labels.array,
+                label,
+                spec.class_names,
+                spacing=volume.spacing,
+                case=case.case_id,
+                compute_hd95=not args.no_hd95,
+            )
+        )
+        print(f"  {case.case_id}: mean Dice {scores[-1].mean_dice:.4f}", flush=True)
+    print(format_table(scores))
+    summary = summarize(scores)
+    print(f"mean Dice {summary['dice']['mean']:.4f}, mean Jaccard {summary['jaccard']['mean']:.4f}", end="")
+    if not args.no_hd95:
+        print(f", mean HD95 {summary['hd95']['mean']:.2f} mm", end="")
+    print(f", accuracy {summary['accuracy']['mean']:.4f}")
+    if args.output is not None:
+        write_csv(scores, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())
