@@ -66,18 +66,18 @@ def draw_overlay(image, labels, uncertainty, spec, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from napari_medcl import cli
-    from napari_medcl.engine import DEFAULT_MODEL_NAME, load_model
+    from napari_medcl.engine import default_model_name, load_model
     from napari_medcl.errors import MedclError
     from napari_medcl.io import read_image
 
     parser = argparse.ArgumentParser(prog="python -m napari_medcl.demo", description=__doc__)
     parser.add_argument("-o", "--output", type=Path, default=Path("demo-output"))
-    parser.add_argument("--model", default=DEFAULT_MODEL_NAME, help="bundled model name or .onnx path")
+    parser.add_argument("--model", default=None, help="bundled model name or .onnx path (default: the default bundled model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model or default_model_name(), device=args.device)
     except MedclError as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1

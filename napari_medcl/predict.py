@@ -1,0 +1,410 @@
+"""predict_iter(): read -> preprocess -> sliding windows through ONNX Runtime -> stitch -> postprocess.
+
+The one inference path behind the Python API, the CLI and the napari widget. ``predict_iter`` is a generator:
+it yields :class:`Progress` events (one per window while inferring) and, as its last item, the
+:class:`~napari_medcl.volume.Prediction`; ``predict`` drains it. Everything runs on 3D grids ``(Z, Y, X)``:
+a 2D image is a depth-1 volume, and a 2D model sees windows of depth 1, so a 2D model over a 3D volume runs
+slice by slice through the same code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_medcl import __version__
+from napari_medcl.engine import LoadedModel, default_model_name, load_model
+from napari_medcl.errors import Cancelled, InputError, PredictionError
+from napari_medcl.preprocess import normalize, resample_linear, resampled_shape
+from napari_medcl.spec import ModelSpec
+from napari_medcl.tiling import (
+    Accumulator,
+    StitchResult,
+    argmax_entropy,
+    label_dtype,
+    padding,
+    window_boxes,
+    window_shape,
+)
+from napari_medcl.volume import Prediction, Volume
+
+STAGES = ("preprocess", "infer", "postprocess")
+# Spacings within this relative difference of the model's count as equal (no resampling).
+SPACING_RTOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Progress:
+    """``done`` of ``total`` steps of ``stage`` ("preprocess", "infer": windows, "postprocess");
+    ``elapsed`` seconds since the prediction started."""
+
+    done: int
+    total: int
+    stage: str
+    elapsed: float
+
+
+@dataclass(frozen=True, eq=False)
+class _Prepared:
+    """The normalised image on the model grid, padded for the windows.
+
+    ``array`` (C, *grid) float32 with ``grid`` = (Z, Y, X) padded; ``crop`` the image inside the padding;
+    ``model_shape`` the unpadded model grid; ``scales`` target / input spacing per axis (None: not
+    resampled); ``window`` the window shape on the 3D grid (depth 1 for a 2D model)."""
+
+    array: np.ndarray
+    crop: tuple[slice, slice, slice]
+    model_shape: tuple[int, int, int]
+    scales: tuple[float, float, float] | None
+    window: tuple[int, int, int]
+
+
+def predict(
+    image: Volume | str | Path, model: LoadedModel | str | Path | None = None, **options: Any
+) -> Prediction:
+    """Run :func:`predict_iter` to the end and return its Prediction (same arguments)."""
+    result: Any = None
+    for result in predict_iter(image, model, **options):  # noqa: B007  (the last item is the result)
+        pass
+    return result
+
+
+def predict_iter(
+    image: Volume | str | Path,
+    model: LoadedModel | str | Path | None = None,
+    *,
+    device: str = "auto",
+    overlap: float = 0.5,
+    tta: bool = False,
+    batch_size: int = 1,
+    return_probabilities: bool = False,
+    cancel: Any = None,
+    series: str | None = None,
+) -> Iterator[Progress | Prediction]:
+    """Segment ``image`` with ``model``; yield Progress events, then the Prediction as the last item.
+
+    ``image``: a Volume or a path (file or DICOM folder; ``series`` picks a DICOM series). ``model``: a
+    LoadedModel, a bundled model name or an .onnx path; None = the default bundled model. ``device``:
+    auto/cpu/cuda when the model still has to be loaded. ``overlap`` in [0, 1) between windows; ``tta``
+    averages over mirroring along every spatial axis (2^d passes per window); ``batch_size`` windows per
+    ORT call; ``return_probabilities`` adds the (K, *S) class probabilities. ``cancel``: a threading.Event
+    or a zero-argument callable, checked between windows; when set, Cancelled is raised.
+
+    All outputs sit on the input's voxel grid with its geometry. Raises InputError (unusable image),
+    ModelError (unusable model), PredictionError (NaN/Inf from the model), Cancelled.
+    """
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    cancelled = _cancel_check(cancel)
+    start = time.perf_counter()
+
+    def elapsed() -> float:
+        return time.perf_counter() - start
+
+    timings: dict[str, float] = {}
+    yield Progress(0, 1, "preprocess", elapsed())
+    t = time.perf_counter()
+    if isinstance(image, (str, Path)):
+        from napari_medcl.io import read_image  # SimpleITK: imported only when a path is given
+
+        volume = read_image(image, series=series)
+    elif isinstance(image, Volume):
+        volume = image
+    else:
+        raise TypeError(f"image must be a Volume or a path, got {type(image).__name__}")
+    timings["read"] = time.perf_counter() - t
+    t = time.perf_counter()
+    loaded = (
+        model if isinstance(model, LoadedModel) else load_model(model or default_model_name(), device=device)
+    )
+    timings["load_model"] = time.perf_counter() - t
+    spec = loaded.spec
+    t = time.perf_counter()
+    prepared = _prepare(volume, spec)
+    timings["preprocess"] = time.perf_counter() - t
+    yield Progress(1, 1, "preprocess", elapsed())
+
+    t = time.perf_counter()
+    stitched, windows, ort_seconds = yield from _infer(
+        loaded, prepared, overlap=overlap, tta=tta, batch_size=batch_size,
+        keep_probabilities=return_probabilities, cancelled=cancelled, elapsed=elapsed,
+    )  # fmt: skip
+    timings["inference"] = time.perf_counter() - t
+    timings["ort_seconds"] = ort_seconds
+
+    yield Progress(0, 1, "postprocess", elapsed())
+    t = time.perf_counter()
+    prediction_arrays = _postprocess(stitched, volume, prepared, spec, return_probabilities)
+    timings["postprocess"] = time.perf_counter() - t
+    timings["total"] = elapsed()
+    provenance = _provenance(
+        volume, loaded, prepared, device=device, overlap=overlap, tta=tta, batch_size=batch_size,
+        windows=windows, timings=timings,
+    )  # fmt: skip
+    prediction = _as_prediction(volume, spec, prediction_arrays, provenance)
+    yield Progress(1, 1, "postprocess", elapsed())
+    yield prediction
+
+
+def _infer(
+    model: LoadedModel,
+    prepared: _Prepared,
+    *,
+    overlap: float,
+    tta: bool,
+    batch_size: int,
+    keep_probabilities: bool,
+    cancelled: Callable[[], bool],
+    elapsed: Callable[[], float],
+) -> Generator[Progress, None, tuple[StitchResult, int, float]]:
+    """Run every window through the model into an Accumulator, yielding one Progress per window.
+
+    Returns (via ``yield from``) the StitchResult, the number of windows and the seconds spent in ORT."""
+    spec = model.spec
+    grid = prepared.array.shape[1:]
+    accumulator = Accumulator(
+        grid,
+        prepared.window,
+        spec.num_classes,
+        len(spec.uncertainty_maps),
+        crop=prepared.crop,
+        keep_probabilities=keep_probabilities,
+        reduce=prepared.scales is None,
+    )
+    boxes = window_boxes(grid, prepared.window, overlap)
+    ort_seconds = 0.0
+    for first in range(0, len(boxes), batch_size):
+        if cancelled():
+            raise Cancelled(f"prediction cancelled after {first} of {len(boxes)} windows")
+        group = boxes[first : first + batch_size]
+        batch = np.stack([prepared.array[(slice(None), *box)] for box in group])  # (n, C, wz, wy, wx)
+        if len(group) < batch_size < len(boxes):
+            # Keep one batch shape per session (the CUDA provider tunes convolutions per shape).
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(group), axis=0)])
+        if spec.spatial_dims == 2:
+            batch = batch[:, :, 0]  # depth-1 windows -> (n, C, wy, wx)
+        start = time.perf_counter()
+        probs, maps = _run(model, batch, tta)
+        ort_seconds += time.perf_counter() - start
+        _check_finite(model, probs, maps)
+        if spec.spatial_dims == 2:  # back to depth-1 windows: (n, K, 1, wy, wx)
+            probs = probs[:, :, None]
+            maps = None if maps is None else maps[:, :, None]
+        for j, box in enumerate(group):
+            accumulator.add(box, probs[j], None if maps is None else maps[j])
+            yield Progress(first + j + 1, len(boxes), "infer", elapsed())
+    return accumulator.finish(), len(boxes), ort_seconds
+
+
+def _cancel_check(cancel: Any) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if hasattr(cancel, "is_set"):
+        return cancel.is_set
+    if callable(cancel):
+        return cancel
+    raise TypeError(f"cancel must be a threading.Event or a callable, got {type(cancel).__name__}")
+
+
+def _as_channels_3d(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The volume's array as (C, Z, Y, X) (a view; depth 1 for 2D images) and its spacing on that grid."""
+    array = volume.array if volume.channel_axis else volume.array[None]
+    if volume.spatial_dims == 2:
+        return array[:, None], (1.0, *volume.spacing)
+    return array, tuple(volume.spacing)
+
+
+def _prepare(volume: Volume, spec: ModelSpec) -> _Prepared:
+    """Check the image against the spec, normalise, resample to the model spacing and pad for the windows."""
+    if volume.spatial_dims == 2 and spec.spatial_dims == 3:
+        raise InputError(
+            volume.source, f"is a 2D image but model {spec.name!r} is a 3D model; use a 2D model"
+        )
+    if volume.num_channels != spec.in_channels:
+        raise InputError(
+            volume.source,
+            f"has {volume.num_channels} channel(s) but model {spec.name!r} expects {spec.in_channels}",
+        )
+    array, spacing = _as_channels_3d(volume)
+    if array.dtype.kind not in "biuf":
+        raise InputError(volume.source, f"has voxel type {array.dtype}, not a number type")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError(volume.source, "contains NaN or infinite voxel values")
+    data = normalize(array, spec.normalization)  # (C, Z, Y, X) float32
+
+    scales = None
+    shape = tuple(array.shape[1:])
+    if spec.spacing is not None:
+        target = tuple(spec.spacing) if spec.spatial_dims == 3 else (spacing[0], *spec.spacing)
+        if any(abs(s / t - 1.0) > SPACING_RTOL for s, t in zip(spacing, target)):
+            scales = tuple(t / s for s, t in zip(spacing, target))
+            shape = resampled_shape(shape, spacing, target)
+            data = resample_linear(data, shape, scales)
+
+    window = window_shape(spec.patch_size, spec.divisor)
+    window = window if spec.spatial_dims == 3 else (1, *window)
+    pads = padding(shape, window)
+    crop = tuple(slice(before, before + n) for (before, _), n in zip(pads, shape))
+    if any(before or after for before, after in pads):
+        padded = np.zeros((data.shape[0], *(n + b + a for n, (b, a) in zip(shape, pads))), dtype=np.float32)
+        padded[(slice(None), *crop)] = data
+        data = padded
+    return _Prepared(array=data, crop=crop, model_shape=shape, scales=scales, window=window)
+
+
+def _run(model: LoadedModel, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """One ORT pass, or the mean over every mirroring of the spatial axes when ``tta``."""
+    if not tta:
+        return model.run(batch)
+    axes = tuple(range(2, batch.ndim))
+    flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+    probs_sum = maps_sum = None
+    for flip in flips:
+        probs, maps = model.run(np.ascontiguousarray(np.flip(batch, flip)) if flip else batch)
+        if flip:
+            probs = np.flip(probs, flip)
+            maps = None if maps is None else np.flip(maps, flip)
+        probs_sum = probs.copy() if probs_sum is None else np.add(probs_sum, probs, out=probs_sum)
+        if maps is not None:
+            maps_sum = maps.copy() if maps_sum is None else np.add(maps_sum, maps, out=maps_sum)
+    scale = np.float32(1.0 / len(flips))
+    return probs_sum * scale, None if maps_sum is None else maps_sum * scale
+
+
+def _check_finite(model: LoadedModel, probs: np.ndarray, maps: np.ndarray | None) -> None:
+    # A float64 sum of values in [0, 1] is finite unless a value is NaN/Inf, and needs no temporary array.
+    for name, array in (("probabilities", probs), ("uafr_uncertainty", maps)):
+        if array is not None and not math.isfinite(float(array.sum(dtype=np.float64))):
+            raise PredictionError(
+                f"model {model.spec.name!r} ({model.path}) produced NaN or infinite {name}; "
+                "the model is broken or the input is far outside what it was trained on"
+            )
+
+
+def _postprocess(
+    stitched: StitchResult, volume: Volume, prepared: _Prepared, spec: ModelSpec, keep_probabilities: bool
+) -> dict[str, np.ndarray | None]:
+    """Outputs on the input grid (Z, Y, X): resample back from the model grid first when needed."""
+    if prepared.scales is None:
+        result = {
+            "labels": stitched.labels,
+            "entropy": stitched.entropy,
+            "maps": stitched.maps,
+            "uafr_mean": stitched.uafr_mean,
+            "probabilities": stitched.probabilities,
+        }
+    else:
+        shape = tuple(_as_channels_3d(volume)[0].shape[1:])
+        back = tuple(1.0 / s for s in prepared.scales)
+        k = spec.num_classes
+        labels = np.zeros(shape, dtype=label_dtype(k))
+        entropy = np.zeros(shape, dtype=np.float32)
+        probabilities = np.zeros((k, *shape), dtype=np.float32) if keep_probabilities else None
+
+        def planes() -> Iterator[np.ndarray]:
+            # One class at a time: memory for two planes on the input grid, whatever the class count.
+            for c in range(k):
+                plane = resample_linear(stitched.probabilities[c : c + 1], shape, back)[0]
+                if probabilities is not None:
+                    probabilities[c] = plane
+                yield plane
+
+        argmax_entropy(planes(), k, labels, entropy)
+        maps = resample_linear(stitched.maps, shape, back) if spec.uncertainty_maps else stitched.maps
+        result = {
+            "labels": labels,
+            "entropy": entropy,
+            "maps": maps,
+            "uafr_mean": maps.mean(axis=0) if spec.uncertainty_maps else None,
+            "probabilities": probabilities,
+        }
+    if volume.spatial_dims == 2:  # drop the depth-1 axis again
+        result = {
+            key: None if a is None else (a[:, 0] if key in ("maps", "probabilities") else a[0])
+            for key, a in result.items()
+        }
+    return result
+
+
+def _as_prediction(
+    volume: Volume, spec: ModelSpec, arrays: dict[str, np.ndarray | None], provenance: dict[str, Any]
+) -> Prediction:
+    def on_grid(array: np.ndarray, channel_axis: bool = False) -> Volume:
+        # Outputs are new images on the input's grid: keep its geometry, source and format, not the
+        # reader's notes about the input's own pixels.
+        return volume.with_array(array, channel_axis=channel_axis, metadata={})
+
+    maps = arrays["maps"]
+    return Prediction(
+        labels=on_grid(arrays["labels"]),
+        entropy=on_grid(arrays["entropy"]),
+        uafr_uncertainty=None if arrays["uafr_mean"] is None else on_grid(arrays["uafr_mean"]),
+        uncertainty_maps={name: on_grid(maps[i]) for i, name in enumerate(spec.uncertainty_maps)},
+        probabilities=None if arrays["probabilities"] is None else on_grid(arrays["probabilities"], True),
+        provenance=provenance,
+    )
+
+
+def _provenance(
+    volume: Volume,
+    model: LoadedModel,
+    prepared: _Prepared,
+    *,
+    device: str,
+    overlap: float,
+    tta: bool,
+    batch_size: int,
+    windows: int,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    spec = model.spec
+    window = list(prepared.window[-spec.spatial_dims :])
+    return {
+        "tool": "napari-medcl",
+        "version": __version__,
+        "model": {
+            "name": spec.name,
+            "path": str(model.path),
+            "sha256": model.sha256,
+            "spatial_dims": spec.spatial_dims,
+            "classes": spec.class_names,
+            "uncertainty_maps": list(spec.uncertainty_maps),
+        },
+        "execution_provider": model.provider,
+        "device_requested": device,
+        "intended_use": spec.intended_use,
+        "input": {
+            "path": None if volume.source is None else str(volume.source),
+            "format": volume.format,
+            "channels": volume.num_channels,
+            "geometry": volume.geometry_dict(),
+        },
+        "preprocessing": {
+            "normalization": dict(spec.normalization),
+            "resampled": prepared.scales is not None,
+            "model_grid_shape": list(prepared.model_shape[-volume.spatial_dims :]),
+            "model_spacing": None if spec.spacing is None else list(spec.spacing),
+        },
+        "tiling": {
+            "patch": list(spec.patch_size),
+            "window": window,
+            "overlap": float(overlap),
+            "windows": windows,
+            "tta": bool(tta),
+            "forward_passes": windows * (2**spec.spatial_dims if tta else 1),
+            "batch_size": int(batch_size),
+            "padded_grid": list(prepared.array.shape[1:][-volume.spatial_dims :]),
+            "importance": "gaussian, sigma = patch / 8",
+        },
+        "timings": {key: round(value, 4) for key, value in timings.items()},
+    }

@@ -1,0 +1,143 @@
+"""Intensity normalisation and linear resampling of images before inference (pure numpy).
+
+Both work on channel-first float arrays ``(C, *S)`` with ``S`` two or three spatial axes. Resampling changes
+the spacing of axes that share one direction matrix, so it is separable: one 1-D linear interpolation per
+axis. Source and target grids are centre-aligned (the middle of the image stays where it is), and positions
+past the last voxel centre take the edge value, so resampling to a grid and back returns an array on exactly
+the original grid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+STD_FLOOR = 1e-8
+# Rows of the first axis processed at a time when computing statistics, so temporaries stay small.
+_CHUNK_VOXELS = 1 << 22
+
+
+def normalize(array: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
+    """Normalise each channel of ``array`` (C, *S) as ``normalization`` (a ModelSpec field) says.
+
+    ``zscore``: (x - mean) / std per channel; with ``"use_nonzero_mask": true`` the statistics come from the
+    voxels where any channel is non-zero and voxels outside that mask are set to 0 (nnU-Net's convention).
+    ``ct``: clip to [clip_low, clip_high], then (x - mean) / std with the spec's fixed mean and std.
+    ``percentile``: clip to the image's ``low`` and ``high`` percentiles (0-100), then z-score.
+    ``none``: a float32 copy. std is floored at 1e-8 everywhere, so constant images give zeros.
+    Returns a new float32 array (C, *S).
+    """
+    kind = normalization.get("kind", "zscore")
+    out = np.array(array, dtype=np.float32, copy=True)
+    if kind == "none":
+        return out
+    mask = None
+    if normalization.get("use_nonzero_mask", False):
+        mask = np.any(array != 0, axis=0)
+        if not mask.any():
+            mask = None
+    for channel in out:
+        if kind == "ct":
+            np.clip(channel, float(normalization["clip_low"]), float(normalization["clip_high"]), out=channel)
+            mean, std = float(normalization["mean"]), float(normalization["std"])
+        elif kind == "percentile":
+            values = channel if mask is None else channel[mask]
+            low, high = np.percentile(values, [float(normalization["low"]), float(normalization["high"])])
+            np.clip(channel, low, high, out=channel)
+            mean, std = _mean_std(channel, mask)
+        elif kind == "zscore":
+            mean, std = _mean_std(channel, mask)
+        else:
+            raise ValueError(f"unknown normalization kind {kind!r}")
+        channel -= np.float32(mean)
+        channel *= np.float32(1.0 / max(std, STD_FLOOR))
+        if mask is not None and kind == "zscore":
+            channel[~mask] = 0
+    return out
+
+
+def _mean_std(x: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
+    """Mean and standard deviation of ``x`` (over ``mask`` when given), in float64, one chunk at a time."""
+    rows = max(1, _CHUNK_VOXELS // max(1, math.prod(x.shape[1:])))
+    chunks = [slice(i, i + rows) for i in range(0, x.shape[0], rows)]
+
+    def values(chunk: slice) -> np.ndarray:
+        return x[chunk] if mask is None else x[chunk][mask[chunk]]
+
+    count = sum(values(c).size for c in chunks)
+    if count == 0:
+        return 0.0, 0.0
+    mean = sum(float(values(c).sum(dtype=np.float64)) for c in chunks) / count
+    squares = 0.0
+    for c in chunks:
+        d = values(c).astype(np.float64).ravel() - mean
+        squares += float(np.dot(d, d))
+    return mean, math.sqrt(squares / count)
+
+
+def resampled_shape(
+    shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]
+) -> tuple[int, ...]:
+    """Grid size covering the same physical extent as ``shape`` at ``spacing``, at the ``target`` spacing."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+def grid_coordinates(n_out: int, n_in: int, scale: float) -> np.ndarray:
+    """Continuous source indices of the ``n_out`` centre-aligned target voxels (float64, not clamped).
+
+    ``scale`` = target spacing / source spacing. The two grids share their centre."""
+    return (n_in - 1) / 2.0 + (np.arange(n_out, dtype=np.float64) - (n_out - 1) / 2.0) * scale
+
+
+def resampled_origin(
+    origin: tuple[float, ...],
+    spacing: tuple[float, ...],
+    direction: np.ndarray,
+    shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    target: tuple[float, ...],
+) -> tuple[float, ...]:
+    """Physical position of voxel 0 of the centre-aligned grid ``out_shape`` at ``target`` spacing."""
+    first = np.array(
+        [grid_coordinates(m, n, t / s)[0] for m, n, s, t in zip(out_shape, shape, spacing, target)]
+    )
+    return tuple(np.asarray(origin) + np.asarray(direction) @ (np.asarray(spacing) * first))
+
+
+def resample_linear(array: np.ndarray, out_shape: tuple[int, ...], scales: tuple[float, ...]) -> np.ndarray:
+    """Linear resampling of ``array`` (C, *S_in) to (C, *out_shape) on centre-aligned grids.
+
+    ``scales[i]`` = target spacing / source spacing of spatial axis i. Axes whose size and scale are
+    unchanged are skipped; shrinking axes go first so the intermediate arrays stay small. float32 out.
+    """
+    spatial = array.shape[1:]
+    if len(out_shape) != len(spatial) or len(scales) != len(spatial):
+        raise ValueError(f"out_shape {out_shape} and scales {scales} must match the spatial shape {spatial}")
+    out = np.asarray(array, dtype=np.float32)
+    axes = [
+        i
+        for i, (n, m, s) in enumerate(zip(spatial, out_shape, scales))
+        if not (n == m and abs(s - 1.0) < 1e-12)
+    ]
+    for i in sorted(axes, key=lambda i: out_shape[i] / spatial[i]):
+        out = _interp_axis(out, i + 1, grid_coordinates(out_shape[i], spatial[i], scales[i]))
+    return out if out is not array else out.copy()
+
+
+def _interp_axis(a: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+    """1-D linear interpolation of ``a`` along ``axis`` at continuous indices ``coords`` (edge-clamped)."""
+    n = a.shape[axis]
+    c = np.clip(coords, 0.0, n - 1.0)
+    lower = np.minimum(np.floor(c).astype(np.intp), max(n - 2, 0))
+    upper = np.minimum(lower + 1, n - 1)
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    w = (c - lower).astype(np.float32).reshape(shape)  # (1, .., n_out, .., 1)
+    low = np.take(a, lower, axis=axis)
+    high = np.take(a, upper, axis=axis)
+    low *= 1.0 - w
+    high *= w
+    low += high
+    return low

@@ -1,0 +1,298 @@
+"""Sliding-window tiling: window positions, Gaussian importance weights, and a slab-wise accumulator.
+
+Pure numpy. Everything here works on 3D grids ``(Z, Y, X)``; a 2D image is a depth-1 volume and a 2D model
+over a 3D volume uses windows of depth 1, so one code path serves 2D, 3D and 2D-over-3D.
+
+Windows are listed with the first axis slowest. Once the windows starting at a given ``z`` have all been
+added, nothing later touches the rows below the next window's ``z``; the :class:`Accumulator` reduces those
+rows to their final outputs and forgets them, so its working memory is one window deep along ``z``, not the
+whole volume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+Box = tuple[slice, ...]
+# Voxels reduced at a time when a slab is final (bounds the argmax/entropy temporaries to a few MiB each).
+_REDUCE_VOXELS = 1 << 20
+
+
+def window_starts(size: int, patch: int, overlap: float) -> tuple[int, ...]:
+    """Start indices of windows of length ``patch`` covering ``range(size)``, spread evenly (nnU-Net style).
+
+    ``n = ceil((size - patch) / step) + 1`` windows with ``step = max(1, patch * (1 - overlap))``; starts are
+    rounded from ``linspace(0, size - patch, n)``, so the real step never exceeds the target one and the
+    last window ends exactly at ``size``. One start (0) when ``size <= patch``.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    if size < 1 or patch < 1:
+        raise ValueError(f"size and patch must be positive, got size={size}, patch={patch}")
+    if size <= patch:
+        return (0,)
+    step = max(1.0, patch * (1.0 - overlap))
+    n = math.ceil((size - patch) / step) + 1
+    return tuple(int(round(s)) for s in np.linspace(0, size - patch, n))
+
+
+def window_boxes(shape: tuple[int, ...], window: tuple[int, ...], overlap: float) -> list[Box]:
+    """Every window of shape ``window`` over a grid of ``shape`` (same length, each axis >= window),
+    as slice tuples in C order (first axis slowest)."""
+    if len(shape) != len(window):
+        raise ValueError(f"grid shape {shape} and window {window} have different lengths")
+    if any(s < w for s, w in zip(shape, window)):
+        raise ValueError(f"grid shape {shape} is smaller than the window {window}; pad it first")
+    per_axis = [window_starts(s, w, overlap) for s, w in zip(shape, window)]
+    return [tuple(slice(s, s + w) for s, w in zip(starts, window)) for starts in itertools.product(*per_axis)]
+
+
+def gaussian_importance(patch: tuple[int, ...]) -> np.ndarray:
+    """Importance map of shape ``patch``: a Gaussian centred on the window, sigma = patch / 8 per axis,
+    maximum 1, no zeros. float32, read-only, and the same object for the same patch (cached)."""
+    return _gaussian(tuple(int(p) for p in patch))
+
+
+@lru_cache(maxsize=16)
+def _gaussian(patch: tuple[int, ...]) -> np.ndarray:
+    if any(p < 1 for p in patch):
+        raise ValueError(f"patch sizes must be positive, got {patch}")
+    weights = np.ones((), dtype=np.float64)
+    for n in patch:
+        sigma = n / 8.0
+        d = (np.arange(n, dtype=np.float64) - (n - 1) / 2.0) / sigma
+        weights = np.multiply.outer(weights, np.exp(-0.5 * d * d))
+    weights = (weights / weights.max()).astype(np.float32)
+    # A product of three tails can underflow to 0 in float32 for large patches; a zero weight would leave a
+    # voxel covered only by window corners undefined.
+    nonzero = weights[weights > 0]
+    weights[weights == 0] = nonzero.min()
+    weights.setflags(write=False)
+    return weights
+
+
+def window_shape(patch: tuple[int, ...], divisor: tuple[int, ...]) -> tuple[int, ...]:
+    """The patch rounded up to a multiple of the divisor on every axis (what a window fed to the model is)."""
+    return tuple(-(-p // d) * d for p, d in zip(patch, divisor))
+
+
+def padding(shape: tuple[int, ...], window: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Symmetric (before, after) padding per axis so that every axis is at least the window; zero where the
+    image is already large enough."""
+    pads = []
+    for s, w in zip(shape, window):
+        extra = max(0, w - s)
+        pads.append((extra // 2, extra - extra // 2))
+    return tuple(pads)
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """uint8 for up to 255 classes, uint16 above."""
+    if num_classes > 65535:
+        raise ValueError(f"at most 65535 classes are supported, got {num_classes}")
+    return np.dtype(np.uint8 if num_classes <= 255 else np.uint16)
+
+
+def argmax_entropy(
+    planes: Iterable[np.ndarray], num_classes: int, labels: np.ndarray, entropy: np.ndarray
+) -> None:
+    """Reduce class probability planes, given one class at a time in index order, to labels and entropy.
+
+    ``planes``: ``num_classes`` float32 arrays of shape ``S`` (probabilities summing to 1 over classes).
+    Writes ``labels`` (S) with the argmax (ties go to the lower index) and ``entropy`` (S) with the
+    normalised predictive entropy ``-sum p log p / log K`` clipped to [0, 1]. Consuming classes one by one
+    keeps the temporary memory at two planes whatever the number of classes.
+    """
+    best = None
+    count = 0
+    entropy[...] = 0
+    for index, p in enumerate(planes):
+        p = np.asarray(p, dtype=np.float32)
+        if best is None:
+            best = p.copy()
+            labels[...] = 0
+        else:
+            better = p > best
+            labels[better] = index
+            np.maximum(best, p, out=best)
+        # p log p -> 0 as p -> 0; the clamp keeps log finite and changes the sum by < 1e-30 per class.
+        term = np.maximum(p, 1e-30)
+        np.log(term, out=term)
+        term *= p
+        entropy -= term
+        count += 1
+    if count != num_classes:
+        raise ValueError(f"expected {num_classes} class planes, got {count}")
+    entropy *= 1.0 / math.log(num_classes)
+    np.clip(entropy, 0.0, 1.0, out=entropy)
+
+
+@dataclass(frozen=True, eq=False)
+class StitchResult:
+    """Outputs of an :class:`Accumulator` over the crop region ``S = (Z, Y, X)``.
+
+    ``labels`` (S) uint8/uint16 and ``entropy`` (S) float32 when the accumulator reduced, else None;
+    ``maps`` (U, *S) float32 UAFR maps (U may be 0); ``uafr_mean`` (S) float32 mean of the maps, None when
+    U == 0 or without reduction; ``probabilities`` (K, *S) float32 when kept, else None.
+    """
+
+    labels: np.ndarray | None
+    entropy: np.ndarray | None
+    maps: np.ndarray
+    uafr_mean: np.ndarray | None
+    probabilities: np.ndarray | None
+
+
+class Accumulator:
+    """Gaussian-weighted stitching of window outputs, reduced slab by slab along the first axis.
+
+    ``shape``: the padded grid ``(Z, Y, X)`` the windows live on; ``window``: the window shape; ``crop``:
+    the part of the grid that is the real image (default: all of it). Windows must be added in non-decreasing
+    order of their first-axis start (the order of :func:`window_boxes`). Sums are float32 and only one window
+    depth along ``z`` is held: when a window starts at a larger ``z``, the rows before it are final and are
+    reduced into the outputs (``probs = sums / weights``, then argmax, entropy and the UAFR maps).
+
+    With ``reduce=False`` no labels or entropy are computed (use it when the probabilities are resampled
+    before the argmax); ``keep_probabilities`` keeps the stitched probabilities, which ``reduce=False``
+    implies.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        window: tuple[int, int, int],
+        num_classes: int,
+        num_maps: int,
+        *,
+        crop: Box | None = None,
+        keep_probabilities: bool = False,
+        reduce: bool = True,
+    ):
+        if len(shape) != 3 or len(window) != 3:
+            raise ValueError(f"Accumulator works on 3D grids, got shape {shape} and window {window}")
+        if any(w > s for s, w in zip(shape, window)):
+            raise ValueError(f"window {window} is larger than the grid {shape}")
+        if num_classes < 2:
+            raise ValueError(f"need at least 2 classes, got {num_classes}")
+        self.shape = tuple(int(s) for s in shape)
+        self.window = tuple(int(w) for w in window)
+        self.num_classes = num_classes
+        self.num_maps = num_maps
+        crop = crop if crop is not None else tuple(slice(0, s) for s in self.shape)
+        self._crop = tuple(slice(*c.indices(s)[:2]) for c, s in zip(crop, self.shape))
+        out_shape = tuple(c.stop - c.start for c in self._crop)
+        if any(n < 1 for n in out_shape):
+            raise ValueError(f"crop {crop} is empty for grid {shape}")
+        self.out_shape = out_shape
+        self._reduce = reduce
+        # One window deep along z: rows [z0, z0 + window[0]) of the padded grid.
+        depth = self.window[0]
+        self._sums = np.zeros((num_classes + num_maps, depth, *self.shape[1:]), dtype=np.float32)
+        self._weights = np.zeros((depth, *self.shape[1:]), dtype=np.float32)
+        self._z0 = 0
+        self.labels = np.zeros(out_shape, dtype=label_dtype(num_classes)) if reduce else None
+        self.entropy = np.zeros(out_shape, dtype=np.float32) if reduce else None
+        self.maps = np.zeros((num_maps, *out_shape), dtype=np.float32)
+        self.uafr_mean = np.zeros(out_shape, dtype=np.float32) if reduce and num_maps else None
+        keep = keep_probabilities or not reduce
+        self.probabilities = np.zeros((num_classes, *out_shape), dtype=np.float32) if keep else None
+        self._finished = False
+
+    def add(self, box: Box, probabilities: np.ndarray, maps: np.ndarray | None = None) -> None:
+        """Add one window's outputs: ``probabilities`` (K, *window), ``maps`` (U, *window) or None when U == 0.
+
+        The arrays may be modified in place (they are multiplied by the importance map)."""
+        if self._finished:
+            raise RuntimeError("Accumulator.add after finish()")
+        starts = tuple(b.start for b in box)
+        if tuple(b.stop - b.start for b in box) != self.window:
+            raise ValueError(f"window box {box} does not have the window shape {self.window}")
+        if starts[0] < self._z0:
+            raise ValueError(f"windows must come in non-decreasing z order: start {starts[0]} < {self._z0}")
+        if probabilities.shape != (self.num_classes, *self.window):
+            raise ValueError(
+                f"probabilities shape {probabilities.shape} != {(self.num_classes, *self.window)}"
+            )
+        if (maps is None) != (self.num_maps == 0) or (
+            maps is not None and maps.shape != (self.num_maps, *self.window)
+        ):
+            got = None if maps is None else maps.shape
+            raise ValueError(f"maps shape {got} does not match {self.num_maps} maps of window {self.window}")
+        if starts[0] > self._z0:
+            self.finalize(starts[0])
+        weight = gaussian_importance(self.window)
+        rows = slice(starts[0] - self._z0, starts[0] - self._z0 + self.window[0])
+        region = (rows, box[1], box[2])
+        k = self.num_classes
+        np.multiply(probabilities, weight, out=probabilities)
+        target = self._sums[(slice(0, k), *region)]
+        np.add(target, probabilities, out=target)
+        if maps is not None:
+            np.multiply(maps, weight, out=maps)
+            target = self._sums[(slice(k, None), *region)]
+            np.add(target, maps, out=target)
+        target = self._weights[region]
+        np.add(target, weight, out=target)
+
+    def finalize(self, upto: int) -> None:
+        """Reduce the grid rows ``[z0, upto)`` into the outputs and drop them from the working buffer."""
+        depth = self.window[0]
+        upto = min(int(upto), self.shape[0])
+        if upto <= self._z0:
+            return
+        n = min(upto - self._z0, depth)
+        crop_z = self._crop[0]
+        lo, hi = max(self._z0, crop_z.start), min(self._z0 + n, crop_z.stop)
+        # A few rows at a time, so the reduction's temporaries stay near _REDUCE_VOXELS whatever the image.
+        step = max(1, _REDUCE_VOXELS // math.prod(self.out_shape[1:]))
+        for a in range(lo, hi, step):
+            b = min(a + step, hi)
+            self._reduce_rows(slice(a - self._z0, b - self._z0), slice(a - crop_z.start, b - crop_z.start))
+        # Shift the buffer down by n rows (numpy copies overlapping slices correctly) and clear the top.
+        if n < depth:
+            self._sums[:, : depth - n] = self._sums[:, n:]
+            self._weights[: depth - n] = self._weights[n:]
+        self._sums[:, depth - n :] = 0
+        self._weights[depth - n :] = 0
+        self._z0 += n
+        if upto > self._z0:  # rows never reached by any window; cannot happen with window_boxes
+            raise ValueError(f"rows {self._z0}..{upto} were not covered by any window")
+
+    def _reduce_rows(self, buffer_rows: slice, out_rows: slice) -> None:
+        region = (buffer_rows, self._crop[1], self._crop[2])
+        weights = self._weights[region]  # (dz, Y, X)
+        if weights.min() <= 0:
+            raise ValueError("some voxels were not covered by any window; windows must cover the grid")
+        inverse = np.reciprocal(weights)
+        k = self.num_classes
+
+        def planes() -> Iterator[np.ndarray]:
+            for c in range(k):
+                p = self._sums[(c, *region)] * inverse
+                if self.probabilities is not None:
+                    self.probabilities[c, out_rows] = p
+                yield p
+
+        if self._reduce:
+            argmax_entropy(planes(), k, self.labels[out_rows], self.entropy[out_rows])
+        else:
+            for _ in planes():
+                pass
+        for u in range(self.num_maps):
+            np.multiply(self._sums[(k + u, *region)], inverse, out=self.maps[u, out_rows])
+        if self.uafr_mean is not None:
+            np.mean(self.maps[:, out_rows], axis=0, out=self.uafr_mean[out_rows])
+
+    def finish(self) -> StitchResult:
+        """Reduce the remaining rows and return the outputs over the crop region."""
+        if not self._finished:
+            self.finalize(self.shape[0])
+            self._finished = True
+            self._sums = self._weights = None  # free the working buffer
+        return StitchResult(self.labels, self.entropy, self.maps, self.uafr_mean, self.probabilities)

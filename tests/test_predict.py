@@ -1,0 +1,333 @@
+"""predict_iter / predict: exact oracles with pointwise models, resampling, 2D/3D, cancel, TTA, errors."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from napari_medcl.engine import load_model
+from napari_medcl.errors import Cancelled, InputError, PredictionError
+from napari_medcl.predict import Progress, predict, predict_iter
+from napari_medcl.preprocess import grid_coordinates, normalize, resample_linear, resampled_shape
+from napari_medcl.volume import Prediction, Volume
+from tests.onnx_models import conv_model, make_spec, nearest_class_model, pointwise_model, save
+
+OBLIQUE = np.array([[0.0, 0.6, 0.8], [0.0, 0.8, -0.6], [1.0, 0.0, 0.0]])
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _volume(array, spacing=None, origin=None, direction=None, **kwargs):
+    n = np.asarray(array).ndim - (1 if kwargs.get("channel_axis") else 0)
+    return Volume(
+        np.asarray(array),
+        spacing or (1.0,) * n,
+        origin or (0.0,) * n,
+        np.eye(n) if direction is None else direction,
+        **kwargs,
+    )
+
+
+def _away_from(threshold, shape, seed=0, margin=0.02):
+    """Random values in [0, 1] at least ``margin`` away from ``threshold`` (so argmax ties cannot occur)."""
+    x = np.random.default_rng(seed).random(shape).astype(np.float32)
+    close = np.abs(x - threshold) < margin
+    x[close] += np.float32(2 * margin)
+    return x
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+
+    def load(name, model):
+        return load_model(save(model, folder / f"{name}.onnx"), device="cpu")
+
+    return {
+        "3d": load("3d", pointwise_model(patch=(8, 8, 8))),
+        "2d": load("2d", pointwise_model(spatial_dims=2, patch=(16, 16), maps=())),
+        "3d-spacing": load("3d-spacing", pointwise_model(patch=(8, 8, 8), spacing=(1.0, 1.0, 1.0))),
+        "2d-spacing": load("2d-spacing", pointwise_model(spatial_dims=2, patch=(16, 16), spacing=(0.5, 0.5))),
+        "nan": load("nan", pointwise_model(produce_nan=True, name="nan-model")),
+        "conv": load("conv", conv_model(patch=(7, 9, 8))),
+        "rgb": load("rgb", pointwise_model(spatial_dims=2, in_channels=3, patch=(16, 16), maps=())),
+    }
+
+
+@pytest.mark.parametrize("shape", [(13, 17, 11), (8, 8, 8), (20, 9, 31)])
+@pytest.mark.parametrize(("overlap", "batch_size"), [(0.5, 1), (0.25, 3), (0.0, 2)])
+def test_pointwise_oracle_3d(models, shape, overlap, batch_size):
+    image = _away_from(0.5, shape)
+    volume = _volume(image, spacing=(2.5, 0.7, 0.9), origin=(-3.0, 4.0, 10.0), direction=OBLIQUE)
+    prediction = predict(volume, models["3d"], overlap=overlap, batch_size=batch_size)
+    assert isinstance(prediction, Prediction)
+    labels = prediction.labels
+    assert labels.array.dtype == np.uint8
+    np.testing.assert_array_equal(labels.array, image > 0.5)
+    for output in (
+        labels,
+        prediction.entropy,
+        prediction.uafr_uncertainty,
+        *prediction.uncertainty_maps.values(),
+    ):
+        assert output.same_geometry(volume, atol=0)
+        assert output.array.shape == shape
+    shifted = image.astype(np.float64) - 0.5
+    np.testing.assert_allclose(prediction.uncertainty_maps["encoder1"].array, _sigmoid(shifted), atol=1e-5)
+    np.testing.assert_allclose(prediction.uncertainty_maps["decoder1"].array, _sigmoid(-shifted), atol=1e-5)
+    np.testing.assert_allclose(prediction.uafr_uncertainty.array, 0.5, atol=1e-5)
+    p = _sigmoid(50 * shifted)
+    entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p)) / math.log(2)
+    np.testing.assert_allclose(prediction.entropy.array, entropy, atol=1e-5)
+    assert prediction.probabilities is None
+
+
+def test_pointwise_oracle_2d_image(models):
+    image = _away_from(0.5, (37, 50))
+    volume = _volume(image, spacing=(0.3, 0.4), origin=(5.0, -2.0))
+    prediction = predict(volume, models["2d"])
+    np.testing.assert_array_equal(prediction.labels.array, image > 0.5)
+    assert prediction.labels.same_geometry(volume, atol=0)
+    assert prediction.uafr_uncertainty is None and prediction.uncertainty_maps == {}
+    assert prediction.provenance["tiling"]["window"] == [16, 16]
+
+
+def test_2d_model_over_3d_volume_runs_slice_by_slice(models):
+    image = _away_from(0.5, (5, 20, 18))
+    volume = _volume(image, spacing=(3.0, 0.5, 0.5))
+    prediction = predict(volume, models["2d"])
+    np.testing.assert_array_equal(prediction.labels.array, image > 0.5)
+    assert prediction.labels.array.shape == (5, 20, 18)
+    tiling = prediction.provenance["tiling"]
+    assert tiling["windows"] == 5 * 2 * 2  # every slice: 2 x 2 windows of 16 x 16
+    assert tiling["window"] == [16, 16]
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4), (1, 20, 20), (1, 1, 1), (1, 9, 30)])
+def test_smaller_than_patch_and_single_slice(models, shape):
+    image = _away_from(0.5, shape, seed=3)
+    volume = _volume(image, spacing=(4.0, 1.0, 1.0))
+    prediction = predict(volume, models["3d"])
+    np.testing.assert_array_equal(prediction.labels.array, image > 0.5)
+    assert prediction.labels.same_geometry(volume, atol=0)
+
+
+def _blob(shape, spacing, centre_mm, sigma_mm):
+    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    r2 = sum((g - c) ** 2 for g, c in zip(grids, centre_mm))
+    return np.exp(-r2 / (2 * sigma_mm**2)).astype(np.float32)
+
+
+def test_resampled_input_gives_labels_on_the_input_grid(models):
+    spacing = (2.0, 0.8, 1.3)
+    shape = (11, 30, 19)
+    image = _blob(shape, spacing, centre_mm=(10.0, 12.0, 12.0), sigma_mm=6.0)
+    volume = _volume(image, spacing=spacing, origin=(7.0, -1.0, 3.0), direction=OBLIQUE)
+    prediction = predict(volume, models["3d-spacing"], return_probabilities=True)
+    assert prediction.provenance["preprocessing"]["resampled"] is True
+    assert prediction.provenance["preprocessing"]["model_grid_shape"] == [22, 24, 25]
+    for output in (
+        prediction.labels,
+        prediction.entropy,
+        prediction.uafr_uncertainty,
+        prediction.probabilities,
+    ):
+        assert output.same_geometry(volume, atol=0)
+    labels = prediction.labels.array
+    clear = np.abs(image - 0.5) > 0.15  # away from the boundary, where resampling cannot move the decision
+    assert clear.sum() > 0.8 * image.size and (image[clear] > 0.5).any()
+    np.testing.assert_array_equal(labels[clear], (image > 0.5)[clear])
+    probs = prediction.probabilities.array
+    assert probs.shape == (2, *shape)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(labels, probs.argmax(0))
+    assert prediction.entropy.array.min() >= 0.0 and prediction.entropy.array.max() <= 1.0
+
+
+def test_2d_model_with_spacing_over_3d_volume_keeps_z(models):
+    spacing = (5.0, 1.0, 1.0)
+    image = _blob((3, 24, 20), spacing, centre_mm=(5.0, 12.0, 10.0), sigma_mm=6.0)
+    volume = _volume(image, spacing=spacing)
+    prediction = predict(volume, models["2d-spacing"])
+    assert prediction.provenance["preprocessing"]["model_grid_shape"] == [3, 48, 40]
+    clear = np.abs(image - 0.5) > 0.1
+    np.testing.assert_array_equal(prediction.labels.array[clear], (image > 0.5)[clear])
+
+
+def test_progress_events_and_the_prediction_last(models):
+    image = _away_from(0.5, (10, 10, 10))
+    items = list(predict_iter(_volume(image), models["3d"]))
+    assert isinstance(items[-1], Prediction)
+    events = items[:-1]
+    assert all(isinstance(e, Progress) for e in events)
+    assert [e.stage for e in events][:2] == ["preprocess", "preprocess"]
+    assert events[-1].stage == "postprocess" and events[-1].done == events[-1].total
+    infer = [e for e in events if e.stage == "infer"]
+    n = items[-1].provenance["tiling"]["windows"]
+    assert [e.done for e in infer] == list(range(1, n + 1))
+    assert {e.total for e in infer} == {n}
+    elapsed = [e.elapsed for e in events]
+    assert elapsed == sorted(elapsed)
+
+
+@pytest.mark.parametrize("use_event", [True, False])
+def test_cancel_between_windows(models, use_event):
+    image = _away_from(0.5, (16, 16, 16))
+    event = threading.Event()
+    cancel = event if use_event else event.is_set
+    seen = 0
+    with pytest.raises(Cancelled, match="after 3 of 27 windows"):
+        for item in predict_iter(_volume(image), models["3d"], cancel=cancel):
+            if isinstance(item, Progress) and item.stage == "infer":
+                seen += 1
+                if seen == 3:
+                    event.set()
+    assert seen == 3
+
+
+def test_nan_output_is_a_prediction_error_naming_the_model(models):
+    with pytest.raises(PredictionError, match="'nan-model'.*NaN"):
+        predict(_volume(np.zeros((8, 8, 8), np.float32)), models["nan"])
+
+
+def test_tta_runs_all_mirrorings(models):
+    image = _away_from(0.5, (9, 12, 10))
+    prediction = predict(_volume(image), models["3d"], tta=True)
+    np.testing.assert_array_equal(prediction.labels.array, image > 0.5)
+    tiling = prediction.provenance["tiling"]
+    assert tiling["tta"] is True and tiling["forward_passes"] == 8 * tiling["windows"]
+    conv_plain = predict(_volume(image), models["conv"], return_probabilities=True)
+    conv_tta = predict(_volume(image), models["conv"], tta=True, return_probabilities=True)
+    np.testing.assert_allclose(conv_tta.probabilities.array.sum(0), 1.0, atol=1e-5)
+    assert not np.allclose(conv_tta.probabilities.array, conv_plain.probabilities.array)
+
+
+def test_conv_model_with_divisor_padding_matches_a_direct_run(models):
+    # window = patch (7, 9, 8) rounded up to the divisor 2 -> (8, 10, 8); an image of that size is one window.
+    model = models["conv"]
+    image = np.random.default_rng(5).normal(size=(8, 10, 8)).astype(np.float32)
+    prediction = predict(_volume(image), model, return_probabilities=True)
+    assert prediction.provenance["tiling"]["window"] == [8, 10, 8]
+    probs, maps = model.run(image[None, None])
+    np.testing.assert_allclose(prediction.probabilities.array, probs[0], atol=1e-6)
+    np.testing.assert_allclose(prediction.uafr_uncertainty.array, maps[0, 0], atol=1e-6)
+    # odd sizes that are not multiples of the divisor are padded, not fed as is
+    odd = predict(_volume(np.random.default_rng(6).normal(size=(11, 13, 9)).astype(np.float32)), model)
+    assert odd.labels.array.shape == (11, 13, 9)
+
+
+def test_many_classes_give_uint16_labels(tmp_path):
+    model = load_model(
+        save(nearest_class_model(300, maps=(), patch=(4, 4, 4)), tmp_path / "m.onnx"), device="cpu"
+    )
+    values = np.random.default_rng(2).integers(0, 300, size=(4, 5, 6)).astype(np.float32) + 0.2
+    prediction = predict(_volume(values), model)
+    assert prediction.labels.array.dtype == np.uint16
+    np.testing.assert_array_equal(prediction.labels.array, np.round(values))
+
+
+def test_input_checks(models):
+    with pytest.raises(InputError, match="has 1 channel\\(s\\) but model 'test-model' expects 3"):
+        predict(_volume(np.zeros((8, 8), np.float32)), models["rgb"])
+    with pytest.raises(InputError, match="is a 2D image but model 'test-model' is a 3D model"):
+        predict(_volume(np.zeros((8, 8), np.float32)), models["3d"])
+    nan_image = np.zeros((8, 8, 8), np.float32)
+    nan_image[1, 2, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        predict(_volume(nan_image), models["3d"])
+    with pytest.raises(ValueError, match="overlap"):
+        predict(_volume(np.zeros((8, 8, 8), np.float32)), models["3d"], overlap=1.0)
+
+
+def test_rgb_image_with_a_three_channel_model(models):
+    rgb = np.stack([_away_from(0.5, (20, 24), seed=s) for s in range(3)])
+    prediction = predict(_volume(rgb, channel_axis=True), models["rgb"])
+    np.testing.assert_array_equal(prediction.labels.array, rgb.mean(0) > 0.5)
+    assert prediction.labels.array.shape == (20, 24) and not prediction.labels.channel_axis
+
+
+def test_provenance(models):
+    prediction = predict(_volume(_away_from(0.5, (9, 9, 9))), models["3d"])
+    p = prediction.provenance
+    assert p["execution_provider"] == "CPUExecutionProvider"
+    assert p["model"]["name"] == "test-model" and len(p["model"]["sha256"]) == 64
+    assert set(p["timings"]) >= {"read", "preprocess", "inference", "ort_seconds", "postprocess", "total"}
+    assert 0 < p["timings"]["ort_seconds"] <= p["timings"]["inference"] <= p["timings"]["total"]
+    assert p["tiling"]["patch"] == [8, 8, 8] and p["tiling"]["overlap"] == 0.5
+    assert p["input"]["geometry"]["shape"] == [9, 9, 9]
+    assert p["intended_use"]
+
+
+def test_predict_from_a_path_and_a_model_path(tmp_path):
+    import SimpleITK as sitk
+
+    image = _away_from(0.5, (6, 9, 7))
+    itk = sitk.GetImageFromArray(image)
+    itk.SetSpacing((0.5, 0.6, 2.0))
+    sitk.WriteImage(itk, str(tmp_path / "case.nii.gz"))
+    model_path = save(pointwise_model(patch=(8, 8, 8)), tmp_path / "m.onnx")
+    prediction = predict(tmp_path / "case.nii.gz", model_path, device="cpu")
+    np.testing.assert_array_equal(prediction.labels.array, image > 0.5)
+    assert prediction.labels.spacing == pytest.approx((2.0, 0.6, 0.5))
+    assert prediction.provenance["input"]["path"] == str(tmp_path / "case.nii.gz")
+
+
+# -- preprocessing ------------------------------------------------------------------------------------------
+
+
+def test_zscore_whole_image_and_nonzero_mask():
+    x = np.zeros((1, 4, 5, 6), np.float32)
+    x[0, 1:3, 1:4, 1:5] = np.arange(24, dtype=np.float32).reshape(2, 3, 4) + 10
+    whole = normalize(x, {"kind": "zscore"})
+    assert whole.dtype == np.float32
+    assert abs(whole.mean()) < 1e-5 and abs(whole.std() - 1) < 1e-5
+    masked = normalize(x, {"kind": "zscore", "use_nonzero_mask": True})
+    inside = x[0] != 0
+    assert abs(masked[0][inside].mean()) < 1e-5 and abs(masked[0][inside].std() - 1) < 1e-5
+    assert (masked[0][~inside] == 0).all()
+    assert (normalize(np.full((1, 3, 3), 7.0), {"kind": "zscore"}) == 0).all()  # constant: std floored
+
+
+def test_ct_percentile_and_none():
+    x = np.array([[-2000.0, -500.0, 0.0, 40.0, 3000.0]], np.float32)
+    ct = normalize(x, {"kind": "ct", "clip_low": -1000, "clip_high": 1000, "mean": 0.0, "std": 500.0})
+    np.testing.assert_allclose(ct[0], [-2.0, -1.0, 0.0, 0.08, 2.0], rtol=1e-6)
+    y = np.arange(101, dtype=np.float32)[None]
+    pct = normalize(y, {"kind": "percentile", "low": 10, "high": 90})
+    clipped = np.clip(np.arange(101.0), 10, 90)
+    np.testing.assert_allclose(pct[0], (clipped - clipped.mean()) / clipped.std(), rtol=1e-5, atol=1e-6)
+    none = normalize(x, {"kind": "none"})
+    np.testing.assert_array_equal(none, x)
+    assert none is not x
+
+
+def test_resampling_is_exact_for_linear_ramps_and_returns_to_the_input_grid():
+    shape, spacing, target = (10, 12), (1.0, 0.5), (0.7, 1.1)
+    new = resampled_shape(shape, spacing, target)
+    assert new == (14, 5)
+    ramp = (3 * np.arange(10)[:, None] - 2 * np.arange(12)[None, :]).astype(np.float32)[None]
+    scales = tuple(t / s for s, t in zip(spacing, target))
+    down = resample_linear(ramp, new, scales)
+    zc, xc = (grid_coordinates(m, n, sc) for m, n, sc in zip(new, shape, scales))
+    inside = (zc >= 0) & (zc <= 9)
+    expected = 3 * zc[:, None] - 2 * np.clip(xc, 0, 11)[None, :]
+    np.testing.assert_allclose(down[0][inside], expected[inside], atol=1e-4)
+    back = resample_linear(down, shape, tuple(1 / s for s in scales))
+    assert back.shape == ramp.shape and back.dtype == np.float32
+
+
+def test_resample_identity_is_a_copy():
+    x = np.random.default_rng(0).random((2, 3, 4, 5)).astype(np.float32)
+    y = resample_linear(x, (3, 4, 5), (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(x, y)
+    assert y is not x
+
+
+def test_spec_helper_defaults():
+    spec = make_spec()
+    assert spec.normalization == {"kind": "none"} and spec.patch_size == (8, 8, 8)
