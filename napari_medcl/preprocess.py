@@ -27,9 +27,18 @@ def normalize(array: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
     ``ct``: clip to [clip_low, clip_high], then (x - mean) / std with the spec's fixed mean and std.
     ``percentile``: clip to the image's ``low`` and ``high`` percentiles (0-100), then z-score.
     ``none``: a float32 copy. std is floored at 1e-8 everywhere, so constant images give zeros.
+    ``per_channel``: ``"channels"`` lists one of the above per channel (e.g. CT + MR inputs); a channel's
+    non-zero mask then comes from that channel alone.
     Returns a new float32 array (C, *S).
     """
     kind = normalization.get("kind", "zscore")
+    if kind == "per_channel":
+        channels = normalization["channels"]
+        if len(channels) != array.shape[0]:
+            raise ValueError(
+                f"per_channel normalisation lists {len(channels)} channels, the image has {array.shape[0]}"
+            )
+        return np.concatenate([normalize(array[i : i + 1], c) for i, c in enumerate(channels)])
     out = np.array(array, dtype=np.float32, copy=True)
     if kind == "none":
         return out

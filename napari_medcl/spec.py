@@ -14,7 +14,7 @@ from typing import Any
 
 METADATA_KEY = "medcl.spec"
 FORMAT_VERSION = 1
-NORMALIZATION_KINDS = ("zscore", "ct", "percentile", "none")
+NORMALIZATION_KINDS = ("zscore", "ct", "percentile", "none", "per_channel")
 DEFAULT_INTENDED_USE = (
     "For research use only. Not a medical device; not for diagnosis or treatment decisions. "
     "Review every result before use."
@@ -108,17 +108,7 @@ class ModelSpec:
                 f"spacing must be {self.spatial_dims} positive numbers or null, got {list(spacing)}",
             )
             object.__setattr__(self, "spacing", spacing)
-        kind = self.normalization.get("kind") if isinstance(self.normalization, dict) else None
-        _check(
-            kind in NORMALIZATION_KINDS,
-            f"normalization.kind must be one of {NORMALIZATION_KINDS}, got {kind!r}",
-        )
-        if kind == "ct":
-            for key in ("clip_low", "clip_high", "mean", "std"):
-                _check(key in self.normalization, f"normalization 'ct' needs {key!r}")
-        if kind == "percentile":
-            for key in ("low", "high"):
-                _check(key in self.normalization, f"normalization 'percentile' needs {key!r}")
+        _check_normalization(self.normalization, self.in_channels)
         maps = tuple(self.uncertainty_maps)
         _check(all(isinstance(m, str) and m for m in maps), "uncertainty_maps must be non-empty names")
         _check(len(set(maps)) == len(maps), f"uncertainty_maps has duplicate names: {list(maps)}")
@@ -196,6 +186,23 @@ def default_classes(names: list[str], colors: list[str] | None = None) -> tuple[
         ClassInfo(index=i, name=n, color=colors[i] if colors else PALETTE[i % len(PALETTE)])
         for i, n in enumerate(names)
     )
+
+
+def _check_normalization(normalization: object, in_channels: int, *, nested: bool = False) -> None:
+    kind = normalization.get("kind") if isinstance(normalization, dict) else None
+    allowed = NORMALIZATION_KINDS[:-1] if nested else NORMALIZATION_KINDS
+    _check(kind in allowed, f"normalization.kind must be one of {allowed}, got {kind!r}")
+    required = {"ct": ("clip_low", "clip_high", "mean", "std"), "percentile": ("low", "high")}
+    for key in required.get(kind, ()):
+        _check(key in normalization, f"normalization {kind!r} needs {key!r}")
+    if kind == "per_channel":
+        channels = normalization.get("channels")
+        _check(
+            isinstance(channels, list) and len(channels) == in_channels,
+            f"normalization 'per_channel' needs a list of {in_channels} channel entries",
+        )
+        for channel in channels:
+            _check_normalization(channel, 1, nested=True)
 
 
 def _check(condition: object, message: str) -> None:

@@ -80,3 +80,27 @@ def test_volume_crop_keeps_physical_positions():
     assert cropped.array[tuple(index)] == volume.array[2, 3, 2]
     with pytest.raises(ValueError, match="empty or strided"):
         volume.crop((slice(3, 3), slice(None), slice(None)))
+
+
+def test_per_channel_normalization_is_validated_and_applied():
+    from napari_medcl.preprocess import normalize
+
+    norm = {
+        "kind": "per_channel",
+        "channels": [
+            {"kind": "ct", "clip_low": -100, "clip_high": 100, "mean": 0.0, "std": 100.0},
+            {"kind": "zscore"},
+        ],
+    }
+    spec = make_spec(in_channels=2, normalization=norm)
+    assert ModelSpec.from_json(spec.to_json()).normalization == norm
+    with pytest.raises(SpecError, match="list of 2 channel entries"):
+        make_spec(in_channels=2, normalization={"kind": "per_channel", "channels": [{"kind": "zscore"}]})
+    with pytest.raises(SpecError, match="needs 'mean'"):
+        make_spec(
+            in_channels=1, normalization={"kind": "per_channel", "channels": [{"kind": "ct", "clip_low": 0}]}
+        )
+    image = np.stack([np.full((3, 4, 5), 500.0), np.arange(60.0).reshape(3, 4, 5)])
+    out = normalize(image, norm)
+    np.testing.assert_allclose(out[0], 1.0)
+    assert abs(out[1].mean()) < 1e-5 and abs(out[1].std() - 1) < 1e-4
