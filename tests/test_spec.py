@@ -96,7 +96,7 @@ def test_per_channel_normalization_is_validated_and_applied():
     assert ModelSpec.from_json(spec.to_json()).normalization == norm
     with pytest.raises(SpecError, match="list of 2 channel entries"):
         make_spec(in_channels=2, normalization={"kind": "per_channel", "channels": [{"kind": "zscore"}]})
-    with pytest.raises(SpecError, match="needs 'mean'"):
+    with pytest.raises(SpecError, match="needs 'clip_high'"):
         make_spec(
             in_channels=1, normalization={"kind": "per_channel", "channels": [{"kind": "ct", "clip_low": 0}]}
         )
