@@ -123,7 +123,9 @@ def region_center(
     if uncertainty.ndim == 3:
         axis = _check_axis(3, axis)
         if not 0 <= index < uncertainty.shape[axis]:
-            raise ValueError(f"slice index {index} is outside 0..{uncertainty.shape[axis] - 1} on axis {axis}")
+            raise ValueError(
+                f"slice index {index} is outside 0..{uncertainty.shape[axis] - 1} on axis {axis}"
+            )
         u_plane = np.take(uncertainty, index, axis=axis).astype(np.float64)
         l_plane = np.take(labels, index, axis=axis)
     else:

@@ -1,0 +1,538 @@
+"""Volumes <-> napari layer data, and ``segment_layer``: segment an image layer into labels + uncertainty layers.
+
+Everything here is pure: it reads napari Layer objects (or ``(data, kwargs, type)`` LayerDataTuples) and returns
+LayerDataTuples, never touches Qt or a viewer. The reader, the writer and the widget all go through it, so the
+geometry round trip (file -> layer -> outputs -> file) lives in one place.
+
+A layer shows a volume with ``scale`` = spacing and ``translate`` = origin (array order, mm). The full source
+geometry, including an oblique direction that napari cannot display, travels in ``metadata["medcl_geometry"]``;
+it is trusted as long as the layer's shape, scale and translate still agree with it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_medcl.volume import Volume
+
+if TYPE_CHECKING:
+    from napari_medcl.engine import LoadedModel
+    from napari_medcl.predict import Progress
+    from napari_medcl.volume import Prediction
+
+LayerDataTuple = tuple[Any, dict[str, Any], str]
+
+GEOMETRY_KEY = "medcl_geometry"
+PREDICTION_KEY = "medcl_prediction"
+AXIS_NAMES = ("z", "y", "x")
+# Uncertainty maps share one fixed range so that cases and runs compare by eye.
+UNCERTAINTY_DISPLAY = {
+    "colormap": "inferno",
+    "contrast_limits": (0.0, 1.0),
+    "blending": "additive",
+    "opacity": 0.6,
+}
+
+
+class ObliqueGeometryWarning(UserWarning):
+    """The scan's axes are not aligned with the patient axes; napari shows it de-obliqued."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Volume -> layer data
+
+
+def image_layer_data(volume: Volume, name: str | None = None) -> LayerDataTuple:
+    """An Image LayerDataTuple showing ``volume`` at its physical size and position.
+
+    RGB(A) 2D images (uint8, 3 or 4 channels) are shown as one RGB layer (channels last); other multi-channel
+    volumes keep their channel axis first, so the layer is (C, *S) with a channel slider.
+    Warns with ``ObliqueGeometryWarning`` when the direction is oblique: the display is then de-obliqued (scale
+    and translate only) and the true direction stays in the metadata for the writer.
+    """
+    if name is None:
+        name = _case_name(volume.source) if volume.source is not None else "image"
+    warn_if_oblique(volume)
+    rgb = _is_rgb(volume)
+    data = np.moveaxis(volume.array, 0, -1) if rgb else volume.array
+    kwargs = spatial_kwargs(volume, channel_axis=volume.channel_axis and not rgb)
+    kwargs.update(name=name, rgb=rgb)
+    return data, kwargs, "image"
+
+
+def spatial_kwargs(volume: Volume, *, channel_axis: bool = False) -> dict[str, Any]:
+    """scale/translate/units/axis_labels/metadata for a layer on ``volume``'s grid (leading channel axis if asked)."""
+    n = volume.spatial_dims
+    lead_scale, lead_translate = ((1.0,), (0.0,)) if channel_axis else ((), ())
+    meta = {GEOMETRY_KEY: geometry_metadata(volume)}
+    return {
+        "scale": lead_scale + tuple(volume.spacing),
+        "translate": lead_translate + tuple(volume.origin),
+        "units": ("pixel",) * len(lead_scale) + ("mm",) * n,
+        "axis_labels": ("c",) * len(lead_scale) + AXIS_NAMES[-n:],
+        "metadata": meta,
+    }
+
+
+def geometry_metadata(volume: Volume) -> dict[str, Any]:
+    """The JSON-friendly geometry record stored in ``metadata["medcl_geometry"]``."""
+    geometry = volume.geometry_dict()
+    geometry.update(
+        channel_axis=bool(volume.channel_axis),
+        source=None if volume.source is None else str(volume.source),
+        format=volume.format,
+        oblique=is_oblique(volume.direction),
+    )
+    return geometry
+
+
+def is_oblique(direction: np.ndarray, *, atol: float = 1e-4) -> bool:
+    """True unless ``direction`` only permutes and flips axes (every column is +-1 on one axis)."""
+    d = np.abs(np.asarray(direction, dtype=np.float64))
+    return not (np.allclose(d.max(axis=0), 1.0, atol=atol) and np.allclose(d.sum(axis=0), 1.0, atol=atol))
+
+
+def warn_if_oblique(volume: Volume) -> None:
+    if is_oblique(volume.direction):
+        where = volume.source.name if volume.source is not None else "the image"
+        warnings.warn(
+            f"{where}: oblique orientation; shown de-obliqued (spacing and origin only). The true direction is "
+            "kept and written back when saving.",
+            ObliqueGeometryWarning,
+            stacklevel=2,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layer -> Volume
+
+
+def volume_from_layer(layer: Any) -> Volume:
+    """Rebuild the Volume behind an Image or Labels layer (a napari Layer or a LayerDataTuple).
+
+    Uses ``metadata["medcl_geometry"]`` when it still matches the layer (shape, scale, translate), so oblique
+    directions survive; otherwise the layer's own scale/translate with an identity direction (e.g. a layer
+    opened by another reader, or one whose scale was edited by hand).
+    """
+    data, kwargs, layer_type = _unpack(layer)
+    name = kwargs.get("name") or "layer"
+    data = np.asarray(data)
+    rgb = bool(kwargs.get("rgb", False)) and layer_type == "image"
+    metadata = kwargs.get("metadata") or {}
+    geometry = metadata.get(GEOMETRY_KEY) or {}
+    channel_axis = rgb or bool(geometry.get("channel_axis", False))
+    if rgb:
+        data = np.moveaxis(data, -1, 0)
+    spatial_ndim = data.ndim - (1 if channel_axis else 0)
+    if spatial_ndim not in (2, 3):
+        raise ValueError(
+            f"layer {name!r}: need a 2D or 3D image (optionally RGB or with a channel axis), got shape "
+            f"{data.shape}"
+        )
+    scale = _per_axis(kwargs.get("scale"), data.ndim - (1 if rgb else 0), 1.0)[-spatial_ndim:]
+    translate = _per_axis(kwargs.get("translate"), data.ndim - (1 if rgb else 0), 0.0)[-spatial_ndim:]
+    spatial_shape = data.shape[1:] if channel_axis else data.shape
+
+    if _geometry_matches(geometry, spatial_shape, scale, translate):
+        spacing, origin = tuple(geometry["spacing"]), tuple(geometry["origin"])
+        direction = np.asarray(geometry["direction"], dtype=np.float64)
+        source, fmt = geometry.get("source"), geometry.get("format")
+    else:
+        spacing, origin, direction = scale, translate, np.eye(spatial_ndim)
+        source = geometry.get("source") if geometry else None
+        fmt = None
+    return Volume(
+        array=data,
+        spacing=spacing,
+        origin=origin,
+        direction=direction,
+        channel_axis=channel_axis,
+        source=None if source is None else Path(source),
+        format=fmt,
+    )
+
+
+def layer_name(layer: Any) -> str:
+    return _unpack(layer)[1].get("name") or "image"
+
+
+def layer_display(layer: Any, spatial_dims: int) -> dict[str, tuple[str, ...]]:
+    """The ``units`` and ``axis_labels`` of a layer's last ``spatial_dims`` axes, for outputs to match it
+    (napari ignores units when the layers of a viewer disagree)."""
+    kwargs = _unpack(layer)[1]
+    display = {}
+    for key in ("units", "axis_labels"):
+        values = tuple(str(v) for v in (kwargs.get(key) or ()))
+        if len(values) >= spatial_dims:
+            display[key] = values[-spatial_dims:]
+    return display
+
+
+def _unpack(layer: Any) -> tuple[Any, dict[str, Any], str]:
+    if isinstance(layer, tuple):
+        if not 1 <= len(layer) <= 3:
+            raise ValueError(f"a LayerDataTuple has 1 to 3 items, got {len(layer)}")
+        data = layer[0]
+        kwargs = dict(layer[1]) if len(layer) > 1 and layer[1] else {}
+        layer_type = layer[2] if len(layer) > 2 else "image"
+        return data, kwargs, layer_type
+    if not hasattr(layer, "data") or not hasattr(layer, "scale"):
+        raise TypeError(
+            f"expected a napari layer or a (data, kwargs, type) tuple, got {type(layer).__name__}"
+        )
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    kwargs = {
+        "name": layer.name,
+        "scale": tuple(layer.scale),
+        "translate": tuple(layer.translate),
+        "metadata": layer.metadata,
+        "rgb": getattr(layer, "rgb", False),
+        "units": tuple(str(u) for u in getattr(layer, "units", ()) or ()),
+        "axis_labels": tuple(getattr(layer, "axis_labels", ()) or ()),
+    }
+    return data, kwargs, layer_kind(layer)
+
+
+def layer_kind(layer: Any) -> str:
+    """``image``, ``labels``, ``shapes``...: the layer's class name, also through napari's PublicOnlyProxy
+    (which forwards ``__class__`` but not ``type()``)."""
+    return layer.__class__.__name__.lower()
+
+
+def _per_axis(values: Any, ndim: int, default: float) -> tuple[float, ...]:
+    if values is None:
+        return (default,) * ndim
+    values = tuple(float(v) for v in np.atleast_1d(values))
+    if len(values) < ndim:  # napari pads leading axes with the default
+        values = (default,) * (ndim - len(values)) + values
+    return values[-ndim:]
+
+
+def _geometry_matches(geometry: dict, shape: tuple[int, ...], scale: tuple, translate: tuple) -> bool:
+    try:
+        return (
+            tuple(geometry["shape"]) == tuple(shape)
+            and np.allclose(geometry["spacing"], scale, rtol=1e-6, atol=1e-9)
+            and np.allclose(geometry["origin"], translate, rtol=0, atol=1e-4)
+            and np.asarray(geometry["direction"]).shape == (len(shape), len(shape))
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _is_rgb(volume: Volume) -> bool:
+    return (
+        volume.channel_axis
+        and volume.spatial_dims == 2
+        and volume.num_channels in (3, 4)
+        and volume.array.dtype == np.uint8
+    )
+
+
+def _case_name(path: Path) -> str:
+    try:
+        from napari_medcl.io import case_name
+    except ImportError:  # io not importable: fall back to the file name without its extensions
+        return path.name.split(".")[0]
+    return case_name(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# region of interest
+
+
+@dataclass(frozen=True)
+class RegionPlan:
+    """Where to run the model and where its output lands, as index boxes on the full image.
+
+    ``compute`` is the box handed to the model (it may add context around the region, e.g. a slab for a 3D
+    model asked for one slice); ``paste`` is the region that the result fills; ``inner`` is ``paste`` expressed
+    inside ``compute``. ``None`` everywhere means the whole image.
+    """
+
+    compute: tuple[slice, ...] | None = None
+    paste: tuple[slice, ...] | None = None
+    inner: tuple[slice, ...] | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.compute is None
+
+
+def plan_region(
+    roi: Any,
+    volume: Volume,
+    *,
+    model_dims: int | None = None,
+    context_mm: float | None = None,
+) -> RegionPlan:
+    """Turn a user ``roi`` into a RegionPlan for ``volume``.
+
+    ``roi`` is None (whole image), one ``(start, stop)`` pair (or slice) per spatial axis in data index
+    coordinates (clipped to the image), or ``("slice", axis, index)`` for one slice of a 3D image (a 2D image is
+    its own slice). For a slice and a 3D model, the model sees a slab ``context_mm`` thick around it (its
+    patch extent) so that it has the context it was trained with; only the slice itself is pasted.
+    """
+    shape = volume.spatial_shape
+    ndim = len(shape)
+    if roi is None:
+        return RegionPlan()
+    if isinstance(roi, tuple | list) and len(roi) == 3 and roi[0] == "slice":
+        _, axis, index = roi
+        if ndim == 2:
+            return RegionPlan()
+        axis, index = int(axis), int(round(float(index)))
+        if not -ndim <= axis < ndim:
+            raise ValueError(f"roi slice axis {axis} does not exist in a {ndim}D image")
+        axis %= ndim
+        if not 0 <= index < shape[axis]:
+            raise ValueError(f"roi slice index {index} is outside 0..{shape[axis] - 1} on axis {axis}")
+        paste = tuple(slice(index, index + 1) if a == axis else slice(0, n) for a, n in enumerate(shape))
+        half = 0
+        if model_dims == 3 and context_mm:
+            half = max(0, math.ceil(context_mm / volume.spacing[axis] / 2) - 1)
+        lo, hi = max(0, index - half), min(shape[axis], index + half + 1)
+        compute = tuple(slice(lo, hi) if a == axis else slice(0, n) for a, n in enumerate(shape))
+        inner = tuple(
+            slice(index - lo, index - lo + 1) if a == axis else slice(0, n) for a, n in enumerate(shape)
+        )
+        return RegionPlan(compute=compute, paste=paste, inner=inner)
+    if not isinstance(roi, Sequence) or isinstance(roi, str) or len(roi) != ndim:
+        raise ValueError(
+            f"roi must be None, ('slice', axis, index) or {ndim} (start, stop) pairs for a {ndim}D image, "
+            f"got {roi!r}"
+        )
+    box = []
+    for axis, (item, n) in enumerate(zip(roi, shape)):
+        start, stop = (item.start, item.stop) if isinstance(item, slice) else item
+        start = 0 if start is None else max(0, int(math.floor(float(start))))
+        stop = n if stop is None else min(n, int(math.ceil(float(stop))))
+        if stop <= start:
+            raise ValueError(f"roi axis {axis}: ({start}, {stop}) is empty inside an image of size {n}")
+        box.append(slice(start, stop))
+    box = tuple(box)
+    if all(s.start == 0 and s.stop == n for s, n in zip(box, shape)):
+        return RegionPlan()
+    inner = tuple(slice(0, s.stop - s.start) for s in box)
+    return RegionPlan(compute=box, paste=box, inner=inner)
+
+
+def _paste(part: np.ndarray, plan: RegionPlan, shape: tuple[int, ...]) -> np.ndarray:
+    if plan.whole:
+        return part
+    full = np.zeros(shape, dtype=part.dtype)
+    full[plan.paste] = part[plan.inner]
+    return full
+
+
+# --------------------------------------------------------------------------------------------------------------
+# segmentation
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """What one segmentation run hands to the viewer: the layers, the model it used, and its provenance."""
+
+    layers: list[LayerDataTuple]
+    model: Any  # LoadedModel, kept so that a widget can reuse the ONNX session for the next run
+    provenance: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def segment_layer(
+    image_layer: Any,
+    model: LoadedModel | str | Path | None = None,
+    *,
+    device: str = "auto",
+    overlap: float = 0.5,
+    tta: bool = False,
+    roi: Any = None,
+    progress: Callable[[Progress], Any] | None = None,
+    cancel: Any = None,
+    uncertainty_maps: bool = False,
+) -> list[LayerDataTuple]:
+    """Segment an Image layer (napari Layer or LayerDataTuple) and return the result as LayerDataTuples.
+
+    Returns, in order: Labels ``"<image> labels"`` (class colours, class names in ``features``), Image
+    ``"<image> UAFR uncertainty"`` (when the model has UAFR maps), Image ``"<image> entropy"`` (hidden) and,
+    when ``uncertainty_maps`` is True, one Image ``"<image> UAFR <map>"`` per named map. All carry the image's
+    scale/translate/units/axis_labels and its geometry in metadata, plus the model's name, SHA-256, the
+    execution provider actually used and the intended-use notice under ``metadata["medcl_prediction"]``.
+    ``roi``: see ``plan_region``; outside it labels and uncertainties are 0. ``progress`` is called with each
+    ``Progress``; ``cancel`` (threading.Event or callable) raises ``errors.Cancelled`` between windows.
+    """
+    volume = volume_from_layer(image_layer)
+    steps = segment_volume_iter(
+        volume,
+        model,
+        name=layer_name(image_layer),
+        device=device,
+        overlap=overlap,
+        tta=tta,
+        roi=roi,
+        cancel=cancel,
+        uncertainty_maps=uncertainty_maps,
+        metadata=_unpack(image_layer)[1].get("metadata"),
+        display=layer_display(image_layer, volume.spatial_dims),
+    )
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as stop:
+            return stop.value.layers
+        if progress is not None:
+            progress(event)
+
+
+def segment_volume_iter(
+    volume: Volume,
+    model: LoadedModel | str | Path | None = None,
+    *,
+    name: str = "image",
+    device: str = "auto",
+    overlap: float = 0.5,
+    tta: bool = False,
+    roi: Any = None,
+    cancel: Any = None,
+    uncertainty_maps: bool = False,
+    metadata: dict[str, Any] | None = None,
+    display: dict[str, tuple[str, ...]] | None = None,
+) -> Generator[Progress, None, SegmentationResult]:
+    """The generator behind ``segment_layer``: yields each ``Progress`` and returns a ``SegmentationResult``.
+
+    The widget runs this in a napari ``thread_worker`` (the Volume is taken from the layer on the GUI thread
+    first); ``model`` may be a LoadedModel, a bundled model name, a path, or None for the default model.
+    ``metadata`` is the image layer's (copied onto the outputs); ``display`` its ``layer_display``.
+    """
+    from napari_medcl.engine import LoadedModel, default_model_name, load_model
+    from napari_medcl.predict import predict_iter
+
+    start = time.perf_counter()
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = load_model(default_model_name() if model is None else model, device=device)
+    spec = loaded.spec
+    context_mm = None
+    if volume.spatial_dims == 3 and spec.spatial_dims == 3 and roi is not None:
+        axis = int(roi[1]) % 3 if isinstance(roi, tuple | list) and roi and roi[0] == "slice" else 0
+        model_spacing = spec.spacing[axis] if spec.spacing is not None else volume.spacing[axis]
+        context_mm = spec.patch_size[axis] * model_spacing
+    plan = plan_region(roi, volume, model_dims=spec.spatial_dims, context_mm=context_mm)
+    part = volume if plan.whole else volume.crop(plan.compute)
+
+    prediction: Prediction | None = None
+    for item in predict_iter(part, loaded, device=device, overlap=overlap, tta=tta, cancel=cancel):
+        if hasattr(item, "labels"):
+            prediction = item
+        else:
+            yield item
+    if prediction is None:  # predict_iter's contract: its last item is the Prediction
+        raise RuntimeError("predict_iter ended without a Prediction")
+
+    provenance = dict(prediction.provenance)
+    provenance["roi"] = None if plan.whole else [[s.start, s.stop] for s in plan.paste]
+    layers = prediction_layers(
+        prediction,
+        volume,
+        spec,
+        plan,
+        name=name,
+        provenance=provenance,
+        metadata=metadata,
+        display=display,
+        uncertainty_maps=uncertainty_maps,
+    )
+    return SegmentationResult(
+        layers=layers, model=loaded, provenance=provenance, seconds=time.perf_counter() - start
+    )
+
+
+def prediction_layers(
+    prediction: Prediction,
+    volume: Volume,
+    spec: Any,
+    plan: RegionPlan | None = None,
+    *,
+    name: str,
+    provenance: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
+    display: dict[str, tuple[str, ...]] | None = None,
+    uncertainty_maps: bool = False,
+) -> list[LayerDataTuple]:
+    """LayerDataTuples for a Prediction made on ``volume`` (or on its ``plan.compute`` crop).
+
+    Every output sits on the image's spatial grid: its scale/translate, ``display`` (units, axis labels;
+    mm and z/y/x by default), the image's ``metadata`` with the spatial geometry and the provenance.
+    """
+    plan = plan or RegionPlan()
+    shape = volume.spatial_shape
+    n = volume.spatial_dims
+    geometry = {**geometry_metadata(volume), "channel_axis": False}
+    base_meta = {k: v for k, v in (metadata or {}).items() if k not in (GEOMETRY_KEY, PREDICTION_KEY)}
+    display = {"units": ("mm",) * n, "axis_labels": AXIS_NAMES[-n:], **(display or {})}
+
+    def kwargs_for(kind: str) -> dict[str, Any]:
+        meta = {**base_meta, GEOMETRY_KEY: dict(geometry), PREDICTION_KEY: {**provenance, "output": kind}}
+        return {
+            "scale": tuple(volume.spacing),
+            "translate": tuple(volume.origin),
+            **display,
+            "metadata": meta,
+        }
+
+    labels = _paste(np.asarray(prediction.labels.array), plan, shape)
+    layers: list[LayerDataTuple] = [
+        (
+            labels,
+            {
+                **kwargs_for("labels"),
+                "name": f"{name} labels",
+                "colormap": label_colormap(spec),
+                "features": {
+                    "index": [c.index for c in spec.classes],
+                    "name": [c.name for c in spec.classes],
+                },
+            },
+            "labels",
+        )
+    ]
+
+    def uncertainty_layer(array: np.ndarray, kind: str, layer_label: str, **extra: Any) -> LayerDataTuple:
+        data = _paste(np.asarray(array, dtype=np.float32), plan, shape)
+        return (
+            data,
+            {**kwargs_for(kind), **UNCERTAINTY_DISPLAY, "name": f"{name} {layer_label}", **extra},
+            "image",
+        )
+
+    if prediction.uafr_uncertainty is not None:
+        layers.append(
+            uncertainty_layer(prediction.uafr_uncertainty.array, "uafr_uncertainty", "UAFR uncertainty")
+        )
+    layers.append(uncertainty_layer(prediction.entropy.array, "entropy", "entropy", visible=False))
+    if uncertainty_maps:
+        for map_name, map_volume in prediction.uncertainty_maps.items():
+            layers.append(
+                uncertainty_layer(map_volume.array, f"uafr:{map_name}", f"UAFR {map_name}", visible=False)
+            )
+    return layers
+
+
+def label_colormap(spec: Any) -> Any:
+    """A DirectLabelColormap from the spec's class colours (background transparent); a plain dict without napari."""
+    colors: dict[int | None, str] = {None: "transparent", 0: "transparent"}
+    colors.update({c.index: c.color for c in spec.classes if c.index != 0})
+    try:
+        from napari.utils.colormaps import DirectLabelColormap
+    except ImportError:
+        return colors
+    return DirectLabelColormap(color_dict=colors)

@@ -1,0 +1,218 @@
+"""The napari widgets in a real viewer under Xvfb (pytest-xvfb starts it): few, end-to-end, no pixel comparisons."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_medcl.io import read_image
+from napari_medcl.io import write_image as io_write_image
+from napari_medcl.layers import ObliqueGeometryWarning
+from napari_medcl.volume import Volume
+from tests.onnx_models import make_spec, pointwise_model, save
+
+pytestmark = pytest.mark.gui
+
+WAIT_MS = 30_000
+
+
+def oblique_scan(path: Path, shape=(8, 24, 28)) -> Volume:
+    c, s = np.cos(0.25), np.sin(0.25)
+    volume = Volume(
+        array=np.random.default_rng(0).random(shape, dtype=np.float32),
+        spacing=(3.0, 0.75, 0.8),
+        origin=(5.0, -10.0, 20.0),
+        direction=np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]]),
+    )
+    io_write_image(volume, path)
+    return volume
+
+
+@pytest.fixture
+def model3d(tmp_path):
+    return save(pointwise_model(spatial_dims=3, patch=(4, 8, 8)), tmp_path / "m3.onnx")
+
+
+def open_scan(viewer, path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ObliqueGeometryWarning)
+        (layer,) = viewer.open(str(path), plugin="napari-medcl")
+    return layer
+
+
+def make_widget(viewer, model: Path):
+    """The widget as napari builds it from the manifest (it gets the viewer through napari's public proxy)."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medcl", "Segment with uncertainty")
+    widget.add_model_file(model)
+    return widget
+
+
+def run_and_wait(qtbot, widget) -> None:
+    widget._run.changed.emit(True)  # a click on Run
+    assert widget.running and widget._run.text == "Cancel"
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+
+
+@pytest.mark.slow
+def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path, model3d):
+    from napari.layers import Image, Labels
+    from napari.utils.colormaps import DirectLabelColormap
+
+    source = tmp_path / "case.nii.gz"
+    scan = oblique_scan(source)
+    viewer = make_napari_viewer()
+    image = open_scan(viewer, source)
+    np.testing.assert_allclose(image.scale, (3.0, 0.75, 0.8), rtol=1e-6)
+    widget = make_widget(viewer, model3d)
+    assert "research use" in widget._notice.value.lower()
+
+    run_and_wait(qtbot, widget)
+    names = [layer.name for layer in viewer.layers]
+    assert names[:4] == ["case", "case labels", "case UAFR uncertainty", "case entropy"]
+    labels, uafr, entropy = (viewer.layers[n] for n in names[1:4])
+    assert isinstance(labels, Labels) and isinstance(uafr, Image)
+    assert isinstance(labels.colormap, DirectLabelColormap)
+    spec = make_spec(spatial_dims=3, patch=(4, 8, 8))
+    expected = [int(spec.classes[1].color[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    np.testing.assert_allclose(labels.colormap.map(np.array([1]))[0][:3], expected, atol=1e-6)
+    assert list(labels.features["name"]) == ["background", "class1"]
+    assert uafr.colormap.name == "inferno" and tuple(uafr.contrast_limits) == (0.0, 1.0)
+    assert not entropy.visible
+    for layer in (labels, uafr, entropy):
+        np.testing.assert_allclose(layer.scale, image.scale)
+        np.testing.assert_allclose(layer.translate, image.translate)
+    np.testing.assert_array_equal(labels.data, scan.array > 0.5)
+    assert "CPUExecutionProvider" in widget._status.value and widget._run.text == "Run"
+
+    # the review panel ranks slices; a click moves the viewer to the slice
+    review = widget.show_review()
+    assert review.scores and review._labels_combo.value == labels and review._uncertainty.value == uafr
+    overlay = viewer.layers[-1]
+    assert overlay.name == "case uncertain > 0.50" and overlay.data.shape == labels.data.shape
+    top = review.scores[0]
+    review._slice_list.native.setCurrentRow(0)
+    z_world = image.data_to_world((top.index, 0, 0))[0]
+    assert viewer.dims.point[0] == pytest.approx(z_world)
+    review._threshold.value = 0.9
+    assert viewer.layers[-1] == overlay and overlay.name == "case uncertain > 0.90"
+
+    # re-running updates the same layers in place; "keep previous" adds new ones
+    labels.data = np.zeros_like(labels.data)
+    count = len(viewer.layers)
+    run_and_wait(qtbot, widget)
+    assert len(viewer.layers) == count and viewer.layers["case labels"] is labels and labels.data.any()
+    widget._keep.value = True
+    run_and_wait(qtbot, widget)
+    assert len(viewer.layers) == count + 3
+
+    # saving writes the labels with the source file's geometry (oblique direction included)
+    written = review.save_labels(tmp_path / "case_labels.nii.gz")
+    assert read_image(written).same_geometry(read_image(source))
+
+
+def test_cancel_mid_run_adds_nothing(make_napari_viewer, qtbot, tmp_path):
+    model = save(pointwise_model(spatial_dims=3, patch=(2, 4, 4)), tmp_path / "tiny_patch.onnx")
+    viewer = make_napari_viewer()
+    oblique_scan(tmp_path / "big.nrrd", shape=(16, 64, 64))
+    open_scan(viewer, tmp_path / "big.nrrd")
+    widget = make_widget(viewer, model)
+    before = [layer.name for layer in viewer.layers]
+    widget.run()
+    qtbot.waitUntil(lambda: widget._progress.value > 0, timeout=WAIT_MS)  # some windows are done
+    widget._run.changed.emit(True)  # a click on the button, which reads "Cancel" while running
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    # the widget's progress bar shows the last window done: stopped between windows, well before the end
+    assert 0 < widget._progress.value < widget._progress.max
+    assert [layer.name for layer in viewer.layers] == before
+    assert "Cancelled" in widget._status.value and widget._run.text == "Run" and widget._run.enabled
+
+
+def test_error_is_shown_plainly_and_the_ui_resets(make_napari_viewer, qtbot, tmp_path, model3d):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((32, 32), dtype=np.float32), name="flat")
+    widget = make_widget(viewer, model3d)
+    run_and_wait(qtbot, widget)
+    assert "2D image" in widget._status.value and "3D model" in widget._status.value
+    assert [layer.name for layer in viewer.layers] == ["flat"]
+    assert widget._run.text == "Run" and widget._run.enabled and widget._image.enabled
+    # a model producing NaN raises PredictionError (a RuntimeError) inside the thread worker
+    viewer.add_image(np.random.default_rng(1).random((4, 16, 16), dtype=np.float32), name="vol")
+    widget._image.value = viewer.layers["vol"]
+    widget.add_model_file(
+        save(pointwise_model(spatial_dims=3, patch=(4, 8, 8), produce_nan=True), tmp_path / "nan.onnx")
+    )
+    run_and_wait(qtbot, widget)
+    assert "NaN" in widget._status.value and widget._run.text == "Run"
+    assert [layer.name for layer in viewer.layers] == ["flat", "vol"]
+
+
+def test_current_slice_and_rectangle_regions(make_napari_viewer, qtbot, tmp_path, model3d):
+    from napari_medcl._widget import REGION_RECT, REGION_SLICE
+
+    source = tmp_path / "roi.mha"
+    scan = oblique_scan(source)
+    viewer = make_napari_viewer()
+    image = open_scan(viewer, source)
+    widget = make_widget(viewer, model3d)
+
+    viewer.dims.set_point(0, image.data_to_world((5, 0, 0))[0])
+    widget._region.value = REGION_SLICE
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["roi labels"].data
+    np.testing.assert_array_equal(labels[5], scan.array[5] > 0.5)
+    assert not np.delete(labels, 5, axis=0).any()
+
+    # a rectangle drawn on slice 5 covering rows 4..11 and columns 6..19 (data index), all slices
+    corners = [
+        image.data_to_world(p) for p in ((5, 3.6, 5.6), (5, 3.6, 19.4), (5, 11.4, 19.4), (5, 11.4, 5.6))
+    ]
+    shapes = viewer.add_shapes([np.array(corners)], shape_type="rectangle", name="box")
+    widget._region.value = REGION_RECT
+    widget._shapes.value = shapes
+    viewer.layers.selection.active = image
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["roi labels"].data
+    inside = (slice(None), slice(4, 12), slice(6, 20))
+    np.testing.assert_array_equal(labels[inside], scan.array[inside] > 0.5)
+    outside = np.ones(labels.shape, bool)
+    outside[inside] = False
+    assert not labels[outside].any()
+
+
+def test_sample_screenshot_is_not_black(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    (layer,) = viewer.open_sample("napari-medcl", "mni152_t1")
+    assert layer.data.ndim == 3 and tuple(layer.scale) == (2.0, 2.0, 2.0)
+    shot = viewer.screenshot(canvas_only=True)
+    assert shot.mean() > 5 and shot[..., :3].std() > 5  # a brain slice, not an empty or black canvas
+
+
+def test_rgb_2d_image_with_rectangle_and_review(make_napari_viewer, qtbot, tmp_path):
+    from napari_medcl._widget import REGION_RECT
+
+    model = save(
+        pointwise_model(spatial_dims=2, in_channels=3, threshold=127.5, patch=(16, 16)), tmp_path / "c.onnx"
+    )
+    viewer = make_napari_viewer()
+    rgb = (np.random.default_rng(4).random((40, 50, 3)) * 255).astype(np.uint8)
+    viewer.add_image(rgb, name="photo", rgb=True, scale=(0.5, 0.5))
+    widget = make_widget(viewer, model)
+    shapes = viewer.add_shapes(
+        [np.array([[1.0, 1.0], [1.0, 15.0], [10.0, 15.0], [10.0, 1.0]])], shape_type="rectangle"
+    )
+    widget._region.value = REGION_RECT
+    widget._shapes.value = shapes
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["photo labels"]
+    assert labels.data.shape == (40, 50) and tuple(labels.scale) == (0.5, 0.5)
+    inside = (slice(2, 21), slice(2, 31))  # pixels whose centres lie in the rectangle (world / 0.5)
+    np.testing.assert_array_equal(labels.data[inside], rgb[inside].mean(axis=-1) > 127.5)
+    outside = np.ones(labels.data.shape, bool)
+    outside[inside] = False
+    assert not labels.data[outside].any()
+    review = widget.show_review()
+    assert len(review.scores) == 1 and not review._axis.visible  # a 2D image is one slice
+    assert "px²" in review._entries[0][0]
