@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+# Text files are UTF-8 whatever the machine's locale (CI may run without LANG).
+export PYTHONUTF8 := 1
 APT_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0 libxcb-cursor0 libgl1 libegl1 libglib2.0-0 libfontconfig1 libdbus-1-3
 
 .PHONY: test demo bench lint format apt venv clean

@@ -40,9 +40,19 @@ class OutputError(MedclError, OSError):
         super().__init__(f"{self.path}: {problem}")
 
 
+class OutputFormatError(OutputError, ValueError):
+    """The volume cannot be stored in the chosen output format (wrong dtype or shape, two-file format,
+    geometry the format cannot hold). Nothing is written."""
+
+
 class PredictionError(MedclError, RuntimeError):
     """Inference produced something unusable (NaN/Inf in the model output) for one case."""
 
 
 class Cancelled(MedclError):
     """The user cancelled a running prediction; nothing was written or added."""
+
+
+class InputWarning(UserWarning):
+    """An input was read, but something about it deserves the user's attention (e.g. a NIfTI header that
+    declares no orientation). The message is one line naming the file."""

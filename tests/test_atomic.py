@@ -52,7 +52,7 @@ def test_replaces_existing_file(tmp_path):
     final = tmp_path / "sidecar.json"
     final.write_text("old")
     assert write_text_atomic(final, '{"ok": true}') == final
-    assert final.read_text() == '{"ok": true}'
+    assert final.read_text(encoding="utf-8") == '{"ok": true}'
     write_bytes_atomic(final, b"\x00\x01")
     assert final.read_bytes() == b"\x00\x01"
     assert os.listdir(tmp_path) == ["sidecar.json"]

@@ -132,7 +132,7 @@ def test_formats_match_the_oracle_with_the_input_geometry(
         assert output.spatial_dims == image.spatial_dims
     assert entropy.array.dtype == np.float32 and entropy.array.min() >= 0 and entropy.array.max() <= 1
 
-    sidecar = json.loads((out / f"{case}.json").read_text())
+    sidecar = json.loads((out / f"{case}.json").read_text(encoding="utf-8"))
     assert sidecar["version"] == "0.1.0"
     assert sidecar["model"]["name"] == "test-model"
     assert sidecar["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
@@ -163,7 +163,7 @@ def test_probabilities_one_file_per_class_and_quiet(tmp_path, model_files, capsy
     args = [str(source), "-o", str(out), "--model", str(model_files[3]), "--save-probabilities", "--quiet"]
     assert cli.main([*args, "--overlap", "0.25", "--tta"]) == 0
     assert capsys.readouterr().out == ""
-    sidecar = json.loads((out / "scan.json").read_text())
+    sidecar = json.loads((out / "scan.json").read_text(encoding="utf-8"))
     assert sidecar["outputs"]["probabilities"] == {
         "background": "scan_probabilities_0.mha",
         "class1": "scan_probabilities_1.mha",

@@ -191,7 +191,7 @@ def _nan_image(root):
 
 
 def _duplicate_id(root):
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     del meta["file_ending"]  # without it every supported extension is a candidate
     (root / "dataset.json").write_text(json.dumps(meta))
     path = root / "imagesTr" / "case_001_0000.nii.gz"

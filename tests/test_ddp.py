@@ -43,11 +43,11 @@ def test_two_process_gloo_run(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    log = (out / "train.log").read_text().splitlines()
+    log = (out / "train.log").read_text(encoding="utf-8").splitlines()
     assert log[0] == "world size 2"
     assert any("global batch 4 (2 per process)" in line for line in log)
     assert any("sync_batchnorm ignored: SyncBatchNorm needs CUDA" in line for line in log)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(records) == 1 and records[0]["val"]["cases"] == 2  # one validation case per rank, summed
     state = torch.load(out / "checkpoint_last.pt", weights_only=True)
     assert len(state["rng"]) == 2  # each rank's random state, for an exact resume under DDP

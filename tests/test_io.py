@@ -250,6 +250,7 @@ def test_format_that_cannot_store_the_geometry_is_refused_and_old_file_kept(tmp_
 
 def test_sheared_direction_is_refused_where_the_format_would_change_it(tmp_path):
     sheared = np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    sheared /= np.linalg.norm(sheared, axis=0)  # unit columns (the Volume contract), not orthogonal
     volume = Volume(np.zeros((3, 4, 5), np.uint8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), sheared)
     with pytest.raises(
         OutputFormatError, match=r"NIFTI cannot store this direction \(the direction is not orth"

@@ -142,7 +142,7 @@ def test_sample_is_the_mni_brain_at_2_mm():
     assert kwargs["scale"] == (2.0, 2.0, 2.0) and kwargs["units"] == ("mm", "mm", "mm")
     assert 60 < data.shape[0] < 100 and data.max() > 200 and (data > 0).mean() > 0.3  # a head, cropped
     assert SAMPLE_FILE.stat().st_size < 1.5e6
-    notice = (SAMPLE_FILE.parent / "LICENSE").read_text()
+    notice = (SAMPLE_FILE.parent / "LICENSE").read_text(encoding="utf-8")
     assert "McGill University" in notice and "nilearn" in notice
 
 

@@ -74,7 +74,7 @@ def test_killed_run_resumes_with_identical_losses(dataset, tmp_path):
         args += ["--set", item]
     assert train_main([*args, "--resume"]) == 0
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     for mine, theirs in zip(records, reference.history):
         assert mine["train"] == theirs["train"]  # bit-identical floats, pdcr and ccdc included
@@ -88,7 +88,7 @@ def test_killed_run_resumes_with_identical_losses(dataset, tmp_path):
     assert all(torch.equal(a["losses"][k], b["losses"][k]) for k in a["losses"])
     assert torch.equal(a["rng"][0]["generator"], b["rng"][0]["generator"])
     assert not list(out.glob(".*"))
-    log = (out / "train.log").read_text().splitlines()
+    log = (out / "train.log").read_text(encoding="utf-8").splitlines()
     assert log[0] == "world size 1" and any("resumed from" in line for line in log)
 
 

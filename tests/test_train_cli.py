@@ -40,12 +40,12 @@ def run_train(config: Path, *overrides: str, extra: tuple[str, ...] = ()) -> int
 
 
 def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def check_run_files(out: Path, epochs: int, class_names: list[str], terms: tuple[str, ...]) -> dict:
     """The files of a finished run; returns the last checkpoint (loaded weights-only)."""
-    assert (out / "train.log").read_text().splitlines()[0] == "world size 1"
+    assert (out / "train.log").read_text(encoding="utf-8").splitlines()[0] == "world size 1"
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
     for record in records:

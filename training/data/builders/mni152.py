@@ -129,9 +129,9 @@ def build_mni152_tissue(
         "block_gap_mm": gap * image.spacing[0],
         "spacing_zyx_mm": list(image.spacing),
     }
-    (output / "dataset.json").write_text(json.dumps(dataset, indent=2))
-    (output / "README.md").write_text(_readme(cases, gap * image.spacing[0], image.spacing))
-    (output / "LICENSE.txt").write_text(LICENSE)
+    (output / "dataset.json").write_text(json.dumps(dataset, indent=2), encoding="utf-8")
+    (output / "README.md").write_text(_readme(cases, gap * image.spacing[0], image.spacing), encoding="utf-8")
+    (output / "LICENSE.txt").write_text(LICENSE, encoding="utf-8")
     return output
 
 

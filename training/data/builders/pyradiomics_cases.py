@@ -95,7 +95,7 @@ def build_pyradiomics_lesions(
         "numTraining": len(rows),
         "file_ending": ".nii.gz",
     }
-    (output / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    (output / "dataset.json").write_text(json.dumps(dataset, indent=2), encoding="utf-8")
     table = "\n".join(
         f"| {c} | {'x'.join(map(str, s))} | {' x '.join(f'{v:.3g}' for v in sp)} | {n} |"
         for c, s, sp, n in rows
@@ -112,6 +112,7 @@ the archive. Labels: 0 background, 1 lesion (the archive's label map, binarised)
 {table}
 
 Five cases in all across both modalities: a tiny set, for smoke tests and a clearly-labelled small benchmark only.
-"""
+""",
+        encoding="utf-8",
     )
     return output
