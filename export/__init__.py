@@ -1,0 +1,55 @@
+"""Export (torch side): a trained network or checkpoint -> one self-describing ONNX file, verified against torch.
+
+Public API: :func:`to_onnx`, :func:`verify_onnx`, :class:`InferenceWrapper`, plus :func:`spec_for_model`,
+:func:`load_checkpoint_model`, the report classes and :class:`ExportError`. Names are imported lazily, so
+``medcl-export --help`` does not wait for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "to_onnx": "export.onnx",
+    "verify_onnx": "export.onnx",
+    "spec_for_model": "export.onnx",
+    "ExportReport": "export.onnx",
+    "VerifyReport": "export.onnx",
+    "ShapeCheck": "export.onnx",
+    "InferenceWrapper": "export.wrapper",
+    "ExportError": "export.checkpoint_model",
+    "CheckpointModel": "export.checkpoint_model",
+    "load_checkpoint_model": "export.checkpoint_model",
+}
+
+__all__ = [
+    "CheckpointModel",
+    "ExportError",
+    "ExportReport",
+    "InferenceWrapper",
+    "ShapeCheck",
+    "VerifyReport",
+    "load_checkpoint_model",
+    "spec_for_model",
+    "to_onnx",
+    "verify_onnx",
+]
+
+if TYPE_CHECKING:
+    from export.checkpoint_model import CheckpointModel, ExportError, load_checkpoint_model
+    from export.onnx import ExportReport, ShapeCheck, VerifyReport, spec_for_model, to_onnx, verify_onnx
+    from export.wrapper import InferenceWrapper
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
