@@ -144,9 +144,10 @@ def test_checkpoint_loading_errors(tmp_path):
 
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "missing.pt")
-    path.write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="not a readable napari-medcl checkpoint"):
-        load_checkpoint(path)
+    for junk in (b"\x00garbage", b"hello, I am text\n" * 20):  # the text used to escape as a bare KeyError
+        path.write_bytes(junk)
+        with pytest.raises(CheckpointError, match="not a readable napari-medcl checkpoint"):
+            load_checkpoint(path)
     torch.save({"state_dict": {}}, path)
     with pytest.raises(CheckpointError, match="not a napari-medcl checkpoint"):
         load_checkpoint(path)

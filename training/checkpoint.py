@@ -96,7 +96,20 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         raise CheckpointError(path, "no such checkpoint file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as error:
+    # Arbitrary bytes make the weights-only unpickler fail in many ways (KeyError, IndexError, ...): all mean
+    # "not a checkpoint", never a reason to fall back to full unpickling.
+    except (
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        EOFError,
+        RuntimeError,
+        ValueError,
+        OSError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+    ) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             path, f"not a readable napari-medcl checkpoint (torch.load, weights only: {first[:160]})"
