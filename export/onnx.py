@@ -541,13 +541,13 @@ def _verify(
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(path, f"fails onnx.checker: {first}") from None
     check_contract(proto, path)
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    if METADATA_KEY not in metadata:
-        raise ExportError(path, f"has no {METADATA_KEY} metadata")
-    try:
-        spec = ModelSpec.from_json(metadata[METADATA_KEY])
-    except SpecError as error:
-        raise ExportError(path, f"invalid {METADATA_KEY} metadata: {error}") from None
+    from napari_medcl.engine import check_model_bytes
+    from napari_medcl.errors import ModelError
+
+    try:  # the very checks the product runs before it loads a model: spec present, graph matching it
+        spec = check_model_bytes(data, path)
+    except ModelError as error:
+        raise ExportError(path, error.problem) from None
     check_spec_matches_model(spec, reference, path)
     fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
     tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
