@@ -31,7 +31,7 @@ from training.losses.pdcr import PDCRLoss
 from training.losses.segmentation import DeepSupervisionLoss, ce_dice_loss
 from training.models import create_model
 
-CONFIGS = ("CE+Dice", "+ PDCR", "+ CCDC", "all")
+CONFIGS = ("CE+Dice", "+ PDCR", "+ CCDC", "all", "+ CCDC, head at stride 2", "all, head at stride 2")
 HEAD_ONLY = "head, no CCDC"
 # nnU-Net widths (base 32, capped at 512 in 2D / 320 in 3D) on a GPU; on CPU halved (2D) or quartered (3D) so a
 # whole run stays within minutes on two cores. The spatial sizes and batch sizes are the in both cases.
@@ -96,8 +96,14 @@ def build_steps(case: Case, args, device: torch.device) -> tuple[dict[str, Calla
     plain = create_model("unet", **common).to(device)
     torch.manual_seed(0)
     with_head = create_model("unet", projection_dim=args.projection_dim, **common).to(device)
+    torch.manual_seed(0)
+    # The projection head on decoder2 (stride 2, as ReCo's reduced-stride embeddings): model.projection_level=2.
+    head_stride2 = create_model("unet", projection_dim=args.projection_dim, projection_level=2, **common).to(
+        device
+    )
     pdcr_plain = pdcr_for(plain, case.dims, k, device)
     pdcr_head = pdcr_for(with_head, case.dims, k, device)
+    pdcr_stride2 = pdcr_for(head_stride2, case.dims, k, device)
     ccdc = CCDCLoss(weight=1.0)
     seg = DeepSupervisionLoss(ce_dice_loss)
     image, labels = synthetic_batch(case, k, device)
@@ -112,8 +118,15 @@ def build_steps(case: Case, args, device: torch.device) -> tuple[dict[str, Calla
             if pdcr is not None:
                 loss = loss + pdcr(out.taps, labels, generator=generator).loss
             if use_ccdc:
-                probs = out.logits.float().softmax(1)
-                loss = loss + ccdc(out.embedding, probs, labels, generator=generator)
+                probs, target = out.logits.float().softmax(1), labels
+                size = tuple(out.embedding.shape[2:])
+                if size != tuple(labels.shape[1:]):  # as the training engine: probs linear, labels nearest
+                    mode = "bilinear" if case.dims == 2 else "trilinear"
+                    probs = F.interpolate(probs, size=size, mode=mode, align_corners=False)
+                    target = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[
+                        :, 0
+                    ].long()
+                loss = loss + ccdc(out.embedding, probs, target, generator=generator)
             if head_only:
                 # The projection head's forward and (dense) backward without the loss's own work.
                 loss = loss + 0.0 * out.embedding.float().mean()
@@ -124,6 +137,8 @@ def build_steps(case: Case, args, device: torch.device) -> tuple[dict[str, Calla
         "+ PDCR": lambda: step(plain, pdcr_plain, False),
         "+ CCDC": lambda: step(with_head, None, True),
         "all": lambda: step(with_head, pdcr_head, True),
+        "+ CCDC, head at stride 2": lambda: step(head_stride2, None, True),
+        "all, head at stride 2": lambda: step(head_stride2, pdcr_stride2, True),
     }
     if args.head_row:
         steps[HEAD_ONLY] = lambda: step(with_head, None, False, head_only=True)

@@ -373,3 +373,18 @@ def test_unet_norm_activation_dropout_options(options):
     assert {"batch": "BatchNorm2d", "group": "GroupNorm", "instance": "InstanceNorm2d"}[
         options["norm"]
     ] in norms
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_projection_level_puts_the_embedding_on_that_decoder_grid(spatial_dims):
+    shape = (1, 1, 19, 27, 23)[: 2 + spatial_dims]
+    common = {"spatial_dims": spatial_dims, "in_channels": 1, "num_classes": 3, "features": (4, 8, 16)}
+    model = create_model("unet", projection_dim=8, projection_level=2, **common)
+    out = model(torch.randn(*shape))
+    stride = model.tap_info["decoder2"].stride
+    assert out.embedding.shape[1] == 8
+    assert tuple(out.embedding.shape[2:]) == tuple(-(-s // t) for s, t in zip(shape[2:], stride))
+    out.embedding.sum().backward()
+    assert model.projection[0].weight.grad is not None
+    with pytest.raises(ValueError, match="projection_level"):
+        create_model("unet", projection_dim=8, projection_level=3, **common)

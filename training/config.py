@@ -95,6 +95,7 @@ class ModelConfig:
     strides: tuple[Any, ...] | None = None
     kernel_sizes: tuple[Any, ...] | None = None
     deep_supervision: bool | None = None
+    projection_level: int | None = None  # decoder stage the CCDC projection head reads (1 = full resolution)
     # DeepLabV3+
     encoder_depth: int | None = None
     encoder_weights: str | None = None

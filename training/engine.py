@@ -137,6 +137,7 @@ def build_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> nn.Modu
         "norm": m.norm,
         "dropout": m.dropout,
         "projection_dim": projection_dim,
+        "projection_level": m.projection_level,
     }
     if m.uafr.enabled:
         kwargs.update(

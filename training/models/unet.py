@@ -109,7 +109,10 @@ class UNet(nn.Module):
         uafr_m, uafr_hidden, uafr_norm: UAFR hyper-parameters (paper: 2, 16, "batch").
         uafr_kernel_size: kernel of UAFR's first conv; default None = the stage's own kernel (3 by default, the
             paper's best; [1, 3, 3] at anisotropic stages so UAFR does not mix slices the stage keeps apart).
-        projection_dim: CCDC projection head on decoder1 (full resolution) with this many output channels.
+        projection_dim: CCDC projection head with this many output channels.
+        projection_level: the decoder stage the projection head reads: 1 = decoder1 at full resolution (paper B),
+            2 = decoder2 at stride 2 (as ReCo works at a reduced stride), ... The embedding lives on that stage's
+            grid; the caller resizes labels and probabilities to it.
         return_features: when False, taps and embedding are skipped (empty dict / None).
     """
 
@@ -136,6 +139,7 @@ class UNet(nn.Module):
         uafr_kernel_size: int | Sequence[int] | None = None,
         uafr_norm: str = "batch",
         projection_dim: int | None = None,
+        projection_level: int = 1,
         return_features: bool = True,
     ):
         super().__init__()
@@ -162,6 +166,9 @@ class UNet(nn.Module):
         self.features = tuple(features)
         self.return_features = return_features
         self.embedding_channels = projection_dim
+        if not 1 <= projection_level <= n - 1:
+            raise ValueError(f"projection_level must be a decoder stage 1..{n - 1}, got {projection_level}")
+        self.projection_level = projection_level
         self.divisor = tuple(math.prod(s[a] for s in stride_t) for a in range(sd))
 
         block = {"norm_kind": norm, "activation_kind": activation, "dropout_p": dropout}
@@ -212,7 +219,9 @@ class UNet(nn.Module):
         self.projection = (
             None
             if projection_dim is None
-            else projection_head(sd, features[0], int(projection_dim), kernel_t[0], norm)
+            else projection_head(
+                sd, features[projection_level - 1], int(projection_dim), kernel_t[projection_level - 1], norm
+            )
         )
         init_conv_weights(self)
         self._geometry = self._compute_geometry()
@@ -287,15 +296,16 @@ class UNet(nn.Module):
             x = site(f"encoder{i + 1}", stage(x))
             skips.append(x)
         deep: list[Tensor] = []
+        embedding = None
         for i in reversed(range(len(self.decoder))):
             x = self.upsample[i](x)
             x = site(f"decoder{i + 1}", self.decoder[i](torch.cat([x, skips[i]], dim=1)))
+            if self.projection is not None and self.return_features and i + 1 == self.projection_level:
+                stride = self._geometry[f"decoder{i + 1}"].stride
+                embedding = crop_to_grid(self.projection(x), spatial, stride)
             if self.deep_supervision_heads and i >= 1:
                 stride = self._geometry[f"decoder{i + 1}"].stride
                 deep.append(crop_to_grid(self.deep_supervision_heads[i - 1](x), spatial, stride))
         ones = (1,) * self.spatial_dims
         logits = crop_to_grid(self.head(x), spatial, ones)
-        embedding = None
-        if self.projection is not None and self.return_features:
-            embedding = crop_to_grid(self.projection(x), spatial, ones)
         return SegmentationOutput(logits, deep[::-1], taps, embedding, uncertainty)
