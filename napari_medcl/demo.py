@@ -47,15 +47,26 @@ def draw_overlay(image, labels, uncertainty, spec, path: Path) -> None:
         lab[lab == 0] = np.nan
         top, bottom = axes[0, column], axes[1, column]
         top.imshow(scan, cmap="gray", origin="lower", aspect=aspect)
-        top.imshow(lab, cmap=label_cmap, vmin=0, vmax=len(colors) - 1, alpha=0.45, origin="lower", aspect=aspect,
-                   interpolation="nearest")
+        top.imshow(
+            lab,
+            cmap=label_cmap,
+            vmin=0,
+            vmax=len(colors) - 1,
+            alpha=0.45,
+            origin="lower",
+            aspect=aspect,
+            interpolation="nearest",
+        )
         top.set_title(f"{title}: scan + labels")
-        shown = bottom.imshow(uncertainty.array[tuple(take)], cmap="inferno", vmin=0, vmax=1, origin="lower",
-                              aspect=aspect)
+        shown = bottom.imshow(
+            uncertainty.array[tuple(take)], cmap="inferno", vmin=0, vmax=1, origin="lower", aspect=aspect
+        )
         bottom.set_title(f"{title}: UAFR uncertainty")
         for ax in (top, bottom):
             ax.set_axis_off()
-    figure.colorbar(shown, ax=axes[1, :].tolist(), shrink=0.8, label="UAFR uncertainty (0 = sure, 1 = unsure)")
+    figure.colorbar(
+        shown, ax=axes[1, :].tolist(), shrink=0.8, label="UAFR uncertainty (0 = sure, 1 = unsure)"
+    )
     handles = [Patch(color=c.color, label=c.name) for c in spec.classes[1:]]
     axes[0, 2].legend(handles=handles, loc="lower right", fontsize=9, framealpha=0.8)
     figure.suptitle(f"napari-medcl demo: {spec.name} on the bundled MNI152 sample — research use only")
@@ -72,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m napari_medcl.demo", description=__doc__)
     parser.add_argument("-o", "--output", type=Path, default=Path("demo-output"))
-    parser.add_argument("--model", default=None, help="bundled model name or .onnx path (default: the default bundled model)")
+    parser.add_argument(
+        "--model", default=None, help="bundled model name or .onnx path (default: the default bundled model)"
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -82,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {error}", file=sys.stderr)
         return 1
     sample = sample_path()
-    code = cli.main([str(sample), "-o", str(args.output), "--model", str(model.path), "--device", args.device])
+    code = cli.main(
+        [str(sample), "-o", str(args.output), "--model", str(model.path), "--device", args.device]
+    )
     if code != 0:
         return code
     case = "mni152_t1_2mm"
@@ -91,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     uncertainty = read_image(args.output / f"{case}_uncertainty.nii.gz")
     overlay = args.output / "overlay.png"
     draw_overlay(image, labels, uncertainty, model.spec, overlay)
-    print(f"demo outputs in {args.output.resolve()}/ (overlay: {overlay}) in {time.perf_counter() - start:.1f} s")
+    print(
+        f"demo outputs in {args.output.resolve()}/ (overlay: {overlay}) in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 

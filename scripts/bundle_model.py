@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     from napari_medcl.io import sha256_file
     from training.checkpoint import load_checkpoint
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--name", required=True)
     parser.add_argument("--recipe", required=True, help="the training config the checkpoint was trained with")
@@ -42,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     size = target.stat().st_size
     if size > MAX_BYTES:
         target.unlink()
-        print(f"error: {target.name} is {size / 1e6:.1f} MB, over the 10 MB budget for bundled models", file=sys.stderr)
+        print(
+            f"error: {target.name} is {size / 1e6:.1f} MB, over the 10 MB budget for bundled models",
+            file=sys.stderr,
+        )
         return 1
     best = state["best"]
     entry = {
@@ -60,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         "validation": best,
     }
     manifest_path = MODELS_DIR / "manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {"models": []}
+    manifest = (
+        json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {"models": []}
+    )
     manifest["models"] = [m for m in manifest["models"] if m["name"] != args.name] + [entry]
     if args.default or "default" not in manifest:
         manifest["default"] = args.name
