@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "predict": "napari_medcl.predict",
-    "predict_iter": "napari_medcl.predict",
-    "Progress": "napari_medcl.predict",
+    "predict": "napari_medcl.prediction",
+    "predict_iter": "napari_medcl.prediction",
+    "Progress": "napari_medcl.prediction",
     "load_model": "napari_medcl.engine",
     "read_image": "napari_medcl.io",
     "write_image": "napari_medcl.io",
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from napari_medcl.engine import load_model
     from napari_medcl.io import read_image, write_image
     from napari_medcl.layers import segment_layer
-    from napari_medcl.predict import Progress, predict, predict_iter
+    from napari_medcl.prediction import Progress, predict, predict_iter
     from napari_medcl.spec import ModelSpec
     from napari_medcl.volume import Prediction, Volume
 

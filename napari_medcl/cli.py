@@ -1,6 +1,6 @@
 """medcl-predict: segment image files or DICOM folders with an ONNX model, writing results beside a sidecar.
 
-Arguments and files only; the work is ``napari_medcl.predict.predict_iter``. Per case it writes
+Arguments and files only; the work is ``napari_medcl.prediction.predict_iter``. Per case it writes
 ``<case>_labels<ext>``, ``<case>_uncertainty<ext>`` (mean UAFR map, when the model has UAFR maps),
 ``<case>_entropy<ext>``, with ``--save-probabilities`` one ``<case>_probabilities_<k><ext>`` per class
 (one file per class works in every output format, PNG/TIFF included; the sidecar maps files to class names),
@@ -124,7 +124,7 @@ def _one_case(path: Path, model: Any, args: argparse.Namespace, cases: dict[str,
     from tqdm import tqdm
 
     from napari_medcl.io import case_name
-    from napari_medcl.predict import Progress, predict_iter
+    from napari_medcl.prediction import Progress, predict_iter
 
     case = case_name(path)
     if case in cases:

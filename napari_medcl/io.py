@@ -28,6 +28,7 @@ import os
 import re
 import stat
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -319,16 +320,22 @@ def _sitk() -> Any:
     return sitk
 
 
+# ITK's warning switch is process-wide: reads from several threads (napari's reader and a segmentation worker)
+# would otherwise interleave their save/restore and leave the switch off for good.
+_ITK_WARNINGS_LOCK = threading.RLock()
+
+
 @contextmanager
 def _itk_warnings_off(sitk: Any) -> Iterator[None]:
     """Silence ITK's warnings on stderr (they would clutter the CLI; what matters becomes an InputError).
-    The switch is process-wide, so the previous value is put back."""
-    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    The switch is process-wide, so the previous value is put back, under a lock."""
+    with _ITK_WARNINGS_LOCK:
+        previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            yield
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
 def _read_header(sitk: Any, path: Path, image_io: str, extension: str) -> Any:

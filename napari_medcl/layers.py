@@ -25,7 +25,7 @@ from napari_medcl.volume import Volume
 
 if TYPE_CHECKING:
     from napari_medcl.engine import LoadedModel
-    from napari_medcl.predict import Progress
+    from napari_medcl.prediction import Progress
     from napari_medcl.volume import Prediction
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
@@ -413,7 +413,7 @@ def segment_volume_iter(
     ``metadata`` is the image layer's (copied onto the outputs); ``display`` its ``layer_display``.
     """
     from napari_medcl.engine import LoadedModel, default_model_name, load_model
-    from napari_medcl.predict import predict_iter
+    from napari_medcl.prediction import predict_iter
 
     start = time.perf_counter()
     if isinstance(model, LoadedModel):

@@ -315,13 +315,13 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 
 
 def test_interrupt_exits_130(tmp_path, model_files, capsys, monkeypatch):
-    from napari_medcl import predict
+    from napari_medcl import prediction
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
         yield
 
-    monkeypatch.setattr(predict, "predict_iter", interrupted)
+    monkeypatch.setattr(prediction, "predict_iter", interrupted)
     source = _make_input("mha", tmp_path)
     assert cli.main([str(source), "-o", str(tmp_path / "out"), "--model", str(model_files[3])]) == 130
     assert "interrupted" in capsys.readouterr().err

@@ -58,7 +58,7 @@ def test_cli_help_is_light_and_fast():
 
 
 def test_inference_modules_import_without_torch():
-    body = "import napari_medcl.predict, napari_medcl.engine, napari_medcl.tiling, napari_medcl.preprocess"
+    body = "import napari_medcl.prediction, napari_medcl.engine, napari_medcl.tiling, napari_medcl.preprocess"
     report = _probe(body)
     assert "torch" not in report["loaded"] and "onnxruntime" not in report["loaded"]
 
@@ -78,3 +78,11 @@ def _interpreter_start_seconds() -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
     return time.perf_counter() - start
+
+
+def test_public_predict_stays_the_function_after_submodules_are_imported():
+    import napari_medcl
+    import napari_medcl.prediction
+
+    assert callable(napari_medcl.predict) and napari_medcl.predict.__name__ == "predict"
+    assert callable(napari_medcl.predict_iter)

@@ -378,6 +378,7 @@ def test_dicom_series_with_missing_slice(tmp_path):
 
 
 def test_folder_without_dicom(tmp_path, capfd):
+    sitk.ProcessObject.SetGlobalWarningDisplay(True)
     folder = tmp_path / "notes"
     folder.mkdir()
     (folder / "readme.txt").write_text("no images here")

@@ -10,7 +10,7 @@ import pytest
 
 from napari_medcl.engine import load_model
 from napari_medcl.errors import Cancelled, InputError, PredictionError
-from napari_medcl.predict import Progress, predict, predict_iter
+from napari_medcl.prediction import Progress, predict, predict_iter
 from napari_medcl.preprocess import grid_coordinates, normalize, resample_linear, resampled_shape
 from napari_medcl.volume import Prediction, Volume
 from tests.onnx_models import conv_model, make_spec, nearest_class_model, pointwise_model, save

@@ -216,7 +216,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from napari_medcl.engine import load_model
-    from napari_medcl.predict import predict
+    from napari_medcl.prediction import predict
     from training.data import DataConfig, DatasetError
     from training.data.check import read_case
     from training.data.layouts import discover
