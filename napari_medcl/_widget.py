@@ -9,8 +9,10 @@ run's layers in place unless "keep previous" is ticked). Layers are only touched
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -719,12 +721,29 @@ class _WorkerFailure(Exception):
     """Carries a RuntimeError (e.g. PredictionError) out of a thread worker as its ``__cause__``."""
 
 
+PROGRESS_HZ = 20
+
+
 def _worker_steps(*args: Any, **kwargs: Any) -> Any:
     """``segment_volume_iter`` for a superqt GeneratorWorker. The worker takes a RuntimeError from its
     generator for a deleted worker and ends without ``errored`` or ``finished``, which would leave the widget
     running forever; so RuntimeErrors leave as ``_WorkerFailure`` instead."""
+    steps = medcl_layers.segment_volume_iter(*args, **kwargs)
+    last = -math.inf
     try:
-        return (yield from medcl_layers.segment_volume_iter(*args, **kwargs))
+        while True:
+            try:
+                event = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            # Each yielded event is handled on the GUI thread (and napari's progress bar processes events
+            # re-entrantly): a model with thousands of tiny windows would flood it, so progress goes out at most
+            # PROGRESS_HZ times a second, plus the first and the last window and every stage change.
+            now = time.monotonic()
+            edge = event.stage != "infer" or event.done <= 1 or event.done >= event.total
+            if edge or now - last >= 1.0 / PROGRESS_HZ:
+                last = now
+                yield event
     except RuntimeError as error:
         raise _WorkerFailure(str(error)) from error
 
