@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--recipe", required=True, help="the training config the checkpoint was trained with")
     parser.add_argument("--default", action="store_true", help="make this the default bundled model")
+    parser.add_argument(
+        "--held-out",
+        help="one line on the model's held-out quality and how it was measured (stored in the manifest)",
+    )
     args = parser.parse_args(argv)
 
     state = load_checkpoint(args.checkpoint)
@@ -59,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         "training_command": f"medcl-train {args.recipe}",
         "device": f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads)",
-        "epochs": len(history),
+        "epochs_to_this_checkpoint": len(history),
         "wall_seconds": round(sum(record["seconds"] for record in history), 1),
         "checkpoint_epoch": int(state["epoch"]),
         "validation": best,
     }
+    if args.held_out:
+        entry["held_out"] = args.held_out
     manifest_path = MODELS_DIR / "manifest.json"
     manifest = (
         json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {"models": []}

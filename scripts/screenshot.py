@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rank", default="mean_in_foreground", choices=["mean_in_foreground", "volume_above"]
     )
+    parser.add_argument(
+        "--entry", type=int, default=1, help="which entry of the ranked slice list to open (1 = top)"
+    )
     return parser.parse_args(argv)
 
 
@@ -49,8 +52,8 @@ def take_screenshot(args: argparse.Namespace) -> Path:
         review._mode.value = args.rank
         review._threshold.value = args.threshold
         review.refresh()
-        if review.scores:
-            review._slice_list.native.setCurrentRow(0)  # as a click on the top entry: go to that slice
+        if review.scores:  # as a click on that entry of the ranked list: go to its slice
+            review._slice_list.native.setCurrentRow(min(args.entry, len(review.scores)) - 1)
         viewer.reset_view()  # keep the slice, frame the whole head
         labels = widget.last_layers[0]
         viewer.layers.selection.active = labels
