@@ -335,10 +335,10 @@ def _gather_detached(embedding: Tensor, flat_index: Tensor) -> Tensor:
         if embedding.device.type != "cpu" or embedding.numel() < _SORTED_GATHER_MIN_ELEMENTS:
             return _gather(embedding, flat_index)
         sorted_index, permutation = torch.sort(flat_index)
-        vectors = _gather(embedding, sorted_index)
-        out = torch.empty_like(vectors)
-        out[permutation] = vectors
-        return out
+        vectors = _gather(embedding, sorted_index)  # (R, E) in sorted order
+        inverse = torch.empty_like(permutation)
+        inverse[permutation] = torch.arange(permutation.numel(), device=permutation.device)
+        return vectors.index_select(0, inverse)  # row gather: faster than scattering rows back
 
 
 def region_embeddings(

@@ -191,8 +191,9 @@ class DeepSupervisionLoss(nn.Module):
     """Weighted sum of ``base`` over deep-supervision heads, labels resized by nearest to each head.
 
     ``base(logits (B, K, *S_i), labels (B, *S_i))`` returns a Tensor or a :class:`SegLossTerms`. ``forward(outputs,
-    labels)`` takes the heads highest resolution first (``outputs[0]`` at the labels' size) and returns the same
-    kind as ``base`` (terms summed with the same weights). ``weights`` default to nnU-Net's 1, 1/2, 1/4, ...
+    labels)`` takes the heads highest resolution first (``outputs[0]`` at the labels' size; for a model output
+    that is ``[out.logits, *out.deep_supervision]``) and returns the same kind as ``base`` (terms summed with
+    the same weights). ``weights`` default to nnU-Net's 1, 1/2, 1/4, ...
     normalised; given explicitly they are normalised to sum to 1.
     """
 
