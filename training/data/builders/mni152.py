@@ -14,7 +14,6 @@ Each block is one case, with its true physical position (the origin moves with t
 from __future__ import annotations
 
 import json
-import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from napari_medcl.io import read_image, write_image
 from napari_medcl.volume import Volume
+from training.data.builders.msd_folder import new_msd_folder
 
 CLASS_NAMES = ("background", "CSF", "GM", "WM")
 _FILES = {
@@ -96,13 +96,7 @@ def build_mni152_tissue(
     margin: int = 4,
     overwrite: bool = False,
 ) -> Path:
-    output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{output} exists and is not empty; pass overwrite=True (--overwrite)")
-        shutil.rmtree(output)
-    (output / "imagesTr").mkdir(parents=True)
-    (output / "labelsTr").mkdir()
+    output = new_msd_folder(output, overwrite=overwrite)
     image, labels = load_mni152(downsample)
     brain = labels.array > 0
     gap = int(np.ceil(gap_mm / image.spacing[0]))

@@ -9,7 +9,6 @@ error otherwise) and can be passed directly with ``sdist=``.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_medcl.io import read_image, write_image
+from training.data.builders.msd_folder import new_msd_folder
 
 SDIST = "pyradiomics==3.0.1"
 CASES = {"MRI": ("brain1", "brain2", "breast1"), "CT": ("lung1", "lung2")}
@@ -61,13 +61,7 @@ def build_pyradiomics_lesions(
 ) -> Path:
     if modality not in CASES:
         raise ValueError(f"modality must be one of {list(CASES)}, got {modality!r}")
-    output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{output} exists and is not empty; pass overwrite=True (--overwrite)")
-        shutil.rmtree(output)
-    (output / "imagesTr").mkdir(parents=True)
-    (output / "labelsTr").mkdir()
+    output = new_msd_folder(output, overwrite=overwrite)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         archive_path = Path(sdist) if sdist else fetch_sdist(tmp_path)
