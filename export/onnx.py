@@ -43,6 +43,7 @@ from torch import nn
 
 from export.checkpoint_model import ExportError, check_spec_matches_model, load_checkpoint_model
 from export.wrapper import OUTPUT_PROBABILITIES, OUTPUT_UNCERTAINTY, InferenceWrapper
+from napari_medcl.engine import STANDARD_DOMAINS, graph_nodes
 from napari_medcl.spec import METADATA_KEY, ModelSpec, SpecError, default_classes
 
 __all__ = [
@@ -62,7 +63,6 @@ __all__ = [
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
 INPUT_NAME = "image"
-STANDARD_DOMAINS = ("", "ai.onnx")
 MAX_BYTES = 2 * 1024**3 - 1  # protobuf's limit for one message, so for a single-file model
 # Warning categories the TorchScript exporter raises about itself (deprecation, tracer notes on shapes).
 _EXPORTER_WARNINGS = (DeprecationWarning, FutureWarning, torch.jit.TracerWarning)
@@ -479,7 +479,7 @@ def check_contract(proto: Any, path: Path | None = None) -> None:
     if opset < MIN_OPSET:
         raise ExportError(path, f"opset {opset} is below {MIN_OPSET}")
     domains = sorted({o.domain for o in proto.opset_import if o.domain not in STANDARD_DOMAINS})
-    nodes = list(_nodes(proto.graph))
+    nodes = list(graph_nodes(proto.graph))
     domains += sorted({n.domain for n in nodes if n.domain not in STANDARD_DOMAINS} - set(domains))
     if domains:
         raise ExportError(path, f"the graph uses custom op domains {domains}")
@@ -697,15 +697,6 @@ def _default_opset(proto: Any) -> int:
     return max((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), default=0)
 
 
-def _nodes(graph: Any):
-    """Every node, including those inside subgraphs (If/Loop/Scan)."""
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                yield from _nodes(sub)
-
-
 def _op_counts(graph: Any) -> dict[str, int]:
     """Op type -> number of nodes, most frequent first."""
-    return dict(collections.Counter(n.op_type for n in _nodes(graph)).most_common())
+    return dict(collections.Counter(n.op_type for n in graph_nodes(graph)).most_common())

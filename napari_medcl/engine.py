@@ -193,7 +193,7 @@ def check_model_bytes(data: bytes, path: Path) -> ModelSpec:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(path, f"fails the ONNX checker: {first}") from None
     local_functions = {f.domain for f in model.functions}
-    for node in _all_nodes(model.graph):
+    for node in graph_nodes(model.graph):
         if node.domain not in STANDARD_DOMAINS and node.domain not in local_functions:
             raise ModelError(
                 path,
@@ -265,13 +265,13 @@ def _tensor_shape(value_info: Any, onnx: Any, path: Path) -> list[int | None] | 
     return [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
 
 
-def _all_nodes(graph: Any):
+def graph_nodes(graph: Any):
     """Every node of a graph, including those of subgraphs (If/Loop/Scan bodies)."""
     for node in graph.node:
         yield node
         for attribute in node.attribute:
             for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                yield from _all_nodes(sub)
+                yield from graph_nodes(sub)
 
 
 def _all_tensors(graph: Any):

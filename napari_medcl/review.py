@@ -8,6 +8,7 @@ the product's "2D is depth-1 3D" rule, so the panel still offers it and centres 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,12 +52,7 @@ def rank_slices(
     top the list. ``volume_above`` ranks every slice that has at least one voxel above ``threshold``.
     Ties keep slice order. ``limit`` keeps only the first entries.
     """
-    uncertainty = np.asarray(uncertainty)
-    labels = np.asarray(labels)
-    if uncertainty.shape != labels.shape:
-        raise ValueError(f"uncertainty shape {uncertainty.shape} differs from labels shape {labels.shape}")
-    if uncertainty.ndim not in (2, 3):
-        raise ValueError(f"expected a 2D or 3D map, got shape {uncertainty.shape}")
+    uncertainty, labels = _check_maps(uncertainty, labels)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0.0 <= threshold <= 1.0:
@@ -114,12 +110,7 @@ def region_center(
     else of the predicted foreground, else of the whole slice (then weighted by uncertainty, or the slice centre
     if the slice carries no uncertainty at all).
     """
-    uncertainty = np.asarray(uncertainty)
-    labels = np.asarray(labels)
-    if uncertainty.shape != labels.shape:
-        raise ValueError(f"uncertainty shape {uncertainty.shape} differs from labels shape {labels.shape}")
-    if uncertainty.ndim not in (2, 3):
-        raise ValueError(f"expected a 2D or 3D map, got shape {uncertainty.shape}")
+    uncertainty, labels = _check_maps(uncertainty, labels)
     if uncertainty.ndim == 3:
         axis = _check_axis(3, axis)
         if not 0 <= index < uncertainty.shape[axis]:
@@ -168,3 +159,13 @@ def _as_slices(array: np.ndarray, axis: int) -> np.ndarray:
     if array.ndim == 2:
         return array.reshape(1, -1)
     return np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
+
+
+def _check_maps(uncertainty: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The two maps as arrays; ValueError unless they share one 2D or 3D shape."""
+    uncertainty, labels = np.asarray(uncertainty), np.asarray(labels)
+    if uncertainty.shape != labels.shape:
+        raise ValueError(f"uncertainty shape {uncertainty.shape} differs from labels shape {labels.shape}")
+    if uncertainty.ndim not in (2, 3):
+        raise ValueError(f"expected a 2D or 3D map, got shape {uncertainty.shape}")
+    return uncertainty, labels

@@ -303,19 +303,24 @@ def _discover_folder2d(root: Path) -> Layout:
     for folder in (images_dir, masks_dir):
         if not folder.is_dir():
             problems.append(f"{folder}: folder not found (folder2d expects images/ and masks/)")
-    if not images_dir.is_dir() or not masks_dir.is_dir():
-        return Layout(
-            "folder2d",
-            root,
-            root.name,
-            class_names,
-            channel_names,
-            (),
-            (*problems,),
-            binary_255=True,
-            pixel_grid=True,
-        )
+    cases = (
+        _folder2d_cases(images_dir, masks_dir, problems) if images_dir.is_dir() and masks_dir.is_dir() else []
+    )
+    return Layout(
+        "folder2d",
+        root,
+        root.name,
+        class_names,
+        channel_names,
+        tuple(cases),
+        tuple(problems),
+        binary_255=True,
+        pixel_grid=True,
+    )
 
+
+def _folder2d_cases(images_dir: Path, masks_dir: Path, problems: list[str]) -> list[CaseFiles]:
+    """Cases pairing ``images/<id>.<ext>`` with ``masks/<id>[_segmentation].<ext>``; problems appended."""
     images: dict[str, list[Path]] = defaultdict(list)
     for stem, path in _files(images_dir, PICTURE_EXTENSIONS):
         images[stem].append(path)
@@ -344,17 +349,7 @@ def _discover_folder2d(root: Path) -> Layout:
             cases.append(CaseFiles(case_id, (images[case_id][0],), found[0], case_id))
     for case_id in sorted(set(masks) - set(images)):
         problems.append(f"case {case_id}: mask {masks[case_id][0].name} has no image in images/")
-    return Layout(
-        "folder2d",
-        root,
-        root.name,
-        class_names,
-        channel_names,
-        tuple(cases),
-        tuple(problems),
-        binary_255=True,
-        pixel_grid=True,
-    )
+    return cases
 
 
 # ------------------------------------------------------------------------------------------------ acdc
