@@ -6,25 +6,46 @@ Ctrl-C, full disk or exception in between leaves the previous file untouched and
 
 The temporary name keeps the real extension at its end (``scan.nii.gz`` -> ``.scan.1a2b3c4d.nii.gz``) because
 SimpleITK and friends choose the file format from the extension, and starts with a dot so that file browsers
-and globbing for ``*.nii.gz`` do not pick up a half-written file.
+and globbing for ``*.nii.gz`` do not pick up a half-written file. A process killed outright (SIGKILL, power
+loss) cannot remove its temporary file; ``sweep_stale_temps`` removes such leftovers when the next run starts.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
+import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from napari_medcl.errors import OutputError
 
-__all__ = ["atomic_path", "split_suffix", "write_bytes_atomic", "write_text_atomic"]
+__all__ = [
+    "atomic_path",
+    "is_temp_name",
+    "split_suffix",
+    "sweep_stale_temps",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
 
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 # Keeps ".<stem>.<random>.<ext>" under the usual 255-byte file name limit.
 _MAX_TEMP_STEM = 100
+_TOKEN_BYTES = 4
+# The names _create_temp gives: "." + stem + "." + 8 lowercase hex digits + what split_suffix calls the
+# extension (nothing, ".ext", or ".ext" followed by a compression suffix).
+_COMPRESSED = "|".join(re.escape(suffix) for suffix in _COMPRESSION_SUFFIXES)
+_TEMP_NAME = re.compile(
+    rf"\.(?P<stem>.+)\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}(?P<suffix>(?:\.[^.]+(?i:{_COMPRESSED})?)?)"
+)
+# How old (by mtime) a temporary file must be before a sweep removes it: a live writer touches its file
+# continuously, and creates it just before writing.
+STALE_TEMP_SECONDS = 60.0
 
 
 def split_suffix(name: str) -> tuple[str, str]:
@@ -83,6 +104,47 @@ def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> P
     return write_bytes_atomic(path, text.encode(encoding))
 
 
+def is_temp_name(name: str) -> bool:
+    """True when ``name`` has the form of ``atomic_path``'s temporary files (``.scan.1a2b3c4d.nii.gz``)."""
+    match = _TEMP_NAME.fullmatch(name)
+    if match is None:
+        return False
+    stem, suffix = match["stem"], match["suffix"]
+    # Only an extension split_suffix itself would produce: "a.b.1a2b3c4d" is not a temp of "a.b".
+    return len(stem) <= _MAX_TEMP_STEM and split_suffix(f"x{suffix}") == ("x", suffix)
+
+
+def sweep_stale_temps(folder: str | Path, *, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Remove the temporary files a killed writer left in ``folder``; return the paths removed.
+
+    Only regular files directly in ``folder`` whose name is exactly an ``atomic_path`` temporary name
+    (``is_temp_name``) and whose modification time is at least ``older_than_s`` seconds old are removed, so a
+    writer still running beside this one keeps its file (``older_than_s=0`` removes every such file, for a
+    folder that only this process writes). Links, folders and every other name are left alone. Best effort:
+    a file that vanishes or cannot be removed (permissions, Windows file in use) is skipped. A missing
+    ``folder`` gives an empty list.
+    """
+    folder = Path(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    now = time.time()
+    removed = []
+    for entry in entries:
+        if not is_temp_name(entry.name):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < older_than_s:
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(folder / entry.name)
+    return sorted(removed)
+
+
 def _create_temp(final: Path) -> tuple[Path, int]:
     """Create an empty, exclusive temporary file beside ``final``; return it and the mode it should keep.
 
@@ -90,7 +152,7 @@ def _create_temp(final: Path) -> tuple[Path, int]:
     (reading it means setting it, which races with other threads)."""
     stem, suffix = split_suffix(final.name)
     for _ in range(100):
-        temp = final.with_name(f".{stem[:_MAX_TEMP_STEM]}.{secrets.token_hex(4)}{suffix}")
+        temp = final.with_name(f".{stem[:_MAX_TEMP_STEM]}.{secrets.token_hex(_TOKEN_BYTES)}{suffix}")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         except FileExistsError:

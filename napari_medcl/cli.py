@@ -7,6 +7,9 @@ Arguments and files only; the work is ``napari_medcl.prediction.predict_iter``. 
 and last ``<case>.json``, so a sidecar marks a complete case. Every file is written atomically; a case that
 fails leaves no file. Exit status: 0 all cases done, 1 some failed, 2 usage error, 130 interrupted.
 
+A run holds ``OUTDIR/.medcl-predict.lock`` (``flock``, released by the OS even when the process is killed), so
+two runs never write into one folder at once; it removes the temporary files a killed run left there.
+
 Heavy modules are imported after argument parsing, so ``medcl-predict --help`` is instant.
 """
 
@@ -15,18 +18,28 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from napari_medcl import __version__
-from napari_medcl.errors import InputError, MedclError
+from napari_medcl.errors import InputError, MedclError, OutputError
 
 PROG = "medcl-predict"
+LOCK_NAME = ".medcl-predict.lock"
+
+
+class _FolderBusy(Exception):
+    """Another process holds the output folder's lock."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from napari_medcl.io import MAX_BYTES, MAX_VOXELS  # numpy only: --help stays fast
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Segment medical images (NIfTI, NRRD, MHA, DICOM folders, PNG/JPEG/TIFF) with an ONNX "
@@ -35,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Outputs per case, in the input's format (DICOM -> .nii.gz; PNG/JPEG -> .png labels, .tif maps): "
         "<case>_labels, <case>_uncertainty (mean UAFR map, when the model has UAFR maps), <case>_entropy, "
         "with --save-probabilities <case>_probabilities_<k> (one file per class k), and <case>.json written "
-        "last. A failed case writes nothing. Exit status: 0 all done, 1 some case failed, 2 usage error, "
-        "130 interrupted.",
+        "last. A failed case writes nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
+        "DICOM folder 'scan') would overwrite each other's outputs: the later ones are refused before anything "
+        "runs, the others are segmented. One run at a time per OUTDIR (a second one exits 1 at once). "
+        "Exit status: 0 all done, 1 some case failed, 2 usage error, 130 interrupted.",
     )
     parser.add_argument(
         "inputs", nargs="+", type=Path, metavar="IN", help="image files or DICOM series folders"
@@ -56,8 +71,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--series", metavar="UID", help="SeriesInstanceUID to read from a multi-series folder"
     )
+    parser.add_argument(
+        "--max-voxels",
+        type=_limit,
+        default=MAX_VOXELS,
+        metavar="N",
+        help="refuse an image whose header declares more than N values (voxels x channels), or that "
+        f"resampled to the model spacing would hold more; 'none': no limit (default: {MAX_VOXELS})",
+    )
+    parser.add_argument(
+        "--max-bytes",
+        type=_limit,
+        default=MAX_BYTES,
+        metavar="N",
+        help="refuse an image whose voxel data takes more than N bytes (in the file, or as float32 once "
+        f"resampled to the model spacing); 'none': no limit (default: {MAX_BYTES})",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-case lines")
     return parser
+
+
+def _limit(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number or 'none': {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _overlap(text: str) -> float:
@@ -80,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from napari_medcl.atomic import sweep_stale_temps
     from napari_medcl.engine import default_model_name, load_model
 
     try:
@@ -92,17 +136,41 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"error: {args.output}: cannot create the output folder ({error.strerror})", file=sys.stderr)
         return 1
+    try:
+        with _output_lock(args.output):
+            return _run_locked(args, model, sweep_stale_temps(args.output))
+    except _FolderBusy:
+        print(
+            f"{PROG}: error: {args.output} is in use by another {PROG} run "
+            f"(lock file {args.output / LOCK_NAME})",
+            file=sys.stderr,
+        )
+        return 1
+    except OutputError as error:  # the lock file cannot be created: nothing else could be written either
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run_locked(args: argparse.Namespace, model: Any, swept: list[Path]) -> int:
     spec = model.spec
     print(
         f"{PROG} {__version__}: model {spec.name} (sha256 {model.sha256[:12]}) on {model.provider}\n"
         f"note: {spec.intended_use}",
         file=sys.stderr,
     )
-    failed = 0
-    cases: dict[str, Path] = {}
-    for path in args.inputs:
+    if swept:
+        print(
+            f"{PROG}: removed {len(swept)} temporary file(s) left by a killed run in {args.output}: "
+            + ", ".join(p.name for p in swept),
+            file=sys.stderr,
+        )
+    inputs, refused = _distinct_cases(args.inputs)
+    for error in refused:
+        print(f"error: {error}", file=sys.stderr)
+    failed = len(refused)
+    for path, case in inputs:
         try:
-            _one_case(path, model, args, cases)
+            _one_case(path, case, model, args)
         except MedclError as error:
             failed += 1
             print(f"error: {_message(path, error)}", file=sys.stderr)
@@ -110,6 +178,85 @@ def _run(args: argparse.Namespace) -> int:
             failed += 1
             print(f"error: {path}: not enough memory for this image", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _distinct_cases(paths: list[Path]) -> tuple[list[tuple[Path, str]], list[InputError]]:
+    """(input, case name) for each input whose case name is new, and an InputError for each later input
+    that would overwrite the outputs of an earlier one (``scan.nii`` then ``scan.nii.gz``)."""
+    from napari_medcl.io import case_name
+
+    first: dict[str, Path] = {}
+    kept, refused = [], []
+    for path in paths:
+        case = case_name(path)
+        if case in first:
+            refused.append(
+                InputError(
+                    path,
+                    f"its outputs would overwrite those of {first[case]} (same case name {case!r}); "
+                    "rename one of them or run it into another output folder",
+                )
+            )
+        else:
+            first[case] = path
+            kept.append((path, case))
+    return kept, refused
+
+
+@contextmanager
+def _output_lock(folder: Path) -> Iterator[Path]:
+    """Hold ``folder/LOCK_NAME`` exclusively while the body runs; raise _FolderBusy if another process does.
+
+    The OS drops the lock when the process ends however it ends, so a killed run never blocks the next one.
+    The file is removed at the end while still locked; a process that opened it just before then finds it
+    gone after locking, and locks the new file instead. Windows: a byte lock with ``msvcrt.locking`` (also
+    dropped when the process ends); the file is removed after unlocking, which a run starting in between
+    can make fail, leaving the file (harmless)."""
+    path = folder / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise OutputError(folder, f"cannot write in the output folder ({error.strerror})") from None
+        try:
+            _lock(fd)
+        except OSError as error:
+            os.close(fd)
+            # flock says EWOULDBLOCK; msvcrt says EACCES or EDEADLOCK after its retries.
+            if isinstance(error, BlockingIOError) or os.name == "nt":
+                raise _FolderBusy(path) from None
+            raise OutputError(path, f"cannot lock the output folder ({error.strerror})") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        if os.name == "nt":  # Windows cannot remove an open file
+            os.close(fd)
+            _remove(path)
+        else:
+            _remove(path)
+            os.close(fd)
+
+
+def _lock(fd: int) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _remove(path: Path) -> None:
+    with suppress(OSError):  # best effort: a lock file left behind blocks nobody
+        path.unlink(missing_ok=True)
 
 
 def _message(path: Path, error: Exception) -> str:
@@ -120,18 +267,11 @@ def _message(path: Path, error: Exception) -> str:
     return f"{path}: {error}"
 
 
-def _one_case(path: Path, model: Any, args: argparse.Namespace, cases: dict[str, Path]) -> None:
+def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from napari_medcl.io import case_name
     from napari_medcl.prediction import Progress, predict_iter
 
-    case = case_name(path)
-    if case in cases:
-        raise InputError(
-            path, f"its outputs would overwrite those of {cases[case]} (same case name {case!r})"
-        )
-    cases[case] = path
     prediction = None
     # disable=None: tqdm draws only on a terminal, so logs and pipes get the per-case line alone.
     with tqdm(
@@ -144,6 +284,8 @@ def _one_case(path: Path, model: Any, args: argparse.Namespace, cases: dict[str,
             tta=args.tta,
             return_probabilities=args.save_probabilities,
             series=args.series,
+            max_voxels=args.max_voxels,
+            max_bytes=args.max_bytes,
         ):
             if not isinstance(item, Progress):
                 prediction = item

@@ -44,6 +44,8 @@ from napari_medcl.errors import InputError, InputWarning, OutputError, OutputFor
 from napari_medcl.volume import Volume
 
 __all__ = [
+    "MAX_BYTES",
+    "MAX_VOXELS",
     "SUPPORTED_EXTENSIONS",
     "OutputFormatError",
     "case_name",
@@ -84,6 +86,10 @@ _BY_NAME = {fmt.name: fmt for fmt in _FORMATS}
 _TWO_FILE = {".mhd": ".mha", ".nhdr": ".nrrd"}
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = tuple(_BY_EXTENSION)
+
+# read_image's default budget: values (voxels x components) and bytes a header may declare.
+MAX_VOXELS = 2**31
+MAX_BYTES = 2**33
 
 _CHUNK = 1 << 20
 # Tolerances of the read-back check after writing: loose enough for float32 headers (NIfTI) and PNG's
@@ -201,8 +207,8 @@ def read_image(
     path: str | Path,
     *,
     series: str | None = None,
-    max_voxels: int | None = 2**31,
-    max_bytes: int | None = 2**33,
+    max_voxels: int | None = MAX_VOXELS,
+    max_bytes: int | None = MAX_BYTES,
     allow_nonfinite: bool = False,
 ) -> Volume:
     """Read an image file, or the DICOM series in a folder, as a Volume in array order.

@@ -22,6 +22,7 @@ import numpy as np
 from napari_medcl import __version__
 from napari_medcl.engine import LoadedModel, default_model_name, load_model
 from napari_medcl.errors import Cancelled, InputError, PredictionError
+from napari_medcl.io import MAX_BYTES, MAX_VOXELS
 from napari_medcl.preprocess import normalize, resample_linear, resampled_shape
 from napari_medcl.spec import ModelSpec
 from napari_medcl.tiling import (
@@ -87,6 +88,8 @@ def predict_iter(
     return_probabilities: bool = False,
     cancel: Any = None,
     series: str | None = None,
+    max_voxels: int | None = MAX_VOXELS,
+    max_bytes: int | None = MAX_BYTES,
 ) -> Iterator[Progress | Prediction]:
     """Segment ``image`` with ``model``; yield Progress events, then the Prediction as the last item.
 
@@ -95,7 +98,9 @@ def predict_iter(
     auto/cpu/cuda when the model still has to be loaded. ``overlap`` in [0, 1) between windows; ``tta``
     averages over mirroring along every spatial axis (2^d passes per window); ``batch_size`` windows per
     ORT call; ``return_probabilities`` adds the (K, *S) class probabilities. ``cancel``: a threading.Event
-    or a zero-argument callable, checked between windows; when set, Cancelled is raised.
+    or a zero-argument callable, checked between windows; when set, Cancelled is raised. ``max_voxels`` and
+    ``max_bytes`` (None: no limit) bound what a file may declare (``read_image``) and the image resampled to
+    the model spacing (values x channels, and their float32 bytes), which is checked before it is allocated.
 
     All outputs sit on the input's voxel grid with its geometry. Raises InputError (unusable image),
     ModelError (unusable model), PredictionError (NaN/Inf from the model), Cancelled.
@@ -117,7 +122,7 @@ def predict_iter(
     if isinstance(image, (str, Path)):
         from napari_medcl.io import read_image  # SimpleITK: imported only when a path is given
 
-        volume = read_image(image, series=series)
+        volume = read_image(image, series=series, max_voxels=max_voxels, max_bytes=max_bytes)
     elif isinstance(image, Volume):
         volume = image
     else:
@@ -130,7 +135,7 @@ def predict_iter(
     timings["load_model"] = time.perf_counter() - t
     spec = loaded.spec
     t = time.perf_counter()
-    prepared = _prepare(volume, spec)
+    prepared = _prepare(volume, spec, max_voxels=max_voxels, max_bytes=max_bytes)
     timings["preprocess"] = time.perf_counter() - t
     yield Progress(1, 1, "preprocess", elapsed())
 
@@ -224,8 +229,14 @@ def _as_channels_3d(volume: Volume) -> tuple[np.ndarray, tuple[float, float, flo
     return array, tuple(volume.spacing)
 
 
-def _prepare(volume: Volume, spec: ModelSpec) -> _Prepared:
-    """Check the image against the spec, normalise, resample to the model spacing and pad for the windows."""
+def _prepare(
+    volume: Volume, spec: ModelSpec, *, max_voxels: int | None = None, max_bytes: int | None = None
+) -> _Prepared:
+    """Check the image against the spec, normalise, resample to the model spacing and pad for the windows.
+
+    The resampled grid must hold at most ``max_voxels`` values (voxels x channels) and ``max_bytes`` bytes of
+    float32 (None: no limit): a fine-spacing model on a large field of view would otherwise allocate far
+    more than the file's own budget allowed."""
     if volume.spatial_dims == 2 and spec.spatial_dims == 3:
         raise InputError(
             volume.source, f"is a 2D image but model {spec.name!r} is a 3D model; use a 2D model"
@@ -249,6 +260,7 @@ def _prepare(volume: Volume, spec: ModelSpec) -> _Prepared:
         if any(abs(s / t - 1.0) > SPACING_RTOL for s, t in zip(spacing, target)):
             scales = tuple(t / s for s, t in zip(spacing, target))
             shape = resampled_shape(shape, spacing, target)
+            _check_budget(volume, spec, shape, array.shape[0], max_voxels, max_bytes)
             data = resample_linear(data, shape, scales)
 
     window = window_shape(spec.patch_size, spec.divisor)
@@ -260,6 +272,35 @@ def _prepare(volume: Volume, spec: ModelSpec) -> _Prepared:
         padded[(slice(None), *crop)] = data
         data = padded
     return _Prepared(array=data, crop=crop, model_shape=shape, scales=scales, window=window)
+
+
+def _check_budget(
+    volume: Volume,
+    spec: ModelSpec,
+    shape: tuple[int, int, int],
+    channels: int,
+    max_voxels: int | None,
+    max_bytes: int | None,
+) -> None:
+    """InputError when the image resampled to ``shape`` (Z, Y, X) x ``channels`` exceeds the budget."""
+    values = channels * math.prod(shape)
+    over = []
+    if max_voxels is not None and values > max_voxels:
+        over.append(f"{values} values > max_voxels {max_voxels}")
+    if max_bytes is not None and 4 * values > max_bytes:
+        over.append(f"{4 * values} bytes of float32 > max_bytes {max_bytes}")
+    if over:
+        grid = shape[-volume.spatial_dims :]
+        raise InputError(
+            volume.source,
+            f"resampled to the spacing of model {spec.name!r} ({_mm(spec.spacing)} mm) it would be "
+            f"{'x'.join(map(str, grid))} voxels x {channels} channel(s), over the budget "
+            f"({'; '.join(over)})",
+        )
+
+
+def _mm(values: Any) -> str:
+    return ", ".join(f"{v:g}" for v in values)
 
 
 def _run(model: LoadedModel, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:

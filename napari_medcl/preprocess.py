@@ -26,6 +26,8 @@ def normalize(array: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
     voxels where any channel is non-zero and voxels outside that mask are set to 0 (nnU-Net's convention).
     ``ct``: clip to [clip_low, clip_high], then (x - mean) / std with the spec's fixed mean and std.
     ``percentile``: clip to the image's ``low`` and ``high`` percentiles (0-100), then z-score.
+    ``rescale``: map the image's ``low`` and ``high`` percentiles (0-100) to 0 and 1, without clipping (robust
+    min-max, for MR whose tissue mix changes the mean and std of a field of view but barely its intensity range).
     ``none``: a float32 copy. std is floored at 1e-8 everywhere, so constant images give zeros.
     ``per_channel``: ``"channels"`` lists one of the above per channel (e.g. CT + MR inputs); a channel's
     non-zero mask then comes from that channel alone.
@@ -56,6 +58,10 @@ def normalize(array: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
             low, high = np.percentile(values, [float(normalization["low"]), float(normalization["high"])])
             np.clip(channel, low, high, out=channel)
             mean, std = _mean_std(channel, mask)
+        elif kind == "rescale":
+            values = channel if mask is None else channel[mask]
+            low, high = np.percentile(values, [float(normalization["low"]), float(normalization["high"])])
+            mean, std = float(low), float(high - low)
         elif kind == "zscore":
             mean, std = _mean_std(channel, mask)
         else:

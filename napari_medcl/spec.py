@@ -14,7 +14,7 @@ from typing import Any
 
 METADATA_KEY = "medcl.spec"
 FORMAT_VERSION = 1
-NORMALIZATION_KINDS = ("zscore", "ct", "percentile", "none", "per_channel")
+NORMALIZATION_KINDS = ("zscore", "ct", "percentile", "rescale", "none", "per_channel")
 DEFAULT_INTENDED_USE = (
     "For research use only. Not a medical device; not for diagnosis or treatment decisions. "
     "Review every result before use."
@@ -192,7 +192,11 @@ def _check_normalization(normalization: object, in_channels: int, *, nested: boo
     kind = normalization.get("kind") if isinstance(normalization, dict) else None
     allowed = NORMALIZATION_KINDS[:-1] if nested else NORMALIZATION_KINDS
     _check(kind in allowed, f"normalization.kind must be one of {allowed}, got {kind!r}")
-    required = {"ct": ("clip_low", "clip_high", "mean", "std"), "percentile": ("low", "high")}
+    required = {
+        "ct": ("clip_low", "clip_high", "mean", "std"),
+        "percentile": ("low", "high"),
+        "rescale": ("low", "high"),
+    }
     for key in required.get(kind, ()):
         _check(key in normalization, f"normalization {kind!r} needs {key!r}")
     if kind == "per_channel":

@@ -145,11 +145,12 @@ def make_predict_setup(
 
 def check_predict_folder(out: Path) -> FolderCheck:
     """Read back every file under a final name in ``out``; see FolderCheck."""
+    from napari_medcl.atomic import is_temp_name
     from napari_medcl.io import read_image
 
     truncated, incomplete, complete = [], [], []
     final = sorted(p for p in out.iterdir() if not p.name.startswith("."))
-    temps = sum(1 for p in out.iterdir() if p.name.startswith("."))
+    temps = sum(1 for p in out.iterdir() if is_temp_name(p.name))
     readable: set[str] = set()
     sidecars: dict[str, dict] = {}
     for path in final:
@@ -324,7 +325,9 @@ def check_train_folder(out: Path) -> tuple[list[str], int]:
                 raise ValueError("not a mapping")
         except Exception as error:  # a checkpoint or config that does not load is damaged
             damaged.append(f"{path.name}: {type(error).__name__}: {error}")
-    return damaged, sum(1 for p in out.iterdir() if p.name.startswith("."))
+    from napari_medcl.atomic import is_temp_name
+
+    return damaged, sum(1 for p in out.iterdir() if is_temp_name(p.name))
 
 
 @dataclass

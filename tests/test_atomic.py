@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from napari_medcl.atomic import atomic_path, split_suffix, write_bytes_atomic, write_text_atomic
+from napari_medcl.atomic import (
+    atomic_path,
+    is_temp_name,
+    split_suffix,
+    sweep_stale_temps,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from napari_medcl.errors import OutputError
 
 
@@ -171,3 +178,79 @@ def test_long_name_still_gets_a_temp_file(tmp_path):
     write_bytes_atomic(final, b"data")
     assert final.read_bytes() == b"data"
     assert os.listdir(tmp_path) == [final.name]
+
+
+# -- sweeping the temporary files of killed writers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        "scan.nii.gz",
+        "scan.NII.GZ",
+        "ckpt.epoch3.pt",
+        "README",
+        "data.gz",
+        ".hidden",
+        "é ü.mha",
+        "c" * 240 + ".nrrd",
+    ],
+)
+def test_every_temp_name_is_recognised(tmp_path, final):
+    with atomic_path(tmp_path / final) as temp:
+        assert is_temp_name(temp.name), temp.name
+        assert sweep_stale_temps(tmp_path) == []  # too young: a live writer's file
+        assert sweep_stale_temps(tmp_path, older_than_s=0) == [temp]
+        temp.write_bytes(b"rewritten")  # the writer may still recreate it; the rename then succeeds
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "scan.1a2b3c4d.nii.gz",  # no leading dot
+        ".scan.1A2B3C4D.nii.gz",  # upper-case token
+        ".scan.1a2b3c4.nii.gz",  # 7 hex digits
+        ".scan.1a2b3c4d5.nii.gz",  # 9
+        ".scan.nii.gz",
+        ".1a2b3c4d.nii",  # no stem
+        ".scan.1a2b3c4d.tar.nii",  # an extension split_suffix would not produce
+        ".medcl-predict.lock",
+        ".DS_Store",
+        ".x." + "c" * 101 + ".1a2b3c4d.nii",  # stem longer than atomic_path writes
+    ],
+)
+def test_names_that_only_look_like_temps_are_not_temps(name):
+    assert not is_temp_name(name)
+
+
+def test_sweep_removes_only_old_regular_temp_files(tmp_path):
+    def aged(path: Path, seconds: float) -> Path:
+        os.utime(path, (os.path.getmtime(path) - seconds,) * 2)
+        return path
+
+    old = [tmp_path / ".a.1a2b3c4d.nii.gz", tmp_path / ".curves.0badc0de.png", tmp_path / ".ckpt.12345678.pt"]
+    for path in old:
+        path.write_bytes(b"partial")
+        aged(path, 61)
+    young = tmp_path / ".b.deadbeef.nii.gz"
+    young.write_bytes(b"being written")
+    aged(young, 30)
+    other = tmp_path / ".notes.txt"
+    other.write_text("mine")
+    aged(other, 3600)
+    folder = tmp_path / ".dir.1a2b3c4d.nii"
+    folder.mkdir()
+    aged(folder, 3600)
+    target = tmp_path / "target.nii"
+    target.write_bytes(b"keep me")
+    link = tmp_path / ".link.1a2b3c4d.nii"
+    link.symlink_to(target)
+    os.utime(link, (1.0, 1.0), follow_symlinks=False)
+
+    assert sweep_stale_temps(tmp_path) == sorted(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [young.name, other.name, folder.name, target.name, link.name]
+    )
+    assert target.read_bytes() == b"keep me"
+    assert sweep_stale_temps(tmp_path, older_than_s=0) == [young]
+    assert sweep_stale_temps(tmp_path / "missing") == []

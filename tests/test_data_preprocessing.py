@@ -124,6 +124,15 @@ def test_mixed_channel_kinds_give_per_channel_normalisation(tmp_path):
     assert [c["kind"] for c in info.normalization["channels"]] == ["ct", "zscore"]
 
 
+def test_rescale_normalisation_and_named_validation_cases(msd, tmp_path):
+    cfg = _cfg(msd, tmp_path, normalization="rescale", val_cases=("case_001",))
+    info, train, val = prepare_dataset(cfg, spatial_dims=3, seed=0)
+    assert info.normalization == {"kind": "rescale", "low": 0.5, "high": 99.5, "use_nonzero_mask": True}
+    assert [c.case_id for c in val] == ["case_001"] and len(train) == 4
+    inside = train[0].image[0][train[0].image[0] != train[0].image[0].min()]
+    assert -0.1 < np.percentile(inside, 50) < 1.1  # percentiles mapped to 0 and 1, not a z-score
+
+
 def test_cache_hit_reads_no_image(msd, tmp_path, monkeypatch):
     calls = _count_reads(monkeypatch)
     cfg = _cfg(msd, tmp_path)
@@ -185,6 +194,21 @@ def test_folds_are_disjoint_and_cover_every_subject():
     assert again == split_cases(cases, fold=2, num_folds=5, val_fraction=None, split_seed=12345)[1]
     with pytest.raises(DatasetError, match="3 subject"):
         split_cases(_cases(3), fold=0, num_folds=5, val_fraction=None, split_seed=0)
+
+
+def test_val_cases_name_the_validation_set():
+    cases = _cases(6, per_subject=2)
+    train, val = split_cases(
+        cases, fold=0, num_folds=5, val_fraction=None, split_seed=1, val_cases=["s001_c0", "s002"]
+    )
+    assert [c.case_id for c in val] == ["s001_c0", "s001_c1", "s002_c0", "s002_c1"]  # frames stay together
+    assert [c.case_id for c in train] == ["s000_c0", "s000_c1"]
+    with pytest.raises(DatasetError, match="s009"):
+        split_cases(cases, fold=0, num_folds=5, val_fraction=None, split_seed=1, val_cases=["s009"])
+    with pytest.raises(DatasetError, match="nothing is left"):
+        split_cases(cases, fold=0, num_folds=5, val_fraction=None, split_seed=1, val_cases=["s000", "s001", "s002"])
+    with pytest.raises(ValueError, match="val_cases"):
+        DataConfig(root="x", val_cases="s000")
 
 
 def test_val_fraction_split():

@@ -306,6 +306,23 @@ def test_ct_percentile_and_none():
     assert none is not x
 
 
+def test_rescale_maps_percentiles_to_0_and_1_without_clipping():
+    y = np.arange(101, dtype=np.float32)[None]
+    out = normalize(y, {"kind": "rescale", "low": 10, "high": 90})
+    np.testing.assert_allclose(out[0], (np.arange(101.0) - 10) / 80, rtol=1e-6, atol=1e-6)
+    # Statistics from the non-zero voxels only; the mapping still applies everywhere.
+    z = np.concatenate([np.zeros(100, np.float32), np.linspace(1, 2, 101, dtype=np.float32)])[None]
+    masked = normalize(z, {"kind": "rescale", "low": 0, "high": 100, "use_nonzero_mask": True})
+    np.testing.assert_allclose(masked[0, 100:], np.linspace(0, 1, 101), atol=1e-6)
+    assert (masked[0, :100] == -1).all()
+    # A field of view with another tissue mix keeps tissue intensities where a z-score moves them.
+    tissue = np.repeat([0.4, 0.65, 0.84], [10, 50, 40]).astype(np.float32)
+    other = np.repeat([0.4, 0.65, 0.84], [10, 20, 70]).astype(np.float32)
+    spec = {"kind": "rescale", "low": 0, "high": 100}
+    assert normalize(tissue[None], spec)[0, 20] == normalize(other[None], spec)[0, 15]
+    assert normalize(tissue[None], {"kind": "zscore"})[0, 20] != normalize(other[None], {"kind": "zscore"})[0, 15]
+
+
 def test_resampling_is_exact_for_linear_ramps_and_returns_to_the_input_grid():
     shape, spacing, target = (10, 12), (1.0, 0.5), (0.7, 1.1)
     new = resampled_shape(shape, spacing, target)

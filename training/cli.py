@@ -199,19 +199,27 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``medcl-evaluate CHECKPOINT_OR_ONNX DATASET_ROOT [--layout L] [--split val|all] [-o metrics.csv]``."""
     args = _evaluate_parser().parse_args(argv)
     from napari_medcl.errors import MedclError
-    from training.checkpoint import CheckpointError
     from training.config import ConfigError
     from training.data import DatasetError
 
+    failures: tuple[type[BaseException], ...] = (DatasetError, MedclError, ConfigError, OSError)
+    if not _is_onnx(args.model):  # an ONNX model is scored without torch, which training.checkpoint imports
+        from training.checkpoint import CheckpointError
+
+        failures += (CheckpointError,)
     try:
         return _evaluate(args)
-    except (DatasetError, CheckpointError, MedclError, ConfigError, FileNotFoundError, OSError) as error:
+    except failures as error:
         return _fail("medcl-evaluate", error, EXIT_FAILURE)
     except ValueError as error:  # a bad option value (e.g. --overlap 1.5, --device cuda without a GPU)
         return _fail("medcl-evaluate", error, EXIT_USAGE)
     except KeyboardInterrupt:
         print("medcl-evaluate: interrupted", file=sys.stderr)
         return 130
+
+
+def _is_onnx(path: Path) -> bool:
+    return path.suffix.lower() == ".onnx"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -225,7 +233,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if not args.model.is_file():
         raise FileNotFoundError(f"{args.model}: no such model file")
-    is_onnx = args.model.suffix.lower() == ".onnx"
+    is_onnx = _is_onnx(args.model)
     if is_onnx:
         loaded, data_cfg = load_model(args.model, device=args.device), DataConfig()
     else:
@@ -244,6 +252,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             num_folds=data_cfg.num_folds,
             val_fraction=data_cfg.val_fraction,
             split_seed=data_cfg.split_seed,
+            val_cases=data_cfg.val_cases,
         )
     if not cases:
         raise DatasetError([f"no cases to evaluate (split {args.split})"], root=layout.root)

@@ -3,15 +3,27 @@
 ``prepare_dataset`` checks a dataset (every problem reported at once as a ``DatasetError``), splits it and
 returns preprocessed cases; ``PatchDataset`` draws augmented training patches from them; ``check_dataset``
 is the validation-only entry point behind ``medcl-train --check``.
+
+The names below are imported on first use: only ``sampling`` and ``augmentation`` need torch, and
+``training.config`` (needed by ``medcl-evaluate`` on an ONNX model, which must run without torch) imports
+``DataConfig`` from here.
 """
 
 from __future__ import annotations
 
-from training.data.check import check_dataset
-from training.data.config import AugmentationConfig, DataConfig
-from training.data.layouts import DatasetError
-from training.data.preprocessing import DatasetInfo, PreparedCase, prepare_dataset
-from training.data.sampling import PatchDataset
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "AugmentationConfig": "training.data.config",
+    "DataConfig": "training.data.config",
+    "DatasetError": "training.data.layouts",
+    "DatasetInfo": "training.data.preprocessing",
+    "PatchDataset": "training.data.sampling",
+    "PreparedCase": "training.data.preprocessing",
+    "check_dataset": "training.data.check",
+    "prepare_dataset": "training.data.preprocessing",
+}
 
 __all__ = [
     "AugmentationConfig",
@@ -23,3 +35,23 @@ __all__ = [
     "check_dataset",
     "prepare_dataset",
 ]
+
+if TYPE_CHECKING:
+    from training.data.check import check_dataset
+    from training.data.config import AugmentationConfig, DataConfig
+    from training.data.layouts import DatasetError
+    from training.data.preprocessing import DatasetInfo, PreparedCase, prepare_dataset
+    from training.data.sampling import PatchDataset
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'training.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -95,10 +95,14 @@ class DataConfig:
     and with one seed a smaller fraction is a subset of a larger one.
     ``fold`` of ``num_folds``: k-fold cross-validation over subjects (both ACDC frames of a patient stay in one
     fold) with the fixed ``split_seed``, so every training seed sees the same split; ``val_fraction`` set
-    instead gives one random split with that share of subjects for validation.
+    instead gives one random split with that share of subjects for validation; ``val_cases`` (case ids or
+    subjects) names the validation cases outright instead.
     ``target_spacing``: ``"median"`` of the dataset, explicit mm in array order (z, y, x) / (y, x), or None
     (keep each case's spacing). A 2D model on 3D volumes resamples in-plane only (two values when explicit).
-    ``crop_nonzero``: crop each case to the box of its non-zero voxels, and z-score with that mask.
+    ``crop_nonzero``: crop each case to the box of its non-zero voxels, and take intensity statistics in that mask.
+    ``normalization`` of channels that are not CT (by channel name): ``zscore`` per image (nnU-Net), or
+    ``rescale``, the image's 0.5th and 99.5th percentiles mapped to 0 and 1 (robust min-max; steadier than a
+    z-score when fields of view hold different tissue mixes).
     ``cache_dir``: where preprocessed cases are kept (None: the directory the trainer passes, else
     ``<root>/.medcl-cache``).
     """
@@ -110,8 +114,10 @@ class DataConfig:
     num_folds: int = 5
     val_fraction: float | None = None
     split_seed: int = 12345
+    val_cases: tuple[str, ...] | None = None
     target_spacing: tuple[float, ...] | Literal["median"] | None = "median"
     crop_nonzero: bool = True
+    normalization: Literal["zscore", "rescale"] = "zscore"
     cache_dir: str | None = None
     foreground_fraction: float = 0.33
     num_workers: int = 2
@@ -120,12 +126,20 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.normalization not in ("zscore", "rescale"):
+            raise ValueError(f"normalization must be 'zscore' or 'rescale', got {self.normalization!r}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
         if self.num_folds < 2:
             raise ValueError(f"num_folds must be at least 2, got {self.num_folds!r}")
         if not 0 <= self.fold < self.num_folds:
             raise ValueError(f"fold must be in 0..{self.num_folds - 1}, got {self.fold!r}")
+        if self.val_cases is not None:
+            if isinstance(self.val_cases, str) or not self.val_cases:
+                raise ValueError(
+                    f"val_cases must be a non-empty list of case ids or null, got {self.val_cases!r}"
+                )
+            object.__setattr__(self, "val_cases", tuple(str(c) for c in self.val_cases))
         if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1) or null, got {self.val_fraction!r}")
         spacing = self.target_spacing

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ PREPROCESS_VERSION = 1
 # Spacings within this relative difference of the target count as equal: no resampling (as in inference).
 SPACING_RTOL = 1e-3
 CT_PERCENTILES = (0.5, 99.5)
+RESCALE_PERCENTILES = (0.5, 99.5)
 # Voxel positions remembered per foreground class of a case for foreground-centred patches (nnU-Net: 10,000).
 LOCATIONS_PER_CLASS = 10_000
 
@@ -110,9 +112,13 @@ def channel_kind(name: str) -> str:
 
 
 def channel_normalizations(
-    scan: DatasetScan, train: list[CaseFiles], *, crop_nonzero: bool
+    scan: DatasetScan, train: list[CaseFiles], *, crop_nonzero: bool, normalization: str = "zscore"
 ) -> list[dict[str, Any]]:
-    """One ModelSpec-style normalisation dict per channel; CT statistics from the training cases only."""
+    """One ModelSpec-style normalisation dict per channel; CT statistics from the training cases only.
+
+    ``normalization`` (``DataConfig.normalization``) says how channels that are neither CT nor "none" are
+    normalised: ``zscore`` or ``rescale`` (percentiles ``RESCALE_PERCENTILES`` to 0 and 1).
+    """
     out: list[dict[str, Any]] = []
     for c, name in enumerate(scan.channel_names):
         kind = channel_kind(name)
@@ -138,6 +144,9 @@ def channel_normalizations(
             )
         elif kind == "none":
             out.append({"kind": "none"})
+        elif normalization == "rescale":
+            low, high = RESCALE_PERCENTILES
+            out.append({"kind": "rescale", "low": low, "high": high, "use_nonzero_mask": bool(crop_nonzero)})
         else:
             out.append({"kind": "zscore", "use_nonzero_mask": bool(crop_nonzero)})
     return out
@@ -177,11 +186,33 @@ def target_spacing(cfg: DataConfig, scan: DatasetScan, spatial_dims: int) -> tup
 
 
 def split_cases(
-    cases: list[CaseFiles], *, fold: int, num_folds: int, val_fraction: float | None, split_seed: int
+    cases: list[CaseFiles],
+    *,
+    fold: int,
+    num_folds: int,
+    val_fraction: float | None,
+    split_seed: int,
+    val_cases: Sequence[str] | None = None,
 ) -> tuple[list[CaseFiles], list[CaseFiles]]:
-    """(train, val) over subjects: fold ``fold`` of a seeded k-fold split, or one seeded ``val_fraction`` split."""
+    """(train, val) over subjects: fold ``fold`` of a seeded k-fold split, or one seeded ``val_fraction`` split.
+
+    ``val_cases`` (case ids or subjects) names the validation set outright; fold and val_fraction are then unused.
+    """
     subjects = sorted({case.subject for case in cases})
     n = len(subjects)
+    if val_cases is not None:
+        wanted = set(val_cases)
+        val_subjects = {case.subject for case in cases if case.case_id in wanted or case.subject in wanted}
+        found = {case.case_id for case in cases} | {case.subject for case in cases}
+        missing = sorted(wanted - found)
+        if missing:
+            raise DatasetError(
+                [f"data.val_cases names case(s) the dataset does not hold: {', '.join(missing)}"]
+            )
+        if val_subjects == set(subjects):
+            raise DatasetError(["data.val_cases holds every case: nothing is left to train on"])
+        train = [case for case in cases if case.subject not in val_subjects]
+        return train, [case for case in cases if case.subject in val_subjects]
     order = [subjects[i] for i in np.random.default_rng(split_seed).permutation(n)]
     if val_fraction is not None:
         if n < 2:
@@ -383,10 +414,13 @@ def prepare_dataset(
         num_folds=cfg.num_folds,
         val_fraction=cfg.val_fraction,
         split_seed=cfg.split_seed,
+        val_cases=cfg.val_cases,
     )
     train = subsample_cases(train, cfg.fraction, seed)
     target = target_spacing(cfg, scan, spatial_dims)
-    per_channel = channel_normalizations(scan, train, crop_nonzero=cfg.crop_nonzero)
+    per_channel = channel_normalizations(
+        scan, train, crop_nonzero=cfg.crop_nonzero, normalization=cfg.normalization
+    )
 
     def prepare(case: CaseFiles) -> PreparedCase:
         return prepare_case(
