@@ -1,0 +1,396 @@
+"""Accuracy benchmark: CE + Dice against + UAFR, + PDCR, + PDCR + UAFR, + CCDC, + CCDC + UAFR on MNI152 tissue.
+
+    .venv/bin/medcl-data build mni152-tissue -o data/mni152-tissue
+    .venv/bin/python benchmarks/accuracy.py run --dims 2            # every fold, seed, regime and arm
+    .venv/bin/python benchmarks/accuracy.py run --dims 2 --shard 0/2 & \\
+        .venv/bin/python benchmarks/accuracy.py run --dims 2 --shard 1/2   # two processes share the runs
+    .venv/bin/python benchmarks/accuracy.py report --dims 2         # the Markdown tables of docs/benchmarks.md
+
+Protocol. The dataset's five contiguous axial blocks (6 mm apart, so no test slice lies within 5 mm of a
+training slice) are the folds, numbered as training numbers them: each fold trains on four blocks and tests on
+the fifth. The benchmark runs on a 2 mm grid (block means of the 1 mm template, majority labels), a CPU budget.
+Regimes: ``full`` (every training slice, 52) and ``limited`` (about 10%: in 2D the central axial slice of each
+training block, 4 slices; in 3D the central 5 slices of the training block with the most brain). Every arm gets the same budget
+(iterations, batch, patch, augmentation: ``benchmarks/configs/accuracy-{2,3}d.yaml``) and the same seeds. The
+last checkpoint is tested (no model selection on the test block) through the product's own sliding-window path,
+on the clean block and on a perturbed copy (smooth multiplicative bias field and Gaussian noise inside the
+brain, seeded per fold). Results go to one JSON line per run, so a stopped benchmark picks up where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ARMS: dict[str, tuple[str, ...]] = {
+    "CE+Dice": (),
+    "+UAFR": ("model.uafr.enabled=true",),
+    "+PDCR": ("loss.pdcr.enabled=true",),
+    "+PDCR+UAFR": ("loss.pdcr.enabled=true", "model.uafr.enabled=true"),
+    "+CCDC": ("loss.ccdc.enabled=true",),
+    "+CCDC+UAFR": ("loss.ccdc.enabled=true", "model.uafr.enabled=true"),
+}
+REGIMES = ("limited", "full")
+CLASSES = ("CSF", "GM", "WM")
+FACTOR = 2  # the benchmark runs on a 2 mm grid (block means of the 1 mm template): a CPU budget
+LIMITED_SLICES = {2: 1, 3: 5}
+PERTURB_NOISE = 0.04  # noise sd as a share of the brain's 99.5th percentile
+PERTURB_BIAS = 0.3  # bias field: exp of a random quadratic with coefficients up to this
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+
+def _read(path: Path):
+    from napari_medcl.io import read_image
+
+    return read_image(path)
+
+
+def _write(volume, path: Path) -> None:
+    from napari_medcl.io import write_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_image(volume, path)
+
+
+def _blocks(root: Path) -> list[str]:
+    return sorted(p.name[: -len("_0000.nii.gz")] for p in (root / "imagesTr").glob("*_0000.nii.gz"))
+
+
+def downsample(volume, factor: int, *, labels: bool):
+    """``volume`` on a grid ``factor`` times coarser: block means for an image, the block's majority for labels
+    (a scan acquired at that spacing). Trailing voxels that do not fill a block are dropped."""
+    a = np.asarray(volume.array)
+    shape = tuple(n // factor for n in a.shape)
+    a = a[tuple(slice(0, n * factor) for n in shape)]
+    blocks = [x for n in shape for x in (n, factor)]
+    block_axes = tuple(range(1, 2 * len(shape), 2))
+    if labels:
+        counts = np.stack([(a == k).reshape(blocks).sum(block_axes) for k in range(int(a.max()) + 1)])
+        out = counts.argmax(0).astype(a.dtype)
+    else:
+        out = a.reshape(blocks).mean(block_axes, dtype=np.float64).astype(np.float32)
+    spacing = np.asarray(volume.spacing)
+    origin = np.asarray(volume.origin) + volume.direction @ (spacing * (factor - 1) / 2)
+    return dataclasses.replace(volume, array=out, spacing=tuple(spacing * factor), origin=tuple(origin))
+
+
+def _slab(volume, start: int, stop: int):
+    return volume.crop((slice(start, stop), slice(None), slice(None)))
+
+
+def perturb(volume, seed: int):
+    """A copy of ``volume`` (skull-stripped, background 0) with a smooth bias field and noise inside the brain."""
+    rng = np.random.default_rng(seed)
+    a = np.asarray(volume.array, dtype=np.float32)
+    brain = a > 0
+    axes = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in a.shape], indexing="ij")
+    terms = [*axes, *(x * y for i, x in enumerate(axes) for y in axes[i:])]
+    log_field = sum(c * t for c, t in zip(rng.uniform(-PERTURB_BIAS, PERTURB_BIAS, len(terms)), terms))
+    scale = float(np.percentile(a[brain], 99.5))
+    out = a * np.exp(log_field).astype(np.float32)
+    out += rng.normal(0.0, PERTURB_NOISE * scale, a.shape).astype(np.float32)
+    out[~brain] = 0  # still skull-stripped
+    out[brain] = np.maximum(out[brain], 1e-3 * scale)  # noise must not carve holes in the brain mask
+    return volume.with_array(out)
+
+
+def fold_dataset(
+    source: Path, work: Path, dims: int, fold: int, regime: str, factor: int
+) -> tuple[Path, str]:
+    """The MSD folder for one fold and regime (written once) and the id of its test block."""
+    from training.data.layouts import discover
+    from training.data.preprocessing import split_cases
+
+    blocks = _blocks(source)
+    # The same folds as training's (5 folds, split seed 12345): fold 0 holds out the block the default models
+    # are validated on.
+    _, held_out = split_cases(
+        list(discover("msd", source).cases), fold=fold, num_folds=5, val_fraction=None, split_seed=12345
+    )
+    test = held_out[0].case_id
+    root = work / "data" / f"{dims}d-fold{fold}-{regime}"
+    if (root / "dataset.json").is_file():
+        return root, test
+    meta = json.loads((source / "dataset.json").read_text())
+    cases = {
+        b: (
+            downsample(_read(source / "imagesTr" / f"{b}_0000.nii.gz"), factor, labels=False),
+            downsample(_read(source / "labelsTr" / f"{b}.nii.gz"), factor, labels=True),
+        )
+        for b in blocks
+    }
+    train_blocks = [b for b in blocks if b != test]
+    if regime == "limited" and dims == 3:
+        train_blocks = [max(train_blocks, key=lambda b: int((cases[b][1].array > 0).sum()))]
+    for block in [*train_blocks, test]:
+        image, label = cases[block]
+        if regime == "limited" and block != test:
+            n = LIMITED_SLICES[dims]
+            start = (image.array.shape[0] - n) // 2
+            image, label = _slab(image, start, start + n), _slab(label, start, start + n)
+        _write(image, root / "imagesTr" / f"{block}_0000.nii.gz")
+        _write(label, root / "labelsTr" / f"{block}.nii.gz")
+    _write(perturb(cases[test][0], seed=1000 + fold), root / "perturbed" / f"{test}_0000.nii.gz")
+    keep = ("name", "description", "channel_names", "labels", "file_ending")
+    meta = {k: meta[k] for k in keep if k in meta} | {"numTraining": len(train_blocks) + 1}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return root, test
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKey:
+    dims: int
+    regime: str
+    fold: int
+    seed: int
+    arm: str
+
+    def name(self) -> str:
+        arm = self.arm.replace("+", "plus-").strip("-").lower()
+        return f"{self.dims}d/{self.regime}/fold{self.fold}/{arm}/seed{self.seed}"
+
+
+def plan(dims: int, folds: Sequence[int], seeds: Sequence[int], regimes: Sequence[str], arms: Sequence[str]):
+    """Runs in the order that fills every table cell evenly: fold and seed outermost, arms innermost."""
+    return [
+        RunKey(dims, regime, fold, seed, arm)
+        for fold in folds
+        for seed in seeds
+        for regime in regimes
+        for arm in arms
+    ]
+
+
+def _results_path(work: Path, dims: int) -> Path:
+    return work / f"results-{dims}d.jsonl"
+
+
+def load_results(work: Path, dims: int) -> list[dict]:
+    path = _results_path(work, dims)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+def _done(work: Path, dims: int) -> set[str]:
+    return {r["run"] for r in load_results(work, dims)}
+
+
+def score(model_path: Path, image_path: Path, label) -> dict:
+    from napari_medcl.prediction import predict
+    from training.cli import load_checkpoint_model
+    from training.metrics import evaluate_case
+
+    loaded, _ = load_checkpoint_model(model_path, "cpu")
+    volume = _read(image_path)
+    labels = predict(volume, loaded).labels.array
+    metrics = evaluate_case(labels, label.array, ("background", *CLASSES), spacing=volume.spacing)
+    return {"dice": metrics.dice, "hd95": metrics.hd95}
+
+
+def run_one(key: RunKey, source: Path, work: Path) -> dict:
+    from training.config import load_config
+    from training.engine import train
+
+    root, test = fold_dataset(source, work, key.dims, key.fold, key.regime, FACTOR)
+    out = work / "runs" / key.name()
+    overrides = [
+        f"data.root={root}",
+        f"data.val_cases=[{test}]",
+        f"data.cache_dir={work / 'cache'}",
+        f"train.seed={key.seed}",
+        f"output.dir={out}",
+        *ARMS[key.arm],
+    ]
+    cfg = load_config(HERE / "configs" / f"accuracy-{key.dims}d.yaml", overrides)
+    started = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - started
+    label = _read(root / "labelsTr" / f"{test}.nii.gz")
+    clean = score(result.last_checkpoint, root / "imagesTr" / f"{test}_0000.nii.gz", label)
+    noisy = score(result.last_checkpoint, root / "perturbed" / f"{test}_0000.nii.gz", label)
+    for checkpoint in out.glob("checkpoint_*.pt"):
+        checkpoint.unlink()  # kept out of the way: the figures are in the results file
+    return {
+        "run": key.name(),
+        **dataclasses.asdict(key),
+        "test_block": test,
+        "train_seconds": round(seconds, 1),
+        "iterations": cfg.train.epochs * cfg.train.iterations_per_epoch,
+        "clean": clean,
+        "perturbed": noisy,
+    }
+
+
+def _revision() -> str | None:
+    """The checkout's commit (with ``+dirty`` for local changes), recorded with every result."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def command_run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work, source = Path(args.work), Path(args.data)
+    if not (source / "dataset.json").is_file():
+        print(
+            f"{source}: no dataset; build it with `medcl-data build mni152-tissue -o {source}`",
+            file=sys.stderr,
+        )
+        return 1
+    keys = plan(args.dims, args.folds, args.seeds, args.regimes, args.arms)
+    index, count = (int(x) for x in args.shard.split("/"))
+    keys = keys[index::count]
+    done = _done(work, args.dims)
+    todo = [k for k in keys if k.name() not in done]
+    print(f"{len(keys)} run(s) in this shard, {len(keys) - len(todo)} done already", flush=True)
+    for i, key in enumerate(todo, 1):
+        record = run_one(key, source, work) | {"revision": _revision(), "threads": args.threads}
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with open(_results_path(work, args.dims), "a", encoding="utf-8") as f:
+            f.write(line)  # one short O_APPEND write per run: shards never interleave inside a line
+        clean = np.mean([record["clean"]["dice"][c] for c in CLASSES])
+        print(
+            f"[{i}/{len(todo)}] {key.name()}: mean Dice {clean:.4f}, {record['train_seconds']:.0f} s",
+            flush=True,
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _mean_dice(record: dict, column: str) -> float:
+    return float(np.mean([record[column]["dice"][c] for c in CLASSES]))
+
+
+def _pm(values: Sequence[float], digits: int = 3) -> str:
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return "n/a"
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def report(records: Sequence[dict], dims: int) -> str:
+    """Markdown tables: per regime, one row per arm (mean ± sd over seeds of the fold-averaged scores)."""
+    from scipy.stats import wilcoxon
+
+    lines = []
+    for regime in REGIMES:
+        rows = [r for r in records if r["regime"] == regime and r["dims"] == dims]
+        if not rows:
+            continue
+        by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in ARMS}
+        base = {(r["fold"], r["seed"]): r for r in by_arm["CE+Dice"]}
+        folds = sorted({r["fold"] for r in rows})
+        seeds = sorted({r["seed"] for r in rows})
+        lines.append(
+            f"\n#### {dims}D, {regime} labels (folds {', '.join(map(str, folds))}; "
+            f"seeds {', '.join(map(str, seeds))})\n"
+        )
+        header = (
+            "| arm | runs | Dice CSF | Dice GM | Dice WM | mean Dice | Δ mean vs CE+Dice (p) | HD95 mean (mm) "
+            "| mean Dice, perturbed | Δ perturbed (p) | train s/run |"
+        )
+        lines += [header, "|---" * 11 + "|"]
+        for arm, runs in by_arm.items():
+            if not runs:
+                continue
+
+            def per_seed(fn, runs=runs, seeds=seeds) -> list[float]:
+                """fn averaged over the folds of each seed: one value per seed."""
+                groups = [[fn(r) for r in runs if r["seed"] == s] for s in seeds]
+                return [float(np.mean(g)) for g in groups if g]
+
+            cells = [_pm(per_seed(lambda r, c=c: r["clean"]["dice"][c])) for c in CLASSES]
+            cells.append(_pm(per_seed(lambda r: _mean_dice(r, "clean"))))
+            deltas = []
+            for column in ("clean", "perturbed"):
+                pairs = [
+                    (_mean_dice(r, column), _mean_dice(base[(r["fold"], r["seed"])], column))
+                    for r in runs
+                    if (r["fold"], r["seed"]) in base
+                ]
+                if arm == "CE+Dice" or not pairs:
+                    deltas.append("—")
+                    continue
+                diff = np.array([a - b for a, b in pairs])
+                p = wilcoxon(diff).pvalue if len(diff) >= 2 and np.any(diff != 0) else math.nan
+                shown = "n/a" if math.isnan(p) else f"{p:.2g}"
+                deltas.append(f"{diff.mean():+.4f} (p={shown}, n={len(diff)})")
+            hd = per_seed(lambda r: float(np.mean([r["clean"]["hd95"][c] for c in CLASSES])))
+            perturbed = _pm(per_seed(lambda r: _mean_dice(r, "perturbed")))
+            seconds = np.mean([r["train_seconds"] for r in runs])
+            lines.append(
+                f"| {arm} | {len(runs)} | "
+                + " | ".join(cells)
+                + f" | {deltas[0]} | {_pm(hd, 2)} | {perturbed} | {deltas[1]} | {seconds:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def command_report(args: argparse.Namespace) -> int:
+    records = load_results(Path(args.work), args.dims)
+    if not records:
+        print(f"no results for {args.dims}D under {args.work}", file=sys.stderr)
+        return 1
+    sys.stdout.write(report(records, args.dims))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+        p.add_argument("--work", default="runs/accuracy", help="where datasets, runs and results go")
+        if name == "run":
+            p.add_argument("--data", default="data/mni152-tissue", help="the mni152-tissue dataset")
+            p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+            p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
+            p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+            p.add_argument("--shard", default="0/1", help="I/N: run every N-th run starting at I")
+            p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    args = parser.parse_args(argv)
+    return command_run(args) if args.command == "run" else command_report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

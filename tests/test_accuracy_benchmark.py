@@ -1,0 +1,94 @@
+"""The accuracy benchmark's own arithmetic: grids, perturbation, run order and the report's statistics."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_medcl.volume import Volume
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def _physical(volume: Volume, index) -> np.ndarray:
+    return np.asarray(volume.origin) + volume.direction @ (np.asarray(volume.spacing) * np.asarray(index))
+
+
+def test_downsample_keeps_block_centres_means_and_majorities(accuracy):
+    direction = np.array([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0], [1.0, 0.0, 0.0]])
+    image = Volume(
+        np.arange(5 * 4 * 6, dtype=np.float32).reshape(5, 4, 6), (1.0, 2.0, 0.5), (3, -1, 7), direction
+    )
+    small = accuracy.downsample(image, 2, labels=False)
+    assert small.array.shape == (2, 2, 3) and small.spacing == (2.0, 4.0, 1.0)
+    assert small.array[1, 0, 2] == pytest.approx(image.array[2:4, 0:2, 4:6].mean())
+    # The coarse voxel's centre is the centre of the fine voxels it averages.
+    centre = (_physical(image, (2, 0, 4)) + _physical(image, (3, 1, 5))) / 2
+    np.testing.assert_allclose(_physical(small, (1, 0, 2)), centre)
+    labels = np.zeros((2, 2, 2), np.uint8)
+    labels[0, 0, :] = 3
+    labels[1, 1, 1] = labels[1, 0, 0] = 3
+    labels[0, 1, 0] = 1
+    label_volume = Volume(labels, (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3))
+    assert accuracy.downsample(label_volume, 2, labels=True).array.tolist() == [[[3]]]  # 4 votes of 8 beat 3 and 1
+
+
+def test_perturbation_keeps_the_brain_mask_and_is_seeded(accuracy):
+    rng = np.random.default_rng(0)
+    array = np.zeros((8, 10, 12), np.float32)
+    array[2:6, 2:8, 3:9] = rng.uniform(0.3, 0.9, (4, 6, 6))
+    volume = Volume(array, (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3))
+    a, b = accuracy.perturb(volume, seed=3), accuracy.perturb(volume, seed=3)
+    np.testing.assert_array_equal(a.array, b.array)
+    assert ((a.array > 0) == (array > 0)).all()
+    assert not np.allclose(a.array, array)
+    assert not np.array_equal(accuracy.perturb(volume, seed=4).array, a.array)
+
+
+def test_plan_fills_folds_and_seeds_before_the_next(accuracy):
+    keys = accuracy.plan(2, [0, 1], [0, 1], ["limited", "full"], ["CE+Dice", "+UAFR"])
+    assert len(keys) == 16 and len({k.name() for k in keys}) == 16
+    assert [k.fold for k in keys[:8]] == [0] * 8 and [k.seed for k in keys[:4]] == [0] * 4
+    assert keys[1].name() == "2d/limited/fold0/plus-uafr/seed0"
+
+
+def test_report_means_over_seeds_and_pairs_by_fold_and_seed(accuracy):
+    def record(arm, fold, seed, dice):
+        scores = {"dice": dict.fromkeys(accuracy.CLASSES, dice), "hd95": dict.fromkeys(accuracy.CLASSES, 2.0)}
+        return {
+            "dims": 2, "regime": "full", "arm": arm, "fold": fold, "seed": seed, "train_seconds": 10.0,
+            "clean": scores, "perturbed": scores,
+        }  # fmt: skip
+
+    records = []
+    for fold in (0, 1):
+        for seed in (0, 1, 2):
+            base = 0.5 + 0.1 * fold + 0.01 * seed
+            records += [
+                record("CE+Dice", fold, seed, base),
+                record("+UAFR", fold, seed, base + 0.02 + 0.001 * seed),
+            ]
+    table = accuracy.report(records, 2)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    # Per seed the fold mean is 0.55 + 0.01 * seed: mean 0.56, sample sd 0.01.
+    assert "| 0.560 ± 0.010 |" in rows["CE+Dice"]
+    assert (
+        "+0.0210 (p=0.031, n=6)" in rows["+UAFR"]
+    )  # six positive paired differences: exact two-sided p = 2/64
+    assert "(folds 0, 1; seeds 0, 1, 2)" in table and "limited" not in table
