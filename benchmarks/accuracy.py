@@ -311,15 +311,22 @@ def report(records: Sequence[dict], dims: int) -> str:
     lines = []
     for regime in REGIMES:
         rows = [r for r in records if r["regime"] == regime and r["dims"] == dims]
+        arms = sorted({r["arm"] for r in rows})
+        seeds = sorted({r["seed"] for r in rows})
+        # A fold enters the table once every arm has every seed on it: a stopped run must not tilt the means.
+        have = {(r["arm"], r["fold"], r["seed"]) for r in rows}
+        started = sorted({r["fold"] for r in rows})
+        folds = [f for f in started if all((a, f, s) in have for a in arms for s in seeds)]
+        rows = [r for r in rows if r["fold"] in folds]
         if not rows:
             continue
         by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in ARMS}
         base = {(r["fold"], r["seed"]): r for r in by_arm["CE+Dice"]}
-        folds = sorted({r["fold"] for r in rows})
-        seeds = sorted({r["seed"] for r in rows})
+        left_out = [f for f in started if f not in folds]
+        note = f"; fold(s) {', '.join(map(str, left_out))} incomplete, left out" if left_out else ""
         lines.append(
             f"\n#### {dims}D, {regime} labels (folds {', '.join(map(str, folds))}; "
-            f"seeds {', '.join(map(str, seeds))})\n"
+            f"seeds {', '.join(map(str, seeds))}{note})\n"
         )
         header = (
             "| arm | runs | Dice CSF | Dice GM | Dice WM | mean Dice | Δ mean vs CE+Dice (p) | HD95 mean (mm) "

@@ -46,7 +46,9 @@ def test_downsample_keeps_block_centres_means_and_majorities(accuracy):
     labels[1, 1, 1] = labels[1, 0, 0] = 3
     labels[0, 1, 0] = 1
     label_volume = Volume(labels, (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3))
-    assert accuracy.downsample(label_volume, 2, labels=True).array.tolist() == [[[3]]]  # 4 votes of 8 beat 3 and 1
+    assert accuracy.downsample(label_volume, 2, labels=True).array.tolist() == [
+        [[3]]
+    ]  # 4 votes of 8 beat 3 and 1
 
 
 def test_perturbation_keeps_the_brain_mask_and_is_seeded(accuracy):
@@ -84,6 +86,7 @@ def test_report_means_over_seeds_and_pairs_by_fold_and_seed(accuracy):
                 record("CE+Dice", fold, seed, base),
                 record("+UAFR", fold, seed, base + 0.02 + 0.001 * seed),
             ]
+    records.append(record("CE+Dice", 2, 0, 0.99))  # a fold the other arm has not reached
     table = accuracy.report(records, 2)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
     # Per seed the fold mean is 0.55 + 0.01 * seed: mean 0.56, sample sd 0.01.
@@ -91,4 +94,4 @@ def test_report_means_over_seeds_and_pairs_by_fold_and_seed(accuracy):
     assert (
         "+0.0210 (p=0.031, n=6)" in rows["+UAFR"]
     )  # six positive paired differences: exact two-sided p = 2/64
-    assert "(folds 0, 1; seeds 0, 1, 2)" in table and "limited" not in table
+    assert "(folds 0, 1; seeds 0, 1, 2; fold(s) 2 incomplete, left out)" in table and "limited" not in table
