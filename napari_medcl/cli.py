@@ -4,8 +4,10 @@ Arguments and files only; the work is ``napari_medcl.prediction.predict_iter``. 
 ``<case>_labels<ext>``, ``<case>_uncertainty<ext>`` (mean UAFR map, when the model has UAFR maps),
 ``<case>_entropy<ext>``, with ``--save-probabilities`` one ``<case>_probabilities_<k><ext>`` per class
 (one file per class works in every output format, PNG/TIFF included; the sidecar maps files to class names),
-and last ``<case>.json``, so a sidecar marks a complete case. Every file is written atomically; a case that
-fails leaves no file. Exit status: 0 all cases done, 1 some failed, 2 usage error, 130 interrupted.
+and last ``<case>.json``, so a sidecar marks a complete case. A case's files are all written under temporary
+names and read back before any is renamed onto its final name, so a case that fails (a full disk included)
+leaves the folder as it was, an earlier output of the same case included. Exit status: 0 all cases done,
+1 some failed, 2 usage error, 130 interrupted.
 
 A run holds ``OUTDIR/.medcl-predict.lock`` (``flock``, released by the OS even when the process is killed), so
 two runs never write into one folder at once; it removes the temporary files a killed run left there.
@@ -22,12 +24,12 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from napari_medcl import __version__
-from napari_medcl.errors import InputError, MedclError, OutputError
+from napari_medcl.errors import InputError, MedclError, OutputError, OutputFormatError
 
 PROG = "medcl-predict"
 LOCK_NAME = ".medcl-predict.lock"
@@ -303,9 +305,14 @@ def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> No
 
 
 def _write_case(path: Path, case: str, prediction: Any, outdir: Path) -> Path:
-    """Write a case's images, then its sidecar; on any failure remove what this case wrote and re-raise."""
-    from napari_medcl.atomic import split_suffix, write_text_atomic
-    from napari_medcl.io import output_extension, write_image
+    """Write a case's images and its sidecar all or nothing; return the labels file.
+
+    Every file is first written whole under a temporary name beside its final one and read back; only when
+    all of them are there are they renamed onto their final names, the sidecar last. A failure while writing
+    (a full disk) therefore leaves an earlier complete output of this case exactly as it was; the renames
+    need no space."""
+    from napari_medcl.atomic import atomic_path, split_suffix, write_text_atomic
+    from napari_medcl.io import output_extension
 
     start = time.perf_counter()
     labels = prediction.labels
@@ -323,12 +330,11 @@ def _write_case(path: Path, case: str, prediction: Any, outdir: Path) -> Path:
             plane = probs.with_array(probs.array[k])
             images.append((("probabilities", name), f"{case}_probabilities_{k}{map_ext}", plane))
     sidecar = outdir / f"{case}.json"
-    # An old sidecar would vouch for a mix of old and new files if this case fails half-way.
-    sidecar.unlink(missing_ok=True)
-    written: list[Path] = []
-    try:
+    with ExitStack() as staged:
+        # Entered first, so renamed last (the stack unwinds in reverse): a sidecar marks a complete case.
+        sidecar_temp = staged.enter_context(atomic_path(sidecar))
         for _, name, volume in images:
-            written.append(write_image(volume, outdir / name))
+            _write_checked(volume, staged.enter_context(atomic_path(outdir / name)), outdir / name)
         provenance = dict(prediction.provenance)
         provenance["input"] = {**provenance["input"], "path": str(path), "sha256": _input_sha256(path)}
         outputs: dict[str, Any] = {}
@@ -339,12 +345,38 @@ def _write_case(path: Path, case: str, prediction: Any, outdir: Path) -> Path:
                 outputs[key] = name
         provenance["outputs"] = outputs
         provenance["timings"] = {**provenance["timings"], "write": round(time.perf_counter() - start, 4)}
-        write_text_atomic(sidecar, _to_json(provenance))
-    except BaseException:
-        for file in written:
-            file.unlink(missing_ok=True)
+        with _naming(sidecar, sidecar_temp):
+            write_text_atomic(sidecar_temp, _to_json(provenance))
+        # An old sidecar would vouch for a mix of old and new files if the process died between the renames.
+        try:
+            sidecar.unlink(missing_ok=True)
+        except OSError as error:
+            raise OutputError(sidecar, f"cannot remove the earlier sidecar ({error.strerror})") from None
+    return outdir / images[0][1]
+
+
+def _write_checked(volume: Any, temp: Path, final: Path) -> None:
+    """Write ``volume`` to ``temp`` (``write_image`` reads it back whole); an error names ``final``."""
+    from napari_medcl.io import write_image
+
+    try:
+        with _naming(final, temp):
+            write_image(volume, temp)
+    except OutputFormatError:
         raise
-    return written[0]
+    except OutputError as error:
+        raise OutputError(final, f"{error.problem}; the earlier files of this case are unchanged") from None
+
+
+@contextmanager
+def _naming(final: Path, temp: Path) -> Iterator[None]:
+    """Errors about the temporary file ``temp`` name ``final``, the file the user will look for."""
+    try:
+        yield
+    except OutputError as error:
+        if error.path != temp:
+            raise
+        raise type(error)(final, error.problem.replace(temp.name, final.name)) from None
 
 
 def _input_sha256(path: Path) -> str:

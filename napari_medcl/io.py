@@ -26,6 +26,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 import stat
 import struct
 import threading
@@ -1549,7 +1550,8 @@ def write_image(volume: Volume, path: str | Path) -> Path:
     The format comes from the extension (``.nii.gz`` is compressed; ``.nrrd`` and ``.mha`` are written
     single-file and compressed). PNG takes uint8/uint16 and JPEG uint8, as one 2D image (a depth-1 volume is
     written as 2D); float maps of 2D images go to ``.tif``. After writing, the file's header is read back and
-    must give the volume's shape, pixel type, spacing, origin and direction, else nothing is written.
+    must give the volume's shape, pixel type, spacing, origin and direction, and the whole file is read back
+    and must give the same voxels (JPEG, lossy: read only), else nothing is written.
 
     Raises ``OutputFormatError`` (also a ValueError) when the format cannot hold the volume, and
     ``OutputError`` when the file cannot be written (the previous file, if any, is left intact).
@@ -1566,9 +1568,42 @@ def write_image(volume: Volume, path: str | Path) -> Path:
         try:
             writer.Execute(image)
         except RuntimeError as error:
-            raise OutputError(path, f"cannot write: {_itk_reason(error, temp, path.name)}") from None
+            reason = f"cannot write: {_itk_reason(error, temp, path.name)}"
+            raise OutputError(path, _disk_full_hint(path, volume, reason)) from None
         _check_written(sitk, image, temp, fmt, path)
+        _check_voxels(sitk, image, temp, fmt, path, volume)
     return path
+
+
+def _check_voxels(sitk: Any, image: Any, temp: Path, fmt: _Format, path: Path, volume: Volume) -> None:
+    """Read the written file back whole: it must give the voxels written (JPEG: only read; it is lossy).
+
+    ITK's NIfTI writer ignores a full disk (niftilib prints "wrote only N of M bytes" and carries on), leaving
+    a cut file behind that only a full read finds."""
+    reader = _read_header(sitk, temp, fmt.image_io, _extension(path))
+    try:
+        written = _read_voxels(reader, temp, _extension(path))
+    except InputError as error:
+        reason = f"the written file does not read back ({error.problem.replace(temp.name, path.name)})"
+        raise OutputError(path, _disk_full_hint(path, volume, reason)) from None
+    if fmt.name != "jpeg" and not np.array_equal(
+        sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image)
+    ):
+        reason = "the written file reads back with other voxel values"
+        raise OutputError(path, _disk_full_hint(path, volume, reason))
+
+
+def _disk_full_hint(path: Path, volume: Volume, reason: str) -> str:
+    """``reason``, prefixed with "disk full" when the folder has less room than the image's raw size: ITK's
+    writers fail on a full disk without saying so."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return reason
+    size = np.asarray(volume.array).nbytes
+    if free >= size:
+        return reason
+    return f"disk full: {free} bytes free in {path.parent}, the image takes up to {size} bytes ({reason})"
 
 
 def _output_format(path: Path) -> _Format:

@@ -289,15 +289,19 @@ def test_failed_write_removes_what_the_case_wrote(tmp_path, model_files, capsys,
     fine = fine.rename(other / "fine.mha")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "scan.json").write_text("{}")  # an old sidecar must not vouch for a half-written case
+    (out / "scan.json").write_text(
+        "{}"
+    )  # the earlier case stays as it was: nothing new is renamed into place
     assert cli.main([str(failing), str(fine), "-o", str(out), "--model", str(model_files[3])]) == 1
     err = capsys.readouterr().err
     assert f"error: {failing}: {out / 'scan_entropy.nrrd'}: disk full (simulated)" in err
+    assert (out / "scan.json").read_text() == "{}"
     assert sorted(p.name for p in out.iterdir()) == [
         "fine.json",
         "fine_entropy.mha",
         "fine_labels.mha",
         "fine_uncertainty.mha",
+        "scan.json",
     ]
 
 

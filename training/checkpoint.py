@@ -82,8 +82,34 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"checkpoint state lacks {missing}")
-    with atomic_path(Path(path)) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as file:
+        recording = _RecordingFile(file)
+        try:
+            torch.save(state, recording)
+        except RuntimeError:
+            # torch reports a failed write (a full disk) only as "enforce fail ... unexpected pos N vs M";
+            # atomic_path turns the OSError itself into an OutputError saying "disk full".
+            if recording.error is not None:
+                raise recording.error from None
+            raise
+
+
+class _RecordingFile:
+    """A binary file that keeps the OSError of a failed write, which ``torch.save`` would otherwise hide."""
+
+    def __init__(self, file: Any):
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
