@@ -7,8 +7,12 @@ table reports the median per configuration and its ratio to the CE+Dice baseline
 ratio of median process CPU time, which competing processes disturb far less than wall-clock time.
 
 "+ CCDC" includes the projection head the loss needs (the baseline network has none), so its ratio is the
-whole price of using CCDC. A second table times each loss alone (forward + backward on fixed network outputs)
-to show where the extra time goes; ``--profile`` adds a torch.profiler breakdown of the CCDC loss.
+whole price of using CCDC. It feeds the loss the model output's ``projection`` (as the training engine does):
+the head runs densely without gradient for the keys and with gradient at the sampled query pixels only.
+``--dense-row`` adds the same loss fed the dense ``embedding`` (the head's full forward and backward), and
+``--head-row`` that dense head with no loss at all. A second table times each loss alone (forward + backward
+on fixed network outputs) to show where the extra time goes; ``--profile`` adds a torch.profiler breakdown of
+the CCDC loss.
 
     .venv/bin/python benchmarks/losses.py                # CUDA when available, else CPU
     .venv/bin/python benchmarks/losses.py --device cpu --steps 5 --dims 2
@@ -30,9 +34,11 @@ from training.losses.ccdc import CCDCLoss
 from training.losses.pdcr import PDCRLoss
 from training.losses.segmentation import DeepSupervisionLoss, ce_dice_loss
 from training.models import create_model
+from training.models.output import ProjectionInput
 
 CONFIGS = ("CE+Dice", "+ PDCR", "+ CCDC", "all", "+ CCDC, head at stride 2", "all, head at stride 2")
-HEAD_ONLY = "head, no CCDC"
+HEAD_ONLY = "dense head, no CCDC"
+DENSE = "+ CCDC, dense embedding"
 # nnU-Net widths (base 32, capped at 512 in 2D / 320 in 3D) on a GPU; on CPU halved (2D) or quartered (3D) so a
 # whole run stays within minutes on two cores. The spatial sizes and batch sizes are the in both cases.
 FEATURES = {
@@ -110,7 +116,9 @@ def build_steps(case: Case, args, device: torch.device) -> tuple[dict[str, Calla
     amp = args.amp and device.type == "cuda"
     generator = torch.Generator(device=device).manual_seed(0)
 
-    def step(model, pdcr: PDCRLoss | None, use_ccdc: bool, head_only: bool = False) -> None:
+    def step(
+        model, pdcr: PDCRLoss | None, use_ccdc: bool, head_only: bool = False, dense: bool = False
+    ) -> None:
         model.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             out = model(image)
@@ -119,16 +127,17 @@ def build_steps(case: Case, args, device: torch.device) -> tuple[dict[str, Calla
                 loss = loss + pdcr(out.taps, labels, generator=generator).loss
             if use_ccdc:
                 probs, target = out.logits.float().softmax(1), labels
-                size = tuple(out.embedding.shape[2:])
+                embedding = out.embedding if dense else out.projection
+                size = tuple(embedding.shape[2:])
                 if size != tuple(labels.shape[1:]):  # as the training engine: probs linear, labels nearest
                     mode = "bilinear" if case.dims == 2 else "trilinear"
                     probs = F.interpolate(probs, size=size, mode=mode, align_corners=False)
                     target = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[
                         :, 0
                     ].long()
-                loss = loss + ccdc(out.embedding, probs, target, generator=generator)
+                loss = loss + ccdc(embedding, probs, target, generator=generator)
             if head_only:
-                # The projection head's forward and (dense) backward without the loss's own work.
+                # The projection head's dense forward and backward without the loss's own work.
                 loss = loss + 0.0 * out.embedding.float().mean()
         loss.backward()
 
@@ -140,6 +149,8 @@ def build_steps(case: Case, args, device: torch.device) -> tuple[dict[str, Calla
         "+ CCDC, head at stride 2": lambda: step(head_stride2, None, True),
         "all, head at stride 2": lambda: step(head_stride2, pdcr_stride2, True),
     }
+    if args.dense_row:
+        steps[DENSE] = lambda: step(with_head, None, True, dense=True)
     if args.head_row:
         steps[HEAD_ONLY] = lambda: step(with_head, None, False, head_only=True)
     return steps, (with_head, pdcr_head, ccdc, image, labels, generator)
@@ -163,13 +174,15 @@ def loss_only_times(parts, args, device: torch.device) -> dict[str, float]:
         out = model(image)
     logits = [t.detach().requires_grad_(True) for t in (out.logits, *out.deep_supervision)]
     taps = {name: t.detach().requires_grad_(True) for name, t in out.taps.items()}
-    embedding = out.embedding.detach().requires_grad_(True)
+    # The head's input as a leaf: "CCDC" below includes the head's own work (its dense no-grad pass for the
+    # keys, its evaluation and backward at the query pixels), as in a training step.
+    projection = ProjectionInput(out.projection.features.detach().requires_grad_(True), model.projection)
     probs = out.logits.float().softmax(1)
     seg = DeepSupervisionLoss(ce_dice_loss)
     runs = {
         "CE+Dice (deep sup.)": lambda: seg(logits, labels).loss.backward(),
         "PDCR": lambda: pdcr(taps, labels, generator=generator).loss.backward(),
-        "CCDC": lambda: ccdc(embedding, probs, labels, generator=generator).backward(),
+        "CCDC (with its head)": lambda: ccdc(projection, probs, labels, generator=generator).backward(),
     }
     times = {}
     for name, fn in runs.items():
@@ -180,7 +193,7 @@ def loss_only_times(parts, args, device: torch.device) -> dict[str, float]:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            runs["CCDC"]()
+            runs["CCDC (with its head)"]()
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=12))
     return times
@@ -233,7 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--head-row",
         action="store_true",
-        help="also time the network with the CCDC projection head but no CCDC loss",
+        help="also time the network with the CCDC projection head run densely (forward + backward), no loss",
+    )
+    parser.add_argument(
+        "--dense-row",
+        action="store_true",
+        help="also time CCDC fed the dense embedding (the head's full forward and backward)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -274,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         step_ms, cpu_ms, loss_ms = run_case(case, args, device)
         base = step_ms["CE+Dice"]
-        for config in CONFIGS + ((HEAD_ONLY,) if args.head_row else ()):
+        extra = ((DENSE,) if args.dense_row else ()) + ((HEAD_ONLY,) if args.head_row else ())
+        for config in CONFIGS + extra:
             cpu_ratio = cpu_ms[config] / cpu_ms["CE+Dice"]
             rows.append(
                 (case.label, str(case.features), config, step_ms[config], step_ms[config] / base, cpu_ratio)

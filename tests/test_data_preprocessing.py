@@ -206,7 +206,9 @@ def test_val_cases_name_the_validation_set():
     with pytest.raises(DatasetError, match="s009"):
         split_cases(cases, fold=0, num_folds=5, val_fraction=None, split_seed=1, val_cases=["s009"])
     with pytest.raises(DatasetError, match="nothing is left"):
-        split_cases(cases, fold=0, num_folds=5, val_fraction=None, split_seed=1, val_cases=["s000", "s001", "s002"])
+        split_cases(
+            cases, fold=0, num_folds=5, val_fraction=None, split_seed=1, val_cases=["s000", "s001", "s002"]
+        )
     with pytest.raises(ValueError, match="val_cases"):
         DataConfig(root="x", val_cases="s000")
 

@@ -320,7 +320,10 @@ def test_rescale_maps_percentiles_to_0_and_1_without_clipping():
     other = np.repeat([0.4, 0.65, 0.84], [10, 20, 70]).astype(np.float32)
     spec = {"kind": "rescale", "low": 0, "high": 100}
     assert normalize(tissue[None], spec)[0, 20] == normalize(other[None], spec)[0, 15]
-    assert normalize(tissue[None], {"kind": "zscore"})[0, 20] != normalize(other[None], {"kind": "zscore"})[0, 15]
+    assert (
+        normalize(tissue[None], {"kind": "zscore"})[0, 20]
+        != normalize(other[None], {"kind": "zscore"})[0, 15]
+    )
 
 
 def test_resampling_is_exact_for_linear_ramps_and_returns_to_the_input_grid():

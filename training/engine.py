@@ -202,7 +202,9 @@ class TrainStep(nn.Module):
             loss = loss + pdcr.loss
             terms["pdcr"] = pdcr.loss.detach()
         if self.ccdc is not None:
-            embedding = out.embedding
+            # The head with its input, not the dense embedding: CCDC runs the head with gradient only at the
+            # pixels it samples as queries (same loss and gradients, docs/performance.md "Losses").
+            embedding = out.projection
             size = tuple(embedding.shape[2:])
             with torch.no_grad():
                 probs = out.logits.detach().float().softmax(1)
@@ -572,11 +574,15 @@ class _Run:
             )
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            # A kill during a checkpoint write leaves its temporary file (atomic_path names it
-            # ".<stem>.<random>.pt"); the checkpoint under the final name is the previous, complete one.
-            for stale in (*self.out.glob(".checkpoint_last.*.pt"), *self.out.glob(".checkpoint_best.*.pt")):
-                stale.unlink(missing_ok=True)
-            from napari_medcl.atomic import write_text_atomic
+            # A kill during a write leaves its temporary file (checkpoint, metrics, curves); the file under
+            # the final name is the previous, complete one. No grace period: the run folder has one writer.
+            from napari_medcl.atomic import sweep_stale_temps, write_text_atomic
+
+            if removed := sweep_stale_temps(self.out, older_than_s=0.0):
+                print(
+                    f"removed {len(removed)} temporary file(s) left by a killed run in {self.out}",
+                    file=sys.stderr,
+                )
 
             write_text_atomic(self.out / "config.yaml", config_to_yaml(self.cfg))
         _barrier(self.dist)

@@ -29,13 +29,19 @@ Reading of the paper (see ``docs/methods.md`` §3 of the shared notes for the am
 
 Keys, statistics and thresholds are detached; only the queries carry gradient. Normalisation and logits are
 computed in fp32 whatever the autocast state.
+
+The embedding is either a dense (B, E, *S) tensor or a ``ProjectedEmbedding``: the projection head with its
+input (what the models return as ``output.projection``). The second gives the same loss and the same gradients
+for a fraction of the cost: the head runs densely once without gradient, and its last 1x1 conv is never applied
+to the map (norms, cores and key dot products are taken through it as a matrix, in the head's hidden width);
+with gradient it runs only at the 2^d neighbours of each sampled query.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +51,7 @@ __all__ = [
     "CCDCLoss",
     "ClassStatistics",
     "PixelSample",
+    "ProjectedEmbedding",
     "ccdc_loss",
     "class_cores",
     "class_statistics",
@@ -65,8 +72,11 @@ _CORE_FALLBACKS = ("mean", "topk")
 # Floor on confusion-degree weights so a row of exact zeros still defines a distribution.
 _CONFUSION_EPS = 1e-8
 _NORM_EPS = 1e-12
-# Above this many embedding elements (64 MiB in fp32) CPU gathers of negatives read memory in sorted order.
-_SORTED_GATHER_MIN_ELEMENTS = 1 << 24
+# Above this many map elements (16 MiB in fp32, far beyond the cache) CPU gathers of negatives read memory in
+# sorted order.
+_SORTED_GATHER_MIN_ELEMENTS = 1 << 22
+# Pixels per chunk when norms are computed through the projection head's last layer.
+_NORM_CHUNK = 8192
 
 
 @dataclass(frozen=True)
@@ -92,13 +102,20 @@ class ClassStatistics:
         return self.counts > 0
 
 
-def _check_inputs(embedding: Tensor, probs: Tensor, labels: Tensor) -> None:
-    if embedding.dim() not in (4, 5):
+def _check_inputs(embedding: Embedding, probs: Tensor, labels: Tensor) -> None:
+    if not isinstance(embedding, Tensor) and not all(
+        hasattr(embedding, name) for name in ("shape", "readout", "at")
+    ):
+        raise TypeError(
+            f"embedding must be a tensor (B, E, *S) or a ProjectedEmbedding (shape, readout, at), "
+            f"got {type(embedding).__name__}"
+        )
+    if len(embedding.shape) not in (4, 5):
         raise ValueError(
             f"embedding must be (B, E, H, W) or (B, E, D, H, W), got shape {tuple(embedding.shape)}"
         )
     batch, spatial = embedding.shape[0], tuple(embedding.shape[2:])
-    if probs.dim() != embedding.dim() or probs.shape[0] != batch or tuple(probs.shape[2:]) != spatial:
+    if probs.dim() != len(embedding.shape) or probs.shape[0] != batch or tuple(probs.shape[2:]) != spatial:
         raise ValueError(
             f"probs must be (B, K, *S) matching embedding (B, E, *S): probs {tuple(probs.shape)}, "
             f"embedding {tuple(embedding.shape)}"
@@ -226,6 +243,99 @@ def negative_class_weights(stats: ClassStatistics, negative_sampling: NegativeSa
     return torch.where(allowed, weights, torch.zeros_like(weights))
 
 
+class ProjectedEmbedding(Protocol):
+    """An embedding map (B, E, *S) that CCDC reads through its projection head instead of as a dense tensor
+    (``training.models.output.ProjectionInput`` is one).
+
+    shape: (B, E, *S).
+    readout(): detached ``(hidden (B, H, *S), weight (E, H), bias (E,))``; the embedding at every pixel is
+        ``weight @ hidden + bias`` (the head ends with a 1x1 conv).
+    at(flat_index): (...) int64 indices into the flattened (B, *S) grid -> (..., E) embeddings there, with
+        gradient; equal to the dense map at those pixels.
+
+    Only the queries carry gradient, so the loss needs the head's gradient at the sampled query pixels alone
+    (``at``), and builds keys and cores from ``readout`` without ever forming the (B, E, *S) map.
+    """
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def readout(self) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def at(self, flat_index: Tensor) -> Tensor: ...
+
+
+Embedding = Tensor | ProjectedEmbedding
+
+
+@dataclass(frozen=True)
+class _KeyMap:
+    """The detached embedding map keys and cores come from, as ``weight @ hidden + bias`` at every pixel.
+
+    hidden (B, H, N) flattened pixels; weight (E, H) and bias (E,), or both None when hidden is the embedding
+    itself (a dense tensor input). With a projection head H is its hidden width (16 for an E = 64 head on a
+    16-channel decoder), so every pass over the map touches H channels instead of E.
+    """
+
+    hidden: Tensor
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+
+    @classmethod
+    def of(cls, embedding: Embedding) -> _KeyMap:
+        if isinstance(embedding, Tensor):
+            detached = embedding.detach()
+            return cls(detached.reshape(*detached.shape[:2], -1))
+        hidden, weight, bias = embedding.readout()
+        return cls(
+            hidden.detach().reshape(*hidden.shape[:2], -1), weight.detach().float(), bias.detach().float()
+        )
+
+    def inverse_norm(self) -> Tensor:
+        """1 / ||e_i|| of every pixel: (B, N) fp32.
+
+        A dense map: a loop over its E channels that accumulates in place (reducing the strided channel axis in
+        one call, or squaring the whole map first, is several times slower on CPU for (B, E, 96^3) maps).
+        Through a head: ||W r + b||^2 = r . (W^T W r + 2 W^T b) + ||b||^2, H^2 instead of H E per pixel, in
+        chunks of pixels so that the (B, H, chunk) intermediate stays in cache.
+        """
+        z = self.hidden
+        batch, _, pixels = z.shape
+        if self.weight is None:
+            squared = torch.zeros(batch, pixels, dtype=torch.float32, device=z.device)
+            for channel in range(z.shape[1]):
+                plane = z[:, channel].float()
+                squared.addcmul_(plane, plane)
+        else:
+            gram = self.weight.t() @ self.weight  # (H, H)
+            linear = 2.0 * (self.weight.t() @ self.bias)  # (H,)
+            squared = torch.empty(batch, pixels, dtype=torch.float32, device=z.device)
+            for start in range(0, pixels, _NORM_CHUNK):
+                chunk = z[:, :, start : start + _NORM_CHUNK].float()  # (B, H, n)
+                partner = torch.baddbmm(
+                    linear.view(1, -1, 1).expand(batch, -1, 1), gram.expand(batch, -1, -1), chunk
+                )  # (B, H, n)
+                squared[:, start : start + _NORM_CHUNK] = partner.mul_(chunk).sum(1)
+            squared += self.bias.square().sum()
+        return squared.clamp_min(_NORM_EPS**2).rsqrt()
+
+    def embed(self, sums: Tensor, totals: Tensor) -> Tensor:
+        """Weighted sums of embeddings from weighted sums of hidden vectors: sums (..., H), totals (...) the
+        summed pixel weights -> (..., E) fp32."""
+        if self.weight is None:
+            return sums.float()
+        return sums.float() @ self.weight.t() + totals.float().unsqueeze(-1) * self.bias
+
+    def query_keys(self, queries: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(R, E) queries -> (R, H) and (R,) or None, with q . e_i = q_h . hidden_i + offset for every pixel i.
+
+        The head's weights are detached here: keys carry no gradient, not even into the head.
+        """
+        if self.weight is None:
+            return queries, None
+        return queries @ self.weight, queries @ self.bias
+
+
 def _matmul_dtype(embedding: Tensor) -> torch.dtype:
     # Pixel-wide reductions stay in the embedding's own dtype (no fp32 copy of a (B, E, *S) map); matmul
     # accumulates in fp32 on every backend, and only the tiny (K, E) result is used further.
@@ -236,21 +346,8 @@ def _matmul_dtype(embedding: Tensor) -> torch.dtype:
     )
 
 
-def _inverse_norm(z: Tensor) -> Tensor:
-    """1 / ||z_i|| over channels: (B, E, N) -> (B, N) fp32.
-
-    A loop over the E channels (not over pixels) that accumulates in place: reducing the strided channel axis
-    in one call, or squaring the whole map first, is several times slower on CPU for (B, E, 96^3)-sized maps.
-    """
-    squared = torch.zeros(z.shape[0], z.shape[2], dtype=torch.float32, device=z.device)
-    for channel in range(z.shape[1]):
-        plane = z[:, channel].float()
-        squared.addcmul_(plane, plane)
-    return squared.clamp_min(_NORM_EPS**2).rsqrt()
-
-
 def class_cores(
-    embedding: Tensor,
+    embedding: Embedding,
     p_true: Tensor,
     labels: Tensor,
     counts: Tensor,
@@ -261,48 +358,70 @@ def class_cores(
 ) -> Tensor:
     """Class cores (Eq. 2), detached: (K, E) fp32, unit norm (zero rows for absent classes).
 
-    embedding (B, E, *S) not normalised; p_true (B, *S) the probability of each pixel's own GT class; labels
-    (B, *S) int64 in [0, K], K marking ignored pixels; counts (K,) GT pixel counts.
-    Core of A = normalised mean of the normalised embeddings of the pixels of A with p_true > strong_threshold;
-    when none passes, the mean over all pixels of A ("mean") or over its ``core_topk`` most confident ("topk").
+    embedding (B, E, *S) not normalised (a tensor or a ``ProjectedEmbedding``); p_true (B, *S) the probability
+    of each pixel's own GT class; labels (B, *S) int64 in [0, K], K marking ignored pixels; counts (K,) GT pixel
+    counts. Core of A = normalised mean of the normalised embeddings of the pixels of A with p_true >
+    strong_threshold; when none passes, the mean over all pixels of A ("mean") or over its ``core_topk`` most
+    confident ("topk").
     """
     if core_fallback not in _CORE_FALLBACKS:
         raise ValueError(f"core_fallback must be one of {_CORE_FALLBACKS}, got {core_fallback!r}")
+    with torch.no_grad(), torch.autocast(labels.device.type, enabled=False):
+        keys = _KeyMap.of(embedding)
+        return _cores(
+            keys, keys.inverse_norm(), p_true, labels, counts, strong_threshold, core_fallback, core_topk
+        )
+
+
+def _cores(
+    keys: _KeyMap,
+    inv_norm: Tensor,
+    p_true: Tensor,
+    labels: Tensor,
+    counts: Tensor,
+    strong_threshold: float,
+    core_fallback: CoreFallback,
+    core_topk: int,
+) -> Tensor:
+    """:func:`class_cores` on a key map with its (B, N) inverse norms: -> (K, E) fp32 unit rows."""
     num_classes = counts.shape[0]
-    batch, dim = embedding.shape[:2]
-    with torch.no_grad(), torch.autocast(embedding.device.type, enabled=False):
-        z = embedding.detach().reshape(batch, dim, -1)  # (B, E, N_b)
-        inv_norm = _inverse_norm(z)  # (B, N_b)
-        flat_labels = labels.reshape(batch, -1)
-        strong = p_true.reshape(batch, -1) > strong_threshold
-        strong_count = torch.bincount(
-            torch.where(strong, flat_labels, num_classes).reshape(-1), minlength=num_classes + 1
-        )[:num_classes]
-        cores = _class_sums(z, flat_labels, torch.where(strong, inv_norm, 0.0), num_classes)
-        missing = (strong_count == 0) & (counts > 0)
-        if bool(missing.any()):
-            if core_fallback == "mean":
-                fallback = _class_sums(z, flat_labels, inv_norm, num_classes)
-            else:
-                fallback = _topk_sums(z, inv_norm, p_true, flat_labels, num_classes, core_topk)
-            cores = torch.where(missing.unsqueeze(1), fallback, cores)
-        return F.normalize(cores, dim=1, eps=_NORM_EPS)
+    batch = keys.hidden.shape[0]
+    flat_labels = labels.reshape(batch, -1)
+    strong = p_true.reshape(batch, -1) > strong_threshold
+    sums, totals = _class_sums(keys.hidden, flat_labels, torch.where(strong, inv_norm, 0.0), num_classes)
+    cores = keys.embed(sums, totals)
+    # Inverse norms are positive, so a class has strong pixels exactly when its summed weight is positive.
+    missing = (totals == 0) & (counts > 0)
+    if bool(missing.any()):
+        if core_fallback == "mean":
+            fallback = _class_sums(keys.hidden, flat_labels, inv_norm, num_classes)
+        else:
+            fallback = _topk_sums(keys.hidden, inv_norm, p_true, flat_labels, num_classes, core_topk)
+        cores = torch.where(missing.unsqueeze(1), keys.embed(*fallback), cores)
+    return F.normalize(cores, dim=1, eps=_NORM_EPS)
 
 
-def _class_sums(z: Tensor, flat_labels: Tensor, pixel_weight: Tensor, num_classes: int) -> Tensor:
-    """Per-class weighted sums of pixel embeddings: z (B, E, N), labels (B, N), weights (B, N) -> (K, E) fp32."""
+def _class_sums(
+    z: Tensor, flat_labels: Tensor, pixel_weight: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Per-class weighted sums of pixel vectors and of the weights: z (B, H, N), labels (B, N), weights (B, N)
+    -> (K, H) fp32 and (K,) fp32."""
     batch, _, per_image = z.shape
     dtype = _matmul_dtype(z)
     # (B, K + 1, N) one-hot rows carrying the pixel weight; row K collects ignored pixels and is dropped.
     selector = torch.zeros(batch, num_classes + 1, per_image, dtype=dtype, device=z.device)
     selector.scatter_(1, flat_labels.unsqueeze(1), pixel_weight.unsqueeze(1).to(dtype))
-    return torch.bmm(selector, z.to(dtype).transpose(1, 2)).float().sum(0)[:num_classes]
+    sums = torch.bmm(selector, z.to(dtype).transpose(1, 2)).float().sum(0)[:num_classes]
+    totals = torch.zeros(num_classes + 1, dtype=torch.float32, device=z.device)
+    totals.index_add_(0, flat_labels.reshape(-1), pixel_weight.reshape(-1).float())
+    return sums, totals[:num_classes]
 
 
 def _topk_sums(
     z: Tensor, inv_norm: Tensor, p_true: Tensor, flat_labels: Tensor, num_classes: int, k: int
-) -> Tensor:
-    """Per-class sums of the normalised embeddings of the k most confident pixels of each class: (K, E)."""
+) -> tuple[Tensor, Tensor]:
+    """Per-class sums of the normalised vectors of the k most confident pixels of each class, and of their
+    weights: (K, H) and (K,)."""
     per_image = z.shape[2]
     scores = torch.where(
         flat_labels.reshape(1, -1) == torch.arange(num_classes, device=z.device).view(-1, 1),
@@ -310,9 +429,9 @@ def _topk_sums(
         torch.full((), -1.0, device=z.device),
     )  # (K, N): -1 marks pixels of other classes
     top_scores, top_index = scores.topk(min(k, scores.shape[1]), dim=1)  # (K, k)
-    vectors = z[top_index // per_image, :, top_index % per_image].float()  # (K, k, E)
+    vectors = z[top_index // per_image, :, top_index % per_image].float()  # (K, k, H)
     weight = (top_scores >= 0).float() * inv_norm.reshape(-1)[top_index]
-    return (vectors * weight.unsqueeze(-1)).sum(1)
+    return (vectors * weight.unsqueeze(-1)).sum(1), weight.sum(1)
 
 
 def _gather(embedding: Tensor, flat_index: Tensor) -> Tensor:
@@ -321,6 +440,11 @@ def _gather(embedding: Tensor, flat_index: Tensor) -> Tensor:
     flat = embedding.reshape(batch, dim, -1)
     per_image = flat.shape[2]
     return flat[flat_index // per_image, :, flat_index % per_image]
+
+
+def _lookup(embedding: Embedding, flat_index: Tensor) -> Tensor:
+    """Embeddings at flat (B, *S) pixel indices, with gradient: (...) -> (..., E)."""
+    return _gather(embedding, flat_index) if isinstance(embedding, Tensor) else embedding.at(flat_index)
 
 
 def _gather_detached(embedding: Tensor, flat_index: Tensor) -> Tensor:
@@ -342,16 +466,17 @@ def _gather_detached(embedding: Tensor, flat_index: Tensor) -> Tensor:
 
 
 def region_embeddings(
-    embedding: Tensor, flat_index: Tensor, *, stride: int = 1, region: bool = True
+    embedding: Embedding, flat_index: Tensor, *, stride: int = 1, region: bool = True
 ) -> Tensor:
     """Normalised (region-level) embeddings at chosen pixels, fp32, with gradient: (Q,) -> (Q, E).
 
-    embedding (B, E, *S); flat_index (Q,) int64 indices into the flattened (B, *S) grid. With ``region`` the
-    vector is the mean of the normalised embeddings at ``x + o`` for o in {0, stride}^d (2x2 in 2D, 2x2x2 in
-    3D; coordinates past the last row/column are clamped, i.e. replicate padding), re-normalised.
+    embedding (B, E, *S), a tensor or a ``ProjectedEmbedding`` (evaluated at the needed pixels only); flat_index
+    (Q,) int64 indices into the flattened (B, *S) grid. With ``region`` the vector is the mean of the normalised
+    embeddings at ``x + o`` for o in {0, stride}^d (2x2 in 2D, 2x2x2 in 3D; coordinates past the last
+    row/column are clamped, i.e. replicate padding), re-normalised.
     """
     if not region:
-        return F.normalize(_gather(embedding, flat_index).float(), dim=-1, eps=_NORM_EPS)
+        return F.normalize(_lookup(embedding, flat_index).float(), dim=-1, eps=_NORM_EPS)
     if stride < 1:
         raise ValueError(f"region_stride must be >= 1, got {stride}")
     spatial = tuple(embedding.shape[2:])
@@ -364,7 +489,7 @@ def region_embeddings(
     shifted = torch.minimum(coords.unsqueeze(1) + corners.unsqueeze(0), size - 1)  # (Q, 2^d, d)
     place = torch.tensor([math.prod(spatial[i + 1 :]) for i in range(len(spatial))], device=coords.device)
     neighbours = b_index.unsqueeze(1) * per_image + (shifted * place).sum(-1)  # (Q, 2^d) flat indices
-    vectors = F.normalize(_gather(embedding, neighbours).float(), dim=-1, eps=_NORM_EPS)  # (Q, 2^d, E)
+    vectors = F.normalize(_lookup(embedding, neighbours).float(), dim=-1, eps=_NORM_EPS)  # (Q, 2^d, E)
     return F.normalize(vectors.mean(1), dim=-1, eps=_NORM_EPS)
 
 
@@ -465,7 +590,7 @@ def sample_pixels(
 
 
 def ccdc_loss(
-    embedding: Tensor,
+    embedding: Embedding,
     probs: Tensor,
     labels: Tensor,
     *,
@@ -489,7 +614,9 @@ def ccdc_loss(
 ) -> Tensor:
     """CCDC loss of one mini-batch (module docstring gives the exact reading of the paper).
 
-    embedding (B, E, *S) projection-head output, not normalised (normalised here, in fp32); probs (B, K, *S)
+    embedding (B, E, *S) projection-head output, not normalised (normalised here, in fp32): either the dense
+    tensor, or a ``ProjectedEmbedding`` (the model output's ``projection``), which gives the same loss and the
+    same gradients while evaluating the head with gradient at the sampled query pixels only; probs (B, K, *S)
     softmax probabilities at the same resolution (detached here); labels (B, *S) int64 in [0, K) or
     ``ignore_index`` -> scalar fp32 loss. *S is (H, W) or (D, H, W).
 
@@ -512,11 +639,11 @@ def ccdc_loss(
         raise ValueError(f"core_fallback must be one of {_CORE_FALLBACKS}, got {core_fallback!r}")
 
     num_classes = probs.shape[1]
-    device = embedding.device
+    device = probs.device
     stats = class_statistics(probs, labels, ignore_index=ignore_index)
     if int(stats.present.sum()) < 2:
         # Zero that is still connected to the graph: every parameter upstream gets a (zero) gradient.
-        return embedding.reshape(-1)[:1].float().sum() * 0.0
+        return _lookup(embedding, torch.zeros(1, dtype=torch.long, device=device)).float().sum() * 0.0
 
     with torch.no_grad():
         safe_labels = labels if ignore_index is None else torch.where(labels == ignore_index, 0, labels)
@@ -525,15 +652,12 @@ def ccdc_loss(
         class_labels = (
             labels if ignore_index is None else torch.where(labels == ignore_index, num_classes, labels)
         )
-        cores = class_cores(
-            embedding,
-            p_true,
-            class_labels,
-            stats.counts,
-            strong_threshold=strong_threshold,
-            core_fallback=core_fallback,
-            core_topk=core_topk,
-        )  # (K, E)
+        keys = _KeyMap.of(embedding)  # (B, H, N) detached
+        with torch.autocast(device.type, enabled=False):
+            inv_norm = keys.inverse_norm()  # (B, N)
+            cores = _cores(
+                keys, inv_norm, p_true, class_labels, stats.counts, strong_threshold, core_fallback, core_topk
+            )  # (K, E)
         sample = sample_pixels(
             stats,
             p_true,
@@ -551,20 +675,23 @@ def ccdc_loss(
             generator=generator,
         )
         num_rows = sample.query_pixel.numel()  # P * Q
-        negatives = _gather_detached(embedding, sample.negative_pixel.reshape(-1))
-        negatives = negatives.reshape(num_rows, num_negatives, -1).float()  # (P * Q, N_neg, E)
-        negative_inv_norm = 1.0 / torch.linalg.vector_norm(negatives, dim=-1).clamp_min(_NORM_EPS)
+        negative_pixel = sample.negative_pixel.reshape(-1)
+        negatives = _gather_detached(keys.hidden, negative_pixel)
+        negatives = negatives.reshape(num_rows, num_negatives, -1).float()  # (P * Q, N_neg, H)
+        negative_inv_norm = inv_norm.reshape(-1)[negative_pixel].reshape(num_rows, num_negatives)
         positives = cores[sample.classes].repeat_interleave(num_queries, dim=0)  # (P * Q, E)
         query_pixel = sample.query_pixel.reshape(-1)
 
     with torch.autocast(device.type, enabled=False):
         queries = region_embeddings(embedding, query_pixel, stride=region_stride, region=region)  # (P * Q, E)
         pos_logit = (queries * positives).sum(-1, keepdim=True)  # (P * Q, 1)
-        # Negatives are normalised after the dot product: no second (P * Q, N_neg, E) tensor.
-        neg_logit = (
-            torch.bmm(negatives, queries.unsqueeze(-1)).squeeze(-1) * negative_inv_norm
-        )  # (P * Q, N_neg)
-        logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature
+        # q . e_k = q_h . hidden_k (+ offset): dot products in the hidden width, normalised afterwards, so
+        # no (P * Q, N_neg, E) tensor is ever formed.
+        query_hidden, offset = keys.query_keys(queries)
+        neg_logit = torch.bmm(negatives, query_hidden.unsqueeze(-1)).squeeze(-1)  # (P * Q, N_neg)
+        if offset is not None:
+            neg_logit = neg_logit + offset.unsqueeze(-1)
+        logits = torch.cat([pos_logit, neg_logit * negative_inv_norm], dim=1) / temperature
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
         # Every present class has exactly Q queries, so the mean over all queries equals the mean over classes
         # of the per-class means (Eq. 7).
@@ -576,7 +703,8 @@ class CCDCLoss(nn.Module):
     256 queries, 256 negatives per query, region-level queries at stride 1).
 
     ``forward(embedding (B, E, *S), probs (B, K, *S), labels (B, *S), *, generator=None, progress=None)``
-    -> ``weight * ccdc_loss(...)``. ``probs`` are softmax probabilities of the full-resolution logits at the
+    -> ``weight * ccdc_loss(...)``. ``embedding`` is the model output's ``projection`` (a ``ProjectedEmbedding``,
+    the cheap path) or a dense tensor. ``probs`` are softmax probabilities of the full-resolution logits at the
     embedding's resolution (pass ``logits.float().softmax(1)``).
     """
 
@@ -630,7 +758,7 @@ class CCDCLoss(nn.Module):
 
     def forward(
         self,
-        embedding: Tensor,
+        embedding: Embedding,
         probs: Tensor,
         labels: Tensor,
         *,

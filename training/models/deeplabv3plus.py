@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.models.blocks import ConvNormAct, conv, crop_to_grid, dropout, max_pool, norm, pad_to_multiple
-from training.models.output import SegmentationOutput, TapInfo
+from training.models.output import ProjectionInput, SegmentationOutput, TapInfo
 from training.models.receptive_field import Geometry, propagate_geometry
 from training.models.registry import register_model
 from training.models.uafr import UAFR
-from training.models.unet import init_conv_weights, projection_head, resolve_uafr_sites
+from training.models.unet import ProjectionHead, init_conv_weights, resolve_uafr_sites
 
 __all__ = ["ASPP", "DeepLabV3Plus", "ResNetEncoder", "load_encoder_weights"]
 
@@ -301,9 +301,7 @@ class DeepLabV3Plus(nn.Module):
         )
         self.head = conv(sd, decoder_channels, num_classes, 1)
         self.projection = (
-            None
-            if projection_dim is None
-            else projection_head(sd, decoder_channels, int(projection_dim), 3, norm)
+            None if projection_dim is None else ProjectionHead(sd, decoder_channels, int(projection_dim), 3)
         )
         self._channels = {"stem": self.encoder.channels[0]}
         self._channels.update({f"encoder{i}": self.encoder.channels[i] for i in range(1, 5)})
@@ -392,7 +390,9 @@ class DeepLabV3Plus(nn.Module):
         x = site("decoder", self.decoder(x), strides["decoder"])
         logits = F.interpolate(self.head(x), scale_factor=4, mode="bilinear", align_corners=False)
         logits = crop_to_grid(logits, spatial, (1, 1))
-        embedding = None
+        projection = None
         if self.projection is not None and self.return_features:
-            embedding = crop_to_grid(self.projection(x), spatial, strides["decoder"])
-        return SegmentationOutput(logits, [], taps, embedding, uncertainty)
+            projection = ProjectionInput(crop_to_grid(x, spatial, strides["decoder"]), self.projection)
+        return SegmentationOutput(
+            logits=logits, deep_supervision=[], taps=taps, projection=projection, uncertainty=uncertainty
+        )

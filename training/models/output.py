@@ -3,10 +3,49 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-__all__ = ["SegmentationOutput", "TapInfo"]
+__all__ = ["ProjectionInput", "SegmentationOutput", "TapInfo"]
+
+
+@dataclass(frozen=True)
+class ProjectionInput:
+    """The CCDC projection head and the feature map it reads, so the embedding is computed only where needed.
+
+    features: (B, C, *S_e) the decoder feature the head reads, cropped to the embedding grid, with gradient.
+    head: the model's ``ProjectionHead`` (``forward``, ``hidden``, ``readout``, ``at``): per pixel, no statistics
+        across pixels, so evaluating it at a few pixels gives exactly the dense values there.
+
+    This is what ``training.losses.ccdc`` reads (its ``ProjectedEmbedding``): the keys through ``readout``
+    (detached, no (B, E, *S_e) map), the queries through ``at`` (with gradient, at the sampled pixels only).
+    """
+
+    features: Tensor
+    head: nn.Module
+
+    @property
+    def shape(self) -> torch.Size:
+        """(B, E, *S_e), the shape of the dense embedding."""
+        channels = self.head.readout()[0].shape[0]
+        return torch.Size((self.features.shape[0], channels, *self.features.shape[2:]))
+
+    def embedding(self) -> Tensor:
+        """The dense embedding (B, E, *S_e), not normalised, with gradient: a full pass of the head."""
+        return self.head(self.features)
+
+    def readout(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Detached ``(hidden (B, C, *S_e), weight (E, C), bias (E,))``: the embedding of every pixel is
+        ``weight @ hidden + bias``. Runs the head's k^d conv densely, without gradient."""
+        with torch.no_grad():
+            weight, bias = self.head.readout()
+            return self.head.hidden(self.features.detach()), weight.detach(), bias.detach()
+
+    def at(self, flat_index: Tensor) -> Tensor:
+        """Embeddings at flat (B, *S_e) pixel indices, with gradient: (...) int64 -> (..., E)."""
+        return self.head.at(self.features, flat_index)
 
 
 @dataclass
@@ -17,17 +56,24 @@ class SegmentationOutput:
     deep_supervision: lower-resolution logits (B, K, *ceil(S / stride_l)), finest first; [] when off.
     taps: name -> (B, C_l, *ceil(S / stride_l)) feature maps PDCR reads (``model.tap_info`` describes them);
         {} when ``model.return_features`` is False.
-    embedding: (B, E, *S_e) projection-head output for CCDC, not normalised; None when off or when
-        ``model.return_features`` is False.
     uncertainty: UAFR name -> (B, 1, *ceil(S / stride_l)) normalised entropy in [0, 1], not detached, in
         ``model.uncertainty_names`` order.
+    projection: the CCDC projection head with its input feature (``ProjectionInput``); None when the model
+        has no head or when ``model.return_features`` is False. CCDC takes this, not ``embedding``.
+    embedding (attribute): (B, E, *S_e) projection-head output, not normalised, with gradient; None when
+        ``projection`` is None. Computed on first access (a dense pass of the head, then cached), so a training
+        step whose loss reads only ``projection`` never pays for it.
     """
 
     logits: Tensor
     deep_supervision: list[Tensor]
     taps: dict[str, Tensor]
-    embedding: Tensor | None
     uncertainty: dict[str, Tensor]
+    projection: ProjectionInput | None = None
+
+    @cached_property
+    def embedding(self) -> Tensor | None:
+        return None if self.projection is None else self.projection.embedding()
 
 
 @dataclass(frozen=True)

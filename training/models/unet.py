@@ -26,16 +26,15 @@ from training.models.blocks import (
     check_spatial_dims,
     conv,
     crop_to_grid,
-    norm,
     pad_to_multiple,
     transposed_conv,
 )
-from training.models.output import SegmentationOutput, TapInfo
+from training.models.output import ProjectionInput, SegmentationOutput, TapInfo
 from training.models.receptive_field import Geometry, propagate_geometry
 from training.models.registry import register_model
 from training.models.uafr import UAFR
 
-__all__ = ["UNet", "init_conv_weights"]
+__all__ = ["ProjectionHead", "UNet", "init_conv_weights"]
 
 DEFAULT_STAGES = 6
 DEFAULT_MAX_FEATURES = {2: 512, 3: 320}  # nnU-Net's caps
@@ -50,16 +49,66 @@ def init_conv_weights(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def projection_head(
-    spatial_dims: int, channels: int, out_channels: int, kernel_size, norm_kind: str
-) -> nn.Module:
-    """CCDC projection head: conv k (C -> C) -> norm -> ReLU -> conv 1 (C -> E). Not normalised (the loss does)."""
-    return nn.Sequential(
-        conv(spatial_dims, channels, channels, kernel_size, bias=False),
-        norm(norm_kind, spatial_dims, channels),
-        nn.ReLU(),
-        conv(spatial_dims, channels, out_channels, 1, bias=True),
-    )
+class ProjectionHead(nn.Sequential):
+    """CCDC projection head: conv k (C -> C) -> LeakyReLU -> conv 1 (C -> E), not normalised (the loss does).
+
+    ``forward(x)``: (B, C, *S) -> (B, E, *S). It has no normalisation layer on purpose: instance or batch norm
+    would make every output pixel depend on statistics over the whole map, so the gradient of the few pixels
+    CCDC takes gradients from would reach every pixel. Without it, the head's output at a pixel depends only
+    on the k^d neighbourhood of that pixel, and ``at`` evaluates it there alone, exactly (docs/performance.md,
+    "Losses"). LeakyReLU (0.01, the networks' own), not ReLU: at a pixel where every hidden unit is dead a ReLU
+    head outputs exactly its bias, zero at initialisation, and the L2 normalisation of a zero vector has a
+    1 / eps gradient.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, out_channels: int, kernel_size: int | Sequence[int]):
+        super().__init__(
+            conv(spatial_dims, channels, channels, kernel_size, bias=True),
+            # In place: neither the conv's backward nor the matmul's in ``at`` needs its own output.
+            nn.LeakyReLU(0.01, inplace=True),
+            conv(spatial_dims, channels, out_channels, 1, bias=True),
+        )
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The activation the last 1x1 conv reads: (B, C, *S) -> (B, C, *S)."""
+        return self[1](self[0](x))
+
+    def readout(self) -> tuple[Tensor, Tensor]:
+        """The last 1x1 conv as a matrix: weight (E, C) and bias (E,); the output is ``weight @ hidden + bias``."""
+        last = self[2]
+        return last.weight.flatten(1), last.bias
+
+    def at(self, x: Tensor, flat_index: Tensor) -> Tensor:
+        """``self(x)`` at chosen pixels only, with gradient: x (B, C, *S), flat_index (...) int64 indices into
+        the flattened (B, *S) grid -> (..., E).
+
+        Gathers the k^d neighbourhood of each pixel (zeros outside the grid, as the conv's "same" padding; the
+        conv has stride 1 and no dilation) and applies the conv weights as one matmul, so the cost grows with
+        the number of pixels, not with the map.
+        """
+        first = self[0]
+        spatial = tuple(x.shape[2:])
+        per_image = math.prod(spatial)
+        index = flat_index.reshape(-1)
+        coords = torch.stack(torch.unravel_index(index % per_image, spatial), dim=-1)  # (P, d)
+        # Kernel offsets in the order of the weight's flattened taps (row-major): (k^d, d).
+        offsets = torch.cartesian_prod(*[torch.arange(-p, p + 1, device=x.device) for p in first.padding])
+        neighbours = coords.unsqueeze(1) + offsets.view(-1, len(spatial)).unsqueeze(0)  # (P, k^d, d)
+        size = torch.tensor(spatial, device=x.device)
+        inside = ((neighbours >= 0) & (neighbours < size)).all(-1, keepdim=True)  # (P, k^d, 1)
+        neighbours = torch.minimum(neighbours.clamp_min(0), size - 1)
+        batch = (index // per_image).unsqueeze(1).expand(-1, neighbours.shape[1])  # (P, k^d)
+        # Advanced indices around the channel slice put (P, k^d) first: (P, k^d, C). No copy of x even when
+        # it is a cropped view.
+        patches = x[(batch, slice(None), *neighbours.unbind(-1))]
+        dtype = torch.promote_types(x.dtype, first.weight.dtype)
+        patches = torch.where(inside, patches.to(dtype), 0.0)
+        # (C_out, C_in, *k) -> (C_out, k^d * C_in), taps in the order of ``offsets``.
+        kernel = first.weight.flatten(2).transpose(1, 2).flatten(1)
+        hidden = self[1](patches.flatten(1) @ kernel.t().to(dtype) + first.bias.to(dtype))  # (P, C_out)
+        weight, bias = self.readout()
+        out = hidden @ weight.t().to(dtype) + bias.to(dtype)  # (P, E)
+        return out.reshape(*flat_index.shape, -1)
 
 
 def _resolve_stages(n_stages, features, strides, kernel_sizes) -> int:
@@ -109,11 +158,11 @@ class UNet(nn.Module):
         uafr_m, uafr_hidden, uafr_norm: UAFR hyper-parameters (paper: 2, 16, "batch").
         uafr_kernel_size: kernel of UAFR's first conv; default None = the stage's own kernel (3 by default, the
             paper's best; [1, 3, 3] at anisotropic stages so UAFR does not mix slices the stage keeps apart).
-        projection_dim: CCDC projection head with this many output channels.
+        projection_dim: CCDC projection head (``ProjectionHead``) with this many output channels.
         projection_level: the decoder stage the projection head reads: 1 = decoder1 at full resolution (paper B),
             2 = decoder2 at stride 2 (as ReCo works at a reduced stride), ... The embedding lives on that stage's
             grid; the caller resizes labels and probabilities to it.
-        return_features: when False, taps and embedding are skipped (empty dict / None).
+        return_features: when False, taps and projection are skipped (empty dict / None).
     """
 
     def __init__(
@@ -219,8 +268,8 @@ class UNet(nn.Module):
         self.projection = (
             None
             if projection_dim is None
-            else projection_head(
-                sd, features[projection_level - 1], int(projection_dim), kernel_t[projection_level - 1], norm
+            else ProjectionHead(
+                sd, features[projection_level - 1], int(projection_dim), kernel_t[projection_level - 1]
             )
         )
         init_conv_weights(self)
@@ -296,16 +345,24 @@ class UNet(nn.Module):
             x = site(f"encoder{i + 1}", stage(x))
             skips.append(x)
         deep: list[Tensor] = []
-        embedding = None
+        projection = None
         for i in reversed(range(len(self.decoder))):
             x = self.upsample[i](x)
             x = site(f"decoder{i + 1}", self.decoder[i](torch.cat([x, skips[i]], dim=1)))
             if self.projection is not None and self.return_features and i + 1 == self.projection_level:
                 stride = self._geometry[f"decoder{i + 1}"].stride
-                embedding = crop_to_grid(self.projection(x), spatial, stride)
+                # The head runs later, where it is needed (densely, or at sampled pixels only), on the cropped
+                # map: both ways see the same zero padding at its border.
+                projection = ProjectionInput(crop_to_grid(x, spatial, stride), self.projection)
             if self.deep_supervision_heads and i >= 1:
                 stride = self._geometry[f"decoder{i + 1}"].stride
                 deep.append(crop_to_grid(self.deep_supervision_heads[i - 1](x), spatial, stride))
         ones = (1,) * self.spatial_dims
         logits = crop_to_grid(self.head(x), spatial, ones)
-        return SegmentationOutput(logits, deep[::-1], taps, embedding, uncertainty)
+        return SegmentationOutput(
+            logits=logits,
+            deep_supervision=deep[::-1],
+            taps=taps,
+            projection=projection,
+            uncertainty=uncertainty,
+        )
