@@ -7,8 +7,9 @@ Public API: :func:`to_onnx`, :func:`verify_onnx`, :class:`InferenceWrapper`, plu
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from napari_medcl.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "to_onnx": "export.onnx",
@@ -42,14 +43,4 @@ if TYPE_CHECKING:
     from export.wrapper import InferenceWrapper
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

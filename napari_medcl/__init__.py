@@ -6,8 +6,9 @@ package at start-up) and never pulls in onnxruntime, SimpleITK or torch until th
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from napari_medcl.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -47,14 +48,4 @@ if TYPE_CHECKING:
     from napari_medcl.volume import Prediction, Volume
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_medcl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

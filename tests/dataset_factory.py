@@ -206,3 +206,20 @@ def make_acdc_dataset(
             write_volume(folder / f"{name}.nii.gz", image.astype(np.float32), spacing=spacing)
             write_volume(folder / f"{name}_gt.nii.gz", label, spacing=spacing)
     return root
+
+
+def make_noisy_label_dataset(root: Path) -> Path:
+    """An MSD-style dataset of two 6x14x12 cases (spacing 3 x 1 x 0.5 mm) whose intensities are the labels
+    (background, a, b) plus uniform noise of +-0.2: a nearest-class model segments it exactly."""
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        label = np.zeros((6, 14, 12), dtype=np.uint8)
+        label[1:4, 2:7, 3:8] = 1
+        label[2:5, 8:12, 2:6] = 2
+        image = label.astype(np.float32) + rng.uniform(-0.2, 0.2, label.shape).astype(np.float32)
+        write_volume(root / "imagesTr" / f"c{k}_0000.nii.gz", image, spacing=(3.0, 1.0, 0.5))
+        write_volume(root / "labelsTr" / f"c{k}.nii.gz", label, spacing=(3.0, 1.0, 0.5))
+    (root / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {"0": "MRI"}})
+    )
+    return root

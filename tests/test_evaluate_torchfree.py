@@ -8,9 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from tests.dataset_factory import write_volume
+from tests.dataset_factory import make_noisy_label_dataset
 from tests.onnx_models import nearest_class_model, save
 
 ROOT = Path(__file__).parents[1]
@@ -23,22 +21,6 @@ code = evaluate_main(sys.argv[1:])
 heavy = sorted(m for m in ("torch", "torchvision", "monai") if m in sys.modules)
 print(json.dumps({"code": code, "loaded": heavy}))
 """
-
-
-def _dataset(root: Path) -> Path:
-    """An MSD-style dataset of two cases whose image intensities are the labels plus noise."""
-    rng = np.random.default_rng(0)
-    for k in range(2):
-        label = np.zeros((6, 14, 12), dtype=np.uint8)
-        label[1:4, 2:7, 3:8] = 1
-        label[2:5, 8:12, 2:6] = 2
-        image = label.astype(np.float32) + rng.uniform(-0.2, 0.2, label.shape).astype(np.float32)
-        write_volume(root / "imagesTr" / f"c{k}_0000.nii.gz", image, spacing=(3.0, 1.0, 0.5))
-        write_volume(root / "labelsTr" / f"c{k}.nii.gz", label, spacing=(3.0, 1.0, 0.5))
-    (root / "dataset.json").write_text(
-        json.dumps({"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {"0": "MRI"}})
-    )
-    return root
 
 
 def _run(*args: str) -> tuple[dict, subprocess.CompletedProcess]:
@@ -55,7 +37,7 @@ def _run(*args: str) -> tuple[dict, subprocess.CompletedProcess]:
 
 
 def test_evaluate_onnx_model_never_imports_torch(tmp_path):
-    root = _dataset(tmp_path / "ds")
+    root = make_noisy_label_dataset(tmp_path / "ds")
     model = save(nearest_class_model(3, maps=(), patch=(4, 8, 8)), tmp_path / "m.onnx")
     report, result = _run(str(model), str(root), "--split", "all", "--device", "cpu", "--no-hd95")
     assert report["code"] == 0, result.stderr

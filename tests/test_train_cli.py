@@ -13,12 +13,16 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from napari_medcl.spec import ModelSpec
-from tests.dataset_factory import make_acdc_dataset, make_folder2d_dataset, make_msd_dataset, write_volume
+from tests.dataset_factory import (
+    make_acdc_dataset,
+    make_folder2d_dataset,
+    make_msd_dataset,
+    make_noisy_label_dataset,
+)
 from training.cli import evaluate_main, train_main
 from training.config import load_config
 
@@ -229,18 +233,7 @@ def test_evaluate_checkpoint_matches_validation(msd_run, tmp_path, capsys):
 def test_evaluate_onnx_exact_oracle(tmp_path, capsys):
     from tests.onnx_models import nearest_class_model, save
 
-    root = tmp_path / "ds"
-    rng = np.random.default_rng(0)
-    for k in range(2):
-        label = np.zeros((6, 14, 12), dtype=np.uint8)
-        label[1:4, 2:7, 3:8] = 1
-        label[2:5, 8:12, 2:6] = 2
-        image = label.astype(np.float32) + rng.uniform(-0.2, 0.2, label.shape).astype(np.float32)
-        write_volume(root / "imagesTr" / f"c{k}_0000.nii.gz", image, spacing=(3.0, 1.0, 0.5))
-        write_volume(root / "labelsTr" / f"c{k}.nii.gz", label, spacing=(3.0, 1.0, 0.5))
-    (root / "dataset.json").write_text(
-        json.dumps({"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {"0": "MRI"}})
-    )
+    root = make_noisy_label_dataset(tmp_path / "ds")
     model = save(nearest_class_model(3, maps=(), patch=(4, 8, 8)), tmp_path / "m.onnx")
     assert (
         evaluate_main(

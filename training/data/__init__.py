@@ -11,8 +11,9 @@ The names below are imported on first use: only ``sampling`` and ``augmentation`
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from napari_medcl.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "AugmentationConfig": "training.data.config",
@@ -44,14 +45,4 @@ if TYPE_CHECKING:
     from training.data.sampling import PatchDataset
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'training.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
