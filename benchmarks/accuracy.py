@@ -276,8 +276,9 @@ def command_run(args: argparse.Namespace) -> int:
     done = _done(work, args.dims)
     todo = [k for k in keys if k.name() not in done]
     print(f"{len(keys)} run(s) in this shard, {len(keys) - len(todo)} done already", flush=True)
+    revision = _revision()  # the code this process loaded, whatever is committed while it runs
     for i, key in enumerate(todo, 1):
-        record = run_one(key, source, work) | {"revision": _revision(), "threads": args.threads}
+        record = run_one(key, source, work) | {"revision": revision, "threads": args.threads}
         line = json.dumps(record, sort_keys=True) + "\n"
         with open(_results_path(work, args.dims), "a", encoding="utf-8") as f:
             f.write(line)  # one short O_APPEND write per run: shards never interleave inside a line

@@ -27,7 +27,8 @@ def normalize(array: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
     ``ct``: clip to [clip_low, clip_high], then (x - mean) / std with the spec's fixed mean and std.
     ``percentile``: clip to the image's ``low`` and ``high`` percentiles (0-100), then z-score.
     ``rescale``: map the image's ``low`` and ``high`` percentiles (0-100) to 0 and 1, without clipping (robust
-    min-max, for MR whose tissue mix changes the mean and std of a field of view but barely its intensity range).
+    min-max, for MR whose tissue mix changes the mean and std of a field of view but barely its intensity range);
+    with ``"use_nonzero_mask": true`` as for zscore: statistics from the mask, 0 outside it.
     ``none``: a float32 copy. std is floored at 1e-8 everywhere, so constant images give zeros.
     ``per_channel``: ``"channels"`` lists one of the above per channel (e.g. CT + MR inputs); a channel's
     non-zero mask then comes from that channel alone.
@@ -68,7 +69,8 @@ def normalize(array: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
             raise ValueError(f"unknown normalization kind {kind!r}")
         channel -= np.float32(mean)
         channel *= np.float32(1.0 / max(std, STD_FLOOR))
-        if mask is not None and kind == "zscore":
+        if mask is not None and kind in ("zscore", "rescale"):
+            # Outside the mask is what windows are padded with (0), as in training's crops: no third value.
             channel[~mask] = 0
     return out
 

@@ -1,6 +1,6 @@
 """Export a trained checkpoint with verification and bundle it in ``napari_medcl/models/`` with its manifest entry.
 
-    .venv/bin/python scripts/bundle_model.py runs/default-brain-tissue-2d/checkpoint_best.pt \
+    .venv/bin/python scripts/bundle_model.py runs/brain-tissue-2d/checkpoint_last.pt \
         --name brain-tissue-2d --recipe training/configs/default-brain-tissue-2d.yaml [--default]
 
 The manifest records the file, its SHA-256 (the engine checks it before loading), a summary of the spec, the
@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    best = state["best"]
+    epoch = int(state["epoch"])
+    own = next((r["val"] for r in history if r.get("epoch") == epoch and r.get("val")), None)
+    # The checkpoint's own validation, not the run's best epoch: they differ when bundling checkpoint_last.
+    validation = {"epoch": epoch, "mean_dice": own["mean_dice"], "dice": own["dice"]} if own else None
     entry = {
         "name": args.name,
         "file": target.name,
@@ -65,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads)",
         "epochs_to_this_checkpoint": len(history),
         "wall_seconds": round(sum(record["seconds"] for record in history), 1),
-        "checkpoint_epoch": int(state["epoch"]),
-        "validation": best,
+        "checkpoint_epoch": epoch,
+        "validation": validation,
     }
     if args.held_out:
         entry["held_out"] = args.held_out

@@ -51,7 +51,7 @@ __all__ = ["DatasetInfo", "PreparedCase", "prepare_dataset", "split_cases", "sub
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 # Spacings within this relative difference of the target count as equal: no resampling (as in inference).
 SPACING_RTOL = 1e-3
 CT_PERCENTILES = (0.5, 99.5)
