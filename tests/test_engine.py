@@ -209,3 +209,16 @@ def test_physical_cores():
     assert _count_cpu_list("0") == 1
     assert _count_cpu_list("0,4\n") == 2
     assert _count_cpu_list("0-3,8-11") == 8
+
+
+def test_shipped_models_load_under_their_manifest_checksum():
+    """What `make demo` and `--model NAME` rely on: every bundled model loads (SHA-256 checked) and matches
+    its manifest entry; the default is one of them; each is under the 10 MB budget."""
+    models = bundled_models()
+    assert models, "no bundled model in napari_medcl/models"
+    assert default_model_name() in {m["name"] for m in models}
+    for entry in models:
+        loaded = load_model(entry["name"], device="cpu")
+        assert loaded.sha256 == entry["sha256"]
+        assert loaded.spec.summary() == entry["summary"]
+        assert entry["bytes"] < 10 * 1024 * 1024
