@@ -135,6 +135,8 @@ def predict_iter(
     timings["load_model"] = time.perf_counter() - t
     spec = loaded.spec
     t = time.perf_counter()
+    box = _nonzero_box(volume, spec)
+    full_volume, volume = volume, volume if box is None else volume.crop(box)
     prepared = _prepare(volume, spec, max_voxels=max_voxels, max_bytes=max_bytes)
     timings["preprocess"] = time.perf_counter() - t
     yield Progress(1, 1, "preprocess", elapsed())
@@ -150,13 +152,16 @@ def predict_iter(
     yield Progress(0, 1, "postprocess", elapsed())
     t = time.perf_counter()
     prediction_arrays = _postprocess(stitched, volume, prepared, spec, return_probabilities)
+    if box is not None:
+        prediction_arrays = _uncrop(prediction_arrays, box, full_volume.spatial_shape)
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = elapsed()
     provenance = _provenance(
-        volume, loaded, prepared, device=device, overlap=overlap, tta=tta, batch_size=batch_size,
+        full_volume, loaded, prepared, device=device, overlap=overlap, tta=tta, batch_size=batch_size,
         windows=windows, timings=timings,
     )  # fmt: skip
-    prediction = _as_prediction(volume, spec, prediction_arrays, provenance)
+    provenance["nonzero_box"] = None if box is None else [[b.start, b.stop] for b in box]
+    prediction = _as_prediction(full_volume, spec, prediction_arrays, provenance)
     yield Progress(1, 1, "postprocess", elapsed())
     yield prediction
 
@@ -219,6 +224,52 @@ def _cancel_check(cancel: Any) -> Callable[[], bool]:
     if callable(cancel):
         return cancel
     raise TypeError(f"cancel must be a threading.Event or a callable, got {type(cancel).__name__}")
+
+
+def _nonzero_box(volume: Volume, spec: ModelSpec) -> tuple[slice, ...] | None:
+    """The box of non-zero voxels (any channel) when the model normalises over the non-zero mask, else None.
+
+    Such a model was trained on cases cropped to that box (nnU-Net's preprocessing, and ``medcl-train``'s with
+    ``crop_nonzero``): it runs on the same crop here, and everything outside is background. None also when
+    the box is the whole image, or when there is no non-zero voxel."""
+    norm = spec.normalization
+    masks = (
+        [c.get("use_nonzero_mask", False) for c in norm["channels"]]
+        if norm.get("kind") == "per_channel"
+        else [norm.get("use_nonzero_mask", False)]
+    )
+    if not any(masks):
+        return None
+    array = volume.array if volume.channel_axis else volume.array[None]
+    nonzero = np.any(array != 0, axis=0)
+    box = []
+    for axis in range(nonzero.ndim):
+        hits = np.flatnonzero(np.any(nonzero, axis=tuple(a for a in range(nonzero.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    if all(b.start == 0 and b.stop == n for b, n in zip(box, nonzero.shape)):
+        return None
+    return tuple(box)
+
+
+def _uncrop(
+    arrays: dict[str, np.ndarray | None], box: tuple[slice, ...], shape: tuple[int, ...]
+) -> dict[str, np.ndarray | None]:
+    """Outputs of the cropped image placed on the whole grid ``shape``: background outside the box (label 0,
+    probability 1 for class 0, zero entropy and uncertainty)."""
+    out: dict[str, np.ndarray | None] = {}
+    for key, array in arrays.items():
+        if array is None:
+            out[key] = None
+            continue
+        channels = key in ("maps", "probabilities")
+        full = np.zeros((array.shape[0], *shape) if channels else shape, dtype=array.dtype)
+        if key == "probabilities":
+            full[0] = 1.0
+        full[(slice(None), *box) if channels else box] = array
+        out[key] = full
+    return out
 
 
 def _as_channels_3d(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:

@@ -351,3 +351,33 @@ def test_resample_identity_is_a_copy():
 def test_spec_helper_defaults():
     spec = make_spec()
     assert spec.normalization == {"kind": "none"} and spec.patch_size == (8, 8, 8)
+
+
+def test_a_nonzero_mask_model_runs_on_the_nonzero_box_and_outside_is_background(tmp_path):
+    """A model normalised over the non-zero mask was trained on crops to that box (crop_nonzero): inference
+    crops the same way, and every voxel outside the box is background."""
+    image = np.zeros((10, 14, 12), np.float32)
+    image[3:8, 2:11, 4:9] = np.random.default_rng(0).uniform(0.1, 1.0, (5, 9, 5))
+    volume = _volume(image, spacing=(2.0, 1.0, 0.5), origin=(1.0, 2.0, 3.0), direction=OBLIQUE)
+    # Everything above -0.5 is class 1, so the zeros around the box would be class 1 without the crop.
+    masked = load_model(
+        save(pointwise_model(threshold=-0.5, patch=(4, 8, 8), normalization={"kind": "none", "use_nonzero_mask": True}),
+             tmp_path / "masked.onnx"),
+        device="cpu",
+    )  # fmt: skip
+    plain = load_model(
+        save(pointwise_model(threshold=-0.5, patch=(4, 8, 8)), tmp_path / "plain.onnx"), device="cpu"
+    )
+    inside = np.zeros(image.shape, bool)
+    inside[3:8, 2:11, 4:9] = True
+    prediction = predict(volume, masked, return_probabilities=True)
+    np.testing.assert_array_equal(prediction.labels.array, inside.astype(np.uint8))
+    assert prediction.labels.same_geometry(volume)
+    assert prediction.provenance["nonzero_box"] == [[3, 8], [2, 11], [4, 9]]
+    probabilities = prediction.probabilities.array
+    assert (probabilities[0][~inside] == 1).all() and (probabilities[1][~inside] == 0).all()
+    assert (prediction.entropy.array[~inside] == 0).all() and (
+        prediction.uafr_uncertainty.array[~inside] == 0
+    ).all()
+    assert (predict(volume, plain).labels.array == 1).all()
+    assert predict(volume, plain).provenance["nonzero_box"] is None
