@@ -1570,17 +1570,18 @@ def write_image(volume: Volume, path: str | Path) -> Path:
         except RuntimeError as error:
             reason = f"cannot write: {_itk_reason(error, temp, path.name)}"
             raise OutputError(path, _disk_full_hint(path, volume, reason)) from None
-        _check_written(sitk, image, temp, fmt, path)
-        _check_voxels(sitk, image, temp, fmt, path, volume)
+        reader = _check_written(sitk, image, temp, fmt, path)
+        _check_voxels(sitk, image, reader, temp, fmt, path, volume)
     return path
 
 
-def _check_voxels(sitk: Any, image: Any, temp: Path, fmt: _Format, path: Path, volume: Volume) -> None:
+def _check_voxels(
+    sitk: Any, image: Any, reader: Any, temp: Path, fmt: _Format, path: Path, volume: Volume
+) -> None:
     """Read the written file back whole: it must give the voxels written (JPEG: only read; it is lossy).
 
     ITK's NIfTI writer ignores a full disk (niftilib prints "wrote only N of M bytes" and carries on), leaving
     a cut file behind that only a full read finds."""
-    reader = _read_header(sitk, temp, fmt.image_io, _extension(path))
     try:
         written = _read_voxels(reader, temp, _extension(path))
     except InputError as error:
@@ -1660,9 +1661,9 @@ def _check_picture(fmt: _Format, path: Path, array: np.ndarray, spatial_dims: in
     )
 
 
-def _check_written(sitk: Any, image: Any, temp: Path, fmt: _Format, path: Path) -> None:
+def _check_written(sitk: Any, image: Any, temp: Path, fmt: _Format, path: Path) -> Any:
     """Read the written header back: a format that cannot hold the geometry or pixel type is an error,
-    never a silently misplaced mask."""
+    never a silently misplaced mask. Returns the reader, ready to read the voxels."""
     try:
         written = _read_header(sitk, temp, fmt.image_io, _extension(path))
     except InputError as error:
@@ -1696,6 +1697,7 @@ def _check_written(sitk: Any, image: Any, temp: Path, fmt: _Format, path: Path) 
                 f"{fmt.name.upper()} cannot store this {name}{why}: {_fmt(want)} would read back as "
                 f"{_fmt(have)}; write {others} instead",
             )
+    return written
 
 
 def _describe(header: tuple[Sequence[int], int, str]) -> str:

@@ -23,7 +23,7 @@ from napari_medcl import __version__
 from napari_medcl.engine import LoadedModel, default_model_name, load_model
 from napari_medcl.errors import Cancelled, InputError, PredictionError
 from napari_medcl.io import MAX_BYTES, MAX_VOXELS
-from napari_medcl.preprocess import normalize, resample_linear, resampled_shape
+from napari_medcl.preprocess import mask_box, normalize, resample_linear, resampled_shape
 from napari_medcl.spec import ModelSpec
 from napari_medcl.tiling import (
     Accumulator,
@@ -241,16 +241,10 @@ def _nonzero_box(volume: Volume, spec: ModelSpec) -> tuple[slice, ...] | None:
     if not any(masks):
         return None
     array = volume.array if volume.channel_axis else volume.array[None]
-    nonzero = np.any(array != 0, axis=0)
-    box = []
-    for axis in range(nonzero.ndim):
-        hits = np.flatnonzero(np.any(nonzero, axis=tuple(a for a in range(nonzero.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    if all(b.start == 0 and b.stop == n for b, n in zip(box, nonzero.shape)):
+    box = mask_box(np.any(array != 0, axis=0))
+    if box is None or all(b.start == 0 and b.stop == n for b, n in zip(box, volume.spatial_shape)):
         return None
-    return tuple(box)
+    return box
 
 
 def _uncrop(

@@ -75,6 +75,17 @@ def normalize(array: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
     return out
 
 
+def mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of the True voxels of ``mask`` (*S), one slice per axis; None when there is none."""
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
 def _mean_std(x: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
     """Mean and standard deviation of ``x`` (over ``mask`` when given), in float64, one chunk at a time."""
     rows = max(1, _CHUNK_VOXELS // max(1, math.prod(x.shape[1:])))

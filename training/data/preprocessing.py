@@ -29,6 +29,7 @@ import numpy as np
 
 from napari_medcl.preprocess import (
     grid_coordinates,
+    mask_box,
     normalize,
     resample_linear,
     resampled_origin,
@@ -248,14 +249,7 @@ def subsample_cases(cases: list[CaseFiles], fraction: float, seed: int) -> list[
 def nonzero_box(image: np.ndarray, label: np.ndarray) -> tuple[slice, ...] | None:
     """Bounding box of voxels where any channel of ``image`` (C, *S) is non-zero or ``label`` (*S) is
     foreground; None when there is none."""
-    mask = np.any(image != 0, axis=0) | (label > 0)  # (*S)
-    if not mask.any():
-        return None
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
+    return mask_box(np.any(image != 0, axis=0) | (label > 0))
 
 
 def resample_nearest(label: np.ndarray, out_shape: tuple[int, ...], scales: tuple[float, ...]) -> np.ndarray:
