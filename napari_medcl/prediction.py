@@ -386,7 +386,6 @@ def _postprocess(
             "labels": stitched.labels,
             "entropy": stitched.entropy,
             "maps": stitched.maps,
-            "uafr_mean": stitched.uafr_mean,
             "probabilities": stitched.probabilities,
         }
     else:
@@ -411,7 +410,6 @@ def _postprocess(
             "labels": labels,
             "entropy": entropy,
             "maps": maps,
-            "uafr_mean": maps.mean(axis=0) if spec.uncertainty_maps else None,
             "probabilities": probabilities,
         }
     if volume.spatial_dims == 2:  # drop the depth-1 axis again
@@ -434,7 +432,9 @@ def _as_prediction(
     return Prediction(
         labels=on_grid(arrays["labels"]),
         entropy=on_grid(arrays["entropy"]),
-        uafr_uncertainty=None if arrays["uafr_mean"] is None else on_grid(arrays["uafr_mean"]),
+        # The block nearest the output (maps are in network order) sees the decision itself, at full
+        # resolution: its map marks the voxels the network hesitates on, where deeper blocks' maps are flat.
+        uafr_uncertainty=on_grid(maps[-1].copy()) if len(spec.uncertainty_maps) else None,
         uncertainty_maps={name: on_grid(maps[i]) for i, name in enumerate(spec.uncertainty_maps)},
         probabilities=None if arrays["probabilities"] is None else on_grid(arrays["probabilities"], True),
         provenance=provenance,

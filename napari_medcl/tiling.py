@@ -138,14 +138,12 @@ class StitchResult:
     """Outputs of an :class:`Accumulator` over the crop region ``S = (Z, Y, X)``.
 
     ``labels`` (S) uint8/uint16 and ``entropy`` (S) float32 when the accumulator reduced, else None;
-    ``maps`` (U, *S) float32 UAFR maps (U may be 0); ``uafr_mean`` (S) float32 mean of the maps, None when
-    U == 0 or without reduction; ``probabilities`` (K, *S) float32 when kept, else None.
+    ``maps`` (U, *S) float32 UAFR maps (U may be 0); ``probabilities`` (K, *S) float32 when kept, else None.
     """
 
     labels: np.ndarray | None
     entropy: np.ndarray | None
     maps: np.ndarray
-    uafr_mean: np.ndarray | None
     probabilities: np.ndarray | None
 
 
@@ -199,7 +197,6 @@ class Accumulator:
         self.labels = np.zeros(out_shape, dtype=label_dtype(num_classes)) if reduce else None
         self.entropy = np.zeros(out_shape, dtype=np.float32) if reduce else None
         self.maps = np.zeros((num_maps, *out_shape), dtype=np.float32)
-        self.uafr_mean = np.zeros(out_shape, dtype=np.float32) if reduce and num_maps else None
         keep = keep_probabilities or not reduce
         self.probabilities = np.zeros((num_classes, *out_shape), dtype=np.float32) if keep else None
         self._finished = False
@@ -286,8 +283,6 @@ class Accumulator:
                 pass
         for u in range(self.num_maps):
             np.multiply(self._sums[(k + u, *region)], inverse, out=self.maps[u, out_rows])
-        if self.uafr_mean is not None:
-            np.mean(self.maps[:, out_rows], axis=0, out=self.uafr_mean[out_rows])
 
     def finish(self) -> StitchResult:
         """Reduce the remaining rows and return the outputs over the crop region."""
@@ -295,4 +290,4 @@ class Accumulator:
             self.finalize(self.shape[0])
             self._finished = True
             self._sums = self._weights = None  # free the working buffer
-        return StitchResult(self.labels, self.entropy, self.maps, self.uafr_mean, self.probabilities)
+        return StitchResult(self.labels, self.entropy, self.maps, self.probabilities)

@@ -124,7 +124,8 @@ class Prediction:
     """Everything one inference returns, on the input's voxel grid.
 
     ``labels``: uint8 (uint16 above 255 classes) argmax of the stitched probabilities.
-    ``uafr_uncertainty``: float32 in [0, 1], the mean of the model's UAFR maps (None when the model has none).
+    ``uafr_uncertainty``: float32 in [0, 1], the map of the UAFR block nearest the output, the last of
+    ``uncertainty_maps`` (None when the model has none); every block's map is in ``uncertainty_maps``.
     ``uncertainty_maps``: each UAFR map by its name in ``ModelSpec.uncertainty_maps``.
     ``entropy``: float32 in [0, 1], normalised predictive entropy of the stitched probabilities.
     ``probabilities``: float32 (K, *S) when asked for, else None.

@@ -156,7 +156,6 @@ def test_accumulator_slab_reduction_equals_direct_computation(
     p_ref, m_ref = expected[:k], expected[k:]
     np.testing.assert_allclose(result.probabilities, p_ref, atol=2e-6)
     np.testing.assert_allclose(result.maps, m_ref, atol=2e-6)
-    np.testing.assert_allclose(result.uafr_mean, m_ref.mean(0), atol=2e-6)
     margin = np.sort(p_ref, axis=0)[-1] - np.sort(p_ref, axis=0)[-2]
     clear = margin > 1e-4
     np.testing.assert_array_equal(result.labels[clear], p_ref.argmax(0)[clear])
@@ -178,7 +177,7 @@ def test_accumulator_without_reduction_keeps_probabilities_only():
     for box in window_boxes(shape, window, 0.5):
         acc.add(box, np.full((2, *window), 0.5, np.float32))
     result = acc.finish()
-    assert result.labels is None and result.entropy is None and result.uafr_mean is None
+    assert result.labels is None and result.entropy is None
     assert result.maps.shape == (0, *shape)
     np.testing.assert_allclose(result.probabilities, 0.5, rtol=1e-6)
 
