@@ -1,10 +1,14 @@
-"""Accuracy benchmark: CE + Dice against + UAFR, + PDCR, + PDCR + UAFR, + CCDC, + CCDC + UAFR on MNI152 tissue.
+"""Accuracy benchmark: CE + Dice against + UAFR, + PDCR, + PDCR + UAFR, + CCDC, + CCDC + UAFR on MNI152 tissue,
+and a tiny binary lesion table on the pyradiomics MRI cases.
 
     .venv/bin/medcl-data build mni152-tissue -o data/mni152-tissue
     .venv/bin/python benchmarks/accuracy.py run --dims 2            # every fold, seed, regime and arm
     .venv/bin/python benchmarks/accuracy.py run --dims 2 --shard 0/2 & \\
         .venv/bin/python benchmarks/accuracy.py run --dims 2 --shard 1/2   # two processes share the runs
     .venv/bin/python benchmarks/accuracy.py report --dims 2         # the Markdown tables of docs/benchmarks.md
+    .venv/bin/medcl-data build pyradiomics-lesions -o data/pyradiomics-lesions
+    .venv/bin/python benchmarks/accuracy.py run --task lesions      # leave-one-case-out, 2D
+    .venv/bin/python benchmarks/accuracy.py report --task lesions
 
 Protocol. The dataset's five contiguous axial blocks (6 mm apart, so no test slice lies within 5 mm of a
 training slice) are the folds, numbered as training numbers them: each fold trains on four blocks and tests on
@@ -15,6 +19,11 @@ training block, 4 slices; in 3D the central 5 slices of the training block with 
 last checkpoint is tested (no model selection on the test block) through the product's own sliding-window path,
 on the clean block and on a perturbed copy (smooth multiplicative bias field and Gaussian noise inside the
 brain, seeded per fold). Results go to one JSON line per run, so a stopped benchmark picks up where it was.
+
+The lesion task (``--task lesions``, 2D only) runs the same arms on the three MRI cases of the pyradiomics
+sdist (two brain scans and one breast scan, one lesion each), leave-one-case-out, at their own in-plane
+spacing, in the full regime only (budget in ``benchmarks/configs/accuracy-lesions.yaml``). Three cases are far
+too few to train a lesion model: the table says what the methods do in that extreme, nothing more.
 """
 
 from __future__ import annotations
@@ -41,8 +50,32 @@ ARMS: dict[str, tuple[str, ...]] = {
     "+CCDC+UAFR": ("loss.ccdc.enabled=true", "model.uafr.enabled=true"),
 }
 REGIMES = ("limited", "full")
-CLASSES = ("CSF", "GM", "WM")
-FACTOR = 2  # the benchmark runs on a 2 mm grid (block means of the 1 mm template): a CPU budget
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One benchmark dataset: its classes (background excluded), folds, regimes and grid."""
+
+    name: str
+    classes: tuple[str, ...]
+    data: str  # default dataset folder
+    builder: str  # the ``medcl-data build`` name that writes it
+    num_folds: int
+    regimes: tuple[str, ...]
+    dims: tuple[int, ...]
+    factor: int  # the grid is this many times coarser than the dataset's (block means)
+
+
+TASKS = {
+    # The tissue benchmark runs on a 2 mm grid (block means of the 1 mm template): a CPU budget.
+    "tissue": Task(
+        "tissue", ("CSF", "GM", "WM"), "data/mni152-tissue", "mni152-tissue", 5, REGIMES, (2, 3), 2
+    ),
+    # Five folds of three cases would leave folds empty: one fold per case, leave-one-case-out.
+    "lesions": Task(
+        "lesions", ("lesion",), "data/pyradiomics-lesions", "pyradiomics-lesions", 3, ("full",), (2,), 1
+    ),
+}
 LIMITED_SLICES = {2: 1, 3: 5}
 PERTURB_NOISE = 0.04  # noise sd as a share of the brain's 99.5th percentile
 PERTURB_BIAS = 0.3  # bias field: exp of a random quadratic with coefficients up to this
@@ -64,7 +97,7 @@ def _write(volume, path: Path) -> None:
     write_image(volume, path)
 
 
-def _blocks(root: Path) -> list[str]:
+def _cases(root: Path) -> list[str]:
     return sorted(p.name[: -len("_0000.nii.gz")] for p in (root / "imagesTr").glob("*_0000.nii.gz"))
 
 
@@ -101,33 +134,44 @@ def perturb(volume, seed: int):
     scale = float(np.percentile(a[brain], 99.5))
     out = a * np.exp(log_field).astype(np.float32)
     out += rng.normal(0.0, PERTURB_NOISE * scale, a.shape).astype(np.float32)
-    out[~brain] = 0  # still skull-stripped
+    out[~brain] = 0  # still skull-stripped (a scan with a non-zero background: the whole image is "brain")
     out[brain] = np.maximum(out[brain], 1e-3 * scale)  # noise must not carve holes in the brain mask
     return volume.with_array(out)
 
 
 def fold_dataset(
-    source: Path, work: Path, dims: int, fold: int, regime: str, factor: int
+    source: Path, work: Path, dims: int, fold: int, regime: str, task: Task = TASKS["tissue"]
 ) -> tuple[Path, str]:
-    """The MSD folder for one fold and regime (written once) and the id of its test block."""
+    """The MSD folder for one fold and regime (written once) and the id of its test case (block)."""
     from training.data.layouts import discover
     from training.data.preprocessing import split_cases
 
-    blocks = _blocks(source)
-    # The same folds as training's (5 folds, split seed 12345): fold 0 holds out the block the default models
+    blocks = _cases(source)
+    # The same folds as training's (split seed 12345): tissue fold 0 holds out the block the default models
     # are validated on.
     _, held_out = split_cases(
-        list(discover("msd", source).cases), fold=fold, num_folds=5, val_fraction=None, split_seed=12345
+        list(discover("msd", source).cases),
+        fold=fold,
+        num_folds=task.num_folds,
+        val_fraction=None,
+        split_seed=12345,
     )
+    if len(held_out) != 1:
+        raise ValueError(f"{source}: fold {fold} holds out {len(held_out)} cases, expected one")
     test = held_out[0].case_id
-    root = work / "data" / f"{dims}d-fold{fold}-{regime}"
+    prefix = "" if task.name == "tissue" else f"{task.name}-"
+    root = work / "data" / f"{prefix}{dims}d-fold{fold}-{regime}"
     if (root / "dataset.json").is_file():
         return root, test
     meta = json.loads((source / "dataset.json").read_text())
+
+    def on_grid(volume, labels: bool):
+        return volume if task.factor == 1 else downsample(volume, task.factor, labels=labels)
+
     cases = {
         b: (
-            downsample(_read(source / "imagesTr" / f"{b}_0000.nii.gz"), factor, labels=False),
-            downsample(_read(source / "labelsTr" / f"{b}.nii.gz"), factor, labels=True),
+            on_grid(_read(source / "imagesTr" / f"{b}_0000.nii.gz"), False),
+            on_grid(_read(source / "labelsTr" / f"{b}.nii.gz"), True),
         )
         for b in blocks
     }
@@ -159,16 +203,25 @@ class RunKey:
     fold: int
     seed: int
     arm: str
+    task: str = "tissue"
 
     def name(self) -> str:
         arm = self.arm.replace("+", "plus-").strip("-").lower()
-        return f"{self.dims}d/{self.regime}/fold{self.fold}/{arm}/seed{self.seed}"
+        prefix = "" if self.task == "tissue" else f"{self.task}/"
+        return f"{prefix}{self.dims}d/{self.regime}/fold{self.fold}/{arm}/seed{self.seed}"
 
 
-def plan(dims: int, folds: Sequence[int], seeds: Sequence[int], regimes: Sequence[str], arms: Sequence[str]):
+def plan(
+    dims: int,
+    folds: Sequence[int],
+    seeds: Sequence[int],
+    regimes: Sequence[str],
+    arms: Sequence[str],
+    task: str = "tissue",
+):
     """Runs in the order that fills every table cell evenly: fold and seed outermost, arms innermost."""
     return [
-        RunKey(dims, regime, fold, seed, arm)
+        RunKey(dims, regime, fold, seed, arm, task)
         for fold in folds
         for seed in seeds
         for regime in regimes
@@ -176,12 +229,12 @@ def plan(dims: int, folds: Sequence[int], seeds: Sequence[int], regimes: Sequenc
     ]
 
 
-def _results_path(work: Path, dims: int) -> Path:
-    return work / f"results-{dims}d.jsonl"
+def _results_path(work: Path, dims: int, task: str = "tissue") -> Path:
+    return work / (f"results-{dims}d.jsonl" if task == "tissue" else f"results-{task}.jsonl")
 
 
-def load_results(work: Path, dims: int) -> list[dict]:
-    path = _results_path(work, dims)
+def load_results(work: Path, dims: int, task: str = "tissue") -> list[dict]:
+    path = _results_path(work, dims, task)
     if not path.is_file():
         return []
     out = []
@@ -191,11 +244,11 @@ def load_results(work: Path, dims: int) -> list[dict]:
     return out
 
 
-def _done(work: Path, dims: int) -> set[str]:
-    return {r["run"] for r in load_results(work, dims)}
+def _done(work: Path, dims: int, task: str) -> set[str]:
+    return {r["run"] for r in load_results(work, dims, task)}
 
 
-def score(model_path: Path, image_path: Path, label) -> dict:
+def score(model_path: Path, image_path: Path, label, classes: Sequence[str]) -> dict:
     from napari_medcl.prediction import predict
     from training.cli import load_checkpoint_model
     from training.metrics import evaluate_case
@@ -203,7 +256,7 @@ def score(model_path: Path, image_path: Path, label) -> dict:
     loaded, _ = load_checkpoint_model(model_path, "cpu")
     volume = _read(image_path)
     labels = predict(volume, loaded).labels.array
-    metrics = evaluate_case(labels, label.array, ("background", *CLASSES), spacing=volume.spacing)
+    metrics = evaluate_case(labels, label.array, ("background", *classes), spacing=volume.spacing)
     return {"dice": metrics.dice, "hd95": metrics.hd95}
 
 
@@ -211,7 +264,8 @@ def run_one(key: RunKey, source: Path, work: Path) -> dict:
     from training.config import load_config
     from training.engine import train
 
-    root, test = fold_dataset(source, work, key.dims, key.fold, key.regime, FACTOR)
+    task = TASKS[key.task]
+    root, test = fold_dataset(source, work, key.dims, key.fold, key.regime, task)
     out = work / "runs" / key.name()
     overrides = [
         f"data.root={root}",
@@ -221,13 +275,14 @@ def run_one(key: RunKey, source: Path, work: Path) -> dict:
         f"output.dir={out}",
         *ARMS[key.arm],
     ]
-    cfg = load_config(HERE / "configs" / f"accuracy-{key.dims}d.yaml", overrides)
+    base = f"accuracy-{key.dims}d.yaml" if key.task == "tissue" else f"accuracy-{key.task}.yaml"
+    cfg = load_config(HERE / "configs" / base, overrides)
     started = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - started
     label = _read(root / "labelsTr" / f"{test}.nii.gz")
-    clean = score(result.last_checkpoint, root / "imagesTr" / f"{test}_0000.nii.gz", label)
-    noisy = score(result.last_checkpoint, root / "perturbed" / f"{test}_0000.nii.gz", label)
+    clean = score(result.last_checkpoint, root / "imagesTr" / f"{test}_0000.nii.gz", label, task.classes)
+    noisy = score(result.last_checkpoint, root / "perturbed" / f"{test}_0000.nii.gz", label, task.classes)
     for checkpoint in out.glob("checkpoint_*.pt"):
         checkpoint.unlink()  # kept out of the way: the figures are in the results file
     return {
@@ -262,27 +317,30 @@ def _revision() -> str | None:
 def command_run(args: argparse.Namespace) -> int:
     import torch
 
+    task = TASKS[args.task]
     torch.set_num_threads(args.threads)
-    work, source = Path(args.work), Path(args.data)
+    work, source = Path(args.work), Path(args.data or task.data)
     if not (source / "dataset.json").is_file():
         print(
-            f"{source}: no dataset; build it with `medcl-data build mni152-tissue -o {source}`",
+            f"{source}: no dataset; build it with `medcl-data build {task.builder} -o {source}`",
             file=sys.stderr,
         )
         return 1
-    keys = plan(args.dims, args.folds, args.seeds, args.regimes, args.arms)
+    folds = range(task.num_folds) if args.folds is None else args.folds
+    regimes = task.regimes if args.regimes is None else args.regimes
+    keys = plan(args.dims, folds, args.seeds, regimes, args.arms, task.name)
     index, count = (int(x) for x in args.shard.split("/"))
     keys = keys[index::count]
-    done = _done(work, args.dims)
+    done = _done(work, args.dims, task.name)
     todo = [k for k in keys if k.name() not in done]
     print(f"{len(keys)} run(s) in this shard, {len(keys) - len(todo)} done already", flush=True)
     revision = _revision()  # the code this process loaded, whatever is committed while it runs
     for i, key in enumerate(todo, 1):
         record = run_one(key, source, work) | {"revision": revision, "threads": args.threads}
         line = json.dumps(record, sort_keys=True) + "\n"
-        with open(_results_path(work, args.dims), "a", encoding="utf-8") as f:
+        with open(_results_path(work, args.dims, task.name), "a", encoding="utf-8") as f:
             f.write(line)  # one short O_APPEND write per run: shards never interleave inside a line
-        clean = np.mean([record["clean"]["dice"][c] for c in CLASSES])
+        clean = _mean_dice(record, "clean", task.classes)
         print(
             f"[{i}/{len(todo)}] {key.name()}: mean Dice {clean:.4f}, {record['train_seconds']:.0f} s",
             flush=True,
@@ -293,8 +351,8 @@ def command_run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- report
 
 
-def _mean_dice(record: dict, column: str) -> float:
-    return float(np.mean([record[column]["dice"][c] for c in CLASSES]))
+def _mean_dice(record: dict, column: str, classes: Sequence[str]) -> float:
+    return float(np.mean([record[column]["dice"][c] for c in classes]))
 
 
 def _pm(values: Sequence[float], digits: int = 3) -> str:
@@ -305,12 +363,14 @@ def _pm(values: Sequence[float], digits: int = 3) -> str:
     return f"{np.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-def report(records: Sequence[dict], dims: int) -> str:
+def report(records: Sequence[dict], dims: int, task: Task = TASKS["tissue"]) -> str:
     """Markdown tables: per regime, one row per arm (mean ± sd over seeds of the fold-averaged scores)."""
     from scipy.stats import wilcoxon
 
+    classes = task.classes
+    title = f"{dims}D" if task.name == "tissue" else f"{task.name.capitalize()}, {dims}D, leave-one-case-out"
     lines = []
-    for regime in REGIMES:
+    for regime in task.regimes:
         rows = [r for r in records if r["regime"] == regime and r["dims"] == dims]
         arms = sorted({r["arm"] for r in rows})
         seeds = sorted({r["seed"] for r in rows})
@@ -326,14 +386,16 @@ def report(records: Sequence[dict], dims: int) -> str:
         left_out = [f for f in started if f not in folds]
         note = f"; fold(s) {', '.join(map(str, left_out))} incomplete, left out" if left_out else ""
         lines.append(
-            f"\n#### {dims}D, {regime} labels (folds {', '.join(map(str, folds))}; "
+            f"\n#### {title}, {regime} labels (folds {', '.join(map(str, folds))}; "
             f"seeds {', '.join(map(str, seeds))}{note})\n"
         )
         header = (
-            "| arm | runs | Dice CSF | Dice GM | Dice WM | mean Dice | Δ mean vs CE+Dice (p) | HD95 mean (mm) "
+            "| arm | runs | "
+            + " | ".join(f"Dice {c}" for c in classes)
+            + " | mean Dice | Δ mean vs CE+Dice (p) | HD95 mean (mm) "
             "| mean Dice, perturbed | Δ perturbed (p) | train s/run |"
         )
-        lines += [header, "|---" * 11 + "|"]
+        lines += [header, "|---" * (8 + len(classes)) + "|"]
         for arm, runs in by_arm.items():
             if not runs:
                 continue
@@ -343,12 +405,15 @@ def report(records: Sequence[dict], dims: int) -> str:
                 groups = [[fn(r) for r in runs if r["seed"] == s] for s in seeds]
                 return [float(np.mean(g)) for g in groups if g]
 
-            cells = [_pm(per_seed(lambda r, c=c: r["clean"]["dice"][c])) for c in CLASSES]
-            cells.append(_pm(per_seed(lambda r: _mean_dice(r, "clean"))))
+            cells = [_pm(per_seed(lambda r, c=c: r["clean"]["dice"][c])) for c in classes]
+            cells.append(_pm(per_seed(lambda r: _mean_dice(r, "clean", classes))))
             deltas = []
             for column in ("clean", "perturbed"):
                 pairs = [
-                    (_mean_dice(r, column), _mean_dice(base[(r["fold"], r["seed"])], column))
+                    (
+                        _mean_dice(r, column, classes),
+                        _mean_dice(base[(r["fold"], r["seed"])], column, classes),
+                    )
                     for r in runs
                     if (r["fold"], r["seed"]) in base
                 ]
@@ -359,8 +424,8 @@ def report(records: Sequence[dict], dims: int) -> str:
                 p = wilcoxon(diff).pvalue if len(diff) >= 2 and np.any(diff != 0) else math.nan
                 shown = "n/a" if math.isnan(p) else f"{p:.2g}"
                 deltas.append(f"{diff.mean():+.4f} (p={shown}, n={len(diff)})")
-            hd = per_seed(lambda r: float(np.mean([r["clean"]["hd95"][c] for c in CLASSES])))
-            perturbed = _pm(per_seed(lambda r: _mean_dice(r, "perturbed")))
+            hd = per_seed(lambda r: float(np.mean([r["clean"]["hd95"][c] for c in classes])))
+            perturbed = _pm(per_seed(lambda r: _mean_dice(r, "perturbed", classes)))
             seconds = np.mean([r["train_seconds"] for r in runs])
             lines.append(
                 f"| {arm} | {len(runs)} | "
@@ -371,11 +436,11 @@ def report(records: Sequence[dict], dims: int) -> str:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    records = load_results(Path(args.work), args.dims)
+    records = load_results(Path(args.work), args.dims, args.task)
     if not records:
-        print(f"no results for {args.dims}D under {args.work}", file=sys.stderr)
+        print(f"no {args.task} results for {args.dims}D under {args.work}", file=sys.stderr)
         return 1
-    sys.stdout.write(report(records, args.dims))
+    sys.stdout.write(report(records, args.dims, TASKS[args.task]))
     return 0
 
 
@@ -386,17 +451,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "report"):
         p = sub.add_parser(name)
+        p.add_argument("--task", choices=list(TASKS), default="tissue")
         p.add_argument("--dims", type=int, choices=(2, 3), default=2)
         p.add_argument("--work", default="runs/accuracy", help="where datasets, runs and results go")
         if name == "run":
-            p.add_argument("--data", default="data/mni152-tissue", help="the mni152-tissue dataset")
-            p.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+            p.add_argument("--data", help="the task's dataset (default: data/<builder name>)")
+            p.add_argument("--folds", type=int, nargs="+", help="default: every fold of the task")
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-            p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
+            p.add_argument(
+                "--regimes", nargs="+", choices=REGIMES, help="default: the task's (lesions: full only)"
+            )
             p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
             p.add_argument("--shard", default="0/1", help="I/N: run every N-th run starting at I")
             p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     args = parser.parse_args(argv)
+    task = TASKS[args.task]
+    if args.dims not in task.dims:
+        parser.error(f"--task {task.name} runs in {' or '.join(f'{d}D' for d in task.dims)} only")
+    if args.command == "run" and args.regimes and set(args.regimes) - set(task.regimes):
+        parser.error(f"--task {task.name} has the regime(s) {', '.join(task.regimes)} only")
     return command_run(args) if args.command == "run" else command_report(args)
 
 

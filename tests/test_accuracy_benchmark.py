@@ -71,8 +71,10 @@ def test_plan_fills_folds_and_seeds_before_the_next(accuracy):
 
 
 def test_report_means_over_seeds_and_pairs_by_fold_and_seed(accuracy):
+    classes = accuracy.TASKS["tissue"].classes
+
     def record(arm, fold, seed, dice):
-        scores = {"dice": dict.fromkeys(accuracy.CLASSES, dice), "hd95": dict.fromkeys(accuracy.CLASSES, 2.0)}
+        scores = {"dice": dict.fromkeys(classes, dice), "hd95": dict.fromkeys(classes, 2.0)}
         return {
             "dims": 2, "regime": "full", "arm": arm, "fold": fold, "seed": seed, "train_seconds": 10.0,
             "clean": scores, "perturbed": scores,
@@ -95,3 +97,54 @@ def test_report_means_over_seeds_and_pairs_by_fold_and_seed(accuracy):
         "+0.0210 (p=0.031, n=6)" in rows["+UAFR"]
     )  # six positive paired differences: exact two-sided p = 2/64
     assert "(folds 0, 1; seeds 0, 1, 2; fold(s) 2 incomplete, left out)" in table and "limited" not in table
+
+
+def _write_case(root: Path, case: str, image: np.ndarray, label: np.ndarray, spacing) -> None:
+    from napari_medcl.io import write_image
+
+    for folder, name, array in (("imagesTr", f"{case}_0000", image), ("labelsTr", case, label)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        write_image(Volume(array, spacing, (0.0, 0.0, 0.0), np.eye(3)), root / folder / f"{name}.nii.gz")
+
+
+def test_lesion_folds_leave_one_case_out_on_the_cases_own_grid(accuracy, tmp_path):
+    source = tmp_path / "lesions"
+    rng = np.random.default_rng(0)
+    cases = {"brain1": (6, 20, 18), "brain2": (5, 20, 18), "breast1": (4, 12, 10)}
+    for case, shape in cases.items():
+        label = np.zeros(shape, np.uint8)
+        label[2, 3:6, 3:6] = 1
+        _write_case(source, case, rng.uniform(1, 100, shape).astype(np.float32), label, (0.8, 0.8, 6.5))
+    (source / "dataset.json").write_text(
+        '{"name": "t", "channel_names": {"0": "MRI"}, "labels": {"background": 0, "lesion": 1}, '
+        '"numTraining": 3, "file_ending": ".nii.gz"}'
+    )
+    task = accuracy.TASKS["lesions"]
+    held_out = []
+    for fold in range(task.num_folds):
+        root, test = accuracy.fold_dataset(source, tmp_path / "work", 2, fold, "full", task)
+        held_out.append(test)
+        images = sorted(p.name for p in (root / "imagesTr").iterdir())
+        assert images == sorted(f"{c}_0000.nii.gz" for c in cases)  # the test case sits beside the others
+        assert (root / "perturbed" / f"{test}_0000.nii.gz").is_file()
+        written = accuracy._read(root / "labelsTr" / f"{test}.nii.gz")
+        assert written.array.shape == cases[test]  # no downsampling for this task
+    assert sorted(held_out) == sorted(cases)  # every case is held out exactly once
+
+
+def test_lesion_report_has_one_class_column(accuracy):
+    def record(arm, fold, seed, dice):
+        scores = {"dice": {"lesion": dice}, "hd95": {"lesion": float("inf") if dice == 0 else 3.0}}
+        return {
+            "dims": 2, "regime": "full", "arm": arm, "fold": fold, "seed": seed, "train_seconds": 5.0,
+            "clean": scores, "perturbed": scores, "task": "lesions",
+        }  # fmt: skip
+
+    records = [record(arm, f, s, 0.1 * f) for arm in ("CE+Dice", "+PDCR") for f in range(3) for s in range(3)]
+    table = accuracy.report(records, 2, accuracy.TASKS["lesions"])
+    assert "#### Lesions, 2D, leave-one-case-out, full labels (folds 0, 1, 2; seeds 0, 1, 2)" in table
+    header = next(line for line in table.splitlines() if line.startswith("| arm"))
+    assert "Dice lesion" in header and "CSF" not in header
+    rows = [line for line in table.splitlines() if line.startswith("| CE+Dice")]
+    # Fold 0 finds nothing (HD95 infinite): the HD95 cell averages only the seeds' finite means, none here.
+    assert rows and "| 0.100 ± 0.000 | 0.100 ± 0.000 |" in rows[0] and "n/a" in rows[0]
