@@ -137,6 +137,7 @@ def predict_iter(
     t = time.perf_counter()
     box = _nonzero_box(volume, spec)
     full_volume, volume = volume, volume if box is None else volume.crop(box)
+    outside_mask = None if box is None else _outside_mask(volume)
     prepared = _prepare(volume, spec, max_voxels=max_voxels, max_bytes=max_bytes)
     timings["preprocess"] = time.perf_counter() - t
     yield Progress(1, 1, "preprocess", elapsed())
@@ -153,6 +154,7 @@ def predict_iter(
     t = time.perf_counter()
     prediction_arrays = _postprocess(stitched, volume, prepared, spec, return_probabilities)
     if box is not None:
+        _set_background(prediction_arrays, outside_mask)
         prediction_arrays = _uncrop(prediction_arrays, box, full_volume.spatial_shape)
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = elapsed()
@@ -230,8 +232,9 @@ def _nonzero_box(volume: Volume, spec: ModelSpec) -> tuple[slice, ...] | None:
     """The box of non-zero voxels (any channel) when the model normalises over the non-zero mask, else None.
 
     Such a model was trained on cases cropped to that box (nnU-Net's preprocessing, and ``medcl-train``'s with
-    ``crop_nonzero``): it runs on the same crop here, and everything outside is background. None also when
-    the box is the whole image, or when there is no non-zero voxel."""
+    ``crop_nonzero``): it runs on the same crop here, and everything outside the mask is background (outside
+    the box, and the zero voxels inside it: see ``_set_background``). None also when the box is the whole
+    image, or when there is no non-zero voxel."""
     norm = spec.normalization
     masks = (
         [c.get("use_nonzero_mask", False) for c in norm["channels"]]
@@ -245,6 +248,31 @@ def _nonzero_box(volume: Volume, spec: ModelSpec) -> tuple[slice, ...] | None:
     if box is None or all(b.start == 0 and b.stop == n for b, n in zip(box, volume.spatial_shape)):
         return None
     return box
+
+
+def _outside_mask(volume: Volume) -> np.ndarray | None:
+    """Voxels where every channel is 0 (None when there is none)."""
+    array = volume.array if volume.channel_axis else volume.array[None]
+    outside = np.all(array == 0, axis=0)
+    return outside if outside.any() else None
+
+
+def _set_background(arrays: dict[str, np.ndarray | None], outside: np.ndarray | None) -> None:
+    """Background where ``outside`` (spatial shape) holds: label 0, probability 1 for class 0, zero entropy
+    and uncertainty, in place. A model normalised over the non-zero mask saw those voxels only as the
+    constant 0 its normalisation gives them, labelled background; its UAFR maps there say nothing about the
+    scan, and left alone they light up the air around the head."""
+    if outside is None:
+        return
+    for key, array in arrays.items():
+        if array is None:
+            continue
+        if key in ("maps", "probabilities"):
+            array[:, outside] = 0
+            if key == "probabilities":
+                array[0, outside] = 1.0
+        else:
+            array[outside] = 0
 
 
 def _uncrop(

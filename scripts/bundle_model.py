@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", required=True, help="the training config the checkpoint was trained with")
     parser.add_argument("--default", action="store_true", help="make this the default bundled model")
     parser.add_argument(
+        "--trained-on",
+        help="the machine the checkpoint trained on (default: this one, as torch sees it now)",
+    )
+    parser.add_argument(
         "--held-out",
         help="one line on the model's held-out quality and how it was measured (stored in the manifest)",
     )
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         "bytes": size,
         "summary": report.spec.summary(),
         "training_command": f"medcl-train {args.recipe}",
-        "device": f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({platform.processor() or platform.machine()}, "
+        "device": args.trained_on
+        or f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads)",
         "epochs_to_this_checkpoint": len(history),
         "wall_seconds": round(sum(record["seconds"] for record in history), 1),

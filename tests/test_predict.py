@@ -356,9 +356,10 @@ def test_spec_helper_defaults():
 
 def test_a_nonzero_mask_model_runs_on_the_nonzero_box_and_outside_is_background(tmp_path):
     """A model normalised over the non-zero mask was trained on crops to that box (crop_nonzero): inference
-    crops the same way, and every voxel outside the box is background."""
+    crops the same way, and every voxel outside the mask (outside the box, or zero inside it) is background."""
     image = np.zeros((10, 14, 12), np.float32)
     image[3:8, 2:11, 4:9] = np.random.default_rng(0).uniform(0.1, 1.0, (5, 9, 5))
+    image[4, 5, 6] = image[7, 10, 8] = 0  # zeros inside the box are outside the mask: background too
     volume = _volume(image, spacing=(2.0, 1.0, 0.5), origin=(1.0, 2.0, 3.0), direction=OBLIQUE)
     # Everything above -0.5 is class 1, so the zeros around the box would be class 1 without the crop.
     masked = load_model(
@@ -369,8 +370,7 @@ def test_a_nonzero_mask_model_runs_on_the_nonzero_box_and_outside_is_background(
     plain = load_model(
         save(pointwise_model(threshold=-0.5, patch=(4, 8, 8)), tmp_path / "plain.onnx"), device="cpu"
     )
-    inside = np.zeros(image.shape, bool)
-    inside[3:8, 2:11, 4:9] = True
+    inside = image != 0
     prediction = predict(volume, masked, return_probabilities=True)
     np.testing.assert_array_equal(prediction.labels.array, inside.astype(np.uint8))
     assert prediction.labels.same_geometry(volume)
