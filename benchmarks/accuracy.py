@@ -278,7 +278,8 @@ def run_one(key: RunKey, source: Path, work: Path) -> dict:
     base = f"accuracy-{key.dims}d.yaml" if key.task == "tissue" else f"accuracy-{key.task}.yaml"
     cfg = load_config(HERE / "configs" / base, overrides)
     started = time.perf_counter()
-    result = train(cfg)
+    # A run stopped before its result was written left its checkpoint: continue it (exact resume).
+    result = train(cfg, resume=(out / "checkpoint_last.pt").is_file())
     seconds = time.perf_counter() - started
     label = _read(root / "labelsTr" / f"{test}.nii.gz")
     clean = score(result.last_checkpoint, root / "imagesTr" / f"{test}_0000.nii.gz", label, task.classes)
