@@ -1,9 +1,10 @@
 """medcl-predict: segment image files or DICOM folders with an ONNX model, writing results beside a sidecar.
 
 Arguments and files only; the work is ``napari_medcl.prediction.predict_iter``. Per case it writes
-``<case>_labels<ext>``, ``<case>_uncertainty<ext>`` (the UAFR map of the block nearest the output, when the model has UAFR maps),
-``<case>_entropy<ext>``, with ``--save-probabilities`` one ``<case>_probabilities_<k><ext>`` per class
-(one file per class works in every output format, PNG/TIFF included; the sidecar maps files to class names),
+``<case>_labels<ext>``, ``<case>_uncertainty<ext>`` (the UAFR map of the block nearest the output, when the
+model has UAFR maps), ``<case>_entropy<ext>``, with ``--save-probabilities`` one
+``<case>_probabilities_<k><ext>`` per class (one file per class works in every output format, PNG/TIFF
+included; the sidecar maps files to class names),
 and last ``<case>.json``, so a sidecar marks a complete case. A case's files are all written under temporary
 names and read back before any is renamed onto its final name, so a case that fails (a full disk included)
 leaves the folder as it was, an earlier output of the same case included. Exit status: 0 all cases done,
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "model; write labels, UAFR uncertainty and predictive entropy with the input's geometry, plus a "
         "<case>.json provenance sidecar.",
         epilog="Outputs per case, in the input's format (DICOM -> .nii.gz; PNG/JPEG -> .png labels, .tif maps): "
-        "<case>_labels, <case>_uncertainty (the UAFR map of the block nearest the output, when the model has UAFR maps), <case>_entropy, "
+        "<case>_labels, <case>_uncertainty (the UAFR map of the block nearest the output, when the model has "
+        "UAFR maps), <case>_entropy, "
         "with --save-probabilities <case>_probabilities_<k> (one file per class k), and <case>.json written "
         "last. A failed case writes nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
         "DICOM folder 'scan') would overwrite each other's outputs: the later ones are refused before anything "

@@ -135,9 +135,9 @@ def predict_iter(
     timings["load_model"] = time.perf_counter() - t
     spec = loaded.spec
     t = time.perf_counter()
-    box = _nonzero_box(volume, spec)
+    region = _nonzero_region(volume, spec)
+    box, outside = (None, None) if region is None else region
     full_volume, volume = volume, volume if box is None else volume.crop(box)
-    outside_mask = None if box is None else _outside_mask(volume)
     prepared = _prepare(volume, spec, max_voxels=max_voxels, max_bytes=max_bytes)
     timings["preprocess"] = time.perf_counter() - t
     yield Progress(1, 1, "preprocess", elapsed())
@@ -153,8 +153,9 @@ def predict_iter(
     yield Progress(0, 1, "postprocess", elapsed())
     t = time.perf_counter()
     prediction_arrays = _postprocess(stitched, volume, prepared, spec, return_probabilities)
+    if outside is not None:
+        _set_background(prediction_arrays, outside)
     if box is not None:
-        _set_background(prediction_arrays, outside_mask)
         prediction_arrays = _uncrop(prediction_arrays, box, full_volume.spatial_shape)
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = elapsed()
@@ -228,13 +229,16 @@ def _cancel_check(cancel: Any) -> Callable[[], bool]:
     raise TypeError(f"cancel must be a threading.Event or a callable, got {type(cancel).__name__}")
 
 
-def _nonzero_box(volume: Volume, spec: ModelSpec) -> tuple[slice, ...] | None:
-    """The box of non-zero voxels (any channel) when the model normalises over the non-zero mask, else None.
+def _nonzero_region(
+    volume: Volume, spec: ModelSpec
+) -> tuple[tuple[slice, ...] | None, np.ndarray | None] | None:
+    """``(box, outside)`` when the model normalises over the non-zero mask, else None.
 
-    Such a model was trained on cases cropped to that box (nnU-Net's preprocessing, and ``medcl-train``'s with
-    ``crop_nonzero``): it runs on the same crop here, and everything outside the mask is background (outside
-    the box, and the zero voxels inside it: see ``_set_background``). None also when the box is the whole
-    image, or when there is no non-zero voxel."""
+    Such a model was trained on cases cropped to the box of their non-zero voxels (any channel; nnU-Net's
+    preprocessing, and ``medcl-train``'s with ``crop_nonzero``): it runs on the same crop here, and everything
+    outside the mask is background. ``box``: that box, None when it is the whole image; ``outside``: the zero
+    voxels inside the box (its shape), None when there are none. None as a whole also when no voxel is
+    non-zero."""
     norm = spec.normalization
     masks = (
         [c.get("use_nonzero_mask", False) for c in norm["channels"]]
@@ -244,17 +248,13 @@ def _nonzero_box(volume: Volume, spec: ModelSpec) -> tuple[slice, ...] | None:
     if not any(masks):
         return None
     array = volume.array if volume.channel_axis else volume.array[None]
-    box = mask_box(np.any(array != 0, axis=0))
-    if box is None or all(b.start == 0 and b.stop == n for b, n in zip(box, volume.spatial_shape)):
+    nonzero = np.any(array != 0, axis=0)
+    box = mask_box(nonzero)
+    if box is None:
         return None
-    return box
-
-
-def _outside_mask(volume: Volume) -> np.ndarray | None:
-    """Voxels where every channel is 0 (None when there is none)."""
-    array = volume.array if volume.channel_axis else volume.array[None]
-    outside = np.all(array == 0, axis=0)
-    return outside if outside.any() else None
+    outside = ~nonzero[box]
+    whole = all(b.start == 0 and b.stop == n for b, n in zip(box, volume.spatial_shape))
+    return (None if whole else box), (outside if outside.any() else None)
 
 
 def _set_background(arrays: dict[str, np.ndarray | None], outside: np.ndarray | None) -> None:

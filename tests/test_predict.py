@@ -382,3 +382,9 @@ def test_a_nonzero_mask_model_runs_on_the_nonzero_box_and_outside_is_background(
     ).all()
     assert (predict(volume, plain).labels.array == 1).all()
     assert predict(volume, plain).provenance["nonzero_box"] is None
+    # Non-zero voxels on every face: no crop, but the zeros inside are still outside the mask.
+    holes = np.random.default_rng(1).uniform(0.1, 1.0, image.shape).astype(np.float32)
+    holes[5, 6, 7] = holes[2, 3, 4] = 0
+    prediction = predict(_volume(holes), masked)
+    assert prediction.provenance["nonzero_box"] is None
+    np.testing.assert_array_equal(prediction.labels.array, (holes != 0).astype(np.uint8))
