@@ -12,16 +12,7 @@ from training.models import create_model
 from training.models.output import ProjectionInput
 from training.models.unet import ProjectionHead
 
-pytestmark = pytest.mark.torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds wake-up latency (seconds on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _gen(seed: int = 0) -> torch.Generator:

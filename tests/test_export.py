@@ -45,6 +45,8 @@ from training.config import CONFIG_VERSION, config_from_dict, config_to_dict
 from training.engine import build_model
 from training.models import create_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FAST_TRAIN = [
     "data.num_workers=0",
     "data.augmentation.enabled=false",
@@ -53,14 +55,6 @@ FAST_TRAIN = [
     "train.iterations_per_epoch=2",
     "train.batch_size=2",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _train(config: Path, out: Path) -> Path:
