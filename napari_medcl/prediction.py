@@ -139,6 +139,9 @@ def predict_iter(
     box, outside = (None, None) if region is None else region
     full_volume, volume = volume, volume if box is None else volume.crop(box)
     prepared = _prepare(volume, spec, max_voxels=max_voxels, max_bytes=max_bytes)
+    # Labels of a model whose training labels were background exactly where the scan was zero: every
+    # non-zero voxel takes the likeliest foreground class (the network alone blurs that edge).
+    foreground = np.any(_as_channels_3d(volume)[0] != 0, axis=0) if spec.nonzero_is_foreground else None
     timings["preprocess"] = time.perf_counter() - t
     yield Progress(1, 1, "preprocess", elapsed())
 
@@ -146,13 +149,14 @@ def predict_iter(
     stitched, windows, ort_seconds = yield from _infer(
         loaded, prepared, overlap=overlap, tta=tta, batch_size=batch_size,
         keep_probabilities=return_probabilities, cancelled=cancelled, elapsed=elapsed,
+        foreground=foreground if prepared.scales is None else None,
     )  # fmt: skip
     timings["inference"] = time.perf_counter() - t
     timings["ort_seconds"] = ort_seconds
 
     yield Progress(0, 1, "postprocess", elapsed())
     t = time.perf_counter()
-    prediction_arrays = _postprocess(stitched, volume, prepared, spec, return_probabilities)
+    prediction_arrays = _postprocess(stitched, volume, prepared, spec, return_probabilities, foreground)
     if outside is not None:
         _set_background(prediction_arrays, outside)
     if box is not None:
@@ -164,6 +168,7 @@ def predict_iter(
         windows=windows, timings=timings,
     )  # fmt: skip
     provenance["nonzero_box"] = None if box is None else [[b.start, b.stop] for b in box]
+    provenance["nonzero_is_foreground"] = spec.nonzero_is_foreground
     prediction = _as_prediction(full_volume, spec, prediction_arrays, provenance)
     yield Progress(1, 1, "postprocess", elapsed())
     yield prediction
@@ -179,8 +184,10 @@ def _infer(
     keep_probabilities: bool,
     cancelled: Callable[[], bool],
     elapsed: Callable[[], float],
+    foreground: np.ndarray | None = None,
 ) -> Generator[Progress, None, tuple[StitchResult, int, float]]:
     """Run every window through the model into an Accumulator, yielding one Progress per window.
+    ``foreground``: voxels of the grid never labelled background (see ``tiling.argmax_entropy``).
 
     Returns (via ``yield from``) the StitchResult, the number of windows and the seconds spent in ORT."""
     spec = model.spec
@@ -193,6 +200,7 @@ def _infer(
         crop=prepared.crop,
         keep_probabilities=keep_probabilities,
         reduce=prepared.scales is None,
+        foreground=foreground,
     )
     boxes = window_boxes(grid, prepared.window, overlap)
     ort_seconds = 0.0
@@ -406,9 +414,15 @@ def _check_finite(model: LoadedModel, probs: np.ndarray, maps: np.ndarray | None
 
 
 def _postprocess(
-    stitched: StitchResult, volume: Volume, prepared: _Prepared, spec: ModelSpec, keep_probabilities: bool
+    stitched: StitchResult,
+    volume: Volume,
+    prepared: _Prepared,
+    spec: ModelSpec,
+    keep_probabilities: bool,
+    foreground: np.ndarray | None = None,
 ) -> dict[str, np.ndarray | None]:
-    """Outputs on the input grid (Z, Y, X): resample back from the model grid first when needed."""
+    """Outputs on the input grid (Z, Y, X): resample back from the model grid first when needed, then the
+    argmax (never background where ``foreground``, (Z, Y, X) bool)."""
     if prepared.scales is None:
         result = {
             "labels": stitched.labels,
@@ -432,7 +446,7 @@ def _postprocess(
                     probabilities[c] = plane
                 yield plane
 
-        argmax_entropy(planes(), k, labels, entropy)
+        argmax_entropy(planes(), k, labels, entropy, foreground)
         maps = resample_linear(stitched.maps, shape, back) if spec.uncertainty_maps else stitched.maps
         result = {
             "labels": labels,

@@ -71,6 +71,7 @@ class ModelSpec:
     spacing: tuple[float, ...] | None = None
     normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "zscore"})
     uncertainty_maps: tuple[str, ...] = ()
+    nonzero_is_foreground: bool = False
     training: dict[str, Any] = field(default_factory=dict)
     intended_use: str = DEFAULT_INTENDED_USE
     format_version: int = FORMAT_VERSION
@@ -113,6 +114,10 @@ class ModelSpec:
         _check(all(isinstance(m, str) and m for m in maps), "uncertainty_maps must be non-empty names")
         _check(len(set(maps)) == len(maps), f"uncertainty_maps has duplicate names: {list(maps)}")
         object.__setattr__(self, "uncertainty_maps", maps)
+        _check(
+            isinstance(self.nonzero_is_foreground, bool),
+            f"nonzero_is_foreground must be true or false, got {self.nonzero_is_foreground!r}",
+        )
 
     @property
     def num_classes(self) -> int:

@@ -100,15 +100,23 @@ def label_dtype(num_classes: int) -> np.dtype:
 
 
 def argmax_entropy(
-    planes: Iterable[np.ndarray], num_classes: int, labels: np.ndarray, entropy: np.ndarray
+    planes: Iterable[np.ndarray],
+    num_classes: int,
+    labels: np.ndarray,
+    entropy: np.ndarray,
+    foreground: np.ndarray | None = None,
 ) -> None:
     """Reduce class probability planes, given one class at a time in index order, to labels and entropy.
 
     ``planes``: ``num_classes`` float32 arrays of shape ``S`` (probabilities summing to 1 over classes).
     Writes ``labels`` (S) with the argmax (ties go to the lower index) and ``entropy`` (S) with the
-    normalised predictive entropy ``-sum p log p / log K`` clipped to [0, 1]. Consuming classes one by one
-    keeps the temporary memory at two planes whatever the number of classes.
+    normalised predictive entropy ``-sum p log p / log K`` clipped to [0, 1]. ``foreground`` (S) bool: where
+    it holds, the argmax runs over the classes 1.. only (background is ruled out); the entropy is still that
+    of all K probabilities. Consuming classes one by one keeps the temporary memory at two planes whatever
+    the number of classes.
     """
+    if foreground is not None and foreground.shape != labels.shape:
+        raise ValueError(f"foreground mask shape {foreground.shape} != labels shape {labels.shape}")
     best = None
     count = 0
     entropy[...] = 0
@@ -116,6 +124,8 @@ def argmax_entropy(
         p = np.asarray(p, dtype=np.float32)
         if best is None:
             best = p.copy()
+            if foreground is not None:
+                best[foreground] = -1.0  # below any probability: class 1 wins first, then the argmax of 1..
             labels[...] = 0
         else:
             better = p > best
@@ -158,7 +168,8 @@ class Accumulator:
 
     With ``reduce=False`` no labels or entropy are computed (use it when the probabilities are resampled
     before the argmax); ``keep_probabilities`` keeps the stitched probabilities, which ``reduce=False``
-    implies.
+    implies. ``foreground`` (bool, the crop region's shape): voxels whose label is never background
+    (see :func:`argmax_entropy`).
     """
 
     def __init__(
@@ -171,6 +182,7 @@ class Accumulator:
         crop: Box | None = None,
         keep_probabilities: bool = False,
         reduce: bool = True,
+        foreground: np.ndarray | None = None,
     ):
         if len(shape) != 3 or len(window) != 3:
             raise ValueError(f"Accumulator works on 3D grids, got shape {shape} and window {window}")
@@ -188,6 +200,9 @@ class Accumulator:
         if any(n < 1 for n in out_shape):
             raise ValueError(f"crop {crop} is empty for grid {shape}")
         self.out_shape = out_shape
+        if foreground is not None and foreground.shape != out_shape:
+            raise ValueError(f"foreground mask shape {foreground.shape} != output shape {out_shape}")
+        self._foreground = foreground
         self._reduce = reduce
         # One window deep along z: rows [z0, z0 + window[0]) of the padded grid.
         depth = self.window[0]
@@ -277,7 +292,8 @@ class Accumulator:
                 yield p
 
         if self._reduce:
-            argmax_entropy(planes(), k, self.labels[out_rows], self.entropy[out_rows])
+            mask = None if self._foreground is None else self._foreground[out_rows]
+            argmax_entropy(planes(), k, self.labels[out_rows], self.entropy[out_rows], mask)
         else:
             for _ in planes():
                 pass

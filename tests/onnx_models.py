@@ -32,6 +32,7 @@ def make_spec(
     spacing: tuple[float, ...] | None = None,
     normalization: dict[str, Any] | None = None,
     name: str = "test-model",
+    nonzero_is_foreground: bool = False,
 ) -> ModelSpec:
     """A ModelSpec with small defaults (patch 8 per axis, divisor 1, normalisation none)."""
     return ModelSpec(
@@ -44,6 +45,7 @@ def make_spec(
         spacing=spacing,
         normalization=normalization or {"kind": "none"},
         uncertainty_maps=maps,
+        nonzero_is_foreground=nonzero_is_foreground,
     )
 
 

@@ -253,3 +253,44 @@ def test_2d_model_on_3d_volumes_resamples_in_plane(tmp_path):
             seed=0,
             cache_dir=tmp_path / "cache",
         )
+
+
+def test_labels_fill_nonzero_needs_both_regions_and_an_exact_match():
+    from training.data.preprocessing import labels_fill_nonzero
+
+    image = np.zeros((2, 4, 5), np.float32)
+    image[0, 1:3, 1:4] = 5.0
+    image[1, 3, 4] = -1.0  # non-zero in the second channel only still counts
+    label = (np.any(image != 0, axis=0)).astype(np.uint8) * 2
+    assert labels_fill_nonzero(image, label)
+    label[1, 1] = 0  # a background voxel inside the mask
+    assert not labels_fill_nonzero(image, label)
+    assert not labels_fill_nonzero(np.ones((1, 4, 5), np.float32), np.ones((4, 5), np.uint8))  # no zeros
+    assert not labels_fill_nonzero(np.zeros((1, 4, 5), np.float32), np.zeros((4, 5), np.uint8))
+    with pytest.raises(ValueError, match="do not share a grid"):
+        labels_fill_nonzero(image, label[:3])
+
+
+def test_dataset_info_says_whether_labels_fill_the_nonzero_mask(tmp_path):
+    """Skull-stripped tissue labels (background exactly where the scan is zero) are detected on the
+    original files of every case; one case that breaks the rule turns the flag off."""
+    from napari_medcl.io import write_image
+
+    root = make_msd_dataset(tmp_path / "tissue", n_cases=4, shape=(8, 14, 12), num_classes=3)
+    info, _, _ = prepare_dataset(_cfg(root, tmp_path, num_folds=2), spatial_dims=3, seed=0)
+    assert not info.nonzero_is_foreground  # the factory's body holds background voxels
+    labels = sorted((root / "labelsTr").glob("*.nii.gz"))
+    for path in labels:
+        case = path.name.removesuffix(".nii.gz")
+        scan = read_image(root / "imagesTr" / f"{case}_0000.nii.gz")
+        label = read_image(path)
+        filled = np.where(scan.array != 0, np.maximum(label.array, 1), 0).astype(np.uint8)
+        write_image(label.with_array(filled), path)
+    info, train, val = prepare_dataset(_cfg(root, tmp_path / "b", num_folds=2), spatial_dims=3, seed=0)
+    assert info.nonzero_is_foreground and all(c.source["nonzero_is_foreground"] for c in [*train, *val])
+    label = read_image(labels[-1])
+    broken = label.array.copy()
+    broken[np.argwhere(broken > 0)[0].tolist()[0], ...] = 0  # background inside the body on one slice
+    write_image(label.with_array(broken), labels[-1])
+    info, _, _ = prepare_dataset(_cfg(root, tmp_path / "c", num_folds=2), spatial_dims=3, seed=0)
+    assert not info.nonzero_is_foreground

@@ -354,6 +354,48 @@ def test_spec_helper_defaults():
     assert spec.normalization == {"kind": "none"} and spec.patch_size == (8, 8, 8)
 
 
+def test_nonzero_is_foreground_rules_background_out_inside_the_mask(tmp_path):
+    """A model whose training labels were background exactly where the scan was zero labels every non-zero
+    voxel with its likeliest foreground class; zero voxels, entropy and probabilities are the network's."""
+    rng = np.random.default_rng(3)
+    image = rng.choice(np.array([0.0, 0.2, 1.0, 1.8], np.float32), size=(6, 10, 9))
+    image[0] = 0  # a zero face, so the mask is not the whole image
+    common = {"num_classes": 3, "patch": (4, 8, 8), "maps": ("decoder1",)}
+    rule = load_model(
+        save(nearest_class_model(nonzero_is_foreground=True, **common), tmp_path / "rule.onnx"), device="cpu"
+    )
+    plain = load_model(save(nearest_class_model(**common), tmp_path / "plain.onnx"), device="cpu")
+    assert rule.spec.nonzero_is_foreground and not plain.spec.nonzero_is_foreground
+    network = predict(_volume(image), plain, return_probabilities=True)
+    ruled = predict(_volume(image), rule, return_probabilities=True)
+    np.testing.assert_array_equal(network.labels.array, np.rint(image).astype(np.uint8))  # 0.2 -> background
+    expected = np.where(image == 0, 0, np.maximum(np.rint(image), 1)).astype(np.uint8)  # 0.2 -> class 1
+    np.testing.assert_array_equal(ruled.labels.array, expected)
+    assert (network.labels.array[image == 0.2] == 0).all() and (image == 0.2).any()
+    np.testing.assert_array_equal(ruled.entropy.array, network.entropy.array)
+    np.testing.assert_array_equal(ruled.probabilities.array, network.probabilities.array)
+    assert ruled.provenance["nonzero_is_foreground"] and not network.provenance["nonzero_is_foreground"]
+    # Resampled to the model's spacing and back: the argmax on the input grid follows the same rule.
+    spaced = {**common, "spacing": (2.0, 1.0, 1.0)}
+    rule2 = load_model(save(nearest_class_model(nonzero_is_foreground=True, **spaced), tmp_path / "r2.onnx"))
+    plain2 = load_model(save(nearest_class_model(**spaced), tmp_path / "p2.onnx"))
+    ruled2 = predict(_volume(image), rule2)
+    network2 = predict(_volume(image), plain2)
+    assert ruled2.provenance["preprocessing"]["resampled"]
+    assert (ruled2.labels.array[image != 0] != 0).all()
+    assert (network2.labels.array[image != 0] == 0).any()
+    moved = network2.labels.array != ruled2.labels.array
+    assert (network2.labels.array[moved] == 0).all()  # only background voxels inside the mask changed
+    # A 2D model on a 2D image (a depth-1 volume inside).
+    flat = image[3]
+    rule2d = load_model(
+        save(nearest_class_model(nonzero_is_foreground=True, spatial_dims=2, num_classes=3, patch=(8, 8),
+                                 maps=()), tmp_path / "rule2d.onnx")
+    )  # fmt: skip
+    labels2d = predict(_volume(flat), rule2d).labels.array
+    np.testing.assert_array_equal(labels2d, expected[3])
+
+
 def test_a_nonzero_mask_model_runs_on_the_nonzero_box_and_outside_is_background(tmp_path):
     """A model normalised over the non-zero mask was trained on crops to that box (crop_nonzero): inference
     crops the same way, and every voxel outside the mask (outside the box, or zero inside it) is background."""

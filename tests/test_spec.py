@@ -32,6 +32,10 @@ def test_json_round_trip():
     assert again.class_names == ["background", "CSF", "GM", "WM"]
     assert json.loads(spec.to_json())["format_version"] == FORMAT_VERSION
     assert "4D" not in spec.summary() and "3D" in spec.summary()
+    older = {k: v for k, v in spec.to_dict().items() if k != "nonzero_is_foreground"}
+    assert not ModelSpec.from_dict(older).nonzero_is_foreground  # specs written before the field existed
+    ruled = make_spec(nonzero_is_foreground=True)
+    assert ModelSpec.from_json(ruled.to_json()).nonzero_is_foreground
 
 
 @pytest.mark.parametrize(
@@ -46,6 +50,7 @@ def test_json_round_trip():
         ({"normalization": {"kind": "ct", "clip_low": 0}}, "needs"),
         ({"uncertainty_maps": ("a", "a")}, "duplicate"),
         ({"in_channels": 0}, "in_channels"),
+        ({"nonzero_is_foreground": "yes"}, "nonzero_is_foreground"),
     ],
 )
 def test_invalid_fields_are_clear_errors(changes, message):

@@ -219,3 +219,34 @@ def test_argmax_entropy_ties_and_uniform():
     assert entropy.min() >= 0 and entropy.max() <= 1
     with pytest.raises(ValueError, match="expected 4"):
         argmax_entropy(iter(planes), 4, labels, entropy)
+
+
+def test_argmax_entropy_rules_background_out_where_foreground():
+    p0 = np.array([0.9, 0.9, 1.0, 0.2], np.float32)
+    p1 = np.array([0.02, 0.08, 0.0, 0.5], np.float32)
+    p2 = np.array([0.08, 0.02, 0.0, 0.3], np.float32)
+    foreground = np.array([True, True, True, False])
+    labels, entropy = np.zeros(4, np.uint8), np.zeros(4, np.float32)
+    plain_labels, plain_entropy = np.zeros(4, np.uint8), np.zeros(4, np.float32)
+    argmax_entropy(iter([p0, p1, p2]), 3, labels, entropy, foreground)
+    argmax_entropy(iter([p0, p1, p2]), 3, plain_labels, plain_entropy)
+    np.testing.assert_array_equal(plain_labels, [0, 0, 0, 1])
+    np.testing.assert_array_equal(labels, [2, 1, 1, 1])  # background certain: the first foreground class
+    np.testing.assert_array_equal(entropy, plain_entropy)  # the network's uncertainty is left as it is
+    with pytest.raises(ValueError, match="foreground mask shape"):
+        argmax_entropy(iter([p0, p1, p2]), 3, labels, entropy, foreground[:3])
+
+
+def test_accumulator_passes_the_foreground_mask_row_by_row():
+    shape, window = (6, 4, 4), (2, 4, 4)
+    foreground = np.zeros(shape, bool)
+    foreground[2:5, 1:3] = True
+    acc = Accumulator(shape, window, 2, 0, foreground=foreground)
+    for box in window_boxes(shape, window, 0.5):
+        probs = np.zeros((2, *window), np.float32)
+        probs[0] = 0.7  # the network says background everywhere
+        probs[1] = 0.3
+        acc.add(box, probs)
+    np.testing.assert_array_equal(acc.finish().labels, foreground.astype(np.uint8))
+    with pytest.raises(ValueError, match="foreground mask shape"):
+        Accumulator(shape, window, 2, 0, foreground=foreground[:3])

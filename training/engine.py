@@ -749,6 +749,11 @@ class _Run:
             f"{len(self.val_cases)} validation cases, {info.in_channels} channel(s), classes "
             f"{', '.join(self.class_names)}"
         )
+        if getattr(info, "nonzero_is_foreground", False):
+            log(
+                "every case is labelled background exactly where its image is zero: inference will label "
+                "every non-zero voxel with a foreground class"
+            )
         log(f"model {_method(cfg)}: {n_params / 1e6:.2f} M parameters; output {self.out}")
 
     def _loader(self, epoch: int) -> torch.utils.data.DataLoader:
@@ -939,6 +944,7 @@ class _Run:
             spacing=spacing,
             normalization=dict(getattr(info, "normalization", None) or {"kind": "zscore"}),
             uncertainty_maps=tuple(self.model.uncertainty_names),
+            nonzero_is_foreground=bool(getattr(info, "nonzero_is_foreground", False)),
             training={
                 "method": _method(cfg),
                 "uafr": cfg.model.uafr.enabled,

@@ -52,7 +52,7 @@ __all__ = ["DatasetInfo", "PreparedCase", "prepare_dataset", "split_cases", "sub
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3
 # Spacings within this relative difference of the target count as equal: no resampling (as in inference).
 SPACING_RTOL = 1e-3
 CT_PERCENTILES = (0.5, 99.5)
@@ -71,6 +71,9 @@ class DatasetInfo:
     differently give ``{"kind": "per_channel", "channels": [one of those per channel]}``.
     ``median_shape``: median spatial shape of the prepared cases for the model's ``spatial_dims`` (in-plane
     for a 2D model on 3D volumes), a natural default patch size.
+    ``nonzero_is_foreground``: in every case the label is background exactly where the image is zero in all
+    channels (a skull-stripped scan labelled into tissues), so inference may rule background out inside
+    the non-zero mask (ModelSpec field of the same name).
     """
 
     name: str
@@ -81,6 +84,7 @@ class DatasetInfo:
     spacing: tuple[float, ...] | None
     normalization: dict
     median_shape: tuple[int, ...] | None = None
+    nonzero_is_foreground: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -299,7 +303,11 @@ def preprocess_case(
     """Crop, normalise and resample one case: (image (C, *S') float32, label (*S') uint8, geometry).
 
     ``target`` is the full per-axis spacing for this case (None: keep). ``geometry`` holds the crop box in
-    the original grid and the spacing/origin/direction/shape of the result."""
+    the original grid, the spacing/origin/direction/shape of the result, and ``nonzero_is_foreground``
+    (whether the label is background exactly where the original image is zero in every channel)."""
+    nonzero_is_foreground = labels_fill_nonzero(
+        image.array if image.channel_axis else image.array[None], label
+    )
     full = tuple(slice(0, n) for n in image.spatial_shape)
     box = nonzero_box(image.array, label) if crop_nonzero else None
     box = full if box is None else box
@@ -321,8 +329,18 @@ def preprocess_case(
         "spacing": list(spacing),
         "origin": list(origin),
         "direction": image.direction.tolist(),
+        "nonzero_is_foreground": nonzero_is_foreground,
     }
     return np.ascontiguousarray(data, dtype=np.float32), np.ascontiguousarray(label, dtype=np.uint8), geometry
+
+
+def labels_fill_nonzero(image: np.ndarray, label: np.ndarray) -> bool:
+    """image (C, *S), label (*S): True when the label is background exactly where every channel is zero, and
+    both the zero and the non-zero region are present (an all-zero or zero-free image says nothing)."""
+    if image.shape[1:] != label.shape:
+        raise ValueError(f"image {image.shape} and label {label.shape} do not share a grid")
+    nonzero = np.any(image != 0, axis=0)
+    return bool(nonzero.any() and not nonzero.all() and np.array_equal(nonzero, label != 0))
 
 
 def _case_target(
@@ -433,6 +451,7 @@ def prepare_dataset(
         spacing=target,
         normalization=spec_normalization(per_channel),
         median_shape=tuple(int(v) for v in np.median(shapes, axis=0)),
+        nonzero_is_foreground=all(c.source.get("nonzero_is_foreground", False) for c in prepared),
     )
     log.info(
         "dataset %s: %d training and %d validation cases (fold %s, fraction %s), spacing %s",
