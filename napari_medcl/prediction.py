@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 
 from napari_medcl import __version__
 from napari_medcl.engine import LoadedModel, default_model_name, load_model
-from napari_medcl.errors import Cancelled, InputError, PredictionError
+from napari_medcl.errors import Cancelled, InputError, InputWarning, PredictionError
 from napari_medcl.io import MAX_BYTES, MAX_VOXELS
 from napari_medcl.preprocess import mask_box, normalize, resample_linear, resampled_shape
 from napari_medcl.spec import ModelSpec
@@ -139,9 +140,7 @@ def predict_iter(
     box, outside = (None, None) if region is None else region
     full_volume, volume = volume, volume if box is None else volume.crop(box)
     prepared = _prepare(volume, spec, max_voxels=max_voxels, max_bytes=max_bytes)
-    # Labels of a model whose training labels were background exactly where the scan was zero: every
-    # non-zero voxel takes the likeliest foreground class (the network alone blurs that edge).
-    foreground = np.any(_as_channels_3d(volume)[0] != 0, axis=0) if spec.nonzero_is_foreground else None
+    foreground = _foreground_mask(full_volume, volume, spec)
     timings["preprocess"] = time.perf_counter() - t
     yield Progress(1, 1, "preprocess", elapsed())
 
@@ -168,7 +167,7 @@ def predict_iter(
         windows=windows, timings=timings,
     )  # fmt: skip
     provenance["nonzero_box"] = None if box is None else [[b.start, b.stop] for b in box]
-    provenance["nonzero_is_foreground"] = spec.nonzero_is_foreground
+    provenance["nonzero_is_foreground"] = foreground is not None
     prediction = _as_prediction(full_volume, spec, prediction_arrays, provenance)
     yield Progress(1, 1, "postprocess", elapsed())
     yield prediction
@@ -263,6 +262,27 @@ def _nonzero_region(
     outside = ~nonzero[box]
     whole = all(b.start == 0 and b.stop == n for b, n in zip(box, volume.spatial_shape))
     return (None if whole else box), (outside if outside.any() else None)
+
+
+def _foreground_mask(full_volume: Volume, volume: Volume, spec: ModelSpec) -> np.ndarray | None:
+    """(Z, Y, X) bool of the (cropped) ``volume``'s non-zero voxels when the model's training labels were
+    background exactly where the scan was zero (``spec.nonzero_is_foreground``): those voxels take the
+    likeliest foreground class, since the network alone blurs that edge. None otherwise, and None with an
+    InputWarning when no voxel of the image is zero: such a scan is not masked the way the model's training
+    scans were (not skull-stripped, say), and labelling every voxel foreground would be wrong."""
+    if not spec.nonzero_is_foreground:
+        return None
+    mask = np.any(_as_channels_3d(volume)[0] != 0, axis=0)
+    if volume is full_volume and mask.all():
+        where = "" if full_volume.source is None else f"{full_volume.source}: "
+        warnings.warn(
+            f"{where}no voxel is zero, but model {spec.name!r} was trained on scans that are zero outside "
+            "the labelled anatomy (skull-stripped, for instance); mask the scan the same way for reliable labels",
+            InputWarning,
+            stacklevel=4,
+        )
+        return None
+    return mask
 
 
 def _set_background(arrays: dict[str, np.ndarray | None], outside: np.ndarray | None) -> None:

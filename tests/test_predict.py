@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from napari_medcl.engine import load_model
-from napari_medcl.errors import Cancelled, InputError, PredictionError
+from napari_medcl.errors import Cancelled, InputError, InputWarning, PredictionError
 from napari_medcl.prediction import Progress, predict, predict_iter
 from napari_medcl.preprocess import grid_coordinates, normalize, resample_linear, resampled_shape
 from napari_medcl.volume import Prediction, Volume
@@ -394,6 +394,13 @@ def test_nonzero_is_foreground_rules_background_out_inside_the_mask(tmp_path):
     )  # fmt: skip
     labels2d = predict(_volume(flat), rule2d).labels.array
     np.testing.assert_array_equal(labels2d, expected[3])
+    # No zero voxel at all (a scan not masked like the training scans): the rule would label every voxel
+    # foreground, so it is not applied, and the user is told why.
+    unmasked = np.where(image == 0, 0.3, image).astype(np.float32)
+    with pytest.warns(InputWarning, match="no voxel is zero"):
+        kept = predict(_volume(unmasked), rule)
+    np.testing.assert_array_equal(kept.labels.array, np.rint(unmasked).astype(np.uint8))
+    assert not kept.provenance["nonzero_is_foreground"]
 
 
 def test_a_nonzero_mask_model_runs_on_the_nonzero_box_and_outside_is_background(tmp_path):
