@@ -118,9 +118,21 @@ def _overlap(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    from napari_medcl.errors import InputWarning
+
     args = build_parser().parse_args(argv)
+
+    def one_line(message: Any, category: type, *_: Any, **__: Any) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
     try:
-        return _run(args)
+        with warnings.catch_warnings():
+            # What the user should know about an input is one line, not a Python source location.
+            warnings.simplefilter("always", InputWarning)
+            warnings.showwarning = one_line
+            return _run(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

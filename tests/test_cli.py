@@ -354,3 +354,22 @@ def test_missing_default_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
         "error: no bundled default model yet; pass a model file (--model PATH.onnx)"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_an_input_warning_is_one_line(tmp_path, capsys):
+    """A model trained on masked scans (nonzero_is_foreground) given a scan without zero voxels: the CLI
+    says so in one line starting with "warning:", and still writes its outputs."""
+    from tests.onnx_models import nearest_class_model
+
+    model = save(
+        nearest_class_model(3, nonzero_is_foreground=True, patch=(4, 8, 8), maps=()), tmp_path / "m.onnx"
+    )
+    scan = sitk.GetImageFromArray(np.full((6, 10, 9), 0.3, np.float32))
+    sitk.WriteImage(scan, str(tmp_path / "unmasked.nii.gz"))
+    code = cli.main([str(tmp_path / "unmasked.nii.gz"), "--model", str(model), "-o", str(tmp_path / "out")])
+    assert code == 0
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if "no voxel is zero" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "unmasked.nii.gz" in warned[0]
+    assert not any("InputWarning" in line or ".py:" in line for line in err)
+    assert (tmp_path / "out" / "unmasked_labels.nii.gz").is_file()
