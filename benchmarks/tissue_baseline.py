@@ -11,7 +11,8 @@ For each fold (of 5, split seed 12345, as training splits) the held-out block is
   tissue maps, so intensity alone goes far; the gap between raw and normalised lookups is what a block's
   tissue mix does to its normalisation statistics;
 - the model (``--model``, through ``napari_medcl.predict``: resampled to its spacing and back), on the block of
-  ``--model-fold`` only: the other blocks were its training data.
+  ``--model-fold`` only: the other blocks were its training data. A model with ``nonzero_is_foreground``
+  also gets a row with its network's plain argmax, without that rule.
 """
 
 from __future__ import annotations
@@ -101,7 +102,11 @@ def main() -> None:
             if args.model and fold == args.model_fold:
                 from napari_medcl import predict
 
-                methods["model"] = predict(image, args.model).labels.array
+                result = predict(image, args.model, return_probabilities=True)
+                methods["model"] = result.labels.array
+                if result.provenance["nonzero_is_foreground"]:
+                    # The network's own argmax, before the rule that no non-zero voxel is background.
+                    methods["model, network argmax only"] = result.probabilities.array.argmax(0)
             for method, pred in methods.items():
                 scores = [dice(pred == k, truth == k) for k in range(1, 4)]
                 print(
