@@ -91,6 +91,7 @@ def predict_iter(
     series: str | None = None,
     max_voxels: int | None = MAX_VOXELS,
     max_bytes: int | None = MAX_BYTES,
+    scan_is_masked: bool | None = None,
 ) -> Iterator[Progress | Prediction]:
     """Segment ``image`` with ``model``; yield Progress events, then the Prediction as the last item.
 
@@ -102,6 +103,9 @@ def predict_iter(
     or a zero-argument callable, checked between windows; when set, Cancelled is raised. ``max_voxels`` and
     ``max_bytes`` (None: no limit) bound what a file may declare (``read_image``) and the image resampled to
     the model spacing (values x channels, and their float32 bytes), which is checked before it is allocated.
+    ``scan_is_masked``: whether the scan is zero outside its anatomy, which a ``nonzero_is_foreground`` model
+    needs for its rule (architecture.md 4.4); None judges it from ``image`` (some voxel is zero). A caller
+    that passes a part of a scan passes what holds for the whole scan.
 
     All outputs sit on the input's voxel grid with its geometry. Raises InputError (unusable image),
     ModelError (unusable model), PredictionError (NaN/Inf from the model), Cancelled.
@@ -140,7 +144,7 @@ def predict_iter(
     box, outside = (None, None) if region is None else region
     full_volume, volume = volume, volume if box is None else volume.crop(box)
     prepared = _prepare(volume, spec, max_voxels=max_voxels, max_bytes=max_bytes)
-    foreground = _foreground_mask(full_volume, volume, spec)
+    foreground = _foreground_mask(full_volume, volume, spec, scan_is_masked)
     timings["preprocess"] = time.perf_counter() - t
     yield Progress(1, 1, "preprocess", elapsed())
 
@@ -264,20 +268,29 @@ def _nonzero_region(
     return (None if whole else box), (outside if outside.any() else None)
 
 
-def _foreground_mask(full_volume: Volume, volume: Volume, spec: ModelSpec) -> np.ndarray | None:
+def _foreground_mask(
+    full_volume: Volume, volume: Volume, spec: ModelSpec, scan_is_masked: bool | None
+) -> np.ndarray | None:
     """(Z, Y, X) bool of the (cropped) ``volume``'s non-zero voxels when the model's training labels were
     background exactly where the scan was zero (``spec.nonzero_is_foreground``): those voxels take the
     likeliest foreground class, since the network alone blurs that edge. None otherwise, and None with an
-    InputWarning when no voxel of the image is zero: such a scan is not masked the way the model's training
-    scans were (not skull-stripped, say), and labelling every voxel foreground would be wrong."""
+    InputWarning when the scan is not masked (``scan_is_masked`` False, or None and no voxel of the image is
+    zero): such a scan is not masked the way the model's training scans were (not skull-stripped, say), and
+    labelling every voxel foreground would be wrong."""
     if not spec.nonzero_is_foreground:
         return None
     mask = np.any(_as_channels_3d(volume)[0] != 0, axis=0)
-    if volume is full_volume and mask.all():
+    judged = scan_is_masked is None
+    if judged:
+        scan_is_masked = (
+            volume is not full_volume or not mask.all()
+        )  # a crop to the non-zero box: zeros outside
+    if not scan_is_masked:
         where = "" if full_volume.source is None else f"{full_volume.source}: "
+        why = "no voxel is zero" if judged else "the scan is not masked"
         warnings.warn(
-            f"{where}no voxel is zero, but model {spec.name!r} was trained on scans that are zero outside "
-            "the labelled anatomy (skull-stripped, for instance); mask the scan the same way for reliable labels",
+            f"{where}{why}, but model {spec.name!r} was trained on scans that are zero outside the labelled "
+            "anatomy (skull-stripped, for instance); mask the scan the same way for reliable labels",
             InputWarning,
             stacklevel=4,
         )

@@ -266,3 +266,25 @@ def test_plan_region_errors(roi, message):
 
 def _rgb(color: str) -> tuple[float, float, float]:
     return tuple(int(color[i : i + 2], 16) / 255 for i in (1, 3, 5))
+
+
+def test_a_region_inside_a_masked_scan_keeps_the_nonzero_rule(tmp_path):
+    """A nonzero_is_foreground model on a box inside the anatomy: the box has no zero voxel, but the scan does,
+    so the rule applies (no warning) and the box's labels are the whole image's."""
+    from tests.onnx_models import nearest_class_model
+
+    rng = np.random.default_rng(5)
+    image = np.zeros((6, 16, 16), np.float32)
+    image[:, 2:14, 2:14] = rng.choice(np.array([0.2, 1.0, 1.8], np.float32), size=(6, 12, 12))
+    model = save(
+        nearest_class_model(3, nonzero_is_foreground=True, patch=(4, 8, 8), maps=()), tmp_path / "rule.onnx"
+    )
+    layer = (image, {"name": "scan"}, "image")
+    full = segment_layer(layer, str(model))[0][0]
+    box = ((1, 5), (4, 12), (4, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the box alone has no zero voxel: no "not masked" warning
+        part = segment_layer(layer, str(model), roi=box)[0][0]
+    inside = tuple(slice(a, b) for a, b in box)
+    np.testing.assert_array_equal(part[inside], full[inside])
+    assert (full[image != 0] != 0).all() and (image[inside] == np.float32(0.2)).any()

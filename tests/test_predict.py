@@ -401,6 +401,11 @@ def test_nonzero_is_foreground_rules_background_out_inside_the_mask(tmp_path):
         kept = predict(_volume(unmasked), rule)
     np.testing.assert_array_equal(kept.labels.array, np.rint(unmasked).astype(np.uint8))
     assert not kept.provenance["nonzero_is_foreground"]
+    # A caller that passes a part of a masked scan says so; one that knows a scan is unmasked says that.
+    part = predict(_volume(unmasked), rule, scan_is_masked=True)
+    np.testing.assert_array_equal(part.labels.array, np.maximum(np.rint(unmasked), 1).astype(np.uint8))
+    with pytest.warns(InputWarning, match="the scan is not masked"):
+        assert not predict(_volume(image), rule, scan_is_masked=False).provenance["nonzero_is_foreground"]
 
 
 def test_a_nonzero_mask_model_runs_on_the_nonzero_box_and_outside_is_background(tmp_path):
