@@ -428,11 +428,8 @@ def segment_volume_iter(
         context_mm = spec.patch_size[axis] * model_spacing
     plan = plan_region(roi, volume, model_dims=spec.spatial_dims, context_mm=context_mm)
     part = volume if plan.whole else volume.crop(plan.compute)
-    masked = None
-    if not plan.whole and spec.nonzero_is_foreground:
-        # A region inside the anatomy has no zero voxel; whether the scan is masked is a property of all of it.
-        channels = volume.array if volume.channel_axis else volume.array[None]
-        masked = not np.any(channels != 0, axis=0).all()
+    # A region inside the anatomy has no zero voxel; whether the scan is masked is a property of all of it.
+    masked = None if plan.whole or not spec.nonzero_is_foreground else not volume.nonzero_mask().all()
 
     prediction: Prediction | None = None
     for item in predict_iter(

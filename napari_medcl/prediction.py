@@ -140,11 +140,13 @@ def predict_iter(
     timings["load_model"] = time.perf_counter() - t
     spec = loaded.spec
     t = time.perf_counter()
-    region = _nonzero_region(volume, spec)
+    masked_normalisation = _normalises_over_mask(spec)
+    nonzero = volume.nonzero_mask() if masked_normalisation or spec.nonzero_is_foreground else None
+    region = _nonzero_region(nonzero, volume.spatial_shape) if masked_normalisation else None
     box, outside = (None, None) if region is None else region
     full_volume, volume = volume, volume if box is None else volume.crop(box)
     prepared = _prepare(volume, spec, max_voxels=max_voxels, max_bytes=max_bytes)
-    foreground = _foreground_mask(full_volume, volume, spec, scan_is_masked)
+    foreground = _foreground_mask(nonzero, box, full_volume, spec, scan_is_masked)
     timings["preprocess"] = time.perf_counter() - t
     yield Progress(1, 1, "preprocess", elapsed())
 
@@ -240,51 +242,53 @@ def _cancel_check(cancel: Any) -> Callable[[], bool]:
     raise TypeError(f"cancel must be a threading.Event or a callable, got {type(cancel).__name__}")
 
 
-def _nonzero_region(
-    volume: Volume, spec: ModelSpec
-) -> tuple[tuple[slice, ...] | None, np.ndarray | None] | None:
-    """``(box, outside)`` when the model normalises over the non-zero mask, else None.
-
-    Such a model was trained on cases cropped to the box of their non-zero voxels (any channel; nnU-Net's
-    preprocessing, and ``medcl-train``'s with ``crop_nonzero``): it runs on the same crop here, and everything
-    outside the mask is background. ``box``: that box, None when it is the whole image; ``outside``: the zero
-    voxels inside the box (its shape), None when there are none. None as a whole also when no voxel is
-    non-zero."""
+def _normalises_over_mask(spec: ModelSpec) -> bool:
     norm = spec.normalization
     masks = (
         [c.get("use_nonzero_mask", False) for c in norm["channels"]]
         if norm.get("kind") == "per_channel"
         else [norm.get("use_nonzero_mask", False)]
     )
-    if not any(masks):
-        return None
-    array = volume.array if volume.channel_axis else volume.array[None]
-    nonzero = np.any(array != 0, axis=0)
+    return any(masks)
+
+
+def _nonzero_region(
+    nonzero: np.ndarray, shape: tuple[int, ...]
+) -> tuple[tuple[slice, ...] | None, np.ndarray | None] | None:
+    """``(box, outside)`` for a model that normalises over the non-zero mask (``nonzero``, the image's
+    ``nonzero_mask()`` of spatial ``shape``).
+
+    Such a model was trained on cases cropped to the box of their non-zero voxels (any channel; nnU-Net's
+    preprocessing, and ``medcl-train``'s with ``crop_nonzero``): it runs on the same crop here, and everything
+    outside the mask is background. ``box``: that box, None when it is the whole image; ``outside``: the zero
+    voxels inside the box (its shape), None when there are none. None as a whole when no voxel is non-zero."""
     box = mask_box(nonzero)
     if box is None:
         return None
     outside = ~nonzero[box]
-    whole = all(b.start == 0 and b.stop == n for b, n in zip(box, volume.spatial_shape))
+    whole = all(b.start == 0 and b.stop == n for b, n in zip(box, shape))
     return (None if whole else box), (outside if outside.any() else None)
 
 
 def _foreground_mask(
-    full_volume: Volume, volume: Volume, spec: ModelSpec, scan_is_masked: bool | None
+    nonzero: np.ndarray | None,
+    box: tuple[slice, ...] | None,
+    full_volume: Volume,
+    spec: ModelSpec,
+    scan_is_masked: bool | None,
 ) -> np.ndarray | None:
-    """(Z, Y, X) bool of the (cropped) ``volume``'s non-zero voxels when the model's training labels were
-    background exactly where the scan was zero (``spec.nonzero_is_foreground``): those voxels take the
-    likeliest foreground class, since the network alone blurs that edge. None otherwise, and None with an
-    InputWarning when the scan is not masked (``scan_is_masked`` False, or None and no voxel of the image is
-    zero): such a scan is not masked the way the model's training scans were (not skull-stripped, say), and
-    labelling every voxel foreground would be wrong."""
-    if not spec.nonzero_is_foreground:
+    """(Z, Y, X) bool of the non-zero voxels inside ``box`` (the whole image when None) when the model's
+    training labels were background exactly where the scan was zero (``spec.nonzero_is_foreground``): those
+    voxels take the likeliest foreground class, since the network alone blurs that edge. ``nonzero``: the
+    whole image's ``nonzero_mask()``. None otherwise, and None with an InputWarning when the scan is not
+    masked (``scan_is_masked`` False, or None and no voxel of the image is zero): such a scan is not masked
+    the way the model's training scans were (not skull-stripped, say), and labelling every voxel foreground
+    would be wrong."""
+    if not spec.nonzero_is_foreground or nonzero is None:
         return None
-    mask = np.any(_as_channels_3d(volume)[0] != 0, axis=0)
     judged = scan_is_masked is None
     if judged:
-        scan_is_masked = (
-            volume is not full_volume or not mask.all()
-        )  # a crop to the non-zero box: zeros outside
+        scan_is_masked = not nonzero.all()
     if not scan_is_masked:
         where = "" if full_volume.source is None else f"{full_volume.source}: "
         why = "no voxel is zero" if judged else "the scan is not masked"
@@ -295,7 +299,8 @@ def _foreground_mask(
             stacklevel=4,
         )
         return None
-    return mask
+    mask = nonzero if box is None else nonzero[box]
+    return mask if mask.ndim == 3 else mask[None]  # a 2D image is a depth-1 volume from here on
 
 
 def _set_background(arrays: dict[str, np.ndarray | None], outside: np.ndarray | None) -> None:

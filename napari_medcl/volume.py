@@ -68,6 +68,10 @@ class Volume:
     def num_channels(self) -> int:
         return int(self.array.shape[0]) if self.channel_axis else 1
 
+    def nonzero_mask(self) -> np.ndarray:
+        """(*S) bool: the voxels non-zero in some channel (the mask of a skull-stripped scan, for instance)."""
+        return np.any(self.array != 0, axis=0) if self.channel_axis else self.array != 0
+
     def with_array(self, array: np.ndarray, *, channel_axis: bool = False, **changes: Any) -> Volume:
         """The same geometry (and source) around another array of the same spatial shape."""
         array = np.asarray(array)
