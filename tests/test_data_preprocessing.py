@@ -256,19 +256,24 @@ def test_2d_model_on_3d_volumes_resamples_in_plane(tmp_path):
 
 
 def test_labels_fill_nonzero_needs_both_regions_and_an_exact_match():
+    from napari_medcl.volume import Volume
     from training.data.preprocessing import labels_fill_nonzero
 
     image = np.zeros((2, 4, 5), np.float32)
     image[0, 1:3, 1:4] = 5.0
     image[1, 3, 4] = -1.0  # non-zero in the second channel only still counts
-    label = (np.any(image != 0, axis=0)).astype(np.uint8) * 2
-    assert labels_fill_nonzero(image, label)
+    nonzero = Volume(image, (1.0, 1.0), (0.0, 0.0), np.eye(2), channel_axis=True).nonzero_mask()
+    label = np.zeros((4, 5), np.uint8)
+    label[1:3, 1:4] = 2
+    label[3, 4] = 1
+    np.testing.assert_array_equal(nonzero, label != 0)
+    assert labels_fill_nonzero(nonzero, label)
     label[1, 1] = 0  # a background voxel inside the mask
-    assert not labels_fill_nonzero(image, label)
-    assert not labels_fill_nonzero(np.ones((1, 4, 5), np.float32), np.ones((4, 5), np.uint8))  # no zeros
-    assert not labels_fill_nonzero(np.zeros((1, 4, 5), np.float32), np.zeros((4, 5), np.uint8))
+    assert not labels_fill_nonzero(nonzero, label)
+    assert not labels_fill_nonzero(np.ones((4, 5), bool), np.ones((4, 5), np.uint8))  # no zeros
+    assert not labels_fill_nonzero(np.zeros((4, 5), bool), np.zeros((4, 5), np.uint8))
     with pytest.raises(ValueError, match="do not share a grid"):
-        labels_fill_nonzero(image, label[:3])
+        labels_fill_nonzero(nonzero, label[:3])
 
 
 def test_dataset_info_says_whether_labels_fill_the_nonzero_mask(tmp_path):

@@ -250,12 +250,6 @@ def subsample_cases(cases: list[CaseFiles], fraction: float, seed: int) -> list[
 # ------------------------------------------------------------------------------------------------ one case
 
 
-def nonzero_box(image: np.ndarray, label: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of voxels where any channel of ``image`` (C, *S) is non-zero or ``label`` (*S) is
-    foreground; None when there is none."""
-    return mask_box(np.any(image != 0, axis=0) | (label > 0))
-
-
 def resample_nearest(label: np.ndarray, out_shape: tuple[int, ...], scales: tuple[float, ...]) -> np.ndarray:
     """Nearest-neighbour resampling of ``label`` (*S) to ``out_shape`` on the same centre-aligned grids as
     ``napari_medcl.preprocess.resample_linear`` (``scales`` = target / source spacing)."""
@@ -305,11 +299,11 @@ def preprocess_case(
     ``target`` is the full per-axis spacing for this case (None: keep). ``geometry`` holds the crop box in
     the original grid, the spacing/origin/direction/shape of the result, and ``nonzero_is_foreground``
     (whether the label is background exactly where the original image is zero in every channel)."""
-    nonzero_is_foreground = labels_fill_nonzero(
-        image.array if image.channel_axis else image.array[None], label
-    )
+    nonzero = image.nonzero_mask()
+    nonzero_is_foreground = labels_fill_nonzero(nonzero, label)
     full = tuple(slice(0, n) for n in image.spatial_shape)
-    box = nonzero_box(image.array, label) if crop_nonzero else None
+    # The box of the voxels non-zero in some channel or labelled foreground.
+    box = mask_box(nonzero | (label > 0)) if crop_nonzero else None
     box = full if box is None else box
     if box != full:
         image = image.crop(box)
@@ -334,12 +328,12 @@ def preprocess_case(
     return np.ascontiguousarray(data, dtype=np.float32), np.ascontiguousarray(label, dtype=np.uint8), geometry
 
 
-def labels_fill_nonzero(image: np.ndarray, label: np.ndarray) -> bool:
-    """image (C, *S), label (*S): True when the label is background exactly where every channel is zero, and
-    both the zero and the non-zero region are present (an all-zero or zero-free image says nothing)."""
-    if image.shape[1:] != label.shape:
-        raise ValueError(f"image {image.shape} and label {label.shape} do not share a grid")
-    nonzero = np.any(image != 0, axis=0)
+def labels_fill_nonzero(nonzero: np.ndarray, label: np.ndarray) -> bool:
+    """nonzero (*S) bool (an image's ``Volume.nonzero_mask()``), label (*S): True when the label is background
+    exactly where the image is zero, and both the zero and the non-zero region are present (an all-zero or
+    zero-free image says nothing)."""
+    if nonzero.shape != label.shape:
+        raise ValueError(f"image {nonzero.shape} and label {label.shape} do not share a grid")
     return bool(nonzero.any() and not nonzero.all() and np.array_equal(nonzero, label != 0))
 
 
