@@ -11,10 +11,9 @@ it is trusted as long as the layer's shape, scale and translate still agree with
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +23,8 @@ import numpy as np
 from napari_medcl.volume import Volume
 
 if TYPE_CHECKING:
-    from napari_medcl.engine import LoadedModel
     from napari_medcl.prediction import Progress
+    from napari_medcl.session import InferenceSession
     from napari_medcl.volume import Prediction
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
@@ -246,94 +245,6 @@ def _case_name(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# region of interest
-
-
-@dataclass(frozen=True)
-class RegionPlan:
-    """Where to run the model and where its output lands, as index boxes on the full image.
-
-    ``compute`` is the box handed to the model (it may add context around the region, e.g. a slab for a 3D
-    model asked for one slice); ``paste`` is the region that the result fills; ``inner`` is ``paste`` expressed
-    inside ``compute``. ``None`` everywhere means the whole image.
-    """
-
-    compute: tuple[slice, ...] | None = None
-    paste: tuple[slice, ...] | None = None
-    inner: tuple[slice, ...] | None = None
-
-    @property
-    def whole(self) -> bool:
-        return self.compute is None
-
-
-def plan_region(
-    roi: Any,
-    volume: Volume,
-    *,
-    model_dims: int | None = None,
-    context_mm: float | None = None,
-) -> RegionPlan:
-    """Turn a user ``roi`` into a RegionPlan for ``volume``.
-
-    ``roi`` is None (whole image), one ``(start, stop)`` pair (or slice) per spatial axis in data index
-    coordinates (clipped to the image), or ``("slice", axis, index)`` for one slice of a 3D image (a 2D image is
-    its own slice). For a slice and a 3D model, the model sees a slab ``context_mm`` thick around it (its
-    patch extent) so that it has the context it was trained with; only the slice itself is pasted.
-    """
-    shape = volume.spatial_shape
-    ndim = len(shape)
-    if roi is None:
-        return RegionPlan()
-    if isinstance(roi, tuple | list) and len(roi) == 3 and roi[0] == "slice":
-        _, axis, index = roi
-        if ndim == 2:
-            return RegionPlan()
-        axis, index = int(axis), int(round(float(index)))
-        if not -ndim <= axis < ndim:
-            raise ValueError(f"roi slice axis {axis} does not exist in a {ndim}D image")
-        axis %= ndim
-        if not 0 <= index < shape[axis]:
-            raise ValueError(f"roi slice index {index} is outside 0..{shape[axis] - 1} on axis {axis}")
-        paste = tuple(slice(index, index + 1) if a == axis else slice(0, n) for a, n in enumerate(shape))
-        half = 0
-        if model_dims == 3 and context_mm:
-            half = max(0, math.ceil(context_mm / volume.spacing[axis] / 2) - 1)
-        lo, hi = max(0, index - half), min(shape[axis], index + half + 1)
-        compute = tuple(slice(lo, hi) if a == axis else slice(0, n) for a, n in enumerate(shape))
-        inner = tuple(
-            slice(index - lo, index - lo + 1) if a == axis else slice(0, n) for a, n in enumerate(shape)
-        )
-        return RegionPlan(compute=compute, paste=paste, inner=inner)
-    if not isinstance(roi, Sequence) or isinstance(roi, str) or len(roi) != ndim:
-        raise ValueError(
-            f"roi must be None, ('slice', axis, index) or {ndim} (start, stop) pairs for a {ndim}D image, "
-            f"got {roi!r}"
-        )
-    box = []
-    for axis, (item, n) in enumerate(zip(roi, shape)):
-        start, stop = (item.start, item.stop) if isinstance(item, slice) else item
-        start = 0 if start is None else max(0, int(math.floor(float(start))))
-        stop = n if stop is None else min(n, int(math.ceil(float(stop))))
-        if stop <= start:
-            raise ValueError(f"roi axis {axis}: ({start}, {stop}) is empty inside an image of size {n}")
-        box.append(slice(start, stop))
-    box = tuple(box)
-    if all(s.start == 0 and s.stop == n for s, n in zip(box, shape)):
-        return RegionPlan()
-    inner = tuple(slice(0, s.stop - s.start) for s in box)
-    return RegionPlan(compute=box, paste=box, inner=inner)
-
-
-def _paste(part: np.ndarray, plan: RegionPlan, shape: tuple[int, ...]) -> np.ndarray:
-    if plan.whole:
-        return part
-    full = np.zeros(shape, dtype=part.dtype)
-    full[plan.paste] = part[plan.inner]
-    return full
-
-
-# --------------------------------------------------------------------------------------------------------------
 # segmentation
 
 
@@ -349,7 +260,7 @@ class SegmentationResult:
 
 def segment_layer(
     image_layer: Any,
-    model: LoadedModel | str | Path | None = None,
+    model: InferenceSession | str | Path | None = None,
     *,
     device: str = "auto",
     overlap: float = 0.5,
@@ -394,7 +305,7 @@ def segment_layer(
 
 def segment_volume_iter(
     volume: Volume,
-    model: LoadedModel | str | Path | None = None,
+    model: InferenceSession | str | Path | None = None,
     *,
     name: str = "image",
     device: str = "auto",
@@ -412,28 +323,19 @@ def segment_volume_iter(
     first); ``model`` may be a LoadedModel, a bundled model name, a path, or None for the default model.
     ``metadata`` is the image layer's (copied onto the outputs); ``display`` its ``layer_display``.
     """
-    from napari_medcl.engine import LoadedModel, default_model_name, load_model
+    from napari_medcl.engine import default_model_name, load_model
     from napari_medcl.prediction import predict_iter
+    from napari_medcl.session import InferenceSession
 
     start = time.perf_counter()
-    if isinstance(model, LoadedModel):
+    if isinstance(model, InferenceSession):
         loaded = model
     else:
         loaded = load_model(default_model_name() if model is None else model, device=device)
-    spec = loaded.spec
-    context_mm = None
-    if volume.spatial_dims == 3 and spec.spatial_dims == 3 and roi is not None:
-        axis = int(roi[1]) % 3 if isinstance(roi, tuple | list) and roi and roi[0] == "slice" else 0
-        model_spacing = spec.spacing[axis] if spec.spacing is not None else volume.spacing[axis]
-        context_mm = spec.patch_size[axis] * model_spacing
-    plan = plan_region(roi, volume, model_dims=spec.spatial_dims, context_mm=context_mm)
-    part = volume if plan.whole else volume.crop(plan.compute)
-    # A region inside the anatomy has no zero voxel; whether the scan is masked is a property of all of it.
-    masked = None if plan.whole or not spec.nonzero_is_foreground else not volume.nonzero_mask().all()
 
     prediction: Prediction | None = None
     for item in predict_iter(
-        part, loaded, device=device, overlap=overlap, tta=tta, cancel=cancel, scan_is_masked=masked
+        volume, loaded, device=device, overlap=overlap, tta=tta, cancel=cancel, region=roi
     ):
         if hasattr(item, "labels"):
             prediction = item
@@ -442,21 +344,17 @@ def segment_volume_iter(
     if prediction is None:  # predict_iter's contract: its last item is the Prediction
         raise RuntimeError("predict_iter ended without a Prediction")
 
-    provenance = dict(prediction.provenance)
-    provenance["roi"] = None if plan.whole else [[s.start, s.stop] for s in plan.paste]
     layers = prediction_layers(
         prediction,
         volume,
-        spec,
-        plan,
+        loaded.spec,
         name=name,
-        provenance=provenance,
         metadata=metadata,
         display=display,
         uncertainty_maps=uncertainty_maps,
     )
     return SegmentationResult(
-        layers=layers, model=loaded, provenance=provenance, seconds=time.perf_counter() - start
+        layers=layers, model=loaded, provenance=prediction.provenance, seconds=time.perf_counter() - start
     )
 
 
@@ -464,25 +362,23 @@ def prediction_layers(
     prediction: Prediction,
     volume: Volume,
     spec: Any,
-    plan: RegionPlan | None = None,
     *,
     name: str,
-    provenance: dict[str, Any],
     metadata: dict[str, Any] | None = None,
     display: dict[str, tuple[str, ...]] | None = None,
     uncertainty_maps: bool = False,
 ) -> list[LayerDataTuple]:
-    """LayerDataTuples for a Prediction made on ``volume`` (or on its ``plan.compute`` crop).
+    """LayerDataTuples for a Prediction made on ``volume`` (the whole image; a region run's outputs are
+    background outside its region).
 
     Every output sits on the image's spatial grid: its scale/translate, ``display`` (units, axis labels;
     mm and z/y/x by default), the image's ``metadata`` with the spatial geometry and the provenance.
     """
-    plan = plan or RegionPlan()
-    shape = volume.spatial_shape
     n = volume.spatial_dims
     geometry = {**geometry_metadata(volume), "channel_axis": False}
     base_meta = {k: v for k, v in (metadata or {}).items() if k not in (GEOMETRY_KEY, PREDICTION_KEY)}
     display = {"units": ("mm",) * n, "axis_labels": AXIS_NAMES[-n:], **(display or {})}
+    provenance = prediction.provenance
 
     def kwargs_for(kind: str) -> dict[str, Any]:
         meta = {**base_meta, GEOMETRY_KEY: dict(geometry), PREDICTION_KEY: {**provenance, "output": kind}}
@@ -493,10 +389,9 @@ def prediction_layers(
             "metadata": meta,
         }
 
-    labels = _paste(np.asarray(prediction.labels.array), plan, shape)
     layers: list[LayerDataTuple] = [
         (
-            labels,
+            np.asarray(prediction.labels.array),
             {
                 **kwargs_for("labels"),
                 "name": f"{name} labels",
@@ -511,9 +406,8 @@ def prediction_layers(
     ]
 
     def uncertainty_layer(array: np.ndarray, kind: str, layer_label: str, **extra: Any) -> LayerDataTuple:
-        data = _paste(np.asarray(array, dtype=np.float32), plan, shape)
         return (
-            data,
+            np.asarray(array, dtype=np.float32),
             {**kwargs_for(kind), **UNCERTAINTY_DISPLAY, "name": f"{name} {layer_label}", **extra},
             "image",
         )

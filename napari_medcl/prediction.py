@@ -9,6 +9,7 @@ slice by slice through the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -21,10 +22,12 @@ from typing import Any
 import numpy as np
 
 from napari_medcl import __version__
-from napari_medcl.engine import LoadedModel, default_model_name, load_model
+from napari_medcl.engine import default_model_name, load_model
 from napari_medcl.errors import Cancelled, InputError, InputWarning, PredictionError
 from napari_medcl.io import MAX_BYTES, MAX_VOXELS
 from napari_medcl.preprocess import mask_box, normalize, resample_linear, resampled_shape
+from napari_medcl.region import plan_for_model
+from napari_medcl.session import InferenceSession
 from napari_medcl.spec import ModelSpec
 from napari_medcl.tiling import (
     Accumulator,
@@ -69,7 +72,7 @@ class _Prepared:
 
 
 def predict(
-    image: Volume | str | Path, model: LoadedModel | str | Path | None = None, **options: Any
+    image: Volume | str | Path, model: InferenceSession | str | Path | None = None, **options: Any
 ) -> Prediction:
     """Run :func:`predict_iter` to the end and return its Prediction (same arguments)."""
     result: Any = None
@@ -80,7 +83,7 @@ def predict(
 
 def predict_iter(
     image: Volume | str | Path,
-    model: LoadedModel | str | Path | None = None,
+    model: InferenceSession | str | Path | None = None,
     *,
     device: str = "auto",
     overlap: float = 0.5,
@@ -92,12 +95,13 @@ def predict_iter(
     max_voxels: int | None = MAX_VOXELS,
     max_bytes: int | None = MAX_BYTES,
     scan_is_masked: bool | None = None,
+    region: Any = None,
 ) -> Iterator[Progress | Prediction]:
     """Segment ``image`` with ``model``; yield Progress events, then the Prediction as the last item.
 
     ``image``: a Volume or a path (file or DICOM folder; ``series`` picks a DICOM series). ``model``: a
-    LoadedModel, a bundled model name or an .onnx path; None = the default bundled model. ``device``:
-    auto/cpu/cuda when the model still has to be loaded. ``overlap`` in [0, 1) between windows; ``tta``
+    LoadedModel or any other ``InferenceSession``, a bundled model name or an .onnx path; None = the
+    default bundled model. ``device``: auto/cpu/cuda when the model still has to be loaded. ``overlap`` in [0, 1) between windows; ``tta``
     averages over mirroring along every spatial axis (2^d passes per window); ``batch_size`` windows per
     ORT call; ``return_probabilities`` adds the (K, *S) class probabilities. ``cancel``: a threading.Event
     or a zero-argument callable, checked between windows; when set, Cancelled is raised. ``max_voxels`` and
@@ -105,7 +109,11 @@ def predict_iter(
     the model spacing (values x channels, and their float32 bytes), which is checked before it is allocated.
     ``scan_is_masked``: whether the scan is zero outside its anatomy, which a ``nonzero_is_foreground`` model
     needs for its rule (architecture.md 4.4); None judges it from ``image`` (some voxel is zero). A caller
-    that passes a part of a scan passes what holds for the whole scan.
+    that passes a part of a scan passes what holds for the whole scan (with ``region`` the whole scan is here,
+    and None judges all of it). ``region``: None (the whole image), one ``(start, stop)`` voxel-index pair per
+    spatial axis, or ``("slice", axis, index)``; the model runs on that box (a slice of a 3D image given to a
+    3D model gets a slab of its patch's thickness around it, ``napari_medcl.region``) and every output is
+    background outside it (label 0, zero uncertainty); provenance ``roi`` records the box.
 
     All outputs sit on the input's voxel grid with its geometry. Raises InputError (unusable image),
     ModelError (unusable model), PredictionError (NaN/Inf from the model), Cancelled.
@@ -134,25 +142,34 @@ def predict_iter(
         raise TypeError(f"image must be a Volume or a path, got {type(image).__name__}")
     timings["read"] = time.perf_counter() - t
     t = time.perf_counter()
-    loaded = (
-        model if isinstance(model, LoadedModel) else load_model(model or default_model_name(), device=device)
+    session = (
+        model
+        if isinstance(model, InferenceSession)
+        else load_model(model or default_model_name(), device=device)
     )
     timings["load_model"] = time.perf_counter() - t
-    spec = loaded.spec
+    spec = session.spec
     t = time.perf_counter()
+    plan = plan_for_model(region, volume, spec)
     masked_normalisation = _normalises_over_mask(spec)
     nonzero = volume.nonzero_mask() if masked_normalisation or spec.nonzero_is_foreground else None
-    region = _nonzero_region(nonzero, volume.spatial_shape) if masked_normalisation else None
-    box, outside = (None, None) if region is None else region
-    full_volume, volume = volume, volume if box is None else volume.crop(box)
-    prepared = _prepare(volume, spec, max_voxels=max_voxels, max_bytes=max_bytes)
-    foreground = _foreground_mask(nonzero, box, full_volume, spec, scan_is_masked)
+    if scan_is_masked is None and nonzero is not None and not plan.whole:
+        # A region inside the anatomy has no zero voxel; whether the scan is masked is a property of all of it.
+        scan_is_masked = not nonzero.all()
+    part = volume if plan.whole else volume.crop(plan.compute)
+    if nonzero is not None and not plan.whole:
+        nonzero = nonzero[plan.compute]
+    nonzero_region = _nonzero_region(nonzero, part.spatial_shape) if masked_normalisation else None
+    box, outside = (None, None) if nonzero_region is None else nonzero_region
+    model_input = part if box is None else part.crop(box)
+    prepared = _prepare(model_input, spec, max_voxels=max_voxels, max_bytes=max_bytes)
+    foreground = _foreground_mask(nonzero, box, part, spec, scan_is_masked)
     timings["preprocess"] = time.perf_counter() - t
     yield Progress(1, 1, "preprocess", elapsed())
 
     t = time.perf_counter()
     stitched, windows, ort_seconds = yield from _infer(
-        loaded, prepared, overlap=overlap, tta=tta, batch_size=batch_size,
+        session, prepared, overlap=overlap, tta=tta, batch_size=batch_size,
         keep_probabilities=return_probabilities, cancelled=cancelled, elapsed=elapsed,
         foreground=foreground if prepared.scales is None else None,
     )  # fmt: skip
@@ -161,26 +178,28 @@ def predict_iter(
 
     yield Progress(0, 1, "postprocess", elapsed())
     t = time.perf_counter()
-    prediction_arrays = _postprocess(stitched, volume, prepared, spec, return_probabilities, foreground)
+    prediction = _postprocess(stitched, model_input, prepared, spec, return_probabilities, foreground)
     if outside is not None:
-        _set_background(prediction_arrays, outside)
+        prediction.set_background(outside)
     if box is not None:
-        prediction_arrays = _uncrop(prediction_arrays, box, full_volume.spatial_shape)
+        prediction = prediction.pasted(part, box)
+    if not plan.whole:
+        prediction = prediction.crop(plan.inner).pasted(volume, plan.paste)
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = elapsed()
     provenance = _provenance(
-        full_volume, loaded, prepared, device=device, overlap=overlap, tta=tta, batch_size=batch_size,
+        volume, session, prepared, device=device, overlap=overlap, tta=tta, batch_size=batch_size,
         windows=windows, timings=timings,
     )  # fmt: skip
     provenance["nonzero_box"] = None if box is None else [[b.start, b.stop] for b in box]
     provenance["nonzero_is_foreground"] = foreground is not None
-    prediction = _as_prediction(full_volume, spec, prediction_arrays, provenance)
+    provenance["roi"] = None if plan.whole else [[s.start, s.stop] for s in plan.paste]
     yield Progress(1, 1, "postprocess", elapsed())
-    yield prediction
+    yield dataclasses.replace(prediction, provenance=provenance)
 
 
 def _infer(
-    model: LoadedModel,
+    model: InferenceSession,
     prepared: _Prepared,
     *,
     overlap: float,
@@ -303,43 +322,6 @@ def _foreground_mask(
     return mask if mask.ndim == 3 else mask[None]  # a 2D image is a depth-1 volume from here on
 
 
-def _set_background(arrays: dict[str, np.ndarray | None], outside: np.ndarray | None) -> None:
-    """Background where ``outside`` (spatial shape) holds: label 0, probability 1 for class 0, zero entropy
-    and uncertainty, in place. A model normalised over the non-zero mask saw those voxels only as the
-    constant 0 its normalisation gives them, labelled background; its UAFR maps there say nothing about the
-    scan, and left alone they light up the air around the head."""
-    if outside is None:
-        return
-    for key, array in arrays.items():
-        if array is None:
-            continue
-        if key in ("maps", "probabilities"):
-            array[:, outside] = 0
-            if key == "probabilities":
-                array[0, outside] = 1.0
-        else:
-            array[outside] = 0
-
-
-def _uncrop(
-    arrays: dict[str, np.ndarray | None], box: tuple[slice, ...], shape: tuple[int, ...]
-) -> dict[str, np.ndarray | None]:
-    """Outputs of the cropped image placed on the whole grid ``shape``: background outside the box (label 0,
-    probability 1 for class 0, zero entropy and uncertainty)."""
-    out: dict[str, np.ndarray | None] = {}
-    for key, array in arrays.items():
-        if array is None:
-            out[key] = None
-            continue
-        channels = key in ("maps", "probabilities")
-        full = np.zeros((array.shape[0], *shape) if channels else shape, dtype=array.dtype)
-        if key == "probabilities":
-            full[0] = 1.0
-        full[(slice(None), *box) if channels else box] = array
-        out[key] = full
-    return out
-
-
 def _as_channels_3d(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
     """The volume's array as (C, Z, Y, X) (a view; depth 1 for 2D images) and its spacing on that grid."""
     array = volume.array if volume.channel_axis else volume.array[None]
@@ -422,7 +404,7 @@ def _mm(values: Any) -> str:
     return ", ".join(f"{v:g}" for v in values)
 
 
-def _run(model: LoadedModel, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _run(model: InferenceSession, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """One ORT pass, or the mean over every mirroring of the spatial axes when ``tta``."""
     if not tta:
         return model.run(batch)
@@ -441,7 +423,7 @@ def _run(model: LoadedModel, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, 
     return probs_sum * scale, None if maps_sum is None else maps_sum * scale
 
 
-def _check_finite(model: LoadedModel, probs: np.ndarray, maps: np.ndarray | None) -> None:
+def _check_finite(model: InferenceSession, probs: np.ndarray, maps: np.ndarray | None) -> None:
     # A float64 sum of values in [0, 1] is finite unless a value is NaN/Inf, and needs no temporary array.
     for name, array in (("probabilities", probs), ("uafr_uncertainty", maps)):
         if array is not None and not math.isfinite(float(array.sum(dtype=np.float64))):
@@ -458,17 +440,16 @@ def _postprocess(
     spec: ModelSpec,
     keep_probabilities: bool,
     foreground: np.ndarray | None = None,
-) -> dict[str, np.ndarray | None]:
-    """Outputs on the input grid (Z, Y, X): resample back from the model grid first when needed, then the
-    argmax (never background where ``foreground``, (Z, Y, X) bool)."""
-    if prepared.scales is None:
-        result = {
-            "labels": stitched.labels,
-            "entropy": stitched.entropy,
-            "maps": stitched.maps,
-            "probabilities": stitched.probabilities,
-        }
-    else:
+) -> Prediction:
+    """The outputs on the grid of ``volume`` (what the model was given): resampled back from the model grid
+    first when needed, then the argmax (never background where ``foreground``, (Z, Y, X) bool)."""
+    labels, entropy, maps, probabilities = (
+        stitched.labels,
+        stitched.entropy,
+        stitched.maps,
+        stitched.probabilities,
+    )
+    if prepared.scales is not None:
         shape = tuple(_as_channels_3d(volume)[0].shape[1:])
         back = tuple(1.0 / s for s in prepared.scales)
         k = spec.num_classes
@@ -486,44 +467,30 @@ def _postprocess(
 
         argmax_entropy(planes(), k, labels, entropy, foreground)
         maps = resample_linear(stitched.maps, shape, back) if spec.uncertainty_maps else stitched.maps
-        result = {
-            "labels": labels,
-            "entropy": entropy,
-            "maps": maps,
-            "probabilities": probabilities,
-        }
     if volume.spatial_dims == 2:  # drop the depth-1 axis again
-        result = {
-            key: None if a is None else (a[:, 0] if key in ("maps", "probabilities") else a[0])
-            for key, a in result.items()
-        }
-    return result
+        labels, entropy = labels[0], entropy[0]
+        maps = None if maps is None else maps[:, 0]
+        probabilities = None if probabilities is None else probabilities[:, 0]
 
-
-def _as_prediction(
-    volume: Volume, spec: ModelSpec, arrays: dict[str, np.ndarray | None], provenance: dict[str, Any]
-) -> Prediction:
     def on_grid(array: np.ndarray, channel_axis: bool = False) -> Volume:
         # Outputs are new images on the input's grid: keep its geometry, source and format, not the
         # reader's notes about the input's own pixels.
         return volume.with_array(array, channel_axis=channel_axis, metadata={})
 
-    maps = arrays["maps"]
     return Prediction(
-        labels=on_grid(arrays["labels"]),
-        entropy=on_grid(arrays["entropy"]),
+        labels=on_grid(labels),
+        entropy=on_grid(entropy),
         # The block nearest the output (maps are in network order) sees the decision itself, at full
         # resolution: its map marks the voxels the network hesitates on, where deeper blocks' maps are flat.
         uafr_uncertainty=on_grid(maps[-1].copy()) if len(spec.uncertainty_maps) else None,
         uncertainty_maps={name: on_grid(maps[i]) for i, name in enumerate(spec.uncertainty_maps)},
-        probabilities=None if arrays["probabilities"] is None else on_grid(arrays["probabilities"], True),
-        provenance=provenance,
+        probabilities=None if probabilities is None else on_grid(probabilities, True),
     )
 
 
 def _provenance(
     volume: Volume,
-    model: LoadedModel,
+    model: InferenceSession,
     prepared: _Prepared,
     *,
     device: str,

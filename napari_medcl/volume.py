@@ -11,6 +11,7 @@ So the physical position of voxel index ``i`` (array order) is ``origin + direct
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,56 @@ class Prediction:
     uncertainty_maps: dict[str, Volume] = field(default_factory=dict)
     probabilities: Volume | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    def crop(self, box: tuple[slice, ...]) -> Prediction:
+        """Every output cut to ``box`` (spatial slices; see ``Volume.crop``)."""
+        return self._each_output(lambda output, _background: output.crop(box))
+
+    def pasted(self, grid: Volume, box: tuple[slice, ...]) -> Prediction:
+        """Every output placed at ``box`` of the whole grid of ``grid`` (its shape and geometry), with each
+        output's background value around it: label 0, probability 1 for class 0 and 0 for the others, zero
+        entropy and uncertainty."""
+
+        def paste(output: Volume, background: np.ndarray) -> Volume:
+            channels = output.array.shape[:1] if output.channel_axis else ()
+            full = np.empty((*channels, *grid.spatial_shape), dtype=output.array.dtype)
+            full[...] = background.reshape(background.shape + (1,) * grid.spatial_dims)
+            full[(slice(None), *box) if output.channel_axis else box] = output.array
+            return grid.with_array(full, channel_axis=output.channel_axis, metadata={})
+
+        return self._each_output(paste)
+
+    def set_background(self, where: np.ndarray) -> None:
+        """Each output's background value (see ``pasted``) where ``where`` (spatial shape, bool) holds, in
+        place: for a prediction's own fresh arrays, before it is handed out."""
+        for output, background in self._outputs():
+            index = (slice(None), where) if output.channel_axis else where
+            output.array[index] = background[:, None] if output.channel_axis else background
+
+    def _outputs(self) -> list[tuple[Volume, np.ndarray]]:
+        """(output, background value: one per channel, or a scalar array) for every output present."""
+        zero = np.zeros(())
+        outputs = [(self.labels, zero), (self.entropy, zero)]
+        if self.uafr_uncertainty is not None:
+            outputs.append((self.uafr_uncertainty, zero))
+        outputs += [(m, zero) for m in self.uncertainty_maps.values()]
+        if self.probabilities is not None:
+            background = np.zeros(self.probabilities.num_channels)
+            background[0] = 1.0
+            outputs.append((self.probabilities, background))
+        return outputs
+
+    def _each_output(self, change: Callable[[Volume, np.ndarray], Volume]) -> Prediction:
+        changed = {id(output): change(output, background) for output, background in self._outputs()}
+
+        def new(output: Volume | None) -> Any:
+            return None if output is None else changed[id(output)]
+
+        return replace(
+            self,
+            labels=new(self.labels),
+            entropy=new(self.entropy),
+            uafr_uncertainty=new(self.uafr_uncertainty),
+            uncertainty_maps={name: new(m) for name, m in self.uncertainty_maps.items()},
+            probabilities=new(self.probabilities),
+        )

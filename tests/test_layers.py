@@ -18,10 +18,10 @@ from napari_medcl.layers import (
     PREDICTION_KEY,
     ObliqueGeometryWarning,
     image_layer_data,
-    plan_region,
     segment_layer,
     volume_from_layer,
 )
+from napari_medcl.region import plan_region
 from napari_medcl.volume import Volume
 from tests.onnx_models import make_spec, pointwise_model, save
 

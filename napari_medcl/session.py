@@ -1,0 +1,40 @@
+"""What a prediction runs its windows through: an inference session.
+
+``predict_iter`` takes any object with this shape. The product's own is ``LoadedModel`` (an ONNX Runtime
+session on a checked ``.onnx`` file, ``napari_medcl.engine``); training validates and ``medcl-evaluate``
+scores a checkpoint with a torch session (``training.torch_session.TorchSession``) through the same
+preprocessing, windows, stitching and rules, so a checkpoint's Dice is the one its export would give.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from napari_medcl.spec import ModelSpec
+
+
+@runtime_checkable
+class InferenceSession(Protocol):
+    """A model ready to run: ``spec`` describes it; ``provider`` says where it runs (e.g.
+    ``CPUExecutionProvider``, ``torch (cuda:0)``); ``path`` and ``sha256`` name the file it came from (for
+    provenance; None when it has none)."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def path(self) -> Path | None: ...
+
+    @property
+    def sha256(self) -> str | None: ...
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """batch float32 (N, C, *S) -> probabilities (N, K, *S) float32 and the UAFR maps (N, U, *S) float32
+        in network order, or None when ``spec.uncertainty_maps`` is empty."""
+        ...
