@@ -250,10 +250,10 @@ def _done(work: Path, dims: int, task: str) -> set[str]:
 
 def score(model_path: Path, image_path: Path, label, classes: Sequence[str]) -> dict:
     from napari_medcl.prediction import predict
-    from training.cli import load_checkpoint_model
     from training.metrics import evaluate_case
+    from training.torch_session import load_checkpoint_session
 
-    loaded, _ = load_checkpoint_model(model_path, "cpu")
+    loaded, _ = load_checkpoint_session(model_path, "cpu")
     volume = _read(image_path)
     labels = predict(volume, loaded).labels.array
     metrics = evaluate_case(labels, label.array, ("background", *classes), spacing=volume.spacing)

@@ -18,7 +18,7 @@ _EXPORTS = {
     "ExportReport": "export.onnx",
     "VerifyReport": "export.onnx",
     "ShapeCheck": "export.onnx",
-    "InferenceWrapper": "export.wrapper",
+    "InferenceWrapper": "training.models.inference_wrapper",
     "ExportError": "export.checkpoint_model",
     "CheckpointModel": "export.checkpoint_model",
     "load_checkpoint_model": "export.checkpoint_model",
@@ -40,7 +40,7 @@ __all__ = [
 if TYPE_CHECKING:
     from export.checkpoint_model import CheckpointModel, ExportError, load_checkpoint_model
     from export.onnx import ExportReport, ShapeCheck, VerifyReport, spec_for_model, to_onnx, verify_onnx
-    from export.wrapper import InferenceWrapper
+    from training.models.inference_wrapper import InferenceWrapper
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

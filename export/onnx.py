@@ -1,6 +1,6 @@
 """Export a trained network to one self-describing ONNX file, and verify the file against torch.
 
-``to_onnx(checkpoint_or_model, path)`` traces :class:`~export.wrapper.InferenceWrapper` with the TorchScript
+``to_onnx(checkpoint_or_model, path)`` traces :class:`~training.models.inference_wrapper.InferenceWrapper` with the TorchScript
 exporter (``torch.onnx.export(..., dynamo=False)``: single file, eval-mode BatchNorm folded into the convs,
 sub-second on small nets) and writes a graph that follows architecture.md §4.3:
 
@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from export.checkpoint_model import ExportError, check_spec_matches_model, load_checkpoint_model
-from export.wrapper import OUTPUT_PROBABILITIES, OUTPUT_UNCERTAINTY, InferenceWrapper
 from napari_medcl.engine import STANDARD_DOMAINS, graph_nodes
 from napari_medcl.spec import METADATA_KEY, ModelSpec, SpecError, default_classes
+from training.models.inference_wrapper import OUTPUT_PROBABILITIES, OUTPUT_UNCERTAINTY, InferenceWrapper
 
 __all__ = [
     "DEFAULT_OPSET",

@@ -25,7 +25,7 @@ from napari_medcl import __version__
 from napari_medcl.engine import default_model_name, load_model
 from napari_medcl.errors import Cancelled, InputError, InputWarning, PredictionError
 from napari_medcl.io import MAX_BYTES, MAX_VOXELS
-from napari_medcl.preprocess import mask_box, normalize, resample_linear, resampled_shape
+from napari_medcl.preprocess import full_target, mask_box, resample_linear, to_model_grid
 from napari_medcl.region import plan_for_model
 from napari_medcl.session import InferenceSession
 from napari_medcl.spec import ModelSpec
@@ -41,8 +41,6 @@ from napari_medcl.tiling import (
 from napari_medcl.volume import Prediction, Volume
 
 STAGES = ("preprocess", "infer", "postprocess")
-# Spacings within this relative difference of the model's count as equal (no resampling).
-SPACING_RTOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -352,17 +350,13 @@ def _prepare(
         raise InputError(volume.source, f"has voxel type {array.dtype}, not a number type")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise InputError(volume.source, "contains NaN or infinite voxel values")
-    data = normalize(array, spec.normalization)  # (C, Z, Y, X) float32
 
-    scales = None
-    shape = tuple(array.shape[1:])
-    if spec.spacing is not None:
-        target = tuple(spec.spacing) if spec.spatial_dims == 3 else (spacing[0], *spec.spacing)
-        if any(abs(s / t - 1.0) > SPACING_RTOL for s, t in zip(spacing, target)):
-            scales = tuple(t / s for s, t in zip(spacing, target))
-            shape = resampled_shape(shape, spacing, target)
-            _check_budget(volume, spec, shape, array.shape[0], max_voxels, max_bytes)
-            data = resample_linear(data, shape, scales)
+    def check_size(shape: tuple[int, ...]) -> None:
+        _check_budget(volume, spec, shape, array.shape[0], max_voxels, max_bytes)
+
+    target = full_target(spacing, spec.spacing)
+    data, _, scales = to_model_grid(array, spacing, spec.normalization, target, check_size=check_size)
+    shape = tuple(data.shape[1:])  # (Z, Y, X), a 2D image's depth 1 kept
 
     window = window_shape(spec.patch_size, spec.divisor)
     window = window if spec.spatial_dims == 3 else (1, *window)

@@ -1,4 +1,9 @@
-"""Intensity normalisation and linear resampling of images before inference (pure numpy).
+"""The preprocessing that puts an image on a model's grid, for inference and for training (pure numpy).
+
+``to_model_grid`` is the one place that decides what a model sees: normalise each channel as the spec says,
+then resample linearly to the model's spacing when the image's differs by more than ``SPACING_RTOL``.
+``napari_medcl.prediction`` calls it on every scan; ``training.data.preprocessing`` calls it on every
+training case, with the label (resampled nearest on the same grid), so the two can never drift apart.
 
 Both work on channel-first float arrays ``(C, *S)`` with ``S`` two or three spatial axes. Resampling changes
 the spacing of axes that share one direction matrix, so it is separable: one 1-D linear interpolation per
@@ -10,11 +15,14 @@ the original grid.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 STD_FLOOR = 1e-8
+# Spacings within this relative difference of the model's count as equal: the image is not resampled.
+SPACING_RTOL = 1e-3
 # Rows of the first axis processed at a time when computing statistics, so temporaries stay small.
 _CHUNK_VOXELS = 1 << 22
 
@@ -73,6 +81,45 @@ def normalize(array: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
             # Outside the mask is what windows are padded with (0), as in training's crops: no third value.
             channel[~mask] = 0
     return out
+
+
+def full_target(
+    spacing: tuple[float, ...], model_spacing: Sequence[float] | None
+) -> tuple[float, ...] | None:
+    """The per-axis target spacing for an image of ``spacing``: the model's (None: keep the image's); a 2D
+    model's two values on a 3D image (a 2D image runs as a depth-1 volume) keep the image's spacing along z."""
+    if model_spacing is None:
+        return None
+    target = tuple(float(t) for t in model_spacing)
+    return (*spacing[: len(spacing) - len(target)], *target)
+
+
+def to_model_grid(
+    array: np.ndarray,
+    spacing: tuple[float, ...],
+    normalization: dict[str, Any],
+    target: tuple[float, ...] | None,
+    *,
+    label: np.ndarray | None = None,
+    check_size: Callable[[tuple[int, ...]], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...] | None]:
+    """Normalise ``array`` (C, *S) as ``normalization`` (a ModelSpec field) says, then resample it to the
+    ``target`` spacing (one value per axis of S, see ``full_target``; None: as is).
+
+    Returns (image (C, *S') float32, the label (*S') resampled nearest on the same grid or None, scales):
+    ``scales`` = target / image spacing per axis, None when every axis is within ``SPACING_RTOL`` of the
+    target and nothing was resampled. ``check_size(S')`` runs before the resampled image is allocated (to
+    refuse a grid over a memory budget)."""
+    data = normalize(array, normalization)
+    if target is None or all(abs(s / t - 1.0) <= SPACING_RTOL for s, t in zip(spacing, target)):
+        return data, label, None
+    scales = tuple(t / s for s, t in zip(spacing, target))
+    shape = resampled_shape(tuple(array.shape[1:]), spacing, target)
+    if check_size is not None:
+        check_size(shape)
+    data = resample_linear(data, shape, scales)
+    label = None if label is None else resample_nearest(label, shape, scales)
+    return data, label, scales
 
 
 def mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -169,3 +216,15 @@ def _interp_axis(a: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
     high *= w
     low += high
     return low
+
+
+def resample_nearest(label: np.ndarray, out_shape: tuple[int, ...], scales: tuple[float, ...]) -> np.ndarray:
+    """Nearest-neighbour resampling of ``label`` (*S) to ``out_shape`` on the same centre-aligned grids as
+    ``resample_linear`` (``scales`` = target / source spacing)."""
+    out = label
+    for axis, (n_in, n_out, scale) in enumerate(zip(label.shape, out_shape, scales)):
+        if n_in == n_out and abs(scale - 1.0) < 1e-12:
+            continue
+        index = np.clip(np.rint(grid_coordinates(n_out, n_in, scale)), 0, n_in - 1).astype(np.intp)
+        out = np.take(out, index, axis=axis)
+    return np.ascontiguousarray(out)

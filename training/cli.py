@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import sys
 from collections.abc import Sequence
@@ -146,55 +145,6 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _TorchSession:
-    """Enough of an ONNX Runtime session for ``LoadedModel.run``: the torch network's softmax output."""
-
-    def __init__(self, model: Any, device: Any):
-        self.model = model
-        self.device = device
-
-    def run(self, names: Sequence[str], feeds: dict[str, Any]) -> list[Any]:
-        import torch
-
-        with torch.no_grad():
-            x = torch.from_numpy(feeds["image"]).to(self.device)
-            probs = self.model(x).logits.float().softmax(1)
-        return [probs.cpu().numpy()]
-
-    def get_providers(self) -> list[str]:
-        return [f"torch ({self.device})"]
-
-
-def load_checkpoint_model(path: Path, device: str = "auto") -> tuple[Any, Any]:
-    """(LoadedModel running the checkpoint's torch network, its TrainConfig), for napari_medcl.predict."""
-    import torch
-
-    from napari_medcl.engine import LoadedModel
-    from napari_medcl.spec import ModelSpec
-    from training.checkpoint import checkpoint_config, load_checkpoint
-    from training.engine import build_model
-
-    state = load_checkpoint(path, map_location="cpu")
-    cfg = checkpoint_config(state, path)
-    spec = ModelSpec.from_dict(state["spec"])
-    # The encoder's pretrained weights are already in the state dict; the file may not exist here.
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder_weights=None))
-    model = build_model(cfg, spec.in_channels, spec.num_classes)
-    model.load_state_dict(state["model"])
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA GPU")
-    target = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    model.to(target).eval()
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    # Only labels are scored: no UAFR maps are asked for.
-    spec = dataclasses.replace(spec, uncertainty_maps=())
-    session = _TorchSession(model, target)
-    loaded = LoadedModel(
-        path=path, sha256=digest, spec=spec, provider=session.get_providers()[0], session=session
-    )
-    return loaded, cfg
-
-
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``medcl-evaluate CHECKPOINT_OR_ONNX DATASET_ROOT [--layout L] [--split val|all] [-o metrics.csv]``."""
     args = _evaluate_parser().parse_args(argv)
@@ -237,7 +187,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if is_onnx:
         loaded, data_cfg = load_model(args.model, device=args.device), DataConfig()
     else:
-        loaded, cfg = load_checkpoint_model(args.model, args.device)
+        from training.torch_session import load_checkpoint_session
+
+        loaded, cfg = load_checkpoint_session(args.model, args.device)
         data_cfg = cfg.data
     if args.fold is not None:
         data_cfg = dataclasses.replace(data_cfg, fold=args.fold, val_fraction=None)

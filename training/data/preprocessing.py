@@ -1,9 +1,9 @@
 """Checked dataset -> train/val cases that are cropped, normalised and resampled, cached on disk.
 
-Per case, in nnU-Net's order: crop to the box of non-zero voxels (and labels), normalise each channel, resample
-to the target spacing (images linear, labels nearest). Normalisation and image resampling are
-``napari_medcl.preprocess.normalize`` / ``resample_linear``, the functions inference runs, on the same
-centre-aligned grids, so a model sees the same intensities and voxel grid in training and in the product.
+Per case, in nnU-Net's order: crop to the box of non-zero voxels (and labels), then
+``napari_medcl.preprocess.to_model_grid``, the step inference runs on every scan: normalise each channel,
+resample to the target spacing (images linear, labels nearest) on the same centre-aligned grids, so a model
+sees the same intensities and voxel grid in training and in the product.
 
 - Target spacing: the per-axis median over every usable case (spacing carries no label information, so all
   folds share it), an explicit value, or None (as is). folder2d pictures are unit-spacing pixel grids:
@@ -27,14 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_medcl.preprocess import (
-    grid_coordinates,
-    mask_box,
-    normalize,
-    resample_linear,
-    resampled_origin,
-    resampled_shape,
-)
+from napari_medcl.preprocess import full_target, mask_box, resampled_origin, to_model_grid
 from napari_medcl.volume import Volume
 from training.data.cache import CaseCache, digest
 from training.data.check import (
@@ -53,8 +46,6 @@ __all__ = ["DatasetInfo", "PreparedCase", "prepare_dataset", "split_cases", "sub
 log = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = 3
-# Spacings within this relative difference of the target count as equal: no resampling (as in inference).
-SPACING_RTOL = 1e-3
 CT_PERCENTILES = (0.5, 99.5)
 RESCALE_PERCENTILES = (0.5, 99.5)
 # Voxel positions remembered per foreground class of a case for foreground-centred patches (nnU-Net: 10,000).
@@ -250,18 +241,6 @@ def subsample_cases(cases: list[CaseFiles], fraction: float, seed: int) -> list[
 # ------------------------------------------------------------------------------------------------ one case
 
 
-def resample_nearest(label: np.ndarray, out_shape: tuple[int, ...], scales: tuple[float, ...]) -> np.ndarray:
-    """Nearest-neighbour resampling of ``label`` (*S) to ``out_shape`` on the same centre-aligned grids as
-    ``napari_medcl.preprocess.resample_linear`` (``scales`` = target / source spacing)."""
-    out = label
-    for axis, (n_in, n_out, scale) in enumerate(zip(label.shape, out_shape, scales)):
-        if n_in == n_out and abs(scale - 1.0) < 1e-12:
-            continue
-        index = np.clip(np.rint(grid_coordinates(n_out, n_in, scale)), 0, n_in - 1).astype(np.intp)
-        out = np.take(out, index, axis=axis)
-    return np.ascontiguousarray(out)
-
-
 def class_locations(label: np.ndarray, case_id: str) -> dict[int, np.ndarray]:
     """{class: (n, ndim) int32 voxel positions} of each foreground class in ``label`` (*S), at most
     LOCATIONS_PER_CLASS each, chosen with a generator seeded by the case id (the same every run)."""
@@ -276,14 +255,6 @@ def class_locations(label: np.ndarray, case_id: str) -> dict[int, np.ndarray]:
             chosen = np.sort(rng.choice(chosen, LOCATIONS_PER_CLASS, replace=False))
         out[int(cls)] = np.stack(np.unravel_index(chosen, label.shape), axis=1).astype(np.int32)
     return out
-
-
-def normalize_channels(image: np.ndarray, per_channel: list[dict[str, Any]]) -> np.ndarray:
-    """(C, *S) -> (C, *S) float32, every channel as its dict says (all at once when they share one, so the
-    non-zero mask spans the channels exactly as at inference)."""
-    if all(d == per_channel[0] for d in per_channel):
-        return normalize(image, per_channel[0])
-    return np.concatenate([normalize(image[c : c + 1], d) for c, d in enumerate(per_channel)])
 
 
 def preprocess_case(
@@ -308,13 +279,12 @@ def preprocess_case(
     if box != full:
         image = image.crop(box)
         label = label[box]
-    data = normalize_channels(image.array, per_channel)  # (C, *S) float32
     shape, spacing, origin = image.spatial_shape, image.spacing, image.origin
-    if target is not None and any(abs(s / t - 1.0) > SPACING_RTOL for s, t in zip(spacing, target)):
-        scales = tuple(t / s for s, t in zip(spacing, target))
-        out_shape = resampled_shape(shape, spacing, target)
-        data = resample_linear(data, out_shape, scales)
-        label = resample_nearest(label, out_shape, scales)
+    data, label, scales = to_model_grid(
+        image.array, spacing, spec_normalization(per_channel), target, label=label
+    )  # (C, *S') float32, (*S')
+    if scales is not None:
+        out_shape = tuple(data.shape[1:])
         origin = resampled_origin(origin, spacing, image.direction, shape, out_shape, target)
         shape, spacing = out_shape, tuple(target)
     geometry = {
@@ -337,15 +307,6 @@ def labels_fill_nonzero(nonzero: np.ndarray, label: np.ndarray) -> bool:
     return bool(nonzero.any() and not nonzero.all() and np.array_equal(nonzero, label != 0))
 
 
-def _case_target(
-    case_spacing: tuple[float, ...], target: tuple[float, ...] | None
-) -> tuple[float, ...] | None:
-    """Full per-axis target for a case: a 2-value target on a 3D case keeps the case's z spacing."""
-    if target is None:
-        return None
-    return (case_spacing[0], *target) if len(target) < len(case_spacing) else target
-
-
 def prepare_case(
     case: CaseFiles,
     layout: Layout,
@@ -358,7 +319,7 @@ def prepare_case(
 ) -> PreparedCase:
     """The preprocessed case, from the cache when the files and settings are unchanged."""
     fp = scan.fingerprints[case.case_id]
-    case_target = _case_target(fp.spacing, target)
+    case_target = full_target(fp.spacing, target)
     key = digest(
         [PREPROCESS_VERSION, fingerprint_key(case, layout), case_target, per_channel, bool(crop_nonzero)]
     )
