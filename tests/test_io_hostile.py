@@ -890,11 +890,11 @@ def test_refused(tmp_path, capfd, make):
 
 def test_refused_before_the_data_file_is_opened(tmp_path, monkeypatch):
     """A header naming a file outside its folder is refused before SimpleITK is even asked."""
-    from napari_medcl import io
+    from napari_medcl.io import reading
 
     write(tmp_path / "secret.raw", bytes(60))
     path = write(tmp_path / "in" / "scan.mhd", metaimage("ElementDataFile = ../secret.raw\n"))
-    monkeypatch.setattr(io, "_sitk", lambda: pytest.fail("SimpleITK reached"))
+    monkeypatch.setattr(reading, "load_sitk", lambda: pytest.fail("SimpleITK reached"))
     with pytest.raises(InputError, match="leads out of the header's folder"):
         read_image(path)
 
