@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+from napari_medcl.io.formats import SCAN_WRITE_EXTENSIONS
 
 
 def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
@@ -33,8 +33,8 @@ def write_layer_data(layer: Any, path: str | Path) -> Path:
     from napari_medcl.layers import layer_kind, volume_from_layer
 
     path = Path(path)
-    if not path.name.lower().endswith(WRITE_SUFFIXES):
-        raise OutputError(path, f"unsupported extension; use one of {', '.join(WRITE_SUFFIXES)}")
+    if not path.name.lower().endswith(SCAN_WRITE_EXTENSIONS):
+        raise OutputError(path, f"unsupported extension; use one of {', '.join(SCAN_WRITE_EXTENSIONS)}")
     is_labels = (isinstance(layer, tuple) and len(layer) > 2 and layer[2] == "labels") or (
         not isinstance(layer, tuple) and layer_kind(layer) == "labels"
     )

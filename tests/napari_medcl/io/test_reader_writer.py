@@ -18,7 +18,7 @@ from napari_medcl.layers import GEOMETRY_KEY, ObliqueGeometryWarning, segment_la
 from napari_medcl.volume import Volume
 from tests.onnx_models import pointwise_model, save
 
-MANIFEST = Path(__file__).resolve().parents[1] / "napari_medcl" / "napari.yaml"
+MANIFEST = Path(__file__).resolve().parents[3] / "napari_medcl" / "napari.yaml"
 
 
 def oblique_scan(path: Path) -> Volume:
