@@ -1,4 +1,5 @@
-"""napari writers: Labels and Image layers to .nii.gz / .nii / .nrrd / .mha with the source scan's geometry.
+"""napari writers: Labels and Image layers to the scan formats of the io format table (NIfTI, NRRD,
+MetaImage) with the source scan's geometry.
 
 The geometry is rebuilt from ``metadata["medcl_geometry"]`` (exact spacing, origin and oblique direction of the
 file the image came from) when it still matches the layer; a layer without it is written with its scale and
