@@ -88,7 +88,7 @@ _NIFTI_UNSUPPORTED = {1: "1-bit", 32: "complex64", 1536: "float128", 1792: "comp
 def check_nifti(path: Path, extension: str, budget: Budget) -> Findings:
     """Parse and check the header, check the declared size against the budget, then stream the voxel bytes
     (before ITK sees the file, so a broken gzip stream gets a precise message)."""
-    compressed = extension == ".nii.gz"
+    compressed = extension.endswith(".gz")
     try:
         with _nifti_stream(path, compressed) as stream:
             head = stream.read(540)
