@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+from napari_medcl.io.formats import SCAN_EXTENSIONS
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
 
@@ -42,4 +42,4 @@ def _claims(path: Path) -> bool:
         from napari_medcl.io import is_supported  # cheap: looks at a few file names and DICOM markers
 
         return is_supported(path)
-    return path.is_file() and path.name.lower().endswith(FILE_SUFFIXES)
+    return path.is_file() and path.name.lower().endswith(SCAN_EXTENSIONS)

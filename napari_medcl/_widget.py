@@ -285,16 +285,20 @@ class ReviewWidget(Container):
     def _on_save(self, *_: Any) -> None:
         from qtpy.QtWidgets import QFileDialog
 
+        from napari_medcl.io.formats import SCAN_FORMATS
+
         layer = self._labels_combo.value
         if layer is None:
             _notify_error(self._summary, "No Labels layer to save.")
             return
         default = _default_save_path(layer)
+        patterns = [" ".join(f"*{e}" for e in fmt.written_extensions) for fmt in SCAN_FORMATS]
+        save_filter = ";;".join(f"{fmt.title} ({p})" for fmt, p in zip(SCAN_FORMATS, patterns))
         path, _ = QFileDialog.getSaveFileName(
             self.native,
             "Save labels with the scan's geometry",
             str(default),
-            "NIfTI (*.nii.gz *.nii);;NRRD (*.nrrd);;MetaImage (*.mha)",
+            save_filter,
         )
         if not path:
             return

@@ -1,4 +1,5 @@
-"""napari writers: Labels and Image layers to .nii.gz / .nii / .nrrd / .mha with the source scan's geometry.
+"""napari writers: Labels and Image layers to the scan formats of the io format table (NIfTI, NRRD,
+MetaImage) with the source scan's geometry.
 
 The geometry is rebuilt from ``metadata["medcl_geometry"]`` (exact spacing, origin and oblique direction of the
 file the image came from) when it still matches the layer; a layer without it is written with its scale and
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+from napari_medcl.io.formats import SCAN_WRITE_EXTENSIONS
 
 
 def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
@@ -33,8 +34,8 @@ def write_layer_data(layer: Any, path: str | Path) -> Path:
     from napari_medcl.layers import layer_kind, volume_from_layer
 
     path = Path(path)
-    if not path.name.lower().endswith(WRITE_SUFFIXES):
-        raise OutputError(path, f"unsupported extension; use one of {', '.join(WRITE_SUFFIXES)}")
+    if not path.name.lower().endswith(SCAN_WRITE_EXTENSIONS):
+        raise OutputError(path, f"unsupported extension; use one of {', '.join(SCAN_WRITE_EXTENSIONS)}")
     is_labels = (isinstance(layer, tuple) and len(layer) > 2 and layer[2] == "labels") or (
         not isinstance(layer, tuple) and layer_kind(layer) == "labels"
     )

@@ -42,10 +42,11 @@ class _FolderBusy(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     from napari_medcl.io import MAX_BYTES, MAX_VOXELS  # numpy only: --help stays fast
+    from napari_medcl.io.formats import FORMATS
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Segment medical images (NIfTI, NRRD, MHA, DICOM folders, PNG/JPEG/TIFF) with an ONNX "
+        description=f"Segment medical images ({', '.join(fmt.title for fmt in FORMATS)}) with an ONNX "
         "model; write labels, UAFR uncertainty and predictive entropy with the input's geometry, plus a "
         "<case>.json provenance sidecar.",
         epilog="Outputs per case, in the input's format (DICOM -> .nii.gz; PNG/JPEG -> .png labels, .tif maps): "

@@ -18,7 +18,7 @@ from napari_medcl.layers import GEOMETRY_KEY, ObliqueGeometryWarning, segment_la
 from napari_medcl.volume import Volume
 from tests.onnx_models import pointwise_model, save
 
-MANIFEST = Path(__file__).resolve().parents[1] / "napari_medcl" / "napari.yaml"
+MANIFEST = Path(__file__).resolve().parents[3] / "napari_medcl" / "napari.yaml"
 
 
 def oblique_scan(path: Path) -> Volume:
@@ -158,3 +158,15 @@ def test_manifest_is_valid_and_every_command_imports():
         assert callable(getattr(importlib.import_module(module), attribute)), command.id
     (reader,) = manifest.contributions.readers
     assert reader.accepts_directories and "*.nii.gz" in reader.filename_patterns
+
+
+def test_manifest_extensions_are_the_format_table_s():
+    from npe2 import PluginManifest
+
+    from napari_medcl.io.formats import SCAN_EXTENSIONS, SCAN_WRITE_EXTENSIONS
+
+    manifest = PluginManifest.from_file(MANIFEST)
+    (reader,) = manifest.contributions.readers
+    assert reader.filename_patterns == [f"*{extension}" for extension in SCAN_EXTENSIONS]
+    for writer in manifest.contributions.writers:
+        assert writer.filename_extensions == list(SCAN_WRITE_EXTENSIONS), writer.command

@@ -655,4 +655,4 @@ def test_sha256_file(tmp_path):
 
 def test_import_does_not_load_simpleitk():
     code = "import sys, napari_medcl.io; assert 'SimpleITK' not in sys.modules, 'SimpleITK imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[3])
