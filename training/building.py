@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -187,48 +188,19 @@ def build_losses(cfg: TrainConfig, model: nn.Module, num_classes: int) -> tuple[
     if p.enabled:
         from training.losses.pdcr import PDCRLoss
 
-        layers = dict(p.layers) if p.layers is not None else _default_pdcr_layers(model)
+        if p.layers is None:
+            p = dataclasses.replace(p, layers=_default_pdcr_layers(model))
         try:
-            pdcr = PDCRLoss(
-                model.tap_info,
-                num_classes=num_classes,
-                layers=layers,
-                mode=p.mode,
-                patch_sizes=_lists(p.patch_sizes),
-                cross_pairs=[tuple(pair) for pair in p.cross_pairs],
-                cross_samples=p.cross_samples,
-                proj_channels=p.proj_channels,
-                position_encoding=p.position_encoding,
-                temperature=p.temperature,
-                weight=p.weight,
-                spatial_dims=cfg.model.spatial_dims,
-            )
+            pdcr = PDCRLoss(model.tap_info, p, num_classes=num_classes, spatial_dims=cfg.model.spatial_dims)
         except ValueError as error:
             raise RunError(f"loss.pdcr: {error}") from None
-    c = cfg.loss.ccdc
-    if c.enabled:
+    if cfg.loss.ccdc.enabled:
         from training.losses.ccdc import CCDCLoss
 
         if getattr(model, "embedding_channels", None) is None:
             raise RunError("loss.ccdc needs a projection head: set model.projection_dim")
         try:
-            ccdc = CCDCLoss(
-                weight=c.weight,
-                temperature=c.temperature,
-                strong_threshold=c.strong_threshold,
-                num_queries=c.num_queries,
-                num_negatives=c.num_negatives,
-                region=c.region,
-                region_stride=c.region_stride,
-                adaptive_threshold=c.adaptive_threshold,
-                fixed_threshold=c.fixed_threshold,
-                adaptive_ratio=c.adaptive_ratio,
-                fixed_easy_fraction=c.fixed_easy_fraction,
-                query_mode=c.query_mode,
-                negative_sampling=c.negative_sampling,
-                core_fallback=c.core_fallback,
-                core_topk=c.core_topk,
-            )
+            ccdc = CCDCLoss(cfg.loss.ccdc)
         except ValueError as error:
             raise RunError(f"loss.ccdc: {error}") from None
     return seg, pdcr, ccdc
