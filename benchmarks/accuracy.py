@@ -262,7 +262,7 @@ def score(model_path: Path, image_path: Path, label, classes: Sequence[str]) -> 
 
 def run_one(key: RunKey, source: Path, work: Path) -> dict:
     from training.config import load_config
-    from training.engine import train
+    from training.run import train
 
     task = TASKS[key.task]
     root, test = fold_dataset(source, work, key.dims, key.fold, key.regime, task)

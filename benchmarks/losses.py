@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from training.config import CCDCConfig, PDCRConfig
 from training.losses.ccdc import CCDCLoss
 from training.losses.pdcr import PDCRLoss
 from training.losses.segmentation import DeepSupervisionLoss, ce_dice_loss
@@ -75,16 +76,14 @@ def synthetic_batch(case: Case, num_classes: int, device: torch.device, seed: in
 
 def pdcr_for(model, dims: int, num_classes: int, device: torch.device) -> PDCRLoss:
     """The paper's best setting: single-layer H-PDCR on encoder 2-4 (N = 128/64/32) + cross-layer 2<->3."""
-    return PDCRLoss(
-        model.tap_info,
-        num_classes=num_classes,
+    config = PDCRConfig(
         layers={"encoder2": 128, "encoder3": 64, "encoder4": 32},
-        cross_pairs=[("encoder2", "encoder3")],
+        cross_pairs=(("encoder2", "encoder3"),),
         cross_samples=64,
         mode="h",
-        spatial_dims=dims,
         weight=0.01,
-    ).to(device)
+    )
+    return PDCRLoss(model.tap_info, config, num_classes=num_classes, spatial_dims=dims).to(device)
 
 
 def build_steps(case: Case, args, device: torch.device) -> tuple[dict[str, Callable[[], None]], tuple]:
@@ -110,7 +109,7 @@ def build_steps(case: Case, args, device: torch.device) -> tuple[dict[str, Calla
     pdcr_plain = pdcr_for(plain, case.dims, k, device)
     pdcr_head = pdcr_for(with_head, case.dims, k, device)
     pdcr_stride2 = pdcr_for(head_stride2, case.dims, k, device)
-    ccdc = CCDCLoss(weight=1.0)
+    ccdc = CCDCLoss(CCDCConfig(weight=1.0))
     seg = DeepSupervisionLoss(ce_dice_loss)
     image, labels = synthetic_batch(case, k, device)
     amp = args.amp and device.type == "cuda"

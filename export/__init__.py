@@ -14,7 +14,7 @@ from napari_medcl.lazy_exports import lazy_exports
 _EXPORTS = {
     "to_onnx": "export.onnx",
     "verify_onnx": "export.onnx",
-    "spec_for_model": "export.onnx",
+    "spec_for_model": "training.model_spec",
     "ExportReport": "export.onnx",
     "VerifyReport": "export.onnx",
     "ShapeCheck": "export.onnx",
@@ -39,7 +39,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from export.checkpoint_model import CheckpointModel, ExportError, load_checkpoint_model
-    from export.onnx import ExportReport, ShapeCheck, VerifyReport, spec_for_model, to_onnx, verify_onnx
+    from export.onnx import ExportReport, ShapeCheck, VerifyReport, to_onnx, verify_onnx
+    from training.model_spec import spec_for_model
     from training.models.inference_wrapper import InferenceWrapper
 
 

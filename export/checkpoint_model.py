@@ -2,7 +2,7 @@
 
 Reading goes through ``training.checkpoint.load_checkpoint``: ``torch.load(weights_only=True)`` and never a
 fallback to full unpickling, so a checkpoint carrying a pickle payload is refused before any of it runs. The
-network is rebuilt from the checkpoint's own resolved config with ``training.engine.build_model`` (the same
+network is rebuilt from the checkpoint's own resolved config with ``training.building.build_model`` (the same
 builder training used), and the ModelSpec is the one training stored beside the weights (class names from
 the dataset, spacing, normalisation, patch size, provenance), cross-checked against the rebuilt network.
 
@@ -57,8 +57,9 @@ def load_checkpoint_model(path: str | Path) -> CheckpointModel:
     Raises CheckpointError (not a checkpoint, incomplete, foreign config version) or ExportError (weights
     that do not fit the architecture, a stored spec that is invalid or contradicts the network).
     """
+    from training.building import build_model
     from training.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
-    from training.engine import RunError, build_model
+    from training.errors import RunError
 
     path = Path(path)
     try:

@@ -55,7 +55,6 @@ __all__ = [
     "Tolerance",
     "VerifyReport",
     "check_contract",
-    "spec_for_model",
     "to_onnx",
     "verify_onnx",
 ]
@@ -199,7 +198,7 @@ def to_onnx(
     """Export a checkpoint file (or a network) to ``path`` as one ONNX file with its ModelSpec inside.
 
     ``checkpoint_or_model``: a napari-medcl training checkpoint (its stored spec is used unless ``spec`` is
-    given), or a registry network, which needs ``spec`` (see :func:`spec_for_model`). ``opset`` >= 17.
+    given), or a registry network, which needs ``spec`` (see :func:`training.model_spec.spec_for_model`). ``opset`` >= 17.
     ``sample_shape``: the spatial shape traced (multiples of the divisor; default: the patch, capped at
     twice the divisor per axis, since the graph is dynamic anyway). ``fp16``: weights and activations in
     float16, inputs/outputs, norms and softmax/entropy in float32 (meant for the CUDA provider). ``name`` / ``class_colors`` replace the spec's name / colours ('#rrggbb', one per class).
@@ -248,40 +247,6 @@ def to_onnx(
         load_seconds=load_seconds,
         export_seconds=export_seconds,
         verify=report_verify,
-    )
-
-
-def spec_for_model(
-    model: nn.Module,
-    *,
-    name: str,
-    patch_size: Sequence[int],
-    class_names: Sequence[str] | None = None,
-    class_colors: Sequence[str] | None = None,
-    spacing: Sequence[float] | None = None,
-    normalization: dict[str, Any] | None = None,
-    training: dict[str, Any] | None = None,
-) -> ModelSpec:
-    """A ModelSpec for a registry network exported without a checkpoint: channels, classes, divisor and
-    UAFR map names from the network; the rest as given (class names default to background, class1, ...;
-    normalisation to z-score)."""
-    k = int(model.num_classes)
-    names = (
-        list(class_names) if class_names is not None else ["background", *(f"class{i}" for i in range(1, k))]
-    )
-    if len(names) != k:
-        raise SpecError(f"{len(names)} class names given for a network with {k} classes")
-    return ModelSpec(
-        name=name,
-        spatial_dims=int(model.spatial_dims),
-        in_channels=int(model.in_channels),
-        classes=default_classes(names, None if class_colors is None else list(class_colors)),
-        patch_size=tuple(int(p) for p in patch_size),
-        divisor=tuple(int(d) for d in model.divisor),
-        spacing=None if spacing is None else tuple(float(s) for s in spacing),
-        normalization=dict(normalization or {"kind": "zscore"}),
-        uncertainty_maps=tuple(model.uncertainty_names),
-        training=dict(training or {}),
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from training.config import CCDCConfig
 from training.losses.ccdc import (
     CCDCLoss,
     ccdc_loss,
@@ -392,14 +393,14 @@ def test_3d_input():
 def test_module_applies_weight_and_options():
     probs, labels = _blobs()
     embedding = torch.randn(2, 8, 16, 16, generator=_gen(15))
-    module = CCDCLoss(weight=0.5, num_queries=16, num_negatives=8, region=False)
+    module = CCDCLoss(CCDCConfig(weight=0.5, num_queries=16, num_negatives=8, region=False))
     expected = 0.5 * ccdc_loss(
         embedding, probs, labels, num_queries=16, num_negatives=8, region=False, generator=_gen()
     )
     torch.testing.assert_close(module(embedding, probs, labels, generator=_gen()), expected)
     assert "num_queries=16" in repr(module)
     with pytest.raises(ValueError, match="negative_sampling"):
-        CCDCLoss(negative_sampling="hard")
+        CCDCLoss(CCDCConfig(negative_sampling="hard"))
 
 
 def test_shape_errors_name_both_shapes():
@@ -423,3 +424,19 @@ def test_sorted_gather_matches_direct_gather(monkeypatch):
     torch.testing.assert_close(ccdc._gather_detached(embedding, index), direct)
     assert direct.shape == (300, 5)
     torch.testing.assert_close(direct, embedding.movedim(1, -1).reshape(-1, 5)[index])
+
+
+def test_ccdc_loss_defaults_are_the_config_defaults():
+    """The pure function's keyword defaults and CCDCConfig's fields stay the same options with the same values."""
+    import dataclasses
+    import inspect
+
+    keywords = {
+        name: p.default
+        for name, p in inspect.signature(ccdc_loss).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name not in ("progress", "ignore_index", "generator")
+    }
+    config = {
+        f.name: f.default for f in dataclasses.fields(CCDCConfig) if f.name not in ("enabled", "weight")
+    }
+    assert keywords == config

@@ -202,7 +202,7 @@ def test_preset_builds_its_model_and_losses(path):
     """Tap names, UAFR sites, strides and patch sizes of every preset fit the real network."""
     import torch
 
-    from training.engine import build_losses, build_model, resolve_patch_size
+    from training.building import build_losses, build_model, resolve_patch_size
 
     cfg = load_config(path)
     torch.manual_seed(0)

@@ -40,9 +40,9 @@ from tests.dataset_factory import (
     make_msd_dataset,
     write_volume,
 )
+from training.building import build_model
 from training.checkpoint import CHECKPOINT_FORMAT, CheckpointError
 from training.config import CONFIG_VERSION, config_from_dict, config_to_dict
-from training.engine import build_model
 from training.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

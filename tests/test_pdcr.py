@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
+from training.config import PDCRConfig  # noqa: E402
 from training.losses.pdcr import (  # noqa: E402
     PDCRLoss,
     affinity,
@@ -276,10 +277,8 @@ def test_cross_pair_samples_both_taps_at_the_same_image_positions():
     }
     pdcr = PDCRLoss(
         info,
+        PDCRConfig(layers={}, cross_pairs=[("fine", "coarse")], cross_samples=6),
         num_classes=2,
-        layers={},
-        cross_pairs=[("fine", "coarse")],
-        cross_samples=6,
         center_offsets={"fine": (0, 0), "coarse": (0, 0)},
         spatial_dims=2,
     )
@@ -322,7 +321,10 @@ def _module(info, spatial_dims, **kwargs):
         "spatial_dims": spatial_dims,
     }
     options.update(kwargs)
-    return PDCRLoss(info, **options)
+    module_args = {
+        k: options.pop(k) for k in ("num_classes", "spatial_dims", "center_offsets") if k in options
+    }
+    return PDCRLoss(info, PDCRConfig(**options), **module_args)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -381,7 +383,7 @@ def test_pdcr_module_one_class_labels(mode):
     assert torch.isfinite(terms.loss)
     terms.loss.backward()
     assert all(torch.isfinite(t.grad).all() for t in taps.values())
-    single = PDCRLoss(info, num_classes=1, layers={"s2": 8}, spatial_dims=3)
+    single = PDCRLoss(info, PDCRConfig(layers={"s2": 8}), num_classes=1, spatial_dims=3)
     assert torch.isfinite(single(taps, labels).loss)
 
 
@@ -396,7 +398,7 @@ def test_pdcr_module_pairs_features_with_the_labels_under_them():
     aligned = F.one_hot(centre_labels, 2).T.float().reshape(1, 2, 12, 10)
     shifted = torch.roll(aligned, shifts=(1, 1), dims=(2, 3))
     info = {"t": TapInfo(channels=2, stride=stride, receptive_field=(1, 1))}
-    pdcr = PDCRLoss(info, num_classes=2, layers={"t": 40}, mode="rf", spatial_dims=2)
+    pdcr = PDCRLoss(info, PDCRConfig(layers={"t": 40}, mode="rf"), num_classes=2, spatial_dims=2)
     loss_aligned = pdcr({"t": aligned}, labels, generator=torch.Generator().manual_seed(1)).per_layer["t"]
     loss_shifted = pdcr({"t": shifted}, labels, generator=torch.Generator().manual_seed(1)).per_layer["t"]
     assert loss_aligned < loss_shifted - 0.05
@@ -405,14 +407,14 @@ def test_pdcr_module_pairs_features_with_the_labels_under_them():
 def test_pdcr_module_validation():
     info, taps, labels = _setup(2)
     with pytest.raises(ValueError, match="not in tap_info"):
-        PDCRLoss(info, num_classes=3, layers={"nope": 8}, spatial_dims=2)
+        PDCRLoss(info, PDCRConfig(layers={"nope": 8}), num_classes=3, spatial_dims=2)
     with pytest.raises(ValueError, match="mode"):
-        PDCRLoss(info, num_classes=3, layers={"s2": 8}, mode="x", spatial_dims=2)
+        PDCRLoss(info, PDCRConfig(layers={"s2": 8}, mode="x"), num_classes=3, spatial_dims=2)
     with pytest.raises(ValueError, match="odd"):
-        PDCRLoss(info, num_classes=3, layers={"s2": 8}, patch_sizes=(4,), spatial_dims=2)
+        PDCRLoss(info, PDCRConfig(layers={"s2": 8}, patch_sizes=(4,)), num_classes=3, spatial_dims=2)
     with pytest.raises(ValueError, match="3 entries"):
-        PDCRLoss(info, num_classes=3, layers={"s2": 8}, spatial_dims=3)
-    pdcr = PDCRLoss(info, num_classes=3, layers={"s2": 8}, spatial_dims=2)
+        PDCRLoss(info, PDCRConfig(layers={"s2": 8}), num_classes=3, spatial_dims=3)
+    pdcr = PDCRLoss(info, PDCRConfig(layers={"s2": 8}), num_classes=3, spatial_dims=2)
     with pytest.raises(ValueError, match="missing"):
         pdcr({"s1": taps["s1"]}, labels)
     with pytest.raises(ValueError, match="outside the image"):  # axes transposed for a 12x16 image
@@ -420,7 +422,9 @@ def test_pdcr_module_validation():
     with pytest.raises(ValueError, match="label values"):
         pdcr(taps, labels + 3)
     with pytest.raises(ValueError, match="center_offsets"):
-        PDCRLoss(info, num_classes=3, layers={"s2": 8}, center_offsets={"s2": (0,)}, spatial_dims=2)
+        PDCRLoss(
+            info, PDCRConfig(layers={"s2": 8}), num_classes=3, center_offsets={"s2": (0,)}, spatial_dims=2
+        )
 
 
 @pytest.mark.gpu

@@ -87,7 +87,7 @@ def test_training_run_setup_removes_temps_of_a_killed_run(tmp_path):
     """The run folder sweep happens before the data is even looked at (here: a missing dataset)."""
     from training.config import load_config
     from training.data import DatasetError
-    from training.engine import train
+    from training.run import train
 
     out = tmp_path / "run"
     out.mkdir()

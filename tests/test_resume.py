@@ -12,7 +12,7 @@ from tests.dataset_factory import make_folder2d_dataset
 from training.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
 from training.cli import train_main
 from training.config import CONFIG_VERSION, load_config
-from training.engine import RunError, train
+from training.run import RunError, train
 
 
 class Crash(Exception):

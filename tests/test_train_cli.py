@@ -102,8 +102,8 @@ def test_3d_unet_uafr_pdcr_run(msd_run, capsys):
     assert spec.training["metrics"]["val_mean_dice"] == state["best"]["mean_dice"]
     # PDCR's cross-layer projections are trained and saved with the optimizer
     assert any(k.startswith("pdcr.projections") for k in state["losses"])
+    from training.building import build_losses, build_model
     from training.config import config_from_dict
-    from training.engine import build_losses, build_model
 
     cfg = config_from_dict(state["config"])
     model = build_model(cfg, spec.in_channels, spec.num_classes)

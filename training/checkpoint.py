@@ -14,7 +14,7 @@ tensors and ints here). It holds:
 ``optimizer``      optimizer ``state_dict`` (model and loss parameters)
 ``scheduler``      LR scheduler ``state_dict``
 ``scaler``         GradScaler ``state_dict`` or None
-``rng``            :func:`capture_rng_state` of python, numpy, torch CPU/CUDA and the engine's generator
+``rng``            per process, :func:`capture_rng_state` of python, numpy, torch CPU/CUDA and the run's generator
 ``sampler``        ``{"seed": int, "epoch": int}`` of the patch sampler
 ``spec``           the :class:`napari_medcl.spec.ModelSpec` dict (what export embeds in the ONNX file)
 ``history``        the per-epoch metrics records written so far (so a resumed run rewrites metrics.jsonl)
@@ -22,6 +22,9 @@ tensors and ints here). It holds:
 =================  ======================================================================================
 
 Loading never falls back to ``weights_only=False`` (reliability.md §2.1).
+
+:func:`save_run_checkpoint` and :func:`restore_run` turn a run's state into that dict and back; restoring
+every state above is why a resumed run on CPU reproduces the uninterrupted run's losses bit for bit.
 """
 
 from __future__ import annotations
@@ -29,13 +32,25 @@ from __future__ import annotations
 import pickle
 import random
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from training.config import CONFIG_VERSION, ConfigError, TrainConfig, config_from_dict, migrate
+from training.config import (
+    CONFIG_VERSION,
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    migrate,
+)
+from training.runtime import Runtime, rank_seed
+
+if TYPE_CHECKING:
+    from training.building import TrainingParts
 
 CHECKPOINT_FORMAT = "napari-medcl-checkpoint"
 REQUIRED_KEYS = (
@@ -58,11 +73,14 @@ REQUIRED_KEYS = (
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "RunProgress",
     "capture_rng_state",
     "checkpoint_config",
     "load_checkpoint",
     "restore_rng_state",
+    "restore_run",
     "save_checkpoint",
+    "save_run_checkpoint",
 ]
 
 
@@ -197,3 +215,114 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None =
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
     if generator is not None and state.get("generator") is not None:
         generator.set_state(state["generator"].cpu())
+
+
+# ---------------------------------------------------------------------------------------------- a run's state
+
+
+@dataclass
+class RunProgress:
+    """How far a run has come: epochs completed, their metrics records, and the best validation so far."""
+
+    epochs_done: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "mean_dice": None})
+
+    def add(self, record: dict[str, Any]) -> bool:
+        """Count one more epoch with its metrics record; True when its validation is the best so far."""
+        self.epochs_done = record["epoch"]
+        self.history.append(record)
+        val = record["val"]
+        improved = val is not None and (
+            self.best["mean_dice"] is None or val["mean_dice"] > self.best["mean_dice"]
+        )
+        if improved:
+            self.best = {"epoch": record["epoch"], "mean_dice": val["mean_dice"]}
+        return improved
+
+
+def save_run_checkpoint(
+    out: Path,
+    cfg: TrainConfig,
+    parts: TrainingParts,
+    runtime: Runtime,
+    progress: RunProgress,
+    spec: dict[str, Any],
+    *,
+    last: str,
+    best: str | None,
+) -> None:
+    """Write the run's state to ``out / last`` (and ``out / best`` when given), on rank 0.
+
+    Every process takes part: each one's random states are gathered so that a resume restores them all.
+    """
+    dist = runtime.dist
+    rng = capture_rng_state(parts.generator)
+    if dist.world_size > 1:
+        gathered: list[Any] = [None] * dist.world_size
+        torch.distributed.all_gather_object(gathered, rng)
+        per_rank = [_to_cpu(r) for r in gathered]
+    else:
+        per_rank = [rng]
+    if not dist.is_main:
+        return
+    scaler = runtime.scaler
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config_version": CONFIG_VERSION,
+        "config": config_to_dict(cfg),
+        "epoch": progress.epochs_done,
+        "model": parts.model.state_dict(),
+        "losses": parts.losses.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "rng": per_rank,
+        "sampler": {"seed": cfg.train.seed, "epoch": progress.epochs_done},
+        "spec": spec,
+        "history": list(progress.history),
+        "best": dict(progress.best),
+    }
+    save_checkpoint(state, out / last)
+    if best is not None:
+        save_checkpoint(state, out / best)
+
+
+def restore_run(
+    state: dict[str, Any], parts: TrainingParts, runtime: Runtime, seed: int
+) -> tuple[RunProgress, str | None]:
+    """Put a loaded checkpoint's states back into ``parts`` and ``runtime``'s scaler; (progress, note).
+
+    The note, else None, says that the checkpoint came from another number of processes, whose random
+    streams cannot be matched: they are re-seeded from ``seed``, the rank and the epoch instead.
+    """
+    dist = runtime.dist
+    parts.model.load_state_dict(state["model"])
+    parts.losses.load_state_dict(state["losses"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"] is not None:
+        runtime.scaler.load_state_dict(state["scaler"])
+    progress = RunProgress(
+        epochs_done=int(state["epoch"]), history=list(state["history"]), best=dict(state["best"])
+    )
+    per_rank = state["rng"]
+    if len(per_rank) == dist.world_size:
+        restore_rng_state(per_rank[dist.rank], parts.generator)
+        return progress, None
+    restore_rng_state(per_rank[0], None)
+    parts.generator.manual_seed(rank_seed(seed, 7, dist.rank, progress.epochs_done))
+    return progress, (
+        f"checkpoint was written by {len(per_rank)} processes, this run has {dist.world_size}: "
+        "random streams are re-seeded, so losses will not match an uninterrupted run exactly"
+    )
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value

@@ -1,5 +1,5 @@
 """Command lines: ``medcl-train`` and ``medcl-evaluate``. Argument parsing and files only; the work is in
-``training.engine`` (training), ``napari_medcl.predict`` (inference) and ``training.metrics`` (scores).
+``training.run`` (training), ``napari_medcl.predict`` (inference) and ``training.metrics`` (scores).
 
 User mistakes (a bad config key, a dataset problem, a missing or foreign file) print the error on stderr
 without a traceback and exit with 2 (usage and config) or 1 (data, files, training failures).
@@ -49,7 +49,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def _dist_from_env(environ: dict[str, str]) -> Any:
     """Rank, world size and local rank as torchrun sets them (all absent: a single process)."""
-    from training.engine import DistInfo
+    from training.run import DistInfo
 
     try:
         world = int(environ.get("WORLD_SIZE", "1"))
@@ -69,7 +69,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from training.checkpoint import CheckpointError
     from training.config import ConfigError, load_config
     from training.data import DatasetError, check_dataset
-    from training.engine import RunError, TrainingError, train
+    from training.run import RunError, TrainingError, train
 
     prefix = "medcl-train"
     try:

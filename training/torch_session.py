@@ -87,8 +87,8 @@ def load_checkpoint_session(
 
     ``device``: auto (CUDA when torch sees a GPU), cpu or cuda (a ValueError without one). Without
     ``uncertainty_maps`` the session returns probabilities only (scoring needs labels alone)."""
+    from training.building import build_model
     from training.checkpoint import checkpoint_config, load_checkpoint
-    from training.engine import build_model
 
     state = load_checkpoint(path, map_location="cpu")
     cfg = checkpoint_config(state, path)

@@ -39,6 +39,7 @@ with gradient it runs only at the 2^d neighbours of each sampled query.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -46,6 +47,8 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from training.config import CCDCConfig
 
 __all__ = [
     "CCDCLoss",
@@ -699,8 +702,8 @@ def ccdc_loss(
 
 
 class CCDCLoss(nn.Module):
-    """Weighted CCDC loss; holds the hyperparameters of :func:`ccdc_loss` (paper B: weight 1, tau 0.5, t_h 0.97,
-    256 queries, 256 negatives per query, region-level queries at stride 1).
+    """Weighted CCDC loss; holds the hyperparameters of :func:`ccdc_loss`, read from ``config``
+    (training.config.CCDCConfig, whose defaults are the paper's; ``enabled`` is the trainer's, not read here).
 
     ``forward(embedding (B, E, *S), probs (B, K, *S), labels (B, *S), *, generator=None, progress=None)``
     -> ``weight * ccdc_loss(...)``. ``embedding`` is the model output's ``projection`` (a ``ProjectedEmbedding``,
@@ -708,53 +711,25 @@ class CCDCLoss(nn.Module):
     embedding's resolution (pass ``logits.float().softmax(1)``).
     """
 
-    def __init__(
-        self,
-        *,
-        weight: float = 1.0,
-        temperature: float = 0.5,
-        strong_threshold: float = 0.97,
-        num_queries: int = 256,
-        num_negatives: int = 256,
-        region: bool = True,
-        region_stride: int = 1,
-        adaptive_threshold: bool = True,
-        fixed_threshold: float = 0.97,
-        adaptive_ratio: bool = True,
-        fixed_easy_fraction: float = 0.5,
-        query_mode: QueryMode = "adaptive",
-        negative_sampling: NegativeSampling = "dynamic",
-        core_fallback: CoreFallback = "mean",
-        core_topk: int = 32,
-        ignore_index: int | None = None,
-    ) -> None:
+    def __init__(self, config: CCDCConfig | None = None, *, ignore_index: int | None = None) -> None:
         super().__init__()
-        if query_mode not in _QUERY_MODES:
-            raise ValueError(f"query_mode must be one of {_QUERY_MODES}, got {query_mode!r}")
-        if negative_sampling not in _NEGATIVE_SAMPLINGS:
+        config = config or CCDCConfig()
+        if config.query_mode not in _QUERY_MODES:
+            raise ValueError(f"query_mode must be one of {_QUERY_MODES}, got {config.query_mode!r}")
+        if config.negative_sampling not in _NEGATIVE_SAMPLINGS:
             raise ValueError(
-                f"negative_sampling must be one of {_NEGATIVE_SAMPLINGS}, got {negative_sampling!r}"
+                f"negative_sampling must be one of {_NEGATIVE_SAMPLINGS}, got {config.negative_sampling!r}"
             )
-        if core_fallback not in _CORE_FALLBACKS:
-            raise ValueError(f"core_fallback must be one of {_CORE_FALLBACKS}, got {core_fallback!r}")
-        self.weight = float(weight)
+        if config.core_fallback not in _CORE_FALLBACKS:
+            raise ValueError(f"core_fallback must be one of {_CORE_FALLBACKS}, got {config.core_fallback!r}")
+        self.weight = float(config.weight)
+        # Every field but the trainer's switch and the weight applied here is a keyword of ccdc_loss.
         self.options = {
-            "temperature": temperature,
-            "strong_threshold": strong_threshold,
-            "num_queries": num_queries,
-            "num_negatives": num_negatives,
-            "region": region,
-            "region_stride": region_stride,
-            "adaptive_threshold": adaptive_threshold,
-            "fixed_threshold": fixed_threshold,
-            "adaptive_ratio": adaptive_ratio,
-            "fixed_easy_fraction": fixed_easy_fraction,
-            "query_mode": query_mode,
-            "negative_sampling": negative_sampling,
-            "core_fallback": core_fallback,
-            "core_topk": core_topk,
-            "ignore_index": ignore_index,
+            field.name: getattr(config, field.name)
+            for field in dataclasses.fields(config)
+            if field.name not in ("enabled", "weight")
         }
+        self.options["ignore_index"] = ignore_index
 
     def forward(
         self,

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.config import PDCRConfig
+
 if TYPE_CHECKING:
     from training.models import TapInfo
 
@@ -419,18 +421,19 @@ class PDCRLoss(nn.Module):
 
     Args:
         tap_info: per tap name, its channels, stride (d ints) and receptive field (d ints), as the model reports.
+        config: the options below (``layers`` must be set; ``enabled`` is the trainer's and not read here).
+            layers: tap name -> number of sampled vectors N for a single-layer term (paper: 128/64/32/8 by depth).
+            mode: "h" (patch series ``patch_sizes``, loss averaged over sizes) or "rf" (window = the tap's
+                receptive field, see rf_window).
+            patch_sizes: H-PDCR window sizes, each an odd int or one odd int per axis.
+            cross_pairs: pairs of tap names for cross-layer terms.
+            cross_samples: N for cross-layer terms, sampled on the coarser tap's grid.
+            proj_channels: width of the cross-layer projections (paper: 32).
+            position_encoding: concatenate the normalised patch box (section III-B-1) to each vector; in H mode
+                the box, hence the similarity, is per patch size.
+            temperature: tau (the paper gives none; 0.5 as in the authors' 3D code).
+            weight: lambda, the factor of the summed terms in ``PDCRTerms.loss`` (paper: 0.01).
         num_classes: M, background included.
-        layers: tap name -> number of sampled vectors N for a single-layer term (paper: 128/64/32/8 by depth).
-        mode: "h" (patch series ``patch_sizes``, loss averaged over sizes) or "rf" (window = the tap's
-            receptive field, see rf_window).
-        patch_sizes: H-PDCR window sizes, each an odd int or one odd int per axis.
-        cross_pairs: pairs of tap names for cross-layer terms.
-        cross_samples: N for cross-layer terms, sampled on the coarser tap's grid.
-        proj_channels: width of the cross-layer projections (paper: 32).
-        position_encoding: concatenate the normalised patch box (section III-B-1) to each vector; in H mode
-            the box, hence the similarity, is per patch size.
-        temperature: tau (the paper gives none; 0.5 as in the authors' 3D code).
-        weight: lambda, the factor of the summed terms in ``PDCRTerms.loss`` (paper: 0.01).
         spatial_dims: 2 or 3.
         center_offsets: optional tap name -> per-axis offset from i * stride to the centre of cell i (see
             tap_centers); taps not listed use their ``TapInfo.offset`` (0 for every model in the registry,
@@ -442,21 +445,22 @@ class PDCRLoss(nn.Module):
     def __init__(
         self,
         tap_info: Mapping[str, TapInfo],
+        config: PDCRConfig,
         *,
         num_classes: int,
-        layers: Mapping[str, int],
-        mode: str = "h",
-        patch_sizes: Sequence[int | Sequence[int]] = (5, 7, 9),
-        cross_pairs: Sequence[tuple[str, str]] = (),
-        cross_samples: int = 64,
-        proj_channels: int = 32,
-        position_encoding: bool = False,
-        temperature: float = 0.5,
-        weight: float = 0.01,
         spatial_dims: int,
         center_offsets: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
+        if config.layers is None:
+            raise ValueError("layers is not set: name the taps to sample (tap name -> number of positions)")
+        layers, mode, patch_sizes = config.layers, config.mode, config.patch_sizes
+        cross_pairs, cross_samples, proj_channels = (
+            config.cross_pairs,
+            config.cross_samples,
+            config.proj_channels,
+        )
+        temperature, weight = config.temperature, config.weight
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if num_classes < 1:
@@ -507,7 +511,7 @@ class PDCRLoss(nn.Module):
         self.mode = mode
         self.cross_pairs = cross_pairs
         self.cross_samples = cross_samples
-        self.position_encoding = position_encoding
+        self.position_encoding = config.position_encoding
         self.temperature = float(temperature)
         self.weight = float(weight)
         self.spatial_dims = spatial_dims

@@ -1,0 +1,170 @@
+"""One epoch of training: the patch loader of the epoch, the optimizer steps, and the mean loss terms.
+
+Why a resumed run matches an uninterrupted one: the patch dataset draws every sample from (seed, epoch,
+index), so an epoch's data do not depend on what ran before, and PDCR and CCDC draw only from the run's
+``torch.Generator`` (checkpointed with every other random state, see training/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.config import TrainConfig
+from training.errors import TrainingError
+from training.runtime import Runtime, all_reduce, rank_seed
+
+if TYPE_CHECKING:
+    from training.building import TrainingParts
+
+__all__ = ["TrainStep", "train_epoch"]
+
+
+class TrainStep(nn.Module):
+    """The network and the losses with parameters in one module, so that DDP also averages the gradients
+    of PDCR's cross-layer projections. ``forward(image, label, generator, progress) -> (loss, terms)``:
+    image (B, C, *S) float, label (B, *S) int64; terms are detached scalars (loss, ce, dice, pdcr?, ccdc?).
+    """
+
+    def __init__(self, model: nn.Module, seg_loss: nn.Module, pdcr: nn.Module | None, ccdc: nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.seg_loss = seg_loss
+        self.pdcr = pdcr
+        self.ccdc = ccdc
+
+    def forward(
+        self, image: Tensor, label: Tensor, generator: torch.Generator | None = None, progress: float = 0.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self.model(image)
+        seg = self.seg_loss([out.logits, *out.deep_supervision], label)
+        loss = seg.loss
+        terms = {"ce": seg.ce, "dice": seg.dice}
+        if self.pdcr is not None:
+            pdcr = self.pdcr(out.taps, label, generator=generator)
+            loss = loss + pdcr.loss
+            terms["pdcr"] = pdcr.loss.detach()
+        if self.ccdc is not None:
+            # The head with its input, not the dense embedding: CCDC runs the head with gradient only at the
+            # pixels it samples as queries (same loss and gradients, docs/performance.md "Losses").
+            embedding = out.projection
+            size = tuple(embedding.shape[2:])
+            with torch.no_grad():
+                probs = out.logits.detach().float().softmax(1)
+                labels = label
+                if size != tuple(label.shape[1:]):
+                    # labels nearest, probabilities linear, both to the embedding's grid (methods.md §5.2)
+                    from training.losses.segmentation import downsample_labels
+
+                    mode = "bilinear" if len(size) == 2 else "trilinear"
+                    probs = F.interpolate(probs, size=size, mode=mode, align_corners=False)
+                    labels = downsample_labels(label, size)
+            ccdc = self.ccdc(embedding, probs, labels, generator=generator, progress=progress)
+            loss = loss + ccdc
+            terms["ccdc"] = ccdc.detach()
+        terms["loss"] = loss.detach()
+        return loss, terms
+
+
+def train_epoch(
+    epoch: int,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    parts: TrainingParts,
+    train_cases: Sequence[Any],
+    *,
+    last_checkpoint: Path,
+) -> dict[str, float]:
+    """Train ``parts`` for epoch ``epoch`` (0-based) on ``train_cases``;
+    the mean of each loss term over the epoch's steps and all processes. A loss that is not finite is a
+    TrainingError pointing at ``last_checkpoint``."""
+    from tqdm import tqdm
+
+    t = cfg.train
+    dist = runtime.dist
+    parts.step.train()
+    sums: dict[str, Tensor] = {}
+    iterations = t.iterations_per_epoch
+    total_steps = t.epochs * iterations
+    bar = tqdm(
+        total=iterations,
+        desc=f"epoch {epoch + 1}/{t.epochs}",
+        disable=not (dist.is_main and sys.stdout.isatty()),
+        file=sys.stdout,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    optimizer, scaler = parts.optimizer, runtime.scaler
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, batch in enumerate(_epoch_loader(epoch, cfg, runtime, parts.patch_size, train_cases)):
+        image = batch["image"].to(runtime.device, non_blocking=True)
+        label = batch["label"].to(runtime.device, non_blocking=True)
+        progress = (epoch * iterations + i) / max(1, total_steps)
+        with runtime.autocast():
+            loss, terms = parts.step(image, label, parts.generator, progress)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if t.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, t.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        parts.scheduler.step()
+        for key, value in terms.items():
+            value = value.detach().to(torch.float64)
+            sums[key] = sums[key] + value if key in sums else value
+        bar.update(1)
+        if bar.disable is False and i % 10 == 0:
+            bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
+    bar.close()
+    keys = ["loss", "ce", "dice", *(k for k in ("pdcr", "ccdc") if k in sums)]
+    stacked = all_reduce(torch.stack([sums[k] for k in keys]), dist)
+    means = (stacked / (iterations * dist.world_size)).tolist()
+    train_terms = dict(zip(keys, means))
+    if not all(math.isfinite(v) for v in means):
+        raise TrainingError(
+            f"epoch {epoch + 1}: the training loss is not finite ({train_terms}); the last good checkpoint "
+            f"is {last_checkpoint}. Lower train.lr, set train.amp_dtype to bf16, or lower loss weights"
+        )
+    return train_terms
+
+
+def _epoch_loader(
+    epoch: int, cfg: TrainConfig, runtime: Runtime, patch_size: Sequence[int], train_cases: Sequence[Any]
+) -> torch.utils.data.DataLoader:
+    from training.data import PatchDataset
+
+    t, dist = cfg.train, runtime.dist
+    dataset = PatchDataset(
+        train_cases,
+        patch_size,
+        spatial_dims=cfg.model.spatial_dims,
+        samples_per_epoch=t.iterations_per_epoch * t.batch_size,
+        foreground_fraction=cfg.data.foreground_fraction,
+        augmentation=cfg.data.augmentation,
+        seed=t.seed,
+    )
+    dataset.set_epoch(epoch)
+    # Strided shards of the epoch's indices (DistributedSampler without shuffling: the dataset's
+    # samples are already random per (seed, epoch, index)).
+    sampler = torch.utils.data.distributed.DistributedSampler(
+        dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=False, drop_last=True
+    )
+    loader_rng = torch.Generator().manual_seed(rank_seed(t.seed, 11, epoch, dist.rank))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=runtime.local_batch,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=runtime.device.type == "cuda",
+        drop_last=True,
+        generator=loader_rng,
+        persistent_workers=False,
+    )

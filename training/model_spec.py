@@ -1,0 +1,102 @@
+"""The ModelSpec of a network: what training stores in every checkpoint and export embeds in the ONNX file.
+
+:func:`spec_for_model` is the one place a spec is made from a network (channels, classes, divisor and UAFR
+map names come from the network itself); :func:`run_spec` fills in what a training run knows besides (the
+dataset's class names, spacing and normalisation, the method and its validation result).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from napari_medcl.spec import ModelSpec, SpecError, default_classes
+from training.config import TrainConfig, config_to_dict
+
+__all__ = ["method_name", "run_spec", "spec_for_model"]
+
+
+def spec_for_model(
+    model: nn.Module,
+    *,
+    name: str,
+    patch_size: Sequence[int],
+    class_names: Sequence[str] | None = None,
+    class_colors: Sequence[str] | None = None,
+    spacing: Sequence[float] | None = None,
+    normalization: dict[str, Any] | None = None,
+    nonzero_is_foreground: bool = False,
+    training: dict[str, Any] | None = None,
+) -> ModelSpec:
+    """A ModelSpec for ``model``: channels, classes, divisor and UAFR map names from the network; the rest
+    as given (class names default to background, class1, ...; normalisation to z-score)."""
+    k = int(model.num_classes)
+    names = (
+        list(class_names) if class_names is not None else ["background", *(f"class{i}" for i in range(1, k))]
+    )
+    if len(names) != k:
+        raise SpecError(f"{len(names)} class names given for a network with {k} classes")
+    return ModelSpec(
+        name=name,
+        spatial_dims=int(model.spatial_dims),
+        in_channels=int(model.in_channels),
+        classes=default_classes(names, None if class_colors is None else list(class_colors)),
+        patch_size=tuple(int(p) for p in patch_size),
+        divisor=tuple(int(d) for d in model.divisor),
+        spacing=None if spacing is None else tuple(float(s) for s in spacing),
+        normalization=dict(normalization or {"kind": "zscore"}),
+        uncertainty_maps=tuple(model.uncertainty_names),
+        nonzero_is_foreground=nonzero_is_foreground,
+        training=dict(training or {}),
+    )
+
+
+def run_spec(
+    cfg: TrainConfig,
+    info: Any,
+    model: nn.Module,
+    patch_size: Sequence[int],
+    *,
+    best: dict[str, Any],
+    epochs: int,
+) -> ModelSpec:
+    """The spec of the network a run trains on the dataset ``info`` describes (training.data's DatasetInfo):
+    ``best`` is the run's best validation so far ({"epoch", "mean_dice"}), ``epochs`` the epochs done."""
+    import napari_medcl
+
+    d = cfg.model.spatial_dims
+    spacing = getattr(info, "spacing", None)
+    if spacing is not None:
+        spacing = list(spacing)[-d:]
+    return spec_for_model(
+        model,
+        name=cfg.name or f"{getattr(info, 'name', 'dataset')}-{cfg.model.name}-{d}d",
+        patch_size=patch_size,
+        class_names=list(info.class_names),
+        spacing=spacing,
+        normalization=getattr(info, "normalization", None),
+        nonzero_is_foreground=bool(getattr(info, "nonzero_is_foreground", False)),
+        training={
+            "method": method_name(cfg),
+            "uafr": cfg.model.uafr.enabled,
+            "pdcr": config_to_dict(cfg.loss.pdcr) if cfg.loss.pdcr.enabled else None,
+            "ccdc": config_to_dict(cfg.loss.ccdc) if cfg.loss.ccdc.enabled else None,
+            "dataset": getattr(info, "name", str(cfg.data.root)),
+            "metrics": {"val_mean_dice": best["mean_dice"], "best_epoch": best["epoch"], "epochs": epochs},
+            "code_version": napari_medcl.__version__,
+        },
+    )
+
+
+def method_name(cfg: TrainConfig) -> str:
+    """The trained method in one word, e.g. ``unet3d+uafr+rf-pdcr+ccdc``."""
+    parts = [f"{cfg.model.name}{cfg.model.spatial_dims}d"]
+    if cfg.model.uafr.enabled:
+        parts.append("uafr")
+    if cfg.loss.pdcr.enabled:
+        parts.append(f"{cfg.loss.pdcr.mode}-pdcr")
+    if cfg.loss.ccdc.enabled:
+        parts.append("ccdc")
+    return "+".join(parts)
