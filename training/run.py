@@ -39,7 +39,7 @@ from training.loop import train_epoch
 from training.model_spec import method_name, run_spec
 from training.reporting import RunLog, epoch_line, write_metrics
 from training.runtime import DistInfo, Runtime, barrier, process_group, resolve_runtime
-from training.validation import validate
+from training.validation import read_validation_cases, validate, validation_session
 
 __all__ = ["DistInfo", "RunError", "TrainResult", "TrainingError", "train"]
 
@@ -166,7 +166,9 @@ def _prepare_data(cfg: TrainConfig, dist: DistInfo) -> RunData:
     barrier(dist)
     if not dist.is_main:
         result = prepare_dataset(cfg.data, spatial_dims=d, seed=cfg.train.seed)
-    info, train_cases, val_cases = result
+    info, train_cases, prepared_val = result
+    # Validation runs the product's predictor on the cases as their files hold them (training.validation).
+    val_cases = read_validation_cases(cfg.data, [case.case_id for case in prepared_val])
     if cfg.data.num_workers > 0 and cfg.data.augmentation.enabled:
         # DataLoader workers are forked anew every epoch (the dataset's epoch must reach them); drawing
         # one sample here first loads the augmentation library in this process, so that each worker
@@ -243,17 +245,16 @@ def _epoch(
     train_terms = train_epoch(epoch, cfg, runtime, parts, data.train_cases, last_checkpoint=out / LAST)
     val = None
     if (epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs:
+        spec = run_spec(
+            cfg, data.info, parts.model, parts.patch_size, best=progress.best, epochs=len(progress.history)
+        )
+        session = validation_session(parts.model, spec, runtime.device, runtime.autocast)
         val = validate(
-            parts.model,
+            session,
             data.val_cases,
-            class_names=list(data.info.class_names),
-            spatial_dims=cfg.model.spatial_dims,
-            patch_size=parts.patch_size,
             overlap=t.val_overlap,
             batch_size=t.val_batch_size,
             max_cases=t.val_max_cases,
-            device=runtime.device,
-            autocast=runtime.autocast,
             dist=runtime.dist,
         )
     record = {
