@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from napari_medcl.errors import MedclError
 from napari_medcl.spec import ModelSpec, SpecError
 
 __all__ = ["CheckpointModel", "ExportError", "check_spec_matches_model", "load_checkpoint_model"]
 
 
-class ExportError(ValueError):
+class ExportError(MedclError, ValueError):
     """An export cannot be done or failed its checks. One line; names the file when there is one."""
 
     def __init__(self, path: str | Path | None, problem: str):

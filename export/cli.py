@@ -55,11 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.checkpoint_model import ExportError
     from napari_medcl.errors import MedclError
-    from napari_medcl.spec import SpecError
-    from training.checkpoint import CheckpointError
-    from training.config import ConfigError
 
     if args.opset < 17:
         print(f"{PROG}: error: --opset must be at least 17, got {args.opset}", file=sys.stderr)
@@ -76,12 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             name=args.name,
             class_colors=args.class_colors,
         )
-    except (ExportError, CheckpointError, ConfigError, SpecError, MedclError) as error:
+    except MedclError as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as error:
+        from napari_medcl.crash_log import internal_error_message
+
+        print(f"{PROG}: {internal_error_message(PROG, error)}", file=sys.stderr)
+        return 1
     print(report.summary())
     return 0
 

@@ -32,7 +32,8 @@ from magicgui.widgets import (
 )
 
 from napari_medcl import layers as medcl_layers
-from napari_medcl.errors import Cancelled, MedclError
+from napari_medcl.crash_log import internal_error_message
+from napari_medcl.errors import Cancelled, MedclError, UsageError
 
 if TYPE_CHECKING:
     import napari
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 OPEN_FILE = "Open file..."
+# The name internal errors are logged under (napari_medcl.crash_log).
+PLUGIN = "napari-medcl"
 REGION_WHOLE, REGION_SLICE, REGION_RECT = "Whole image", "Current slice", "Rectangle (Shapes layer)"
 RANK_MODES = (
     ("mean uncertainty in labels", "mean_in_foreground"),
@@ -232,12 +235,12 @@ class ReviewWidget(Container):
         self.overlay.editable = False
 
     def save_labels(self, path: str | Path) -> Path:
-        """Write the selected Labels layer with its source geometry (atomic). Raises MedclError/ValueError."""
+        """Write the selected Labels layer with its source geometry (atomic). Raises MedclError."""
         from napari_medcl._writer import write_layer_data
 
         layer = self._labels_combo.value
         if layer is None:
-            raise ValueError("no Labels layer selected to save")
+            raise UsageError("no Labels layer selected to save")
         written = write_layer_data(layer, path)
         self._summary.value = f"Saved {layer.name!r} to {written}"
         return written
@@ -304,8 +307,10 @@ class ReviewWidget(Container):
             return
         try:
             self.save_labels(path)
-        except (MedclError, ValueError) as error:
+        except MedclError as error:
             _notify_error(self._summary, str(error))
+        except Exception as error:
+            _notify_error(self._summary, internal_error_message(PLUGIN, error))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -409,8 +414,11 @@ class SegmentWidget(Container):
             return self._worker
         try:
             job = self._make_job()
-        except (MedclError, ValueError) as error:
+        except MedclError as error:
             self._show_error(str(error))
+            return None
+        except Exception as error:
+            self._show_error(internal_error_message(PLUGIN, error))
             return None
         self._cancel_event = threading.Event()
         kwargs = {
@@ -476,10 +484,10 @@ class SegmentWidget(Container):
     def _make_job(self) -> _Job:
         image = self._image.value
         if image is None:
-            raise ValueError("No image layer: open a scan first (File > Open, or File > Open Sample).")
+            raise UsageError("No image layer: open a scan first (File > Open, or File > Open Sample).")
         choice = self._model.value
         if not choice or choice == OPEN_FILE:
-            raise ValueError("Choose a model: a bundled one, or 'Open file...' for an .onnx file.")
+            raise UsageError("Choose a model: a bundled one, or 'Open file...' for an .onnx file.")
         volume = medcl_layers.volume_from_layer(image)
         key = (choice, self._device.value)
         model = self._loaded[1] if self._loaded is not None and self._loaded[0] == key else choice
@@ -504,16 +512,16 @@ class SegmentWidget(Container):
                 return None
             dims = self.viewer.dims
             if dims.ndisplay != 2:
-                raise ValueError("'Current slice' needs the 2D view; switch off 3D or choose another region.")
+                raise UsageError("'Current slice' needs the 2D view; switch off 3D or choose another region.")
             shift = dims.ndim - image.ndim
             sliced = [a - shift - offset for a in dims.not_displayed if 0 <= a - shift - offset < spatial]
             if len(sliced) != 1:
-                raise ValueError(f"cannot tell which axis of {image.name!r} is sliced in this view")
+                raise UsageError(f"cannot tell which axis of {image.name!r} is sliced in this view")
             point = image.world_to_data(dims.point)
             return ("slice", sliced[0], int(round(float(point[offset + sliced[0]]))))
         shapes = self._shapes.value
         if shapes is None or len(shapes.data) == 0:
-            raise ValueError("Draw a rectangle in a Shapes layer and pick it under 'Rectangle'.")
+            raise UsageError("Draw a rectangle in a Shapes layer and pick it under 'Rectangle'.")
         selected = sorted(shapes.selected_data) or [len(shapes.data) - 1]
         vertices = np.asarray(shapes.data[selected[-1]], dtype=np.float64)
         world_point = np.asarray(self.viewer.dims.point, dtype=np.float64)
@@ -599,11 +607,11 @@ class SegmentWidget(Container):
         if isinstance(error, Cancelled):
             self._on_aborted()
             return
-        if isinstance(error, MedclError | ValueError):
+        if isinstance(error, MedclError):
             self._show_error(str(error))
-        else:  # a bug: say so plainly, keep the traceback in the log
+        else:  # a bug, not the user's input: say so plainly, with where its traceback was logged
             logger.error("segmentation failed:\n%s", "".join(traceback.format_exception(error)))
-            self._show_error(f"Unexpected error ({type(error).__name__}): {error}")
+            self._show_error(internal_error_message(PLUGIN, error))
 
     def _on_aborted(self) -> None:
         self._set_status("Cancelled; no layer was added or changed.")

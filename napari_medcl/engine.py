@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_medcl.errors import ModelError, PredictionError
+from napari_medcl.errors import ModelError, PredictionError, UsageError
 from napari_medcl.spec import METADATA_KEY, ModelSpec, SpecError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -93,7 +93,7 @@ def load_model(
     Bundled names are looked up in ``models_dir/manifest.json`` and their SHA-256 checked before parsing.
     """
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        raise UsageError(f"device must be one of {DEVICES}, got {device!r}")
     path, expected_sha = _resolve(name_or_path, models_dir)
     data = _read_bounded(path, max_bytes)
     sha = hashlib.sha256(data).hexdigest()

@@ -1,7 +1,13 @@
-"""Exceptions the product raises for user mistakes.
+"""The one family of user errors, for the plugin, training and export alike.
 
-Each one carries a message meant to be printed as a single line: the CLI prints ``str(error)`` and exits
-non-zero, the napari widget shows it in a message box. Anything that is not a ``MedclError`` is a bug.
+Every mistake a user can make and fix (a bad file, option, config, dataset, checkpoint or model) raises a
+``MedclError`` whose message is one line naming the file or option and the problem: the command lines print
+``str(error)`` and exit non-zero, the napari widget shows it under its Run button. The command lines and the
+widget catch ``MedclError`` alone. Anything else is a bug in napari-medcl, never the user's input: they say
+"internal error" and where its traceback was logged (``napari_medcl.crash_log``).
+
+The subclasses in ``training`` and ``export`` (ConfigError, DatasetError, RunError, TrainingError,
+CheckpointError, ExportError) and ``napari_medcl.spec.SpecError`` derive from ``MedclError`` too.
 """
 
 from __future__ import annotations
@@ -11,6 +17,11 @@ from pathlib import Path
 
 class MedclError(Exception):
     """Base class of the errors a user can cause and fix (bad file, bad option, bad model)."""
+
+
+class UsageError(MedclError, ValueError):
+    """An option or argument has a value the product cannot use (an overlap of 1.5, a region outside the
+    image, ``--device cuda`` without a GPU). The message names the option."""
 
 
 class InputError(MedclError, ValueError):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_medcl.errors import UsageError
 from napari_medcl.volume import Volume
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ def volume_from_layer(layer: Any) -> Volume:
         data = np.moveaxis(data, -1, 0)
     spatial_ndim = data.ndim - (1 if channel_axis else 0)
     if spatial_ndim not in (2, 3):
-        raise ValueError(
+        raise UsageError(
             f"layer {name!r}: need a 2D or 3D image (optionally RGB or with a channel axis), got shape "
             f"{data.shape}"
         )

@@ -23,7 +23,7 @@ import numpy as np
 
 from napari_medcl import __version__
 from napari_medcl.engine import default_model_name, load_model
-from napari_medcl.errors import Cancelled, InputError, InputWarning, PredictionError
+from napari_medcl.errors import Cancelled, InputError, InputWarning, PredictionError, UsageError
 from napari_medcl.io import MAX_BYTES, MAX_VOXELS
 from napari_medcl.preprocess import full_target, mask_box, resample_linear, to_model_grid
 from napari_medcl.region import plan_for_model
@@ -117,10 +117,10 @@ def predict_iter(
     ModelError (unusable model), PredictionError (NaN/Inf from the model), Cancelled.
     """
     if not 0.0 <= float(overlap) < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+        raise UsageError(f"overlap must be in [0, 1), got {overlap!r}")
     batch_size = int(batch_size)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+        raise UsageError(f"batch_size must be at least 1, got {batch_size!r}")
     cancelled = _cancel_check(cancel)
     start = time.perf_counter()
 

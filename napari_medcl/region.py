@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from napari_medcl.errors import UsageError
 from napari_medcl.spec import ModelSpec
 from napari_medcl.volume import Volume
 
@@ -59,10 +60,10 @@ def plan_region(
             return RegionPlan()
         axis, index = int(axis), int(round(float(index)))
         if not -ndim <= axis < ndim:
-            raise ValueError(f"roi slice axis {axis} does not exist in a {ndim}D image")
+            raise UsageError(f"roi slice axis {axis} does not exist in a {ndim}D image")
         axis %= ndim
         if not 0 <= index < shape[axis]:
-            raise ValueError(f"roi slice index {index} is outside 0..{shape[axis] - 1} on axis {axis}")
+            raise UsageError(f"roi slice index {index} is outside 0..{shape[axis] - 1} on axis {axis}")
         paste = tuple(slice(index, index + 1) if a == axis else slice(0, n) for a, n in enumerate(shape))
         half = 0
         if model_dims == 3 and context_mm:
@@ -74,7 +75,7 @@ def plan_region(
         )
         return RegionPlan(compute=compute, paste=paste, inner=inner)
     if not isinstance(roi, Sequence) or isinstance(roi, str) or len(roi) != ndim:
-        raise ValueError(
+        raise UsageError(
             f"roi must be None, ('slice', axis, index) or {ndim} (start, stop) pairs for a {ndim}D image, "
             f"got {roi!r}"
         )
@@ -84,7 +85,7 @@ def plan_region(
         start = 0 if start is None else max(0, _voxel_index(start, axis))
         stop = n if stop is None else min(n, _voxel_index(stop, axis))
         if stop <= start:
-            raise ValueError(f"roi axis {axis}: ({start}, {stop}) is empty inside an image of size {n}")
+            raise UsageError(f"roi axis {axis}: ({start}, {stop}) is empty inside an image of size {n}")
         box.append(slice(start, stop))
     box = tuple(box)
     if all(s.start == 0 and s.stop == n for s, n in zip(box, shape)):
@@ -97,7 +98,7 @@ def _voxel_index(value: Any, axis: int) -> int:
     # Rounding a drawn shape to voxels is the caller's choice (the widget takes the voxels whose centres it
     # covers); a second rounding here would move the box.
     if not float(value).is_integer():
-        raise ValueError(f"roi axis {axis}: {value!r} is not a whole voxel index")
+        raise UsageError(f"roi axis {axis}: {value!r} is not a whole voxel index")
     return int(value)
 
 

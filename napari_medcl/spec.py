@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from napari_medcl.errors import MedclError
+
 METADATA_KEY = "medcl.spec"
 FORMAT_VERSION = 1
 NORMALIZATION_KINDS = ("zscore", "ct", "percentile", "rescale", "none", "per_channel")
@@ -44,7 +46,7 @@ PALETTE = (
 )
 
 
-class SpecError(ValueError):
+class SpecError(MedclError, ValueError):
     """A ModelSpec is missing, malformed, or inconsistent with its graph."""
 
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from napari_medcl.errors import MedclError
 from training.config import (
     CONFIG_VERSION,
     ConfigError,
@@ -84,7 +85,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MedclError, ValueError):
     """A checkpoint is missing, not ours, damaged, incomplete, or from an incompatible config version."""
 
     def __init__(self, path: str | Path, problem: str):

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from napari_medcl.errors import MedclError, UsageError
+
 __all__ = ["evaluate_main", "train_main"]
 
 EXIT_USAGE = 2
@@ -56,20 +58,18 @@ def _dist_from_env(environ: dict[str, str]) -> Any:
         rank = int(environ.get("RANK", "0"))
         local = int(environ.get("LOCAL_RANK", str(rank)))
     except ValueError:
-        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
+        raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
+        raise UsageError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
     return DistInfo(rank=rank, world_size=world, local_rank=local)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``medcl-train CONFIG.yaml [--set key=value ...] [--resume] [--check]``; returns the exit code."""
     args = _train_parser().parse_args(argv)
-    from napari_medcl.errors import MedclError
-    from training.checkpoint import CheckpointError
     from training.config import ConfigError, load_config
-    from training.data import DatasetError, check_dataset
-    from training.run import RunError, TrainingError, train
+    from training.data import check_dataset
+    from training.run import train
 
     prefix = "medcl-train"
     try:
@@ -77,22 +77,21 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if dist.world_size > 1:
             prefix = f"medcl-train [rank {dist.rank}]"
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, ValueError) as error:
-        return _fail(prefix, error, EXIT_USAGE)
-    try:
         if args.check:
             for line in check_dataset(cfg.data):
                 print(line)
             print("dataset OK")
             return 0
         result = train(cfg, resume=args.resume, dist=dist)
-    except ConfigError as error:
+    except (ConfigError, UsageError) as error:
         return _fail(prefix, error, EXIT_USAGE)
-    except (DatasetError, RunError, CheckpointError, MedclError, TrainingError, FileNotFoundError) as error:
+    except MedclError as error:
         return _fail(prefix, error, EXIT_FAILURE)
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    except Exception as error:
+        return _internal(prefix, "medcl-train", error)
     if dist.is_main:
         best = (
             f"best mean validation Dice {result.best_mean_dice:.4f} at epoch {result.best_epoch}"
@@ -106,6 +105,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def _fail(prefix: str, error: BaseException, code: int) -> int:
     print(f"{prefix}: error: {error}", file=sys.stderr)
     return code
+
+
+def _internal(prefix: str, program: str, error: BaseException) -> int:
+    from napari_medcl.crash_log import internal_error_message
+
+    print(f"{prefix}: {internal_error_message(program, error)}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -148,24 +154,17 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``medcl-evaluate CHECKPOINT_OR_ONNX DATASET_ROOT [--layout L] [--split val|all] [-o metrics.csv]``."""
     args = _evaluate_parser().parse_args(argv)
-    from napari_medcl.errors import MedclError
-    from training.config import ConfigError
-    from training.data import DatasetError
-
-    failures: tuple[type[BaseException], ...] = (DatasetError, MedclError, ConfigError, OSError)
-    if not _is_onnx(args.model):  # an ONNX model is scored without torch, which training.checkpoint imports
-        from training.checkpoint import CheckpointError
-
-        failures += (CheckpointError,)
     try:
         return _evaluate(args)
-    except failures as error:
-        return _fail("medcl-evaluate", error, EXIT_FAILURE)
-    except ValueError as error:  # a bad option value (e.g. --overlap 1.5, --device cuda without a GPU)
+    except UsageError as error:  # a bad option value (e.g. --overlap 1.5, --device cuda without a GPU)
         return _fail("medcl-evaluate", error, EXIT_USAGE)
+    except MedclError as error:
+        return _fail("medcl-evaluate", error, EXIT_FAILURE)
     except KeyboardInterrupt:
         print("medcl-evaluate: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        return _internal("medcl-evaluate", "medcl-evaluate", error)
 
 
 def _is_onnx(path: Path) -> bool:
@@ -174,6 +173,7 @@ def _is_onnx(path: Path) -> bool:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from napari_medcl.engine import load_model
+    from napari_medcl.errors import ModelError
     from napari_medcl.prediction import predict
     from training.data import DataConfig, DatasetError
     from training.data.check import read_case
@@ -182,7 +182,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from training.metrics import evaluate_case, format_table, summarize, write_csv
 
     if not args.model.is_file():
-        raise FileNotFoundError(f"{args.model}: no such model file")
+        raise ModelError(args.model, "no such model file")
     is_onnx = _is_onnx(args.model)
     if is_onnx:
         loaded, data_cfg = load_model(args.model, device=args.device), DataConfig()

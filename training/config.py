@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
+from napari_medcl.errors import MedclError
 from training.data import DataConfig
 
 CONFIG_VERSION = 1
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(MedclError, ValueError):
     """A config file or override is wrong; the message names the file or key and is meant for one line."""
 
 

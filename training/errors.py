@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from napari_medcl.errors import MedclError
+
 __all__ = ["RunError", "TrainingError"]
 
 
-class RunError(ValueError):
+class RunError(MedclError, ValueError):
     """A run cannot start as asked (output folder holds another run, nothing to resume, config changed)."""
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MedclError, RuntimeError):
     """Training itself failed (the loss became NaN or infinite)."""

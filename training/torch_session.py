@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_medcl.errors import PredictionError
+from napari_medcl.errors import PredictionError, UsageError
 from napari_medcl.spec import ModelSpec
 from training.models.inference_wrapper import InferenceWrapper
 
@@ -98,7 +98,7 @@ def load_checkpoint_session(
     model = build_model(cfg, spec.in_channels, spec.num_classes)
     model.load_state_dict(state["model"])
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA GPU")
+        raise UsageError("--device cuda: torch sees no CUDA GPU")
     target = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     model.to(target).eval()
     if not uncertainty_maps:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_medcl.atomic import split_suffix
+from napari_medcl.errors import MedclError
 
 __all__ = ["CaseFiles", "DatasetError", "Layout", "discover"]
 
@@ -39,7 +40,7 @@ _SEGMENTATION_SUFFIX = re.compile(r"_segmentation$", re.IGNORECASE)
 _ACDC_FRAME = re.compile(r"^(?P<patient>patient\d+)_frame(?P<frame>\d+)(?P<gt>_gt)?$")
 
 
-class DatasetError(ValueError):
+class DatasetError(MedclError, ValueError):
     """The dataset cannot be used for training. ``problems`` holds every problem found, one line each,
     each naming its case or file; the message is a summary line followed by those lines."""
 
