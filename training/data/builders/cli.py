@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from napari_medcl.errors import MedclError
+
 
 def main(argv: list[str] | None = None) -> int:
     from training.data.builders import BUILDERS, build_dataset
@@ -36,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         options.update(modality=args.modality, sdist=args.sdist)
     try:
         path = build_dataset(args.name, args.output, **options)
-    except (OSError, RuntimeError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (MedclError, OSError) as error:  # OSError: the output folder is not empty or not writable
+        print(f"medcl-data: error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        from napari_medcl.crash_log import internal_error_message
+
+        print(f"medcl-data: {internal_error_message('medcl-data', error)}", file=sys.stderr)
         return 1
     print(f"wrote {path} (see {path / 'README.md'})")
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_medcl.errors import UsageError
 from napari_medcl.io import read_image, write_image
 from napari_medcl.volume import Volume
 from training.data.builders.msd_folder import new_msd_folder
@@ -43,7 +44,7 @@ def nilearn_data_dir() -> Path:
     try:
         return Path(str(resources.files("nilearn.datasets") / "data"))
     except ModuleNotFoundError:
-        raise RuntimeError("nilearn is not installed; install it with `pip install nilearn`") from None
+        raise UsageError("nilearn is not installed; install it with `pip install nilearn`") from None
 
 
 def tissue_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
@@ -78,7 +79,7 @@ def axial_blocks(mask: np.ndarray, n_blocks: int, gap: int) -> list[tuple[int, i
     first, last = int(nonzero[0]), int(nonzero[-1]) + 1
     usable = last - first - gap * (n_blocks - 1)
     if usable < n_blocks:
-        raise ValueError(f"{n_blocks} blocks with {gap}-slice gaps do not fit in {last - first} slices")
+        raise UsageError(f"{n_blocks} blocks with {gap}-slice gaps do not fit in {last - first} slices")
     sizes = [usable // n_blocks + (1 if i < usable % n_blocks else 0) for i in range(n_blocks)]
     blocks, start = [], first
     for size in sizes:

