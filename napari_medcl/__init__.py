@@ -19,6 +19,9 @@ _EXPORTS = {
     "load_model": "napari_medcl.engine",
     "read_image": "napari_medcl.io",
     "write_image": "napari_medcl.io",
+    "write_prediction": "napari_medcl.case_writer",
+    "WrittenCase": "napari_medcl.case_writer",
+    "Provenance": "napari_medcl.provenance",
     "ModelSpec": "napari_medcl.spec",
     "Volume": "napari_medcl.volume",
     "Prediction": "napari_medcl.volume",
@@ -33,6 +36,9 @@ __all__ = [
     "load_model",
     "read_image",
     "write_image",
+    "write_prediction",
+    "WrittenCase",
+    "Provenance",
     "ModelSpec",
     "Volume",
     "Prediction",
@@ -40,10 +46,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from napari_medcl.case_writer import WrittenCase, write_prediction
     from napari_medcl.engine import load_model
     from napari_medcl.io import read_image, write_image
     from napari_medcl.layers import segment_layer
     from napari_medcl.prediction import Progress, predict, predict_iter
+    from napari_medcl.provenance import Provenance
     from napari_medcl.spec import ModelSpec
     from napari_medcl.volume import Prediction, Volume
 

@@ -1,13 +1,9 @@
 """medcl-predict: segment image files or DICOM folders with an ONNX model, writing results beside a sidecar.
 
-Arguments and files only; the work is ``napari_medcl.prediction.predict_iter``. Per case it writes
-``<case>_labels<ext>``, ``<case>_uncertainty<ext>`` (the UAFR map of the block nearest the output, when the
-model has UAFR maps), ``<case>_entropy<ext>``, with ``--save-probabilities`` one
-``<case>_probabilities_<k><ext>`` per class (one file per class works in every output format, PNG/TIFF
-included; the sidecar maps files to class names),
-and last ``<case>.json``, so a sidecar marks a complete case. A case's files are all written under temporary
-names and read back before any is renamed onto its final name, so a case that fails (a full disk included)
-leaves the folder as it was, an earlier output of the same case included. Exit status: 0 all cases done,
+Arguments, the output folder's lock and the messages only: the work is
+``napari_medcl.prediction.predict_iter``, and ``napari_medcl.case_writer.write_prediction`` writes each case
+(``<case>_labels``, ``<case>_uncertainty``, ``<case>_entropy``, with ``--save-probabilities``
+``<case>_probabilities_<k>``, and last ``<case>.json``), all or nothing. Exit status: 0 all cases done,
 1 some failed, 2 usage error, 130 interrupted.
 
 A run holds ``OUTDIR/.medcl-predict.lock`` (``flock``, released by the OS even when the process is killed), so
@@ -19,18 +15,15 @@ Heavy modules are imported after argument parsing, so ``medcl-predict --help`` i
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from napari_medcl import __version__
-from napari_medcl.errors import InputError, MedclError, OutputError, OutputFormatError
+from napari_medcl.errors import InputError, MedclError, OutputError
 
 PROG = "medcl-predict"
 LOCK_NAME = ".medcl-predict.lock"
@@ -287,6 +280,7 @@ def _message(path: Path, error: Exception) -> str:
 def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    from napari_medcl.case_writer import write_prediction
     from napari_medcl.prediction import Progress, predict_iter
 
     prediction = None
@@ -309,106 +303,13 @@ def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> No
             elif item.stage == "infer":
                 bar.total = item.total
                 bar.update(item.done - bar.n)
-    written = _write_case(path, case, prediction, args.output)
+    written = write_prediction(prediction, args.output, case, source=path)
     if not args.quiet:
         p = prediction.provenance
-        t = p["timings"]
         print(
-            f"{case}: {p['execution_provider']}, {p['tiling']['windows']} windows, {t['total']:.2f} s "
-            f"(ORT {t['ort_seconds']:.2f} s) -> {written}"
+            f"{case}: {p.execution_provider}, {p.tiling.windows} windows, {p.timings['total']:.2f} s "
+            f"(ORT {p.timings['ort_seconds']:.2f} s) -> {written.labels}"
         )
-
-
-def _write_case(path: Path, case: str, prediction: Any, outdir: Path) -> Path:
-    """Write a case's images and its sidecar all or nothing; return the labels file.
-
-    Every file is first written whole under a temporary name beside its final one and read back; only when
-    all of them are there are they renamed onto their final names, the sidecar last. A failure while writing
-    (a full disk) therefore leaves an earlier complete output of this case exactly as it was; the renames
-    need no space."""
-    from napari_medcl.atomic import atomic_path, split_suffix, write_text_atomic
-    from napari_medcl.io import output_extension
-
-    start = time.perf_counter()
-    labels = prediction.labels
-    source_extension = "" if path.is_dir() else split_suffix(path.name)[1]
-    label_ext = output_extension(labels.format, source_extension, kind="labels")
-    map_ext = output_extension(labels.format, source_extension, kind="map")
-    images = [("labels", f"{case}_labels{label_ext}", labels)]
-    if prediction.uafr_uncertainty is not None:
-        images.append(("uncertainty", f"{case}_uncertainty{map_ext}", prediction.uafr_uncertainty))
-    images.append(("entropy", f"{case}_entropy{map_ext}", prediction.entropy))
-    classes = prediction.provenance["model"]["classes"]
-    if prediction.probabilities is not None:
-        probs = prediction.probabilities
-        for k, name in enumerate(classes):
-            plane = probs.with_array(probs.array[k])
-            images.append((("probabilities", name), f"{case}_probabilities_{k}{map_ext}", plane))
-    sidecar = outdir / f"{case}.json"
-    with ExitStack() as staged:
-        # Entered first, so renamed last (the stack unwinds in reverse): a sidecar marks a complete case.
-        sidecar_temp = staged.enter_context(atomic_path(sidecar))
-        for _, name, volume in images:
-            _write_checked(volume, staged.enter_context(atomic_path(outdir / name)), outdir / name)
-        provenance = dict(prediction.provenance)
-        provenance["input"] = {**provenance["input"], "path": str(path), "sha256": _input_sha256(path)}
-        outputs: dict[str, Any] = {}
-        for key, name, _ in images:
-            if isinstance(key, tuple):  # ("probabilities", class name)
-                outputs.setdefault(key[0], {})[key[1]] = name
-            else:
-                outputs[key] = name
-        provenance["outputs"] = outputs
-        provenance["timings"] = {**provenance["timings"], "write": round(time.perf_counter() - start, 4)}
-        with _naming(sidecar, sidecar_temp):
-            write_text_atomic(sidecar_temp, _to_json(provenance))
-        # An old sidecar would vouch for a mix of old and new files if the process died between the renames.
-        try:
-            sidecar.unlink(missing_ok=True)
-        except OSError as error:
-            raise OutputError(sidecar, f"cannot remove the earlier sidecar ({error.strerror})") from None
-    return outdir / images[0][1]
-
-
-def _write_checked(volume: Any, temp: Path, final: Path) -> None:
-    """Write ``volume`` to ``temp`` (``write_image`` reads it back whole); an error names ``final``."""
-    from napari_medcl.io import write_image
-
-    try:
-        with _naming(final, temp):
-            write_image(volume, temp)
-    except OutputFormatError:
-        raise
-    except OutputError as error:
-        raise OutputError(final, f"{error.problem}; the earlier files of this case are unchanged") from None
-
-
-@contextmanager
-def _naming(final: Path, temp: Path) -> Iterator[None]:
-    """Errors about the temporary file ``temp`` name ``final``, the file the user will look for."""
-    try:
-        yield
-    except OutputError as error:
-        if error.path != temp:
-            raise
-        raise type(error)(final, error.problem.replace(temp.name, final.name)) from None
-
-
-def _input_sha256(path: Path) -> str:
-    """SHA-256 of an input file; for a DICOM folder, of the ``"<sha256>  <name>"`` lines of its files, sorted."""
-    from napari_medcl.io import sha256_file
-
-    try:
-        if not path.is_dir():
-            return sha256_file(path)
-        lines = [f"{sha256_file(f)}  {f.name}\n" for f in sorted(path.iterdir()) if f.is_file()]
-    except OSError as error:
-        raise InputError(path, f"cannot be read to hash it ({error.strerror})") from None
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
-
-
-def _to_json(data: dict[str, Any]) -> str:
-    return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
 
 if __name__ == "__main__":

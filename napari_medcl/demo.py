@@ -1,8 +1,9 @@
 """``make demo``: segment the bundled sample scan with the default model and draw an overview picture.
 
-Writes ``demo-output/`` with the labels, the UAFR uncertainty and entropy maps (NIfTI), the provenance JSON (all
-through ``medcl-predict``, so the demo exercises the same code path as a user's batch run), and ``overlay.png``:
-three orthogonal mid-slices of the scan with the labels, and the UAFR map beside them.
+Writes ``demo-output/`` with the labels, the UAFR uncertainty and entropy maps (NIfTI) and the provenance JSON
+(through ``write_prediction``, the writer ``medcl-predict`` uses, so the files are those of a batch run), and
+``overlay.png``: three orthogonal mid-slices of the scan with the labels, and the UAFR map beside them, drawn
+from the prediction in memory.
 """
 
 from __future__ import annotations
@@ -76,10 +77,13 @@ def draw_overlay(image, labels, uncertainty, spec, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from napari_medcl import cli
+    from tqdm import tqdm
+
+    from napari_medcl.case_writer import write_prediction
     from napari_medcl.engine import default_model_name, load_model
     from napari_medcl.errors import MedclError
     from napari_medcl.io import read_image
+    from napari_medcl.prediction import Progress, predict_iter
 
     parser = argparse.ArgumentParser(prog="python -m napari_medcl.demo", description=__doc__)
     parser.add_argument("-o", "--output", type=Path, default=Path("demo-output"))
@@ -89,25 +93,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    sample = sample_path()
     try:
         model = load_model(args.model or default_model_name(), device=args.device)
+        print(f"demo: model {model.spec.name} on {model.provider}\nnote: {model.spec.intended_use}")
+        # Read once: the scan is both the network's input and the overlay's background.
+        image = read_image(sample)
+        prediction = None
+        with tqdm(desc="segmenting", unit="window", file=sys.stderr, leave=False) as bar:
+            for item in predict_iter(image, model):
+                if not isinstance(item, Progress):
+                    prediction = item
+                elif item.stage == "infer":
+                    bar.total = item.total
+                    bar.update(item.done - bar.n)
+        written = write_prediction(prediction, args.output, source=sample)
     except MedclError as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1
-    sample = sample_path()
-    code = cli.main(
-        [str(sample), "-o", str(args.output), "--model", str(model.path), "--device", args.device]
-    )
-    if code != 0:
-        return code
-    case = "mni152_t1_2mm"
-    image = read_image(sample)
-    labels = read_image(args.output / f"{case}_labels.nii.gz")
-    uncertainty = read_image(args.output / f"{case}_uncertainty.nii.gz")
     overlay = args.output / "overlay.png"
-    draw_overlay(image, labels, uncertainty, model.spec, overlay)
+    draw_overlay(image, prediction.labels, prediction.uafr_uncertainty, model.spec, overlay)
     print(
-        f"demo outputs in {args.output.resolve()}/ (overlay: {overlay}) in {time.perf_counter() - start:.1f} s"
+        f"demo outputs in {args.output.resolve()}/ (labels: {written.labels.name}, overlay: {overlay.name}) "
+        f"in {time.perf_counter() - start:.1f} s"
     )
     return 0
 

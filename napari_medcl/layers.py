@@ -355,7 +355,10 @@ def segment_volume_iter(
         uncertainty_maps=uncertainty_maps,
     )
     return SegmentationResult(
-        layers=layers, model=loaded, provenance=prediction.provenance, seconds=time.perf_counter() - start
+        layers=layers,
+        model=loaded,
+        provenance=prediction.provenance.to_dict(),
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -379,7 +382,7 @@ def prediction_layers(
     geometry = {**geometry_metadata(volume), "channel_axis": False}
     base_meta = {k: v for k, v in (metadata or {}).items() if k not in (GEOMETRY_KEY, PREDICTION_KEY)}
     display = {"units": ("mm",) * n, "axis_labels": AXIS_NAMES[-n:], **(display or {})}
-    provenance = prediction.provenance
+    provenance = prediction.provenance.to_dict() if prediction.provenance is not None else {}
 
     def kwargs_for(kind: str) -> dict[str, Any]:
         meta = {**base_meta, GEOMETRY_KEY: dict(geometry), PREDICTION_KEY: {**provenance, "output": kind}}

@@ -26,6 +26,7 @@ from napari_medcl.engine import default_model_name, load_model
 from napari_medcl.errors import Cancelled, InputError, InputWarning, PredictionError, UsageError
 from napari_medcl.io import MAX_BYTES, MAX_VOXELS
 from napari_medcl.preprocess import full_target, mask_box, resample_linear, to_model_grid
+from napari_medcl.provenance import InputRecord, ModelRecord, PreprocessingRecord, Provenance, TilingRecord
 from napari_medcl.region import plan_for_model
 from napari_medcl.session import InferenceSession
 from napari_medcl.spec import ModelSpec
@@ -187,11 +188,9 @@ def predict_iter(
     timings["total"] = elapsed()
     provenance = _provenance(
         volume, session, prepared, device=device, overlap=overlap, tta=tta, batch_size=batch_size,
-        windows=windows, timings=timings,
+        windows=windows, timings=timings, nonzero_box=box, nonzero_is_foreground=foreground is not None,
+        roi=None if plan.whole else plan.paste,
     )  # fmt: skip
-    provenance["nonzero_box"] = None if box is None else [[b.start, b.stop] for b in box]
-    provenance["nonzero_is_foreground"] = foreground is not None
-    provenance["roi"] = None if plan.whole else [[s.start, s.stop] for s in plan.paste]
     yield Progress(1, 1, "postprocess", elapsed())
     yield dataclasses.replace(prediction, provenance=provenance)
 
@@ -493,45 +492,50 @@ def _provenance(
     batch_size: int,
     windows: int,
     timings: dict[str, float],
-) -> dict[str, Any]:
+    nonzero_box: tuple[slice, ...] | None,
+    nonzero_is_foreground: bool,
+    roi: tuple[slice, ...] | None,
+) -> Provenance:
     spec = model.spec
-    window = list(prepared.window[-spec.spatial_dims :])
-    return {
-        "tool": "napari-medcl",
-        "version": __version__,
-        "model": {
-            "name": spec.name,
-            "path": str(model.path),
-            "sha256": model.sha256,
-            "spatial_dims": spec.spatial_dims,
-            "classes": spec.class_names,
-            "uncertainty_maps": list(spec.uncertainty_maps),
-        },
-        "execution_provider": model.provider,
-        "device_requested": device,
-        "intended_use": spec.intended_use,
-        "input": {
-            "path": None if volume.source is None else str(volume.source),
-            "format": volume.format,
-            "channels": volume.num_channels,
-            "geometry": volume.geometry_dict(),
-        },
-        "preprocessing": {
-            "normalization": dict(spec.normalization),
-            "resampled": prepared.scales is not None,
-            "model_grid_shape": list(prepared.model_shape[-volume.spatial_dims :]),
-            "model_spacing": None if spec.spacing is None else list(spec.spacing),
-        },
-        "tiling": {
-            "patch": list(spec.patch_size),
-            "window": window,
-            "overlap": float(overlap),
-            "windows": windows,
-            "tta": bool(tta),
-            "forward_passes": windows * (2**spec.spatial_dims if tta else 1),
-            "batch_size": int(batch_size),
-            "padded_grid": list(prepared.array.shape[1:][-volume.spatial_dims :]),
-            "importance": "gaussian, sigma = patch / 8",
-        },
-        "timings": {key: round(value, 4) for key, value in timings.items()},
-    }
+    dims = volume.spatial_dims
+    return Provenance(
+        version=__version__,
+        model=ModelRecord(
+            name=spec.name,
+            path=str(model.path),
+            sha256=model.sha256,
+            spatial_dims=spec.spatial_dims,
+            classes=tuple(spec.class_names),
+            uncertainty_maps=tuple(spec.uncertainty_maps),
+        ),
+        execution_provider=model.provider,
+        device_requested=device,
+        intended_use=spec.intended_use,
+        input=InputRecord(
+            path=None if volume.source is None else str(volume.source),
+            format=volume.format,
+            channels=volume.num_channels,
+            geometry=volume.geometry_dict(),
+        ),
+        preprocessing=PreprocessingRecord(
+            normalization=dict(spec.normalization),
+            resampled=prepared.scales is not None,
+            model_grid_shape=tuple(prepared.model_shape[-dims:]),
+            model_spacing=None if spec.spacing is None else tuple(spec.spacing),
+        ),
+        tiling=TilingRecord(
+            patch=tuple(spec.patch_size),
+            window=tuple(prepared.window[-spec.spatial_dims :]),
+            overlap=float(overlap),
+            windows=windows,
+            tta=bool(tta),
+            forward_passes=windows * (2**spec.spatial_dims if tta else 1),
+            batch_size=int(batch_size),
+            padded_grid=tuple(prepared.array.shape[1:][-dims:]),
+            importance="gaussian, sigma = patch / 8",
+        ),
+        timings={key: round(value, 4) for key, value in timings.items()},
+        nonzero_box=None if nonzero_box is None else tuple((b.start, b.stop) for b in nonzero_box),
+        nonzero_is_foreground=nonzero_is_foreground,
+        roi=None if roi is None else tuple((b.start, b.stop) for b in roi),
+    )

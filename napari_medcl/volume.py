@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_medcl.provenance import Provenance
+
 
 @dataclass(frozen=True, eq=False)
 class Volume:
@@ -134,7 +136,8 @@ class Prediction:
     ``uncertainty_maps``: each UAFR map by its name in ``ModelSpec.uncertainty_maps``.
     ``entropy``: float32 in [0, 1], normalised predictive entropy of the stitched probabilities.
     ``probabilities``: float32 (K, *S) when asked for, else None.
-    ``provenance``: tool version, model name and SHA-256, execution provider used, tiling, timings (JSON-able).
+    ``provenance``: tool version, model name and SHA-256, execution provider used, tiling, timings
+    (``Provenance``; its ``to_dict()`` is the case's JSON sidecar).
     """
 
     labels: Volume
@@ -142,7 +145,7 @@ class Prediction:
     uafr_uncertainty: Volume | None = None
     uncertainty_maps: dict[str, Volume] = field(default_factory=dict)
     probabilities: Volume | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
+    provenance: Provenance | None = None
 
     def crop(self, box: tuple[slice, ...]) -> Prediction:
         """Every output cut to ``box`` (spatial slices; see ``Volume.crop``)."""

@@ -1,0 +1,184 @@
+"""Write a Prediction as a case: its images under the case's names, then its provenance sidecar, all or nothing.
+
+A case ``<case>`` in folder ``outdir`` is ``<case>_labels<ext>``, ``<case>_uncertainty<ext>`` (when the model has
+UAFR maps), ``<case>_entropy<ext>``, one ``<case>_probabilities_<k><ext>`` per class when the Prediction holds
+probabilities (one file per class works in every output format, PNG/TIFF included; the sidecar maps files to
+class names), and last ``<case>.json``, so a sidecar marks a complete case. Extensions follow the input's
+format (``io.output_extension``); a Prediction made from an array with no file is written as NIfTI.
+
+Every file is first written whole under a temporary name beside its final one and read back; only when all of
+them are there are they renamed onto their final names, the sidecar last. A failure while writing (a full disk
+included) therefore leaves the folder as it was, an earlier complete output of the same case included; the
+renames need no space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from napari_medcl.errors import InputError, OutputError, OutputFormatError
+from napari_medcl.provenance import OutputNames, Provenance
+from napari_medcl.volume import Prediction, Volume
+
+
+@dataclass(frozen=True)
+class WrittenCase:
+    """The files ``write_prediction`` wrote, and the provenance its sidecar holds."""
+
+    labels: Path
+    entropy: Path
+    sidecar: Path
+    provenance: Provenance
+    uncertainty: Path | None = None
+    probabilities: dict[str, Path] = field(default_factory=dict)  # class name -> file
+
+
+def write_prediction(
+    prediction: Prediction, outdir: str | Path, case: str | None = None, *, source: str | Path | None = None
+) -> WrittenCase:
+    """Write ``prediction`` into ``outdir`` as case ``case``, all or nothing (see the module docstring).
+
+    ``source``: the image file or DICOM folder the prediction was made from; by default the path its
+    provenance names. The sidecar records it with its SHA-256, and its extension chooses between ``.nii`` and
+    ``.nii.gz``. ``case`` defaults to the source's case name (``scan.nii.gz`` -> ``scan``).
+
+    Raises ``OutputError`` when a file cannot be written (the earlier files of the case are left unchanged),
+    ``OutputFormatError`` when the input's format cannot hold an output, ``InputError`` when the source
+    cannot be read to hash it, and ValueError for a Prediction without provenance or with no case name.
+    """
+    from napari_medcl.io import case_name
+
+    start = time.perf_counter()
+    provenance = prediction.provenance
+    if provenance is None:
+        raise ValueError("a Prediction without provenance cannot be written as a case; use write_image")
+    if source is None and provenance.input.path is not None:
+        source = provenance.input.path
+    source = None if source is None else Path(source)
+    if case is None:
+        if source is None:
+            raise ValueError("name the case: the prediction was made from an array, not a file")
+        case = case_name(source)
+    outdir = Path(outdir)
+    _make_folder(outdir)
+
+    label_ext, map_ext = _extensions(prediction.labels, source)
+    labels = outdir / f"{case}_labels{label_ext}"
+    uncertainty = None if prediction.uafr_uncertainty is None else outdir / f"{case}_uncertainty{map_ext}"
+    entropy = outdir / f"{case}_entropy{map_ext}"
+    images: list[tuple[Path, Volume]] = [(labels, prediction.labels)]
+    if uncertainty is not None:
+        images.append((uncertainty, prediction.uafr_uncertainty))
+    images.append((entropy, prediction.entropy))
+    probabilities: dict[str, Path] = {}
+    if prediction.probabilities is not None:
+        planes = prediction.probabilities
+        for k, name in enumerate(provenance.model.classes):
+            probabilities[name] = outdir / f"{case}_probabilities_{k}{map_ext}"
+            images.append((probabilities[name], planes.with_array(planes.array[k])))
+    sidecar = outdir / f"{case}.json"
+
+    from napari_medcl.atomic import atomic_path, write_text_atomic
+
+    with ExitStack() as staged:
+        # Entered first, so renamed last (the stack unwinds in reverse): a sidecar marks a complete case.
+        sidecar_temp = staged.enter_context(atomic_path(sidecar))
+        for final, volume in images:
+            _write_checked(volume, staged.enter_context(atomic_path(final)), final)
+        recorded = replace(
+            provenance,
+            input=replace(
+                provenance.input,
+                path=None if source is None else str(source),
+                sha256=None if source is None else _input_sha256(source),
+            ),
+            outputs=OutputNames(
+                labels=labels.name,
+                uncertainty=None if uncertainty is None else uncertainty.name,
+                entropy=entropy.name,
+                probabilities={name: path.name for name, path in probabilities.items()} or None,
+            ),
+            timings={**provenance.timings, "write": round(time.perf_counter() - start, 4)},
+        )
+        with _naming(sidecar, sidecar_temp):
+            write_text_atomic(sidecar_temp, json.dumps(recorded.to_dict(), indent=2) + "\n")
+        # An old sidecar would vouch for a mix of old and new files if the process died between the renames.
+        try:
+            sidecar.unlink(missing_ok=True)
+        except OSError as error:
+            raise OutputError(sidecar, f"cannot remove the earlier sidecar ({error.strerror})") from None
+    return WrittenCase(
+        labels=labels,
+        entropy=entropy,
+        sidecar=sidecar,
+        provenance=recorded,
+        uncertainty=uncertainty,
+        probabilities=probabilities,
+    )
+
+
+def _make_folder(outdir: Path) -> None:
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(outdir, f"cannot create the output folder ({error.strerror})") from None
+
+
+def _extensions(labels: Volume, source: Path | None) -> tuple[str, str]:
+    """The extensions of the labels and of the float maps, from the input's format and file name."""
+    from napari_medcl.atomic import split_suffix
+    from napari_medcl.io import output_extension
+
+    if labels.format is None or source is None:
+        # An image from memory has no format of its own to keep; NIfTI holds any geometry exactly.
+        volume_format, source_extension = labels.format or "nifti", ".nii.gz"
+    else:
+        volume_format = labels.format
+        source_extension = "" if source.is_dir() else split_suffix(source.name)[1]
+    return (
+        output_extension(volume_format, source_extension, kind="labels"),
+        output_extension(volume_format, source_extension, kind="map"),
+    )
+
+
+def _write_checked(volume: Volume, temp: Path, final: Path) -> None:
+    """Write ``volume`` to ``temp`` (``write_image`` reads it back whole); an error names ``final``."""
+    from napari_medcl import io
+
+    try:
+        with _naming(final, temp):
+            io.write_image(volume, temp)
+    except OutputFormatError:
+        raise
+    except OutputError as error:
+        raise OutputError(final, f"{error.problem}; the earlier files of this case are unchanged") from None
+
+
+@contextmanager
+def _naming(final: Path, temp: Path) -> Iterator[None]:
+    """Errors about the temporary file ``temp`` name ``final``, the file the user will look for."""
+    try:
+        yield
+    except OutputError as error:
+        if error.path != temp:
+            raise
+        raise type(error)(final, error.problem.replace(temp.name, final.name)) from None
+
+
+def _input_sha256(path: Path) -> str:
+    """SHA-256 of an input file; for a DICOM folder, of the ``"<sha256>  <name>"`` lines of its files, sorted."""
+    from napari_medcl.io import sha256_file
+
+    try:
+        if not path.is_dir():
+            return sha256_file(path)
+        lines = [f"{sha256_file(f)}  {f.name}\n" for f in sorted(path.iterdir()) if f.is_file()]
+    except OSError as error:
+        raise InputError(path, f"cannot be read to hash it ({error.strerror})") from None
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()

@@ -1,0 +1,184 @@
+"""Provenance: what made a Prediction (tool, model, input, preprocessing, tiling, timings), as typed records.
+
+``Provenance.to_dict()`` is the content of a case's ``<case>.json`` sidecar; ``case_writer.write_prediction``
+fills in what only the written case knows (the input file's SHA-256, the output file names, the write time).
+A Provenance is also a read-only Mapping over that dict, so ``prediction.provenance["tiling"]["windows"]``
+reads the same as the sidecar does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """The ONNX model that ran: its file, its SHA-256 and what it predicts."""
+
+    name: str
+    path: str
+    sha256: str
+    spatial_dims: int
+    classes: tuple[str, ...]
+    uncertainty_maps: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "sha256": self.sha256,
+            "spatial_dims": self.spatial_dims,
+            "classes": list(self.classes),
+            "uncertainty_maps": list(self.uncertainty_maps),
+        }
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """The scan segmented. ``geometry`` is ``Volume.geometry_dict()``; ``sha256`` is known once the case is
+    written from a file or DICOM folder (None: not hashed, and left out of the dict)."""
+
+    path: str | None
+    format: str | None
+    channels: int
+    geometry: Mapping[str, Any]
+    sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {
+            "path": self.path,
+            "format": self.format,
+            "channels": self.channels,
+            "geometry": copy.deepcopy(dict(self.geometry)),
+        }
+        if self.sha256 is not None:
+            fields["sha256"] = self.sha256
+        return fields
+
+
+@dataclass(frozen=True)
+class PreprocessingRecord:
+    """How the scan was prepared for the network: normalisation and the grid it ran on."""
+
+    normalization: Mapping[str, Any]
+    resampled: bool
+    model_grid_shape: tuple[int, ...]
+    model_spacing: tuple[float, ...] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "normalization": dict(self.normalization),
+            "resampled": self.resampled,
+            "model_grid_shape": list(self.model_grid_shape),
+            "model_spacing": None if self.model_spacing is None else list(self.model_spacing),
+        }
+
+
+@dataclass(frozen=True)
+class TilingRecord:
+    """The sliding-window pass: window shape, overlap, how many windows and network calls."""
+
+    patch: tuple[int, ...]
+    window: tuple[int, ...]
+    overlap: float
+    windows: int
+    tta: bool
+    forward_passes: int
+    batch_size: int
+    padded_grid: tuple[int, ...]
+    importance: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "patch": list(self.patch),
+            "window": list(self.window),
+            "overlap": self.overlap,
+            "windows": self.windows,
+            "tta": self.tta,
+            "forward_passes": self.forward_passes,
+            "batch_size": self.batch_size,
+            "padded_grid": list(self.padded_grid),
+            "importance": self.importance,
+        }
+
+
+@dataclass(frozen=True)
+class OutputNames:
+    """The file names of a written case, relative to its folder; ``probabilities`` maps class name to file."""
+
+    labels: str
+    entropy: str
+    uncertainty: str | None = None
+    probabilities: Mapping[str, str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        names: dict[str, Any] = {"labels": self.labels}
+        if self.uncertainty is not None:
+            names["uncertainty"] = self.uncertainty
+        names["entropy"] = self.entropy
+        if self.probabilities is not None:
+            names["probabilities"] = dict(self.probabilities)
+        return names
+
+
+@dataclass(frozen=True)
+class Provenance(Mapping[str, Any]):
+    """Everything needed to tell how a Prediction was made, and to reproduce it.
+
+    ``timings``: seconds per stage of the prediction (``write`` added by the case writer). ``nonzero_box``:
+    the (start, stop) per axis of the region the network ran on when the model normalises over the non-zero
+    voxels, else None. ``roi``: the (start, stop) per axis of the region asked for (``predict_iter(region=)``;
+    None: the whole image, and then absent from the dict). ``outputs``: the files of the written case (None
+    until it is written).
+    """
+
+    version: str
+    model: ModelRecord
+    execution_provider: str
+    device_requested: str
+    intended_use: str
+    input: InputRecord
+    preprocessing: PreprocessingRecord
+    tiling: TilingRecord
+    timings: Mapping[str, float]
+    nonzero_box: tuple[tuple[int, int], ...] | None
+    nonzero_is_foreground: bool
+    roi: tuple[tuple[int, int], ...] | None = None
+    outputs: OutputNames | None = None
+    tool: str = "napari-medcl"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sidecar's JSON object (plain dicts, lists and scalars), keys in the sidecar's order."""
+        fields = {
+            "tool": self.tool,
+            "version": self.version,
+            "model": self.model.to_dict(),
+            "execution_provider": self.execution_provider,
+            "device_requested": self.device_requested,
+            "intended_use": self.intended_use,
+            "input": self.input.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "tiling": self.tiling.to_dict(),
+            "timings": dict(self.timings),
+            "nonzero_box": None if self.nonzero_box is None else [list(pair) for pair in self.nonzero_box],
+            "nonzero_is_foreground": self.nonzero_is_foreground,
+        }
+        if self.roi is not None:
+            fields["roi"] = [list(pair) for pair in self.roi]
+        if self.outputs is not None:
+            fields["outputs"] = self.outputs.to_dict()
+        return fields
+
+    # Read-only Mapping over to_dict(): code and users that read the provenance as the sidecar's dict keep
+    # working, and nothing can change a field behind the dataclass's back.
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
