@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from napari_medcl.engine import load_model, physical_cores
+from napari_medcl.onnx_session import load_model, physical_cores
 from napari_medcl.prediction import predict
 from napari_medcl.spec import METADATA_KEY, ModelSpec, default_classes
 from napari_medcl.volume import Volume

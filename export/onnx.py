@@ -11,7 +11,7 @@ sub-second on small nets) and writes a graph that follows architecture.md §4.3:
 - the ModelSpec JSON under the metadata key ``medcl.spec``, with the export's own provenance added under
   ``training.export`` (tool and torch versions, opset, precision, sample shape, checkpoint SHA-256).
 
-The bytes are checked with the product's own loader contract (``napari_medcl.engine.check_model_bytes``)
+The bytes are checked with the product's own loader contract (``napari_medcl.onnx_session.check_model_bytes``)
 before anything is written; with ``verify=True`` the written temporary file is read back and compared with
 torch (:func:`verify_onnx`) before it is renamed onto ``path``, so a failed check leaves no file there.
 
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from export.checkpoint_model import ExportError, check_spec_matches_model, load_checkpoint_model
-from napari_medcl.engine import STANDARD_DOMAINS, graph_nodes
+from napari_medcl.onnx_session import STANDARD_DOMAINS, graph_nodes
 from napari_medcl.spec import METADATA_KEY, ModelSpec, SpecError, default_classes
 from training.models.inference_wrapper import OUTPUT_PROBABILITIES, OUTPUT_UNCERTAINTY, InferenceWrapper
 
@@ -408,8 +408,8 @@ def _trace(
 
 def _finish(proto: Any, spec: ModelSpec, path: Path) -> bytes:
     """Fix the class/map axes in the output types, embed the spec, check the contract; -> file bytes."""
-    from napari_medcl.engine import check_model_bytes
     from napari_medcl.errors import ModelError
+    from napari_medcl.onnx_session import check_model_bytes
 
     channels = {OUTPUT_PROBABILITIES: spec.num_classes, OUTPUT_UNCERTAINTY: len(spec.uncertainty_maps)}
     for output in proto.graph.output:
@@ -506,8 +506,8 @@ def _verify(
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(path, f"fails onnx.checker: {first}") from None
     check_contract(proto, path)
-    from napari_medcl.engine import check_model_bytes
     from napari_medcl.errors import ModelError
+    from napari_medcl.onnx_session import check_model_bytes
 
     try:  # the very checks the product runs before it loads a model: spec present, graph matching it
         spec = check_model_bytes(data, path)

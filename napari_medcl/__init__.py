@@ -16,7 +16,7 @@ _EXPORTS = {
     "predict": "napari_medcl.prediction",
     "predict_iter": "napari_medcl.prediction",
     "Progress": "napari_medcl.prediction",
-    "load_model": "napari_medcl.engine",
+    "load_model": "napari_medcl.onnx_session",
     "read_image": "napari_medcl.io",
     "write_image": "napari_medcl.io",
     "write_prediction": "napari_medcl.case_writer",
@@ -25,7 +25,7 @@ _EXPORTS = {
     "ModelSpec": "napari_medcl.spec",
     "Volume": "napari_medcl.volume",
     "Prediction": "napari_medcl.volume",
-    "segment_layer": "napari_medcl.layers",
+    "segment_layer": "napari_medcl.layer_data",
 }
 
 __all__ = [
@@ -47,9 +47,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from napari_medcl.case_writer import WrittenCase, write_prediction
-    from napari_medcl.engine import load_model
     from napari_medcl.io import read_image, write_image
-    from napari_medcl.layers import segment_layer
+    from napari_medcl.layer_data import segment_layer
+    from napari_medcl.onnx_session import load_model
     from napari_medcl.prediction import Progress, predict, predict_iter
     from napari_medcl.provenance import Provenance
     from napari_medcl.spec import ModelSpec

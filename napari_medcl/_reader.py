@@ -31,7 +31,7 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerDataTuple]] |
 def read_paths(path: str | list[str]) -> list[LayerDataTuple]:
     """One Image LayerDataTuple per path (a file, or a folder holding one DICOM series)."""
     from napari_medcl.io import read_image
-    from napari_medcl.layers import image_layer_data
+    from napari_medcl.layer_data import image_layer_data
 
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     return [image_layer_data(read_image(p)) for p in paths]

@@ -12,6 +12,6 @@ SAMPLE_NAME = "MNI152 T1"
 def mni152_t1() -> list[tuple[Any, dict[str, Any], str]]:
     """The sample scan as one Image LayerDataTuple, read with its geometry (2 mm spacing, RAS template)."""
     from napari_medcl.io import read_image
-    from napari_medcl.layers import image_layer_data
+    from napari_medcl.layer_data import image_layer_data
 
     return [image_layer_data(read_image(SAMPLE_FILE), name=SAMPLE_NAME)]

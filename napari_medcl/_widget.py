@@ -1,7 +1,7 @@
 """napari dock widgets: segment an image with progress and cancel, then review where the model was unsure.
 
 Thin on purpose: the array work is in ``layers`` (segment, layer data), ``review`` (ranking) and ``_writer``
-(saving). This module gathers parameters, runs ``layers.segment_volume_iter`` in a napari thread worker, turns
+(saving). This module gathers parameters, runs ``layer_data.segment_volume_iter`` in a napari thread worker, turns
 its Progress events into progress bars, and puts the returned layers into the viewer (updating the previous
 run's layers in place unless "keep previous" is ticked). Layers are only touched on the GUI thread.
 """
@@ -31,7 +31,7 @@ from magicgui.widgets import (
     Select,
 )
 
-from napari_medcl import layers as medcl_layers
+from napari_medcl import layer_data
 from napari_medcl.crash_log import internal_error_message
 from napari_medcl.errors import Cancelled, MedclError, UsageError
 
@@ -62,7 +62,7 @@ def _layer_choices(kind: str):
         viewer = owner.viewer if owner is not None else None
         if viewer is None:
             return []
-        return [(layer.name, layer) for layer in viewer.layers if medcl_layers.layer_kind(layer) == kind]
+        return [(layer.name, layer) for layer in viewer.layers if layer_data.layer_kind(layer) == kind]
 
     return choices
 
@@ -488,7 +488,7 @@ class SegmentWidget(Container):
         choice = self._model.value
         if not choice or choice == OPEN_FILE:
             raise UsageError("Choose a model: a bundled one, or 'Open file...' for an .onnx file.")
-        volume = medcl_layers.volume_from_layer(image)
+        volume = layer_data.volume_from_layer(image)
         key = (choice, self._device.value)
         model = self._loaded[1] if self._loaded is not None and self._loaded[0] == key else choice
         return _Job(
@@ -497,7 +497,7 @@ class SegmentWidget(Container):
             model_key=key,
             name=image.name,
             metadata=dict(image.metadata),
-            display=medcl_layers.layer_display(image, volume.spatial_dims),
+            display=layer_data.layer_display(image, volume.spatial_dims),
             roi=self._roi(image, volume),
         )
 
@@ -543,7 +543,7 @@ class SegmentWidget(Container):
     # -- running
 
     def _run_sync(self, job: _Job, kwargs: dict[str, Any]) -> None:
-        steps = medcl_layers.segment_volume_iter(job.volume, job.model, **kwargs)
+        steps = layer_data.segment_volume_iter(job.volume, job.model, **kwargs)
         try:
             while True:
                 try:
@@ -594,7 +594,7 @@ class SegmentWidget(Container):
             self._device_note.value = f"Warning: ran on the CPU, not a GPU ({reason})."
             self._device_note.native.setStyleSheet(WARNING_STYLE)
         by_kind = {
-            layer.metadata.get(medcl_layers.PREDICTION_KEY, {}).get("output"): layer
+            layer.metadata.get(layer_data.PREDICTION_KEY, {}).get("output"): layer
             for layer in self.last_layers
         }
         uncertainty = by_kind.get("uafr_uncertainty") or by_kind.get("entropy")
@@ -634,19 +634,19 @@ class SegmentWidget(Container):
         else:
             self._eta.value = ""
 
-    def _show_layers(self, layer_data: list[Any]) -> list[Any]:
+    def _show_layers(self, layer_tuples: list[Any]) -> list[Any]:
         """Add the result layers, or update the previous run's layers of the same name in place."""
         from napari.layers import Layer
 
         shown = []
-        for data, kwargs, layer_type in layer_data:
+        for data, kwargs, layer_type in layer_tuples:
             name = kwargs["name"]
             existing = (
                 None if self._keep.value or name not in self.viewer.layers else self.viewer.layers[name]
             )
             if (
                 existing is not None
-                and medcl_layers.layer_kind(existing) == layer_type
+                and layer_data.layer_kind(existing) == layer_type
                 and existing.ndim == np.ndim(data)
             ):
                 existing.data = data
@@ -667,7 +667,7 @@ class SegmentWidget(Container):
     # -- model picker
 
     def _model_choices(self, _widget: Any = None) -> list[str]:
-        from napari_medcl.engine import bundled_models
+        from napari_medcl.onnx_session import bundled_models
 
         try:
             bundled = [str(entry["name"]) for entry in bundled_models()]
@@ -740,7 +740,7 @@ def _worker_steps(*args: Any, **kwargs: Any) -> Any:
     """``segment_volume_iter`` for a superqt GeneratorWorker. The worker takes a RuntimeError from its
     generator for a deleted worker and ends without ``errored`` or ``finished``, which would leave the widget
     running forever; so RuntimeErrors leave as ``_WorkerFailure`` instead."""
-    steps = medcl_layers.segment_volume_iter(*args, **kwargs)
+    steps = layer_data.segment_volume_iter(*args, **kwargs)
     last = -math.inf
     try:
         while True:
@@ -762,7 +762,7 @@ def _worker_steps(*args: Any, **kwargs: Any) -> Any:
 
 def _devices() -> tuple[list[str], str | None]:
     """Devices to offer: auto and cpu always, cuda only when ONNX Runtime's CUDA provider really loads."""
-    from napari_medcl.engine import cuda_unavailable_reason
+    from napari_medcl.onnx_session import cuda_unavailable_reason
 
     try:
         reason = cuda_unavailable_reason()
@@ -773,8 +773,8 @@ def _devices() -> tuple[list[str], str | None]:
 
 def _read_spec(choice: str) -> Any:
     """The ModelSpec of a bundled model name or an .onnx path, read without opening a session."""
-    from napari_medcl.engine import MODELS_DIR, bundled_models, check_model_bytes
     from napari_medcl.errors import ModelError
+    from napari_medcl.onnx_session import MODELS_DIR, bundled_models, check_model_bytes
 
     path = Path(choice)
     if not path.is_file():

@@ -31,7 +31,7 @@ def write_layer_data(layer: Any, path: str | Path) -> Path:
     """Write a napari layer or LayerDataTuple to ``path``; returns the path written."""
     from napari_medcl.errors import OutputError
     from napari_medcl.io import write_image as io_write_image
-    from napari_medcl.layers import layer_kind, volume_from_layer
+    from napari_medcl.layer_data import layer_kind, volume_from_layer
 
     path = Path(path)
     if not path.name.lower().endswith(SCAN_WRITE_EXTENSIONS):
@@ -62,7 +62,7 @@ def compact_labels(array: np.ndarray, path: Path | None = None) -> np.ndarray:
 
 def default_labels_path(layer_or_metadata: Any, name: str = "labels") -> Path | None:
     """``<case>_labels.nii.gz`` next to the scan the layer came from (a DICOM folder: beside the folder)."""
-    from napari_medcl.layers import GEOMETRY_KEY
+    from napari_medcl.layer_data import GEOMETRY_KEY
 
     metadata = (
         layer_or_metadata

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from napari_medcl.atomic import sweep_stale_temps
-    from napari_medcl.engine import default_model_name, load_model
+    from napari_medcl.onnx_session import default_model_name, load_model
 
     try:
         model = load_model(args.model or default_model_name(), device=args.device)

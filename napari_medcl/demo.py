@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from napari_medcl.case_writer import write_prediction
-    from napari_medcl.engine import default_model_name, load_model
     from napari_medcl.errors import MedclError
     from napari_medcl.io import read_image
+    from napari_medcl.onnx_session import default_model_name, load_model
     from napari_medcl.prediction import Progress, predict_iter
 
     parser = argparse.ArgumentParser(prog="python -m napari_medcl.demo", description=__doc__)

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from napari_medcl import __version__
-from napari_medcl.engine import default_model_name, load_model
 from napari_medcl.errors import Cancelled, InputError, InputWarning, PredictionError, UsageError
 from napari_medcl.io import MAX_BYTES, MAX_VOXELS
+from napari_medcl.onnx_session import default_model_name, load_model
 from napari_medcl.preprocess import full_target, mask_box, resample_linear, to_model_grid
 from napari_medcl.provenance import InputRecord, ModelRecord, PreprocessingRecord, Provenance, TilingRecord
 from napari_medcl.region import plan_for_model

@@ -1,7 +1,7 @@
 """What a prediction runs its windows through: an inference session.
 
 ``predict_iter`` takes any object with this shape. The product's own is ``LoadedModel`` (an ONNX Runtime
-session on a checked ``.onnx`` file, ``napari_medcl.engine``); training validates and ``medcl-evaluate``
+session on a checked ``.onnx`` file, ``napari_medcl.onnx_session``); training validates and ``medcl-evaluate``
 scores a checkpoint with a torch session (``training.torch_session.TorchSession``) through the same
 preprocessing, windows, stitching and rules, so a checkpoint's Dice is the one its export would give.
 """

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bundle_model.py runs/brain-tissue-2d/checkpoint_last.pt \
         --name brain-tissue-2d --recipe training/configs/default-brain-tissue-2d.yaml [--default]
 
-The manifest records the file, its SHA-256 (the engine checks it before loading), a summary of the spec, the
+The manifest records the file, its SHA-256 (loading checks it before parsing the model), a summary of the spec, the
 training command, the device, the wall time and the validation Dice of the checkpoint.
 """
 

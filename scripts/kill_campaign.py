@@ -15,7 +15,7 @@ moment, checks that the checkpoints under final names load, then ``--resume`` mu
 ``metrics.jsonl``. When the kill came before the first checkpoint, ``--resume`` must refuse with "nothing to
 resume" and a plain re-run must finish instead.
 
-The functions are importable (``tests/test_kill_faults.py`` runs small campaigns); the exit status is 1 when
+The functions are importable (``tests/scripts/test_kill_faults.py`` runs small campaigns); the exit status is 1 when
 any check failed.
 """
 

@@ -172,8 +172,8 @@ def _is_onnx(path: Path) -> bool:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from napari_medcl.engine import load_model
     from napari_medcl.errors import ModelError
+    from napari_medcl.onnx_session import load_model
     from napari_medcl.prediction import predict
     from training.data import DataConfig, DatasetError
     from training.data.check import read_case

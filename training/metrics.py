@@ -1,7 +1,7 @@
 """Segmentation metrics in numpy: Dice, Jaccard, pixel accuracy and HD95 in physical units.
 
 Torch-free on purpose, so that ``medcl-evaluate`` can score an ONNX model without torch, and the training
-engine's validation Dice is the very same code the evaluation reports.
+validation Dice is the very same code the evaluation reports.
 
 Conventions (they matter for classes that are absent from a case):
 

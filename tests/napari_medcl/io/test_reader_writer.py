@@ -14,7 +14,7 @@ from napari_medcl._writer import compact_labels, default_labels_path, write_imag
 from napari_medcl.errors import InputError, OutputError
 from napari_medcl.io import read_image
 from napari_medcl.io import write_image as io_write_image
-from napari_medcl.layers import GEOMETRY_KEY, ObliqueGeometryWarning, segment_layer
+from napari_medcl.layer_data import GEOMETRY_KEY, ObliqueGeometryWarning, segment_layer
 from napari_medcl.volume import Volume
 from tests.onnx_models import pointwise_model, save
 

@@ -15,9 +15,9 @@ import pytest
 import SimpleITK as sitk
 
 from napari_medcl import cli
-from napari_medcl.engine import cuda_unavailable_reason
 from napari_medcl.errors import OutputError
 from napari_medcl.io import read_image
+from napari_medcl.onnx_session import cuda_unavailable_reason
 from tests.onnx_models import pointwise_model, save
 
 THRESHOLD = 100.5  # images hold integers 0..200, so no voxel sits on the threshold
@@ -246,7 +246,7 @@ def test_console_script_continues_after_bad_cases_without_traceback(tmp_path, mo
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -346,9 +346,9 @@ def test_cuda_request_on_a_machine_without_cuda(tmp_path, model_files, capsys):
 
 
 def test_missing_default_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    from napari_medcl import engine
+    from napari_medcl import onnx_session
 
-    monkeypatch.setattr(engine, "MODELS_DIR", tmp_path / "no-models")
+    monkeypatch.setattr(onnx_session, "MODELS_DIR", tmp_path / "no-models")
     assert cli.main([str(tmp_path / "x.nii"), "-o", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.strip() == (
         "error: no bundled default model yet; pass a model file (--model PATH.onnx)"

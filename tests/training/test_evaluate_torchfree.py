@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.dataset_factory import make_noisy_label_dataset
 from tests.onnx_models import nearest_class_model, save
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 # Runs the console-script function in a fresh interpreter, then reports what it imported.
 PROBE = """

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from napari_medcl.engine import (
+from napari_medcl.errors import ModelError, PredictionError
+from napari_medcl.onnx_session import (
     LoadedModel,
     _count_cpu_list,
     bundled_models,
@@ -17,7 +18,6 @@ from napari_medcl.engine import (
     load_model,
     physical_cores,
 )
-from napari_medcl.errors import ModelError, PredictionError
 from tests.onnx_models import (
     conv_model,
     make_spec,

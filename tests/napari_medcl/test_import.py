@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 HEAVY = ("torch", "onnxruntime", "SimpleITK", "onnx", "napari", "scipy")
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 PROBE = """
 import json, sys, time
@@ -58,7 +58,7 @@ def test_cli_help_is_light_and_fast():
 
 
 def test_inference_modules_import_without_torch():
-    body = "import napari_medcl.prediction, napari_medcl.engine, napari_medcl.tiling, napari_medcl.preprocess"
+    body = "import napari_medcl.prediction, napari_medcl.onnx_session, napari_medcl.tiling, napari_medcl.preprocess"
     report = _probe(body)
     assert "torch" not in report["loaded"] and "onnxruntime" not in report["loaded"]
 

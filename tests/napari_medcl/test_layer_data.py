@@ -13,7 +13,7 @@ import pytest
 from napari_medcl._reader import get_reader
 from napari_medcl.errors import Cancelled, InputError
 from napari_medcl.io import read_image, write_image
-from napari_medcl.layers import (
+from napari_medcl.layer_data import (
     GEOMETRY_KEY,
     PREDICTION_KEY,
     ObliqueGeometryWarning,
@@ -198,7 +198,7 @@ def test_roi_is_proportionally_faster(tmp_path):
         np.random.default_rng(1).random((64, 96, 96), dtype=np.float32), SPACING, ORIGIN, np.eye(3)
     )
     layer = image_layer_data(volume, name="big")
-    from napari_medcl.engine import load_model
+    from napari_medcl.onnx_session import load_model
 
     loaded = load_model(model, device="cpu")
     segment_layer(layer, loaded)  # warm-up

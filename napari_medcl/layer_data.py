@@ -324,7 +324,7 @@ def segment_volume_iter(
     first); ``model`` may be a LoadedModel, a bundled model name, a path, or None for the default model.
     ``metadata`` is the image layer's (copied onto the outputs); ``display`` its ``layer_display``.
     """
-    from napari_medcl.engine import default_model_name, load_model
+    from napari_medcl.onnx_session import default_model_name, load_model
     from napari_medcl.prediction import predict_iter
     from napari_medcl.session import InferenceSession
 

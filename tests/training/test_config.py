@@ -20,7 +20,7 @@ from training.config import (
 
 # Keys a preset may state although they equal the default, because they say what the preset is.
 IDENTITY_KEYS = ("data.layout", "model.name", "model.spatial_dims")
-PRESETS = sorted((Path(__file__).parents[1] / "training" / "configs").glob("*.yaml"))
+PRESETS = sorted((Path(__file__).parents[2] / "training" / "configs").glob("*.yaml"))
 
 
 def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:

@@ -25,7 +25,7 @@ from napari_medcl.io import write_image
 from napari_medcl.volume import Volume
 from tests.onnx_models import pointwise_model, save
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 THRESHOLD = 100.5  # images hold integers 0..200, so no voxel sits on the threshold
 # Room for the earlier output of a 4x8x8 case (four files, one 4 KiB page each) but not for that of a 64^3
 # case: its random labels alone compress to about 40 KB, its two maps to about 4 KB and 17 KB.

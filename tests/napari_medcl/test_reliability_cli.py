@@ -19,7 +19,7 @@ from napari_medcl.io import read_image, write_image
 from napari_medcl.volume import Volume
 from tests.onnx_models import pointwise_model, save
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 THRESHOLD = 100.5  # images hold integers 0..200, so no voxel sits on the threshold
 LOCK = ".medcl-predict.lock"
 

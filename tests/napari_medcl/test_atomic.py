@@ -126,7 +126,7 @@ def test_read_only_folder(tmp_path):
             probe.unlink()
             pytest.skip(
                 "running as root: a read-only folder is still writable "
-                "(tests/test_disk_faults.py covers root with a read-only remount of a tmpfs)"
+                "(tests/napari_medcl/test_disk_faults.py covers root with a read-only remount of a tmpfs)"
             )
         with pytest.raises(OutputError, match="cannot write in folder"):
             write_bytes_atomic(folder / "x.json", b"{}")

@@ -11,7 +11,7 @@ import pytest
 
 from napari_medcl.volume import Volume
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

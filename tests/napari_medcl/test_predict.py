@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from napari_medcl.engine import load_model
 from napari_medcl.errors import Cancelled, InputError, InputWarning, PredictionError
+from napari_medcl.onnx_session import load_model
 from napari_medcl.prediction import Progress, predict, predict_iter
 from napari_medcl.preprocess import grid_coordinates, normalize, resample_linear, resampled_shape
 from napari_medcl.volume import Prediction, Volume

@@ -10,7 +10,7 @@ import pytest
 
 from napari_medcl.io import read_image
 from napari_medcl.io import write_image as io_write_image
-from napari_medcl.layers import ObliqueGeometryWarning
+from napari_medcl.layer_data import ObliqueGeometryWarning
 from napari_medcl.volume import Volume
 from tests.onnx_models import make_spec, pointwise_model, save
 

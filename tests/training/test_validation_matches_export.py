@@ -11,8 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
-from napari_medcl.engine import load_model
 from napari_medcl.io import read_image
+from napari_medcl.onnx_session import load_model
 from napari_medcl.prediction import predict
 from tests.dataset_factory import make_msd_dataset
 from training.cli import evaluate_main, train_main
