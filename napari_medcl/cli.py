@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_medcl import __version__
+from napari_medcl.crash_log import internal_error_message
 from napari_medcl.errors import InputError, MedclError, OutputError
 
 PROG = "medcl-predict"
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        print(f"{PROG}: {internal_error_message(PROG, error)}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -187,6 +191,9 @@ def _run_locked(args: argparse.Namespace, model: Any, swept: list[Path]) -> int:
         except MemoryError:
             failed += 1
             print(f"error: {path}: not enough memory for this image", file=sys.stderr)
+        except Exception as error:  # a bug: the other cases still run
+            failed += 1
+            print(f"{PROG}: {path}: {internal_error_message(PROG, error)}", file=sys.stderr)
     return 1 if failed else 0
 
 

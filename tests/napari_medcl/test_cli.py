@@ -373,3 +373,36 @@ def test_an_input_warning_is_one_line(tmp_path, capsys):
     assert len(warned) == 1 and warned[0].startswith("warning: ") and "unmasked.nii.gz" in warned[0]
     assert not any("InputWarning" in line or ".py:" in line for line in err)
     assert (tmp_path / "out" / "unmasked_labels.nii.gz").is_file()
+
+
+def test_a_bug_is_an_internal_error_with_its_traceback_logged(tmp_path, capsys, monkeypatch, model_files):
+    """Anything that is not a MedclError is reported as napari-medcl's bug, in one line naming the log file
+    that holds its traceback, and the other cases still run."""
+    from napari_medcl import prediction
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real = prediction.predict_iter
+    calls = []
+
+    def broken_once(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise KeyError("an internal slip")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prediction, "predict_iter", broken_once)
+    first, second = tmp_path / "first.nii.gz", tmp_path / "second.nii.gz"
+    for path in (first, second):
+        sitk.WriteImage(_itk_3d(_values((6, 19, 13))), str(path))
+    model = model_files[3]
+    code = cli.main([str(first), str(second), "--model", str(model), "-o", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    line = next(line for line in err.splitlines() if "internal error" in line)
+    assert "KeyError" in line and "Traceback" not in err
+    log = Path(line.rsplit("traceback in ", 1)[1])
+    assert log.parent == tmp_path / "cache" / "napari-medcl" / "logs"
+    assert "an internal slip" in log.read_text(encoding="utf-8") and "Traceback" in log.read_text(
+        encoding="utf-8"
+    )
+    assert (tmp_path / "out" / "second.json").is_file() and not (tmp_path / "out" / "first.json").exists()
