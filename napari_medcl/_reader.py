@@ -12,8 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from napari_medcl.io.formats import SCAN_EXTENSIONS
-
 LayerDataTuple = tuple[Any, dict[str, Any], str]
 
 
@@ -38,8 +36,10 @@ def read_paths(path: str | list[str]) -> list[LayerDataTuple]:
 
 
 def _claims(path: Path) -> bool:
-    if path.is_dir():
-        from napari_medcl.io import is_supported  # cheap: looks at a few file names and DICOM markers
+    # Imported here: napari imports this module at start-up, and the format table brings the io package.
+    from napari_medcl.io import is_supported  # cheap: looks at a few file names and DICOM markers
+    from napari_medcl.io.formats import SCAN_EXTENSIONS
 
+    if path.is_dir():
         return is_supported(path)
     return path.is_file() and path.name.lower().endswith(SCAN_EXTENSIONS)

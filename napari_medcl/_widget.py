@@ -1,9 +1,9 @@
 """napari dock widgets: segment an image with progress and cancel, then review where the model was unsure.
 
-Thin on purpose: the array work is in ``layers`` (segment, layer data), ``review`` (ranking) and ``_writer``
-(saving). This module gathers parameters, runs ``layer_data.segment_volume_iter`` in a napari thread worker, turns
-its Progress events into progress bars, and puts the returned layers into the viewer (updating the previous
-run's layers in place unless "keep previous" is ticked). Layers are only touched on the GUI thread.
+Thin on purpose: the array work is in ``layer_data`` (segment, layer data), ``review`` (ranking) and
+``_writer`` (saving). This module gathers parameters, runs ``layer_data.segment_volume_iter`` in a napari thread
+worker, turns its Progress events into progress bars, and puts the returned layers into the viewer (updating the
+previous run's layers in place unless "keep previous" is ticked). Layers are only touched on the GUI thread.
 """
 
 from __future__ import annotations
@@ -295,8 +295,9 @@ class ReviewWidget(Container):
             _notify_error(self._summary, "No Labels layer to save.")
             return
         default = _default_save_path(layer)
-        patterns = [" ".join(f"*{e}" for e in fmt.written_extensions) for fmt in SCAN_FORMATS]
-        save_filter = ";;".join(f"{fmt.title} ({p})" for fmt, p in zip(SCAN_FORMATS, patterns))
+        save_filter = ";;".join(
+            f"{fmt.title} ({' '.join(f'*{e}' for e in fmt.written_extensions)})" for fmt in SCAN_FORMATS
+        )
         path, _ = QFileDialog.getSaveFileName(
             self.native,
             "Save labels with the scan's geometry",

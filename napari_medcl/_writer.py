@@ -14,8 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from napari_medcl.io.formats import SCAN_WRITE_EXTENSIONS
-
 
 def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """npe2 single-layer writer for Labels: uint8 (uint16 above 255) with the source geometry."""
@@ -31,6 +29,7 @@ def write_layer_data(layer: Any, path: str | Path) -> Path:
     """Write a napari layer or LayerDataTuple to ``path``; returns the path written."""
     from napari_medcl.errors import OutputError
     from napari_medcl.io import write_image as io_write_image
+    from napari_medcl.io.formats import SCAN_WRITE_EXTENSIONS
     from napari_medcl.layer_data import layer_kind, volume_from_layer
 
     path = Path(path)

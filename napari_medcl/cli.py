@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Segment medical images ({', '.join(fmt.title for fmt in FORMATS)}) with an ONNX "
         "model; write labels, UAFR uncertainty and predictive entropy with the input's geometry, plus a "
         "<case>.json provenance sidecar.",
-        epilog="Outputs per case, in the input's format (DICOM -> .nii.gz; PNG/JPEG -> .png labels, .tif maps): "
+        epilog=f"Outputs per case, in the input's format ({_other_outputs(FORMATS)}): "
         "<case>_labels, <case>_uncertainty (the UAFR map of the block nearest the output, when the model has "
         "UAFR maps), <case>_entropy, "
         "with --save-probabilities <case>_probabilities_<k> (one file per class k), and <case>.json written "
@@ -88,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-case lines")
     return parser
+
+
+def _other_outputs(formats: Any) -> str:
+    """The formats whose outputs are written in another format, as help text."""
+    out = []
+    for fmt in formats:
+        labels, maps = fmt.outputs
+        if not labels or (labels == maps and fmt.written_extensions[:1] == (labels,)):
+            continue  # written in the input's own format
+        out.append(
+            f"{fmt.title} -> {labels}" if labels == maps else f"{fmt.title} -> {labels} labels, {maps} maps"
+        )
+    return "; ".join(out)
 
 
 def _limit(text: str) -> int | None:

@@ -10,7 +10,7 @@ import errno
 import hashlib
 from pathlib import Path
 
-from napari_medcl.io.formats import expected_content
+from napari_medcl.io.formats import FORMATS, GZIP_CONTENT, GZIP_MAGIC, expected_content
 from napari_medcl.io.header_guard import CHUNK
 
 
@@ -30,18 +30,7 @@ def os_problem(error: OSError, path: Path) -> str:
     return f"cannot access ({error.strerror or error})"
 
 
-_MAGIC = (
-    (0, b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (0, b"\xff\xd8\xff", "a JPEG image"),
-    (0, b"II*\x00", "a TIFF image"),
-    (0, b"MM\x00*", "a TIFF image"),
-    (0, b"\x1f\x8b", "gzip-compressed data"),
-    (0, b"NRRD", "a NRRD file"),
-    (0, b"ObjectType", "a MetaImage file"),
-    (128, b"DICM", "a DICOM file"),
-    (344, b"n+1\x00", "an uncompressed NIfTI file"),
-    (4, b"n+2\x00", "an uncompressed NIfTI file"),
-)
+_MAGIC = ((0, GZIP_MAGIC, GZIP_CONTENT), *((o, m, fmt.content) for fmt in FORMATS for o, m in fmt.magic))
 
 
 def sniff(path: Path) -> str | None:

@@ -18,6 +18,9 @@ from napari_medcl.io.nrrd_header import check_nrrd
 from napari_medcl.io.tiff_pages import check_tiff
 
 HeaderGuard = Callable[[Path, str, Budget], Findings]
+# What ``file_content.sniff`` says about a gzip file, and what a gzipped format's files should start as.
+GZIP_CONTENT = "gzip-compressed data"
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class ImageFormat:
     name: str  # Volume.format
     title: str  # as file dialogs and help texts name it
     image_io: str  # the SimpleITK ImageIO that reads and writes it
-    extensions: tuple[str, ...]  # lower case, compound ones whole, the one to write by default first
+    extensions: tuple[str, ...]  # lower case, compound ones whole, in the order readers list them
     content: str  # what ``file_content.sniff`` says about a file of this format
     outputs: tuple[str, str]  # extension for (labels, float maps); "" keeps the input's extension
     guard: HeaderGuard | None = None  # checks in Python before ITK opens the file (see header_guard.py)
@@ -38,10 +41,17 @@ class ImageFormat:
     compress: bool = False
     lossy: bool = False  # written voxels do not read back exactly: only the header is compared
     folder_files: str = ""  # read from a folder (no extensions of its own): the usual extension of its files
+    magic: tuple[tuple[int, bytes], ...] = ()  # (offset, bytes) that start a file of this format
+    write_first: str = ""  # the extension to write by default, when it is not the first one
 
     @property
     def written_extensions(self) -> tuple[str, ...]:
-        return tuple(e for e in self.extensions if e not in self.two_file)
+        """The extensions it can be written with, the default first (what save dialogs offer)."""
+        written = [e for e in self.extensions if e not in self.two_file]
+        if self.write_first:
+            written.remove(self.write_first)
+            written.insert(0, self.write_first)
+        return tuple(written)
 
     @property
     def scan(self) -> bool:
@@ -55,12 +65,14 @@ FORMATS = (
         "nifti",
         "NIfTI",
         "NiftiImageIO",
-        (".nii.gz", ".nii"),
+        (".nii", ".nii.gz"),
         "an uncompressed NIfTI file",
         ("", ""),
         check_nifti,
         gzipped=(".nii.gz",),
         compress=True,
+        magic=((344, b"n+1\x00"), (4, b"n+2\x00")),
+        write_first=".nii.gz",
     ),
     ImageFormat(
         "nrrd",
@@ -72,6 +84,7 @@ FORMATS = (
         check_nrrd,
         two_file=(".nhdr",),
         compress=True,
+        magic=((0, b"NRRD"),),
     ),
     ImageFormat(
         "mha",
@@ -83,6 +96,7 @@ FORMATS = (
         check_metaimage,
         two_file=(".mhd",),
         compress=True,
+        magic=((0, b"ObjectType"),),
     ),
     ImageFormat(
         "png",
@@ -93,6 +107,7 @@ FORMATS = (
         (".png", ".tif"),
         picture=True,
         write_dtypes=("uint8", "uint16"),
+        magic=((0, b"\x89PNG\r\n\x1a\n"),),
     ),
     ImageFormat(
         "jpeg",
@@ -104,6 +119,7 @@ FORMATS = (
         picture=True,
         write_dtypes=("uint8",),
         lossy=True,
+        magic=((0, b"\xff\xd8\xff"),),
     ),
     ImageFormat(
         "tiff",
@@ -114,6 +130,7 @@ FORMATS = (
         (".tif", ".tif"),
         check_tiff,
         picture=True,
+        magic=((0, b"II*\x00"), (0, b"MM\x00*")),
     ),
     ImageFormat(
         "dicom",
@@ -123,13 +140,14 @@ FORMATS = (
         "a DICOM file",
         (".nii.gz", ".nii.gz"),
         folder_files=".dcm",
+        magic=((128, b"DICM"),),
     ),
 )
 BY_EXTENSION = {extension: fmt for fmt in FORMATS for extension in fmt.extensions}
 BY_NAME = {fmt.name: fmt for fmt in FORMATS}
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = tuple(BY_EXTENSION)
-WRITABLE_EXTENSIONS = tuple(e for fmt in FORMATS for e in fmt.written_extensions)
+WRITABLE_EXTENSIONS = tuple(e for e in SUPPORTED_EXTENSIONS if e not in BY_EXTENSION[e].two_file)
 SCAN_FORMATS = tuple(fmt for fmt in FORMATS if fmt.scan)
 SCAN_EXTENSIONS = tuple(e for fmt in SCAN_FORMATS for e in fmt.extensions)
 SCAN_WRITE_EXTENSIONS = tuple(e for fmt in SCAN_FORMATS for e in fmt.written_extensions)
@@ -139,7 +157,7 @@ def expected_content(extension: str) -> str | None:
     """What the first bytes of a file with this extension look like when its content matches."""
     for fmt in FORMATS:
         if extension in fmt.gzipped:
-            return "gzip-compressed data"
-        if extension in fmt.extensions or extension == fmt.folder_files:
+            return GZIP_CONTENT
+        if extension in fmt.extensions or (fmt.folder_files and extension == fmt.folder_files):
             return fmt.content
     return None

@@ -14,7 +14,7 @@ import numpy as np
 
 from napari_medcl.atomic import atomic_path
 from napari_medcl.errors import InputError, OutputError, OutputFormatError
-from napari_medcl.io.formats import BY_EXTENSION, BY_NAME, SCAN_FORMATS, WRITABLE_EXTENSIONS, ImageFormat
+from napari_medcl.io.formats import BY_EXTENSION, BY_NAME, WRITABLE_EXTENSIONS, ImageFormat
 from napari_medcl.io.header_guard import format_numbers
 from napari_medcl.io.naming import extension_of
 from napari_medcl.io.sitk_bridge import (
@@ -31,6 +31,8 @@ from napari_medcl.volume import Volume
 # Tolerances of the read-back check after writing: loose enough for float32 headers (NIfTI) and PNG's
 # 5-digit spacing, tight enough to catch a format dropping the origin, the direction or the z spacing.
 _SPACING_RTOL = 1e-4
+# What to suggest when a format cannot store a geometry: those that store any direction matrix first.
+_FULL_GEOMETRY_FIRST = ("mha", "nrrd", "nifti")
 _POSITION_ATOL = 1e-4
 
 
@@ -146,7 +148,7 @@ def _check_picture(
         return
     if spatial_dims == 2 and array.dtype.name in fmt.write_dtypes:
         return
-    better = (BY_NAME["tiff"] if spatial_dims == 2 else BY_NAME["nifti"]).extensions[0]
+    better = (BY_NAME["tiff"] if spatial_dims == 2 else BY_NAME["nifti"]).written_extensions[0]
     raise OutputFormatError(
         path,
         f"{fmt.name.upper()} holds one 2D {'/'.join(fmt.write_dtypes)} image; this volume is "
@@ -184,7 +186,11 @@ def _check_written(sitk: Any, image: Any, temp: Path, fmt: ImageFormat, path: Pa
             direction = wanted[2]
             skewed = not np.allclose(direction.T @ direction, np.eye(len(direction)), atol=_POSITION_ATOL)
             why = " (the direction is not orthonormal)" if skewed else ""
-            others = ", ".join(other.extensions[0] for other in SCAN_FORMATS if other is not fmt)
+            others = ", ".join(
+                BY_NAME[name].written_extensions[0]
+                for name in _FULL_GEOMETRY_FIRST
+                if BY_NAME[name] is not fmt
+            )
             raise OutputFormatError(
                 path,
                 f"{fmt.name.upper()} cannot store this {name}{why}: {format_numbers(want)} would read back as "
