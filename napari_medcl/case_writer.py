@@ -66,7 +66,7 @@ def write_prediction(
             raise ValueError("name the case: the prediction was made from an array, not a file")
         case = case_name(source)
     outdir = Path(outdir)
-    _make_folder(outdir)
+    make_output_folder(outdir)
 
     label_ext, map_ext = _extensions(prediction.labels, source)
     labels = outdir / f"{case}_labels{label_ext}"
@@ -123,7 +123,8 @@ def write_prediction(
     )
 
 
-def _make_folder(outdir: Path) -> None:
+def make_output_folder(outdir: Path) -> None:
+    """Create ``outdir`` (and its parents) if needed; OutputError when that is impossible."""
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except MedclError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except Exception as error:
         print(f"{PROG}: {internal_error_message(PROG, error)}", file=sys.stderr)
         return 1
@@ -151,17 +154,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from napari_medcl.atomic import sweep_stale_temps
-    from napari_medcl.onnx_session import default_model_name, load_model
+    from napari_medcl.case_writer import make_output_folder
+    from napari_medcl.onnx_session import open_session
 
     try:
-        model = load_model(args.model or default_model_name(), device=args.device)
+        model = open_session(args.model, device=args.device)
     except MedclError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:
-        args.output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        print(f"error: {args.output}: cannot create the output folder ({error.strerror})", file=sys.stderr)
+        make_output_folder(args.output)
+    except OutputError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     try:
         with _output_lock(args.output):
@@ -298,31 +302,21 @@ def _message(path: Path, error: Exception) -> str:
 
 
 def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from napari_medcl.case_writer import write_prediction
-    from napari_medcl.prediction import Progress, predict_iter
+    from napari_medcl.progress_bar import predict_with_bar
 
-    prediction = None
-    # disable=None: tqdm draws only on a terminal, so logs and pipes get the per-case line alone.
-    with tqdm(
-        desc=case, unit="window", file=sys.stderr, disable=True if args.quiet else None, leave=False
-    ) as bar:
-        for item in predict_iter(
-            path,
-            model,
-            overlap=args.overlap,
-            tta=args.tta,
-            return_probabilities=args.save_probabilities,
-            series=args.series,
-            max_voxels=args.max_voxels,
-            max_bytes=args.max_bytes,
-        ):
-            if not isinstance(item, Progress):
-                prediction = item
-            elif item.stage == "infer":
-                bar.total = item.total
-                bar.update(item.done - bar.n)
+    prediction = predict_with_bar(
+        path,
+        model,
+        desc=case,
+        quiet=args.quiet,
+        overlap=args.overlap,
+        tta=args.tta,
+        return_probabilities=args.save_probabilities,
+        series=args.series,
+        max_voxels=args.max_voxels,
+        max_bytes=args.max_bytes,
+    )
     written = write_prediction(prediction, args.output, case, source=path)
     if not args.quiet:
         p = prediction.provenance

@@ -77,13 +77,12 @@ def draw_overlay(image, labels, uncertainty, spec, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tqdm import tqdm
-
     from napari_medcl.case_writer import write_prediction
+    from napari_medcl.crash_log import internal_error_message
     from napari_medcl.errors import MedclError
     from napari_medcl.io import read_image
-    from napari_medcl.onnx_session import default_model_name, load_model
-    from napari_medcl.prediction import Progress, predict_iter
+    from napari_medcl.onnx_session import open_session
+    from napari_medcl.progress_bar import predict_with_bar
 
     parser = argparse.ArgumentParser(prog="python -m napari_medcl.demo", description=__doc__)
     parser.add_argument("-o", "--output", type=Path, default=Path("demo-output"))
@@ -95,21 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     sample = sample_path()
     try:
-        model = load_model(args.model or default_model_name(), device=args.device)
+        model = open_session(args.model, device=args.device)
         print(f"demo: model {model.spec.name} on {model.provider}\nnote: {model.spec.intended_use}")
         # Read once: the scan is both the network's input and the overlay's background.
         image = read_image(sample)
-        prediction = None
-        with tqdm(desc="segmenting", unit="window", file=sys.stderr, leave=False) as bar:
-            for item in predict_iter(image, model):
-                if not isinstance(item, Progress):
-                    prediction = item
-                elif item.stage == "infer":
-                    bar.total = item.total
-                    bar.update(item.done - bar.n)
+        prediction = predict_with_bar(image, model, desc="segmenting")
         written = write_prediction(prediction, args.output, source=sample)
     except MedclError as error:
         print(f"demo: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        print(f"demo: {internal_error_message('demo', error)}", file=sys.stderr)
         return 1
     overlay = args.output / "overlay.png"
     draw_overlay(image, prediction.labels, prediction.uafr_uncertainty, model.spec, overlay)

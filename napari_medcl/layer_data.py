@@ -324,15 +324,11 @@ def segment_volume_iter(
     first); ``model`` may be a LoadedModel, a bundled model name, a path, or None for the default model.
     ``metadata`` is the image layer's (copied onto the outputs); ``display`` its ``layer_display``.
     """
-    from napari_medcl.onnx_session import default_model_name, load_model
+    from napari_medcl.onnx_session import open_session
     from napari_medcl.prediction import predict_iter
-    from napari_medcl.session import InferenceSession
 
     start = time.perf_counter()
-    if isinstance(model, InferenceSession):
-        loaded = model
-    else:
-        loaded = load_model(default_model_name() if model is None else model, device=device)
+    loaded = open_session(model, device=device)  # kept in the result for the widget's next run
 
     prediction: Prediction | None = None
     for item in predict_iter(

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from napari_medcl.errors import ModelError, PredictionError, UsageError
+from napari_medcl.session import InferenceSession
 from napari_medcl.spec import METADATA_KEY, ModelSpec, SpecError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -104,6 +105,14 @@ def load_model(
     spec = check_model_bytes(data, path)
     session = _create_session(data, path, device)
     return LoadedModel(path=path, sha256=sha, spec=spec, provider=session.get_providers()[0], session=session)
+
+
+def open_session(model: InferenceSession | str | Path | None, *, device: str = "auto") -> InferenceSession:
+    """``model`` when it is a session already (a LoadedModel, a TorchSession), else the ONNX model it names
+    (a bundled name or a path; None: the default bundled model) loaded on ``device``."""
+    if isinstance(model, InferenceSession):
+        return model
+    return load_model(default_model_name() if model is None else model, device=device)
 
 
 def bundled_models(models_dir: Path | None = None) -> list[dict[str, Any]]:

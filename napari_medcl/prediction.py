@@ -24,7 +24,7 @@ import numpy as np
 from napari_medcl import __version__
 from napari_medcl.errors import Cancelled, InputError, InputWarning, PredictionError, UsageError
 from napari_medcl.io import MAX_BYTES, MAX_VOXELS
-from napari_medcl.onnx_session import default_model_name, load_model
+from napari_medcl.onnx_session import open_session
 from napari_medcl.preprocess import full_target, mask_box, resample_linear, to_model_grid
 from napari_medcl.provenance import InputRecord, ModelRecord, PreprocessingRecord, Provenance, TilingRecord
 from napari_medcl.region import plan_for_model
@@ -141,11 +141,7 @@ def predict_iter(
         raise TypeError(f"image must be a Volume or a path, got {type(image).__name__}")
     timings["read"] = time.perf_counter() - t
     t = time.perf_counter()
-    session = (
-        model
-        if isinstance(model, InferenceSession)
-        else load_model(model or default_model_name(), device=device)
-    )
+    session = open_session(model, device=device)
     timings["load_model"] = time.perf_counter() - t
     spec = session.spec
     t = time.perf_counter()
