@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-__all__ = ["internal_error_message", "log_internal_error", "log_folder"]
+__all__ = ["internal_error_message"]
 
 
 def log_folder() -> Path:
@@ -23,16 +23,18 @@ def log_folder() -> Path:
 
 
 def log_internal_error(program: str, error: BaseException) -> Path | None:
-    """Write ``error``'s traceback to a new ``<program>-<time>-<pid>.log`` and return its path; the system's
+    """Write ``error``'s traceback to a new ``<program>-<time>-<pid>-<random>.log`` and return its path; the system's
     temporary folder when the cache folder cannot be written; None when neither can."""
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for folder in (log_folder(), Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{program}-{stamp}-{os.getpid()}.log"
-            path.write_text(f"{program}: internal error\n{text}", encoding="utf-8")
-            return path
+            # A new file every time: several cases of one run may fail within the same second.
+            fd, name = tempfile.mkstemp(prefix=f"{program}-{stamp}-{os.getpid()}-", suffix=".log", dir=folder)
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(f"{program}: internal error\n{text}")
+            return Path(name)
         except OSError:
             continue
     return None

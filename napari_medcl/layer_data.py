@@ -341,20 +341,19 @@ def segment_volume_iter(
     if prediction is None:  # predict_iter's contract: its last item is the Prediction
         raise RuntimeError("predict_iter ended without a Prediction")
 
+    provenance = prediction.provenance.to_dict()
     layers = prediction_layers(
         prediction,
         volume,
         loaded.spec,
         name=name,
+        provenance=provenance,
         metadata=metadata,
         display=display,
         uncertainty_maps=uncertainty_maps,
     )
     return SegmentationResult(
-        layers=layers,
-        model=loaded,
-        provenance=prediction.provenance.to_dict(),
-        seconds=time.perf_counter() - start,
+        layers=layers, model=loaded, provenance=provenance, seconds=time.perf_counter() - start
     )
 
 
@@ -364,6 +363,7 @@ def prediction_layers(
     spec: Any,
     *,
     name: str,
+    provenance: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
     display: dict[str, tuple[str, ...]] | None = None,
     uncertainty_maps: bool = False,
@@ -378,7 +378,8 @@ def prediction_layers(
     geometry = {**geometry_metadata(volume), "channel_axis": False}
     base_meta = {k: v for k, v in (metadata or {}).items() if k not in (GEOMETRY_KEY, PREDICTION_KEY)}
     display = {"units": ("mm",) * n, "axis_labels": AXIS_NAMES[-n:], **(display or {})}
-    provenance = prediction.provenance.to_dict() if prediction.provenance is not None else {}
+    if provenance is None:  # the prediction's own, as a plain dict (built once for every layer)
+        provenance = {} if prediction.provenance is None else prediction.provenance.to_dict()
 
     def kwargs_for(kind: str) -> dict[str, Any]:
         meta = {**base_meta, GEOMETRY_KEY: dict(geometry), PREDICTION_KEY: {**provenance, "output": kind}}

@@ -2,8 +2,9 @@
 
 ``Provenance.to_dict()`` is the content of a case's ``<case>.json`` sidecar; ``case_writer.write_prediction``
 fills in what only the written case knows (the input file's SHA-256, the output file names, the write time).
-A Provenance is also a read-only Mapping over that dict, so ``prediction.provenance["tiling"]["windows"]``
-reads the same as the sidecar does.
+A Provenance is also a Mapping over that dict, so ``prediction.provenance["tiling"]["windows"]`` reads the
+same as the sidecar does. Each read builds the dict anew, so what a reader changes in it is not kept; for JSON,
+or for many reads, take ``to_dict()`` once.
 """
 
 from __future__ import annotations
@@ -172,8 +173,8 @@ class Provenance(Mapping[str, Any]):
             fields["outputs"] = self.outputs.to_dict()
         return fields
 
-    # Read-only Mapping over to_dict(): code and users that read the provenance as the sidecar's dict keep
-    # working, and nothing can change a field behind the dataclass's back.
+    # A Mapping over to_dict(): code and users that read the provenance as the sidecar's dict keep working,
+    # and assigning to it raises (the typed fields are what the case writer and the CLI use).
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]
 

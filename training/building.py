@@ -142,6 +142,8 @@ def build_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> nn.Modu
         )
     except (TypeError, ValueError) as error:
         raise RunError(f"model: {error}") from None
+    except FileNotFoundError as error:  # model.encoder_weights names a file that is not there
+        raise RunError(str(error)) from None
 
 
 def _lists(value: Any) -> Any:

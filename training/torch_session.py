@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,23 +84,17 @@ def load_checkpoint_session(
 ) -> tuple[TorchSession, Any]:
     """(TorchSession running the checkpoint's network, its TrainConfig).
 
-    ``device``: auto (CUDA when torch sees a GPU), cpu or cuda (a ValueError without one). Without
-    ``uncertainty_maps`` the session returns probabilities only (scoring needs labels alone)."""
-    from training.building import build_model
-    from training.checkpoint import checkpoint_config, load_checkpoint
+    ``device``: auto (CUDA when torch sees a GPU), cpu or cuda (a UsageError without one). Without
+    ``uncertainty_maps`` the session returns probabilities only (scoring needs labels alone). Raises what
+    ``training.trained_network.load_trained_network`` raises for a file that is not a usable checkpoint."""
+    from training.trained_network import load_trained_network
 
-    state = load_checkpoint(path, map_location="cpu")
-    cfg = checkpoint_config(state, path)
-    spec = ModelSpec.from_dict(state["spec"])
-    # The encoder's pretrained weights are already in the state dict; the file may not exist here.
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder_weights=None))
-    model = build_model(cfg, spec.in_channels, spec.num_classes)
-    model.load_state_dict(state["model"])
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA GPU")
     target = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    model.to(target).eval()
-    if not uncertainty_maps:
-        spec = dataclasses.replace(spec, uncertainty_maps=())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return TorchSession(model, spec, device=target, path=path, sha256=digest), cfg
+    network = load_trained_network(path)
+    spec = network.spec if uncertainty_maps else dataclasses.replace(network.spec, uncertainty_maps=())
+    session = TorchSession(
+        network.model.to(target), spec, device=target, path=network.path, sha256=network.sha256
+    )
+    return session, network.config

@@ -406,3 +406,19 @@ def test_a_bug_is_an_internal_error_with_its_traceback_logged(tmp_path, capsys, 
         encoding="utf-8"
     )
     assert (tmp_path / "out" / "second.json").is_file() and not (tmp_path / "out" / "first.json").exists()
+
+
+def test_two_bugs_in_one_run_get_two_logs(tmp_path, monkeypatch):
+    from napari_medcl.crash_log import internal_error_message
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    lines = [internal_error_message("medcl-predict", KeyError(f"slip {k}")) for k in range(2)]
+    logs = [Path(line.rsplit("traceback in ", 1)[1]) for line in lines]
+    assert logs[0] != logs[1]
+    assert [
+        "slip 0" in logs[0].read_text(encoding="utf-8"),
+        "slip 1" in logs[1].read_text(encoding="utf-8"),
+    ] == [
+        True,
+        True,
+    ]
