@@ -85,6 +85,11 @@ __all__ = [
 ]
 
 
+# How the validation Dice in a checkpoint's "best" was measured: through napari_medcl.predict on the cases' own
+# files (training.validation). Checkpoints without it measured on the preprocessed grid.
+VALIDATION_KIND = "predictor"
+
+
 class CheckpointError(MedclError, ValueError):
     """A checkpoint is missing, not ours, damaged, incomplete, or from an incompatible config version."""
 
@@ -223,7 +228,8 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None =
 
 @dataclass
 class RunProgress:
-    """How far a run has come: epochs completed, their metrics records, and the best validation so far."""
+    """How far a run has come: epochs completed, their metrics records, and the best validation so far
+    (``best["validation"]`` says how that Dice was measured: ``VALIDATION_KIND``)."""
 
     epochs_done: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -238,7 +244,11 @@ class RunProgress:
             self.best["mean_dice"] is None or val["mean_dice"] > self.best["mean_dice"]
         )
         if improved:
-            self.best = {"epoch": record["epoch"], "mean_dice": val["mean_dice"]}
+            self.best = {
+                "epoch": record["epoch"],
+                "mean_dice": val["mean_dice"],
+                "validation": VALIDATION_KIND,
+            }
         return improved
 
 
@@ -304,19 +314,27 @@ def restore_run(
     parts.scheduler.load_state_dict(state["scheduler"])
     if state["scaler"] is not None:
         runtime.scaler.load_state_dict(state["scaler"])
-    progress = RunProgress(
-        epochs_done=int(state["epoch"]), history=list(state["history"]), best=dict(state["best"])
-    )
+    best, notes = dict(state["best"]), []
+    if best.get("mean_dice") is not None and best.get("validation") != VALIDATION_KIND:
+        # A Dice measured another way cannot be compared with the ones to come.
+        notes.append(
+            f"the best validation Dice so far ({best['mean_dice']:.4f}, epoch {best['epoch']}) was measured on "
+            "the preprocessed grid, before validation ran through the product's predictor: "
+            "checkpoint_best.pt is chosen anew from the next validation on"
+        )
+        best = {"epoch": None, "mean_dice": None}
+    progress = RunProgress(epochs_done=int(state["epoch"]), history=list(state["history"]), best=best)
     per_rank = state["rng"]
     if len(per_rank) == dist.world_size:
         restore_rng_state(per_rank[dist.rank], parts.generator)
-        return progress, None
-    restore_rng_state(per_rank[0], None)
-    parts.generator.manual_seed(rank_seed(seed, 7, dist.rank, progress.epochs_done))
-    return progress, (
-        f"checkpoint was written by {len(per_rank)} processes, this run has {dist.world_size}: "
-        "random streams are re-seeded, so losses will not match an uninterrupted run exactly"
-    )
+    else:
+        restore_rng_state(per_rank[0], None)
+        parts.generator.manual_seed(rank_seed(seed, 7, dist.rank, progress.epochs_done))
+        notes.append(
+            f"checkpoint was written by {len(per_rank)} processes, this run has {dist.world_size}: "
+            "random streams are re-seeded, so losses will not match an uninterrupted run exactly"
+        )
+    return progress, "; ".join(notes) or None
 
 
 def _to_cpu(value: Any) -> Any:

@@ -162,3 +162,22 @@ def test_checkpoint_loading_errors(tmp_path):
     torch.save(_minimal_state(extra=Payload()), path)
     with pytest.raises(CheckpointError, match="weights only"):
         load_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_a_best_dice_measured_the_old_way_is_not_compared_on_resume(dataset, tmp_path):
+    """A checkpoint whose best validation Dice predates validation through the predictor: the resumed run
+    says so and picks checkpoint_best.pt anew, rather than compare two different measures."""
+    from training.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(load_config(None, overrides(dataset, out)), on_epoch_end=crash_after_epoch_1)
+    state = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert state["best"]["validation"] == "predictor"
+    state["best"] = {"epoch": 1, "mean_dice": 0.999}  # as written before the field existed
+    save_checkpoint(state, out / "checkpoint_last.pt")
+    result = train(load_config(None, overrides(dataset, out)), resume=True)
+    log = (out / "train.log").read_text(encoding="utf-8")
+    assert "was measured on the preprocessed grid" in log
+    assert result.best_epoch == 2 and result.best_mean_dice < 0.999
