@@ -31,7 +31,7 @@ from magicgui.widgets import (
     Select,
 )
 
-from napari_medcl import layer_data
+from napari_medcl import layer_data, region_merge
 from napari_medcl.crash_log import internal_error_message
 from napari_medcl.errors import Cancelled, MedclError, UsageError
 
@@ -50,6 +50,10 @@ RANK_MODES = (
 )
 LIST_LENGTH = 50
 OVERLAY_COLOR = "#00e5ff"
+OUTLINE_KIND = "review_outline"
+LAYER_ID_KEY = "medcl_layer_id"
+# The maps the cursor line reads, by output kind, with their short names.
+_MAP_NAMES = {"uafr_uncertainty": "UAFR", "entropy": "entropy"}
 WARNING_STYLE = "color: #ffb000;"
 ERROR_STYLE = "color: #ff5050;"
 
@@ -106,6 +110,7 @@ class ReviewWidget(Container):
         self._summary = _wrap(Label(value=""))
         self._save_button = PushButton(text="Save labels...")
         super().__init__(
+            scrollable=True,
             widgets=[
                 Label(value="<b>Uncertainty review</b>"),
                 self._labels_combo,
@@ -135,6 +140,7 @@ class ReviewWidget(Container):
         self._save_button.changed.connect(self._on_save)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._on_layers_changed)
+        viewer.dims.events.ndisplay.connect(self.update_overlay)
 
     # -- public API (used by SegmentWidget, tests and the screenshot script)
 
@@ -168,6 +174,7 @@ class ReviewWidget(Container):
         self._entries = [(self._describe(i, s, uncertainty.ndim, unit), i) for i, s in enumerate(self.scores)]
         self._slice_list.reset_choices()
         total = float((uncertainty > self._threshold.value).sum()) * float(np.prod(spacing))
+        self._summary.native.setStyleSheet("")
         self._summary.value = (
             f"{len(self.scores)} slice(s) listed. Uncertain > {self._threshold.value:.2f}: {total:.0f} {unit} "
             f"in total. Click an entry to go there."
@@ -200,19 +207,44 @@ class ReviewWidget(Container):
         _camera(self.viewer).center = tuple(world[a] for a in dims.displayed)
 
     def update_overlay(self, *_: Any) -> None:
-        """Show (or update) the "<image> uncertain > t" outline layer for the current threshold."""
+        """Show (or update) the "<image> uncertain > t" outline layer for the current threshold.
+
+        The outline belongs to the image the uncertainty map was made from (found by its id, never by name)
+        and always takes that map's geometry; in the 3D view it is hidden, where an outline would fill space.
+        """
         from napari_medcl.review import uncertain_mask
 
         layer = self._uncertainty.value
-        if layer is None or not self._show_overlay.value:
-            if self.overlay is not None and self.overlay in self.viewer.layers:
+        owner = self._overlay_owner(layer)
+        self.overlay = None
+        for candidate in self.viewer.layers:
+            if layer_data.derived_from(candidate) == (owner, OUTLINE_KIND) and owner is not None:
+                self.overlay = candidate
+        shown = layer is not None and self._show_overlay.value and self.viewer.dims.ndisplay == 2
+        for candidate in self.viewer.layers:  # only the outline of the map under review is shown
+            if layer_data.derived_from(candidate)[1] == OUTLINE_KIND and candidate != self.overlay:
+                candidate.visible = False
+        if not shown:
+            if self.overlay is not None:
                 self.overlay.visible = False
             return
         threshold = self._threshold.value
         mask = uncertain_mask(np.asarray(layer.data), threshold)
         name = f"{_base_name(layer.name)} uncertain > {threshold:.2f}"
-        if self.overlay is not None and self.overlay in self.viewer.layers and self.overlay.ndim == mask.ndim:
+        geometry = {
+            "scale": layer.scale,
+            "translate": layer.translate,
+            "units": layer.units,
+            "axis_labels": layer.axis_labels,
+            "metadata": {
+                **{k: v for k, v in layer.metadata.items() if k != layer_data.DERIVED_KEY},
+                layer_data.DERIVED_KEY: {"image_id": owner, "output": OUTLINE_KIND},
+            },
+        }
+        if self.overlay is not None and self.overlay.ndim == mask.ndim:
             self.overlay.data = mask
+            for key, value in geometry.items():
+                setattr(self.overlay, key, value)
             self.overlay.name = name
             self.overlay.visible = True
             return
@@ -221,11 +253,7 @@ class ReviewWidget(Container):
         self.overlay = self.viewer.add_labels(
             mask,
             name=name,
-            scale=layer.scale,
-            translate=layer.translate,
-            units=layer.units,
-            axis_labels=layer.axis_labels,
-            metadata=dict(layer.metadata),
+            **geometry,
             colormap=DirectLabelColormap(
                 color_dict={None: "transparent", 0: "transparent", 1: OVERLAY_COLOR}
             ),
@@ -233,6 +261,13 @@ class ReviewWidget(Container):
         )
         self.overlay.contour = 1
         self.overlay.editable = False
+
+    def mark_stale(self, message: str) -> None:
+        """The results under review are being replaced: empty the list and say so until ``refresh``."""
+        self.scores, self._entries = [], []
+        self._slice_list.reset_choices()
+        self._summary.value = message
+        self._summary.native.setStyleSheet(WARNING_STYLE)
 
     def save_labels(self, path: str | Path) -> Path:
         """Write the selected Labels layer with its source geometry (atomic). Raises MedclError."""
@@ -280,6 +315,13 @@ class ReviewWidget(Container):
         else:
             self.update_overlay()
 
+    def _overlay_owner(self, layer: Any) -> str | None:
+        """The id of the image an uncertainty layer was made from (a map from elsewhere is its own image)."""
+        if layer is None:
+            return None
+        owner, _ = layer_data.derived_from(layer)
+        return owner if owner is not None else layer_data.image_id(layer)
+
     def _on_layers_changed(self, event: Any) -> None:
         if self.overlay is not None and self.overlay not in self.viewer.layers:
             self.overlay = None
@@ -320,6 +362,8 @@ class ReviewWidget(Container):
 
 @dataclass(frozen=True)
 class _Job:
+    image: Any  # the Image layer (its id owns the results)
+    image_key: str
     volume: Any
     model: Any
     model_key: tuple[str, str]
@@ -327,10 +371,20 @@ class _Job:
     metadata: dict[str, Any]
     display: dict[str, Any]
     roi: Any
+    box: tuple[slice, ...]  # where the run writes, on the image's grid
+    keep_edits: bool
+
+
+KEEP, OVERWRITE, CANCEL = "keep", "overwrite", "cancel"
 
 
 class SegmentWidget(Container):
-    """Segment the chosen image with an ONNX model; labels, UAFR uncertainty and entropy appear as layers."""
+    """Segment the chosen image with an ONNX model; labels, UAFR uncertainty and entropy appear as layers.
+
+    A run writes into the layers of that image's earlier run (found by the image's id) and only inside its
+    region; voxels the user edited there are kept unless the user chooses to overwrite them, and the labels
+    change is one undoable step (Ctrl+Z). ``confirm_edits(count, where)`` asks; tests and scripts replace it.
+    """
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self.viewer = viewer
@@ -339,9 +393,14 @@ class SegmentWidget(Container):
         self._loaded: tuple[tuple[str, str], Any] | None = None
         self._worker: Any = None
         self._cancel_event: threading.Event | None = None
+        self._job: _Job | None = None
+        self._stale: list[tuple[Any, str, bool]] = []
+        # labels layer's id -> the model's last output in it, to tell the user's edits from the model's writes
+        # (keyed by an id in the layer's metadata: napari hands plugins proxies, a new one on each access)
+        self._model_written: dict[str, np.ndarray] = {}
+        self.confirm_edits = self._ask_about_edits
         self.last_layers: list[Any] = []
         self.last_provenance: dict[str, Any] = {}
-        self._job_key: tuple[str, str] | None = None
         self._review: ReviewWidget | None = None
         self._manifest_error: str | None = None
         self._image = _combo("Image", "image", self)
@@ -357,6 +416,7 @@ class SegmentWidget(Container):
         self._tta = CheckBox(text="Test-time augmentation (mirroring, slower)", value=False)
         self._region = ComboBox(label="Region", choices=[REGION_WHOLE, REGION_SLICE, REGION_RECT])
         self._shapes = _combo("Rectangle", "shapes", self, visible=False)
+        self._region_info = _wrap(Label(value=""))
         self._maps = CheckBox(text="Add each UAFR map as a layer", value=False)
         self._keep = CheckBox(text="Keep previous results (new layers)", value=False)
         self._run = PushButton(text="Run")
@@ -364,8 +424,10 @@ class SegmentWidget(Container):
         self._eta = Label(value="")
         self._status = _wrap(Label(value=""))
         self._device_note = _wrap(Label(value=""))
+        self._cursor = _wrap(Label(value=""))
         self._review_button = PushButton(text="Open uncertainty review")
         super().__init__(
+            scrollable=True,
             widgets=[
                 self._image,
                 self._model,
@@ -376,6 +438,7 @@ class SegmentWidget(Container):
                 self._tta,
                 self._region,
                 self._shapes,
+                self._region_info,
                 self._maps,
                 self._keep,
                 self._run,
@@ -383,16 +446,24 @@ class SegmentWidget(Container):
                 self._eta,
                 self._status,
                 self._device_note,
+                self._cursor,
                 self._review_button,
-            ]
+            ],
         )
         self._model.changed.connect(self._on_model_changed)
         self._model.native.activated.connect(self._on_model_activated)
-        self._region.changed.connect(lambda value: setattr(self._shapes, "visible", value == REGION_RECT))
+        self._region.changed.connect(self._on_region_changed)
+        self._shapes.changed.connect(self._on_region_changed)
+        self._image.changed.connect(self._on_region_changed)
+        viewer.dims.events.current_step.connect(self._on_region_changed)
         self._run.changed.connect(self._on_run_clicked)
         self._review_button.changed.connect(lambda: self.show_review())
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._on_layers_changed)
+        viewer.cursor.events.position.connect(self._on_cursor)
+        default = _default_model_choice(self._model.choices)
+        if default is not None:
+            self._model.value = default
         self._on_model_changed(self._model.value)
 
     # -- public API (tests and the screenshot script drive the widget through these)
@@ -421,6 +492,9 @@ class SegmentWidget(Container):
         except Exception as error:
             self._show_error(internal_error_message(PLUGIN, error))
             return None
+        if job is None:  # the user cancelled at the question about their edits
+            self._set_status("Not run: your edits are untouched.")
+            return None
         self._cancel_event = threading.Event()
         kwargs = {
             "name": job.name,
@@ -433,8 +507,9 @@ class SegmentWidget(Container):
             "metadata": job.metadata,
             "display": job.display,
         }
+        self._job = job
         self._set_running(True)
-        self._job_key = job.model_key
+        self._mark_stale(job)
         if sync:
             return self._run_sync(job, kwargs)
         from napari.qt.threading import create_worker
@@ -480,9 +555,13 @@ class SegmentWidget(Container):
             self._run.text = "Cancelling..."
             self._run.enabled = False
 
+    def results_of(self, image: Any) -> dict[str, Any]:
+        """The layers made from ``image`` (an Image layer), by output kind: "labels", "uafr_uncertainty"..."""
+        return layer_data.derived_layers(self.viewer.layers, layer_data.image_id(image))
+
     # -- building the job (GUI thread)
 
-    def _make_job(self) -> _Job:
+    def _make_job(self) -> _Job | None:
         image = self._image.value
         if image is None:
             raise UsageError("No image layer: open a scan first (File > Open, or File > Open Sample).")
@@ -492,15 +571,53 @@ class SegmentWidget(Container):
         volume = layer_data.volume_from_layer(image)
         key = (choice, self._device.value)
         model = self._loaded[1] if self._loaded is not None and self._loaded[0] == key else choice
+        roi = self._roi(image, volume)
+        box = region_merge.region_box(roi, volume)
+        image_key = layer_data.image_id(image)  # before the metadata is copied onto the outputs
+        keep_edits = True
+        labels = None if self._keep.value else self.results_of(image).get("labels")
+        if labels is not None:
+            written = self._model_written.get(_layer_id(labels))
+            if written is not None and written.shape == np.shape(labels.data):
+                edits = region_merge.count_edits(np.asarray(labels.data), written, box)
+                if edits:
+                    where = region_merge.describe_box(box, volume.spatial_shape)
+                    answer = self.confirm_edits(edits, where)
+                    if answer == CANCEL:
+                        return None
+                    keep_edits = answer != OVERWRITE
         return _Job(
+            image=image,
+            image_key=image_key,
             volume=volume,
             model=model,
             model_key=key,
             name=image.name,
             metadata=dict(image.metadata),
             display=layer_data.layer_display(image, volume.spatial_dims),
-            roi=self._roi(image, volume),
+            roi=roi,
+            box=box,
+            keep_edits=keep_edits,
         )
+
+    def _ask_about_edits(self, count: int, where: str) -> str:
+        from qtpy.QtWidgets import QMessageBox
+
+        box = QMessageBox(self.native)
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setWindowTitle("Your edits in this region")
+        box.setText(
+            f"You changed {count:,} voxel(s) of the labels in the region this run writes ({where}) since the "
+            "model last wrote them."
+        )
+        box.setInformativeText("Keep your edits and let the model fill in only the rest, or overwrite them?")
+        keep = box.addButton("Keep my edits", QMessageBox.ButtonRole.AcceptRole)
+        overwrite = box.addButton("Overwrite them", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(keep)
+        box.exec()
+        clicked = box.clickedButton()
+        return KEEP if clicked is keep else OVERWRITE if clicked is overwrite else CANCEL
 
     def _roi(self, image: Any, volume: Any) -> Any:
         region = self._region.value
@@ -541,6 +658,34 @@ class SegmentWidget(Container):
                 box.append((int(np.floor(low[axis] + 0.5)), int(np.ceil(high[axis] - 0.5)) + 1))
         return tuple(box)
 
+    def _on_region_changed(self, *_: Any) -> None:
+        """State the region the next run writes, and draw a chosen rectangle without a fill."""
+        self._shapes.visible = self._region.value == REGION_RECT
+        shapes = self._shapes.value if self._region.value == REGION_RECT else None
+        if shapes is not None:
+            _outline_only(shapes)
+        image = self._image.value
+        if image is None or self._region.value == REGION_WHOLE:
+            self._region_info.value = ""
+            return
+        try:
+            volume = layer_data.volume_from_layer(image)
+            box = region_merge.region_box(self._roi(image, volume), volume)
+        except MedclError as error:
+            self._region_info.value = f"Region: {error}"
+            return
+        except Exception:  # a half-drawn shape or a view being rebuilt: say nothing rather than fail
+            self._region_info.value = ""
+            return
+        text = "Writes " + region_merge.describe_box(box, volume.spatial_shape)
+        if (
+            self._region.value == REGION_RECT
+            and volume.spatial_dims == 3
+            and box[0] == slice(0, volume.spatial_shape[0])
+        ):
+            text += " (the rectangle lies in one slice, so it spans every slice)"
+        self._region_info.value = text
+
     # -- running
 
     def _run_sync(self, job: _Job, kwargs: dict[str, Any]) -> None:
@@ -579,30 +724,31 @@ class SegmentWidget(Container):
             pbar.update(event.done - pbar.n)
 
     def _on_returned(self, result: Any) -> None:
-        self._loaded = (self._job_key, result.model)
+        self._loaded = (self._job.model_key, result.model)
         if self._cancel_event is not None and self._cancel_event.is_set():
             self._on_aborted()  # Cancel was pressed after the last window: still add nothing
             return
+        job = self._job
+        self._unmark_stale()
         self.last_provenance = result.provenance
-        self.last_layers = self._show_layers(result.layers)
+        self.last_layers, kept = self._show_layers(result.layers, job)
         provider = result.provenance.get("execution_provider", "?")
-        roi = result.provenance.get("roi")
-        where = "whole image" if roi is None else "region " + " x ".join(f"{a}:{b}" for a, b in roi)
-        self._set_status(f"Done in {result.seconds:.1f} s on {provider} ({where}).")
+        where = region_merge.describe_box(job.box, job.volume.spatial_shape)
+        where = "whole image" if job.roi is None else f"region {where}"
+        note = f" Kept {kept:,} voxel(s) you had edited." if kept else ""
+        self._set_status(f"Done in {result.seconds:.1f} s on {provider} ({where}).{note}")
         self._device_note.value = ""
         if provider == "CPUExecutionProvider" and self._device.value != "cpu":
             reason = self._cuda_reason or "ONNX Runtime did not create the CUDA provider"
             self._device_note.value = f"Warning: ran on the CPU, not a GPU ({reason})."
             self._device_note.native.setStyleSheet(WARNING_STYLE)
-        by_kind = {
-            layer.metadata.get(layer_data.PREDICTION_KEY, {}).get("output"): layer
-            for layer in self.last_layers
-        }
+        by_kind = {layer_data.derived_from(layer)[1]: layer for layer in self.last_layers}
         uncertainty = by_kind.get("uafr_uncertainty") or by_kind.get("entropy")
         if by_kind.get("labels") is not None and uncertainty is not None:
             self.show_review().set_layers(by_kind["labels"], uncertainty)
 
     def _on_errored(self, error: BaseException) -> None:
+        self._unmark_stale()
         if isinstance(error, _WorkerFailure):
             error = error.__cause__ or error
         if isinstance(error, Cancelled):
@@ -615,9 +761,12 @@ class SegmentWidget(Container):
             self._show_error(internal_error_message(PLUGIN, error))
 
     def _on_aborted(self) -> None:
+        self._unmark_stale()
+        self._progress.max, self._progress.value = 1, 0
         self._set_status("Cancelled; no layer was added or changed.")
 
     def _on_finished(self) -> None:
+        self._unmark_stale()
         self._set_running(False)
 
     def _set_running(self, running: bool) -> None:
@@ -635,35 +784,104 @@ class SegmentWidget(Container):
         else:
             self._eta.value = ""
 
-    def _show_layers(self, layer_tuples: list[Any]) -> list[Any]:
-        """Add the result layers, or update the previous run's layers of the same name in place."""
+    def _mark_stale(self, job: _Job) -> None:
+        """The results this run replaces say so while it runs, and their labels cannot be edited meanwhile
+        (an edit made now would race the model's write)."""
+        if self._keep.value:
+            return
+        for layer in self.results_of(job.image).values():
+            self._stale.append((layer, layer.name, bool(layer.editable)))
+            layer.name = f"{layer.name} (being replaced)"
+            if layer_data.layer_kind(layer) == "labels":
+                layer.editable = False
+        if self._review is not None and self._stale:
+            self._review.mark_stale("These results are being recomputed; the list returns when the run ends.")
+
+    def _unmark_stale(self) -> None:
+        stale, self._stale = self._stale, []
+        for layer, name, editable in stale:
+            if layer in self.viewer.layers:
+                layer.name = name
+                layer.editable = editable
+        if stale and self._review is not None:
+            self._review.refresh()
+
+    def _show_layers(self, layer_tuples: list[Any], job: _Job) -> tuple[list[Any], int]:
+        """Add the result layers, or write them into the image's earlier results inside the run's region.
+
+        Returns the layers and how many edited voxels were kept.
+        """
         from napari.layers import Layer
 
-        shown = []
+        existing_by_kind = {} if self._keep.value else self.results_of(job.image)
+        shown, kept = [], 0
         for data, kwargs, layer_type in layer_tuples:
-            name = kwargs["name"]
-            existing = (
-                None if self._keep.value or name not in self.viewer.layers else self.viewer.layers[name]
-            )
+            kind = kwargs["metadata"][layer_data.DERIVED_KEY]["output"]
+            existing = existing_by_kind.get(kind)
             if (
                 existing is not None
                 and layer_data.layer_kind(existing) == layer_type
-                and existing.ndim == np.ndim(data)
+                and np.shape(existing.data) == np.shape(data)
             ):
-                existing.data = data
+                if layer_type == "labels":
+                    kept += self._write_labels(existing, np.asarray(data), job)
+                else:
+                    existing.data = region_merge.merged_map(np.asarray(existing.data), data, job.box)
                 for key, value in kwargs.items():
-                    # the user's display choices (visibility, opacity, blending) survive a re-run
-                    if key not in ("name", "visible", "opacity", "blending", "rgb"):
+                    # the user's display choices (visibility, opacity, blending) survive a re-run; the
+                    # geometry always comes from the image
+                    if key not in ("name", "visible", "opacity", "blending", "rgb") and not (
+                        key == "colormap" and layer_type == "image"
+                    ):
                         setattr(existing, key, value)
                 shown.append(existing)
             else:
-                if existing is not None:
-                    self.viewer.layers.remove(existing)
-                shown.append(self.viewer.add_layer(Layer.create(data, kwargs, layer_type)))
-        return shown
+                layer = self.viewer.add_layer(Layer.create(data, kwargs, layer_type))
+                if layer_type == "labels":
+                    self._model_written[_layer_id(layer)] = np.array(data, copy=True)
+                shown.append(layer)
+        return shown, kept
+
+    def _write_labels(self, layer: Any, new: np.ndarray, job: _Job) -> int:
+        """Write the run's labels into ``layer`` inside the job's region as one undoable step."""
+        written = self._model_written.get(_layer_id(layer))
+        current = np.asarray(layer.data)
+        if written is not None and written.shape != current.shape:
+            written = None
+        change = region_merge.plan_labels_write(current, written, new, job.box, keep_edits=job.keep_edits)
+        if change.changed:
+            with layer.block_history():
+                layer.data_setitem(change.indices, change.values.astype(current.dtype, copy=False))
+        self._model_written[_layer_id(layer)] = region_merge.record_model_write(written, new, job.box)
+        return change.kept_edits
 
     def _on_layers_changed(self, _event: Any = None) -> None:
+        present = {layer.metadata.get(LAYER_ID_KEY) for layer in self.viewer.layers}
+        self._model_written = {k: v for k, v in self._model_written.items() if k in present}
         self.reset_choices()
+        self._on_region_changed()
+
+    def _on_cursor(self, *_: Any) -> None:
+        """One line with the class under the cursor and every map's value there, for the image of the
+        selected result (or of the chosen image)."""
+        image = self._image.value
+        results = self.results_of(image) if image is not None else {}
+        labels = results.get("labels")
+        if labels is None or not labels.visible and not any(m.visible for m in results.values()):
+            self._cursor.value = ""
+            return
+        maps = [
+            (_MAP_NAMES.get(kind, kind.removeprefix("uafr:")), layer)
+            for kind, layer in results.items()
+            if kind in _MAP_NAMES or kind.startswith("uafr:")
+        ]
+        try:
+            text = layer_data.cursor_readout(self.viewer.cursor.position, labels, maps)
+        except Exception:  # a layer being replaced mid-move: the next move shows the line again
+            return
+        self._cursor.value = "" if text is None else f"Under the cursor: {text}"
+        if text is not None:
+            self.viewer.status = f"{image.name}: {text}"
 
     # -- model picker
 
@@ -791,12 +1009,46 @@ def _read_spec(choice: str) -> Any:
 
 
 def _default_save_path(layer: Any) -> Path:
+    """Beside the scan the labels came from; in the home folder for the bundled sample, a layer without a
+    file, or a folder that cannot be written."""
+    from napari_medcl._sample_data import SAMPLE_FILE
     from napari_medcl._writer import default_labels_path
 
     path = default_labels_path(layer)
-    if path is None or not os.access(path.parent, os.W_OK):
-        return Path.cwd() / f"{_base_name(layer.name).replace(' ', '_')}_labels.nii.gz"
+    bundled = path is not None and path.parent.resolve() == SAMPLE_FILE.parent.resolve()
+    if path is None or bundled or not os.access(path.parent, os.W_OK):
+        return Path.home() / f"{_base_name(layer.name).replace(' ', '_')}_labels.nii.gz"
     return path
+
+
+def _layer_id(layer: Any) -> str:
+    """A layer's own stable id, kept in its metadata (given on first use)."""
+    import uuid
+
+    if not isinstance(layer.metadata.get(LAYER_ID_KEY), str):
+        layer.metadata[LAYER_ID_KEY] = uuid.uuid4().hex
+    return layer.metadata[LAYER_ID_KEY]
+
+
+def _default_model_choice(choices: Any) -> str | None:
+    """The manifest's default model when it is among the picker's choices."""
+    from napari_medcl.onnx_session import default_model_name
+
+    try:
+        name = default_model_name()
+    except MedclError:
+        return None
+    values = [c[1] if isinstance(c, tuple) else c for c in choices]
+    return name if name in values else None
+
+
+def _outline_only(shapes: Any) -> None:
+    """Draw a region's shapes as outlines, so the result inside stays visible."""
+    if len(shapes.data):
+        shapes.face_color = "transparent"
+        shapes.edge_color = "#ffd400"
+    shapes.current_face_color = "transparent"
+    shapes.current_edge_color = "#ffd400"
 
 
 def _raise_dock(widget: Container) -> None:

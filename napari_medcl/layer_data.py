@@ -32,13 +32,29 @@ LayerDataTuple = tuple[Any, dict[str, Any], str]
 
 GEOMETRY_KEY = "medcl_geometry"
 PREDICTION_KEY = "medcl_prediction"
+# An image layer's stable id, and on each layer made from it {"image_id": ..., "output": kind}: results are
+# found by these, never by name, so a renamed layer or a second scan with the same name cannot be mixed up.
+IMAGE_ID_KEY = "medcl_image_id"
+DERIVED_KEY = "medcl_derived"
 AXIS_NAMES = ("z", "y", "x")
-# Uncertainty maps share one fixed range so that cases and runs compare by eye.
+# Labels let the anatomy show through; the colours still tell the classes apart.
+LABELS_OPACITY = 0.5
+# Uncertainty maps share one fixed range so that cases and runs compare by eye. Low values are fully
+# transparent and the colour ramps in with its opacity (translucent blending), so the map neither hides the
+# anatomy where the model is sure nor washes out to white over bright tissue as additive blending did.
+UNCERTAINTY_COLORS = (
+    (1.0, 0.85, 0.0, 0.0),
+    (1.0, 0.55, 0.0, 0.55),
+    (1.0, 0.1, 0.55, 0.9),
+    (0.85, 0.0, 1.0, 1.0),
+)
+UNCERTAINTY_COLORMAP = {"name": "medcl uncertainty", "colors": [list(c) for c in UNCERTAINTY_COLORS]}
 UNCERTAINTY_DISPLAY = {
-    "colormap": "inferno",
+    "colormap": UNCERTAINTY_COLORMAP,
     "contrast_limits": (0.0, 1.0),
-    "blending": "additive",
-    "opacity": 0.6,
+    "blending": "translucent",
+    "opacity": 0.8,
+    "rendering": "attenuated_mip",
 }
 
 
@@ -372,17 +388,22 @@ def prediction_layers(
     background outside its region).
 
     Every output sits on the image's spatial grid: its scale/translate, ``display`` (units, axis labels;
-    mm and z/y/x by default), the image's ``metadata`` with the spatial geometry and the provenance.
+    mm and z/y/x by default), the image's ``metadata`` with the spatial geometry and the provenance, and,
+    when the image has an id (``IMAGE_ID_KEY``, see ``image_id``), ``DERIVED_KEY`` naming the image and output.
     """
     n = volume.spatial_dims
     geometry = {**geometry_metadata(volume), "channel_axis": False}
-    base_meta = {k: v for k, v in (metadata or {}).items() if k not in (GEOMETRY_KEY, PREDICTION_KEY)}
+    own_keys = (GEOMETRY_KEY, PREDICTION_KEY, IMAGE_ID_KEY, DERIVED_KEY)
+    base_meta = {k: v for k, v in (metadata or {}).items() if k not in own_keys}
+    image_id = (metadata or {}).get(IMAGE_ID_KEY)
     display = {"units": ("mm",) * n, "axis_labels": AXIS_NAMES[-n:], **(display or {})}
     if provenance is None:  # the prediction's own, as a plain dict (built once for every layer)
         provenance = {} if prediction.provenance is None else prediction.provenance.to_dict()
 
     def kwargs_for(kind: str) -> dict[str, Any]:
         meta = {**base_meta, GEOMETRY_KEY: dict(geometry), PREDICTION_KEY: {**provenance, "output": kind}}
+        if image_id is not None:
+            meta[DERIVED_KEY] = {"image_id": image_id, "output": kind}
         return {
             "scale": tuple(volume.spacing),
             "translate": tuple(volume.origin),
@@ -397,6 +418,7 @@ def prediction_layers(
                 **kwargs_for("labels"),
                 "name": f"{name} labels",
                 "colormap": label_colormap(spec),
+                "opacity": LABELS_OPACITY,
                 "features": {
                     "index": [c.index for c in spec.classes],
                     "name": [c.name for c in spec.classes],
@@ -435,3 +457,65 @@ def label_colormap(spec: Any) -> Any:
     except ImportError:
         return colors
     return DirectLabelColormap(color_dict=colors)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layers that belong to an image
+
+
+def image_id(layer: Any) -> str:
+    """The stable id of an Image layer, given to it (in its metadata) the first time it is asked for."""
+    import uuid
+
+    metadata = layer.metadata
+    if not isinstance(metadata.get(IMAGE_ID_KEY), str):
+        metadata[IMAGE_ID_KEY] = uuid.uuid4().hex
+    return metadata[IMAGE_ID_KEY]
+
+
+def derived_from(layer: Any) -> tuple[str | None, str | None]:
+    """(image id, output kind) of a layer made from an image, else (None, None)."""
+    record = (getattr(layer, "metadata", None) or {}).get(DERIVED_KEY)
+    if not isinstance(record, dict):
+        return None, None
+    return record.get("image_id"), record.get("output")
+
+
+def derived_layers(layers: Any, image_key: str) -> dict[str, Any]:
+    """The layers made from the image with id ``image_key``, by output kind (the last one of each kind)."""
+    found = {}
+    for layer in layers:
+        owner, kind = derived_from(layer)
+        if owner == image_key and kind is not None:
+            found[kind] = layer
+    return found
+
+
+def cursor_readout(world_point: Any, labels: Any, maps: list[tuple[str, Any]]) -> str | None:
+    """'GM · UAFR 0.31 · entropy 0.12' at a world point: the class under the cursor and each map's value
+    there, for one status line; None when the point is outside the labels layer.
+
+    labels: a Labels layer with ``features`` "index"/"name" (the product's); maps: (short name, Image layer)
+    on the same grid.
+    """
+    point = np.asarray(world_point, dtype=np.float64)[-labels.ndim :]
+    index = tuple(int(round(v)) for v in np.asarray(labels.world_to_data(point))[-labels.ndim :])
+    shape = np.shape(labels.data)
+    if len(index) != len(shape) or not all(0 <= i < n for i, n in zip(index, shape)):
+        return None
+    value = int(np.asarray(labels.data)[index])
+    names = _class_names(labels)
+    parts = [names.get(value, f"label {value}")]
+    for short, layer in maps:
+        data = np.asarray(layer.data)
+        if data.shape == shape:
+            parts.append(f"{short} {float(data[index]):.2f}")
+    return " · ".join(parts)
+
+
+def _class_names(labels: Any) -> dict[int, str]:
+    features = getattr(labels, "features", None)
+    try:
+        return {int(i): str(n) for i, n in zip(features["index"], features["name"])}
+    except (KeyError, TypeError, ValueError):
+        return {}

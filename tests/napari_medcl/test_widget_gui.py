@@ -79,7 +79,7 @@ def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path,
     expected = [int(spec.classes[1].color[i : i + 2], 16) / 255 for i in (1, 3, 5)]
     np.testing.assert_allclose(labels.colormap.map(np.array([1]))[0][:3], expected, atol=1e-6)
     assert list(labels.features["name"]) == ["background", "class1"]
-    assert uafr.colormap.name == "inferno" and tuple(uafr.contrast_limits) == (0.0, 1.0)
+    assert uafr.colormap.name == "medcl uncertainty" and tuple(uafr.contrast_limits) == (0.0, 1.0)
     assert not entropy.visible
     for layer in (labels, uafr, entropy):
         np.testing.assert_allclose(layer.scale, image.scale)
@@ -99,10 +99,14 @@ def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path,
     review._threshold.value = 0.9
     assert viewer.layers[-1] == overlay and overlay.name == "case uncertain > 0.90"
 
-    # re-running updates the same layers in place; "keep previous" adds new ones
+    # re-running updates the same layers in place, asking before it overwrites the user's edits
+    edited = int(labels.data.sum())
     labels.data = np.zeros_like(labels.data)
+    asked = []
+    widget.confirm_edits = lambda count, where: asked.append((count, where)) or "overwrite"
     count = len(viewer.layers)
     run_and_wait(qtbot, widget)
+    assert asked == [(edited, "z all 8, y all 24, x all 28")]
     assert len(viewer.layers) == count and viewer.layers["case labels"] is labels and labels.data.any()
     widget._keep.value = True
     run_and_wait(qtbot, widget)
@@ -120,12 +124,16 @@ def test_cancel_mid_run_adds_nothing(make_napari_viewer, qtbot, tmp_path):
     open_scan(viewer, tmp_path / "big.nrrd")
     widget = make_widget(viewer, model)
     before = [layer.name for layer in viewer.layers]
+    shown = []
+    widget._progress.changed.connect(lambda value: shown.append((value, widget._progress.max)))
     widget.run()
     qtbot.waitUntil(lambda: widget._progress.value > 0, timeout=WAIT_MS)  # some windows are done
     widget._run.changed.emit(True)  # a click on the button, which reads "Cancel" while running
     qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
-    # the widget's progress bar shows the last window done: stopped between windows, well before the end
-    assert 0 < widget._progress.value < widget._progress.max
+    # the last window shown was well before the end: it stopped between windows; then the bar was reset
+    done, total = max(pair for pair in shown if pair[1] > 1)
+    assert 0 < done < total
+    assert widget._progress.value == 0
     assert [layer.name for layer in viewer.layers] == before
     assert "Cancelled" in widget._status.value and widget._run.text == "Run" and widget._run.enabled
 
@@ -173,13 +181,16 @@ def test_current_slice_and_rectangle_regions(make_napari_viewer, qtbot, tmp_path
     widget._region.value = REGION_RECT
     widget._shapes.value = shapes
     viewer.layers.selection.active = image
+    assert "spans every slice" in widget._region_info.value
+    assert shapes.face_color[0][3] == 0  # drawn as an outline: the result inside stays visible
+    before = viewer.layers["roi labels"].data.copy()
     run_and_wait(qtbot, widget)
     labels = viewer.layers["roi labels"].data
     inside = (slice(None), slice(4, 12), slice(6, 20))
     np.testing.assert_array_equal(labels[inside], scan.array[inside] > 0.5)
     outside = np.ones(labels.shape, bool)
     outside[inside] = False
-    assert not labels[outside].any()
+    np.testing.assert_array_equal(labels[outside], before[outside])  # the slice run's result outside stays
 
 
 def test_sample_screenshot_is_not_black(make_napari_viewer):
