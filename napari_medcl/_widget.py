@@ -262,6 +262,9 @@ class ReviewWidget(Container):
         self.overlay.contour = 1
         self.overlay.editable = False
 
+    def reset_choices(self, *args: Any) -> None:
+        _reset_keeping_layers(self, super().reset_choices, (self._labels_combo, self._uncertainty), *args)
+
     def mark_stale(self, message: str) -> None:
         """The results under review are being replaced: empty the list and say so until ``refresh``."""
         self.scores, self._entries = [], []
@@ -555,6 +558,9 @@ class SegmentWidget(Container):
             self._run.text = "Cancelling..."
             self._run.enabled = False
 
+    def reset_choices(self, *args: Any) -> None:
+        _reset_keeping_layers(self, super().reset_choices, (self._image, self._shapes), *args)
+
     def results_of(self, image: Any) -> dict[str, Any]:
         """The layers made from ``image`` (an Image layer), by output kind: "labels", "uafr_uncertainty"..."""
         return layer_data.derived_layers(self.viewer.layers, layer_data.image_id(image))
@@ -833,6 +839,8 @@ class SegmentWidget(Container):
                     if key not in ("name", "visible", "opacity", "blending", "rgb") and not (
                         key == "colormap" and layer_type == "image"
                     ):
+                        if key == "metadata":  # the layer keeps its own id
+                            value = {**value, LAYER_ID_KEY: _layer_id(existing)}
                         setattr(existing, key, value)
                 shown.append(existing)
             else:
@@ -1019,6 +1027,17 @@ def _default_save_path(layer: Any) -> Path:
     if path is None or bundled or not os.access(path.parent, os.W_OK):
         return Path.home() / f"{_base_name(layer.name).replace(' ', '_')}_labels.nii.gz"
     return path
+
+
+def _reset_keeping_layers(owner: Any, reset: Any, combos: tuple[ComboBox, ...], *args: Any) -> None:
+    """Refresh a widget's choices without letting a renamed layer fall out of its combo boxes (magicgui
+    picks the first choice when it cannot find the old one among the renamed choices)."""
+    chosen = [(combo, combo.value) for combo in combos]
+    reset(*args)
+    layers = owner.viewer.layers
+    for combo, value in chosen:
+        if value is not None and value in layers and combo.value != value:
+            combo.value = value
 
 
 def _layer_id(layer: Any) -> str:

@@ -155,6 +155,34 @@ def test_error_is_shown_plainly_and_the_ui_resets(make_napari_viewer, qtbot, tmp
     run_and_wait(qtbot, widget)
     assert "NaN" in widget._status.value and widget._run.text == "Run"
     assert [layer.name for layer in viewer.layers] == ["flat", "vol"]
+    # the next success clears the error and its colour
+    widget.add_model_file(model3d)
+    run_and_wait(qtbot, widget)
+    assert widget._status.value.startswith("Done") and widget._status.native.styleSheet() == ""
+
+
+def test_results_being_replaced_are_marked_and_locked(make_napari_viewer, qtbot, tmp_path, model3d):
+    slow = save(pointwise_model(spatial_dims=3, patch=(2, 4, 4)), tmp_path / "tiny_patch.onnx")
+    viewer = make_napari_viewer()
+    oblique_scan(tmp_path / "big.nrrd", shape=(16, 64, 64))
+    image = open_scan(viewer, tmp_path / "big.nrrd")
+    widget = make_widget(viewer, model3d)
+    run_and_wait(qtbot, widget)
+    results = widget.results_of(image)
+    before = {kind: np.array(layer.data, copy=True) for kind, layer in results.items()}
+    names = {kind: layer.name for kind, layer in results.items()}
+    widget.add_model_file(slow)
+    widget.run()
+    qtbot.waitUntil(lambda: widget._progress.value > 0, timeout=WAIT_MS)
+    assert all(layer.name.endswith("(being replaced)") for layer in results.values())
+    assert not results["labels"].editable
+    assert "being recomputed" in widget.show_review()._summary.value
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    assert {kind: layer.name for kind, layer in results.items()} == names
+    assert results["labels"].editable
+    for kind, layer in results.items():
+        np.testing.assert_array_equal(layer.data, before[kind], err_msg=kind)
 
 
 def test_current_slice_and_rectangle_regions(make_napari_viewer, qtbot, tmp_path, model3d):
