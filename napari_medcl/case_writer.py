@@ -3,7 +3,10 @@
 A case ``<case>`` in folder ``outdir`` is ``<case>_labels<ext>``, ``<case>_uncertainty<ext>`` (when the model has
 UAFR maps), ``<case>_entropy<ext>``, one ``<case>_probabilities_<k><ext>`` per class when the Prediction holds
 probabilities (one file per class works in every output format, PNG/TIFF included; the sidecar maps files to
-class names), and last ``<case>.json``, so a sidecar marks a complete case. Extensions follow the input's
+class names), with ``report_csv=True`` ``<case>_report.csv`` (``case_report.CaseReport.to_csv``), and last
+``<case>.json``, so a sidecar marks a complete case. The sidecar holds the provenance
+(``Provenance.to_dict()``) and, under ``"report"``, the case report (``case_report.prediction_report``:
+size of each class, expected wrong volume, verdict). Extensions follow the input's
 format (``io.output_extension``); a Prediction made from an array with no file is written as NIfTI.
 
 Every file is first written whole under a temporary name beside its final one and read back; only when all of
@@ -21,7 +24,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from napari_medcl.case_report import CaseReport, prediction_report
 from napari_medcl.errors import InputError, OutputError, OutputFormatError
 from napari_medcl.provenance import OutputNames, Provenance
 from napari_medcl.volume import Prediction, Volume
@@ -29,7 +34,7 @@ from napari_medcl.volume import Prediction, Volume
 
 @dataclass(frozen=True)
 class WrittenCase:
-    """The files ``write_prediction`` wrote, and the provenance its sidecar holds."""
+    """The files ``write_prediction`` wrote, and the provenance and report its sidecar holds."""
 
     labels: Path
     entropy: Path
@@ -37,16 +42,26 @@ class WrittenCase:
     provenance: Provenance
     uncertainty: Path | None = None
     probabilities: dict[str, Path] = field(default_factory=dict)  # class name -> file
+    report: CaseReport | None = None
+    report_csv: Path | None = None
 
 
 def write_prediction(
-    prediction: Prediction, outdir: str | Path, case: str | None = None, *, source: str | Path | None = None
+    prediction: Prediction,
+    outdir: str | Path,
+    case: str | None = None,
+    *,
+    source: str | Path | None = None,
+    report_csv: bool = False,
+    verdict: Any = None,
 ) -> WrittenCase:
     """Write ``prediction`` into ``outdir`` as case ``case``, all or nothing (see the module docstring).
 
     ``source``: the image file or DICOM folder the prediction was made from; by default the path its
     provenance names. The sidecar records it with its SHA-256, and its extension chooses between ``.nii`` and
-    ``.nii.gz``. ``case`` defaults to the source's case name (``scan.nii.gz`` -> ``scan``).
+    ``.nii.gz``. ``case`` defaults to the source's case name (``scan.nii.gz`` -> ``scan``). ``report_csv``:
+    also write ``<case>_report.csv``. ``verdict``: the training-data check's verdict for the report (see
+    ``case_report.case_report``; None: not assessed).
 
     Raises ``OutputError`` when a file cannot be written (the earlier files of the case are left unchanged),
     ``OutputFormatError`` when the input's format cannot hold an output, ``InputError`` when the source
@@ -82,6 +97,7 @@ def write_prediction(
         for k, name in enumerate(provenance.model.classes):
             probabilities[name] = outdir / f"{case}_probabilities_{k}{map_ext}"
             images.append((probabilities[name], planes.with_array(planes.array[k])))
+    csv_path = outdir / f"{case}_report.csv" if report_csv else None
     sidecar = outdir / f"{case}.json"
 
     from napari_medcl.atomic import atomic_path, write_text_atomic
@@ -103,11 +119,18 @@ def write_prediction(
                 uncertainty=None if uncertainty is None else uncertainty.name,
                 entropy=entropy.name,
                 probabilities={name: path.name for name, path in probabilities.items()} or None,
+                report_csv=None if csv_path is None else csv_path.name,
             ),
             timings={**provenance.timings, "write": round(time.perf_counter() - start, 4)},
         )
+        report = prediction_report(replace(prediction, provenance=recorded), case=case, verdict=verdict)
+        if csv_path is not None:
+            csv_temp = staged.enter_context(atomic_path(csv_path))
+            with _naming(csv_path, csv_temp):
+                report.to_csv(csv_temp)
         with _naming(sidecar, sidecar_temp):
-            write_text_atomic(sidecar_temp, json.dumps(recorded.to_dict(), indent=2) + "\n")
+            document = {**recorded.to_dict(), "report": report.to_dict()}
+            write_text_atomic(sidecar_temp, json.dumps(document, indent=2) + "\n")
         # An old sidecar would vouch for a mix of old and new files if the process died between the renames.
         try:
             sidecar.unlink(missing_ok=True)
@@ -120,6 +143,8 @@ def write_prediction(
         provenance=recorded,
         uncertainty=uncertainty,
         probabilities=probabilities,
+        report=report,
+        report_csv=csv_path,
     )
 
 

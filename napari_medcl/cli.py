@@ -3,7 +3,8 @@
 Arguments, the output folder's lock and the messages only: the work is
 ``napari_medcl.prediction.predict_iter``, and ``napari_medcl.case_writer.write_prediction`` writes each case
 (``<case>_labels``, ``<case>_uncertainty``, ``<case>_entropy``, with ``--save-probabilities``
-``<case>_probabilities_<k>``, and last ``<case>.json``), all or nothing. Exit status: 0 all cases done,
+``<case>_probabilities_<k>``, with ``--report-csv`` ``<case>_report.csv``, and last ``<case>.json`` with the
+case report under ``"report"``), all or nothing. Exit status: 0 all cases done,
 1 some failed, 2 usage error, 130 interrupted.
 
 A run holds ``OUTDIR/.medcl-predict.lock`` (``flock``, released by the OS even when the process is killed), so
@@ -46,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Outputs per case, in the input's format ({_other_outputs(FORMATS)}): "
         "<case>_labels, <case>_uncertainty (the UAFR map of the block nearest the output, when the model has "
         "UAFR maps), <case>_entropy, "
-        "with --save-probabilities <case>_probabilities_<k> (one file per class k), and <case>.json written "
-        "last. A failed case writes nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
+        "with --save-probabilities <case>_probabilities_<k> (one file per class k), with --report-csv "
+        '<case>_report.csv, and <case>.json written last; its "report" holds the size of each class (mL, or '
+        "cm2 for 2D images) and, with --save-probabilities, the expected wrong volume. A failed case writes "
+        "nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
         "DICOM folder 'scan') would overwrite each other's outputs: the later ones are refused before anything "
         "runs, the others are segmented. One run at a time per OUTDIR (a second one exits 1 at once). "
         "Exit status: 0 all done, 1 some case failed, 2 usage error, 130 interrupted.",
@@ -66,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="average over mirrored copies (2^d times slower)")
     parser.add_argument(
         "--save-probabilities", action="store_true", help="also write one probability map per class"
+    )
+    parser.add_argument(
+        "--report-csv",
+        action="store_true",
+        help="also write <case>_report.csv: one row per class with its voxels, volume (mL; area in cm2 for 2D) "
+        "and expected wrong volume, plus the model and verdict; the expected wrong volume (from 1 - top-class "
+        "probability, uncalibrated) needs --save-probabilities, and is left empty without it",
     )
     parser.add_argument(
         "--series", metavar="UID", help="SeriesInstanceUID to read from a multi-series folder"
@@ -317,7 +327,7 @@ def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> No
         max_voxels=args.max_voxels,
         max_bytes=args.max_bytes,
     )
-    written = write_prediction(prediction, args.output, case, source=path)
+    written = write_prediction(prediction, args.output, case, source=path, report_csv=args.report_csv)
     if not args.quiet:
         p = prediction.provenance
         print(

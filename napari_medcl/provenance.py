@@ -108,12 +108,14 @@ class TilingRecord:
 
 @dataclass(frozen=True)
 class OutputNames:
-    """The file names of a written case, relative to its folder; ``probabilities`` maps class name to file."""
+    """The file names of a written case, relative to its folder; ``probabilities`` maps class name to file;
+    ``report_csv`` is the case report as CSV (``medcl-predict --report-csv``)."""
 
     labels: str
     entropy: str
     uncertainty: str | None = None
     probabilities: Mapping[str, str] | None = None
+    report_csv: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         names: dict[str, Any] = {"labels": self.labels}
@@ -122,6 +124,8 @@ class OutputNames:
         names["entropy"] = self.entropy
         if self.probabilities is not None:
             names["probabilities"] = dict(self.probabilities)
+        if self.report_csv is not None:
+            names["report_csv"] = self.report_csv
         return names
 
 
