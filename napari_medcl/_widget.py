@@ -109,6 +109,8 @@ class ReviewWidget(Container):
         self._slice_list = Select(label="Most uncertain", choices=self._slice_choices, allow_multiple=False)
         self._summary = _wrap(Label(value=""))
         self._save_button = PushButton(text="Save labels...")
+        self._report = _wrap(Label(value=""))
+        self._report_button = PushButton(text="Export case report (CSV)...")
         super().__init__(
             scrollable=True,
             widgets=[
@@ -123,7 +125,10 @@ class ReviewWidget(Container):
                 self._slice_list,
                 self._summary,
                 self._save_button,
-            ]
+                Label(value="<b>Case report</b>"),
+                self._report,
+                self._report_button,
+            ],
         )
         self.overlay: Any = None
         self._slice_list.native.setSelectionMode(self._slice_list.native.SelectionMode.SingleSelection)
@@ -138,6 +143,7 @@ class ReviewWidget(Container):
         self._threshold.changed.connect(self._on_threshold)
         self._show_overlay.changed.connect(self.update_overlay)
         self._save_button.changed.connect(self._on_save)
+        self._report_button.changed.connect(self._on_export_report)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._on_layers_changed)
         viewer.dims.events.ndisplay.connect(self.update_overlay)
@@ -180,6 +186,53 @@ class ReviewWidget(Container):
             f"in total. Click an entry to go there."
         )
         self.update_overlay()
+        self.update_report()
+
+    def case_report(self) -> Any:
+        """The CaseReport of the labels under review as they are now (the user's edits included), with the
+        error map of the same image: the model's top-class error when the run produced it, else the entropy
+        (named as such, without expected wrong volume). Raises UsageError without a labels layer."""
+        from napari_medcl.case_report import ENTROPY_NAME, TOP_CLASS_ERROR_NAME, case_report
+
+        labels = self._labels_combo.value
+        if labels is None:
+            raise UsageError("no Labels layer selected for the report")
+        owner, _ = layer_data.derived_from(labels)
+        maps = layer_data.derived_layers(self.viewer.layers, owner) if owner is not None else {}
+        data = np.asarray(labels.data)
+        error, name, is_probability = None, None, True
+        for kind, map_name, probability in (
+            ("top_class_error", TOP_CLASS_ERROR_NAME, True),
+            ("entropy", ENTROPY_NAME, False),
+        ):
+            layer = maps.get(kind)
+            if layer is not None and np.shape(layer.data) == data.shape:
+                error, name, is_probability = np.asarray(layer.data), map_name, probability
+                break
+        provenance = labels.metadata.get(layer_data.PREDICTION_KEY) or None
+        features = getattr(labels, "features", None)
+        try:
+            classes = {int(i): str(n) for i, n in zip(features["index"], features["name"])}
+        except (KeyError, TypeError, ValueError):
+            classes = {0: "background"}
+        return case_report(
+            data,
+            tuple(float(v) for v in labels.scale[-data.ndim :]),
+            classes,
+            error_likelihood=error,
+            error_likelihood_name=name or ENTROPY_NAME,
+            error_is_probability=is_probability,
+            provenance=provenance,
+            case=_base_name(labels.name),
+        )
+
+    def update_report(self, *_: Any) -> None:
+        try:
+            self._report.value = self.case_report().to_text().replace("\n", "<br>")
+        except MedclError:
+            self._report.value = ""
+        except ValueError as error:  # labels and maps that do not fit together: say so, no report
+            self._report.value = f"No report: {error}"
 
     def go_to(self, row: int) -> None:
         """Move the viewer to the ``row``-th ranked slice and centre the camera on its uncertain region."""
@@ -329,6 +382,29 @@ class ReviewWidget(Container):
         if self.overlay is not None and self.overlay not in self.viewer.layers:
             self.overlay = None
         self.reset_choices()
+
+    def _on_export_report(self, *_: Any) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        layer = self._labels_combo.value
+        if layer is None:
+            _notify_error(self._summary, "No Labels layer to report on.")
+            return
+        default = _default_save_path(layer)
+        default = default.with_name(default.name.split(".")[0].removesuffix("_labels") + "_report.csv")
+        path, _ = QFileDialog.getSaveFileName(
+            self.native, "Export the case report", str(default), "CSV (*.csv)"
+        )
+        if not path:
+            return
+        try:
+            written = self.case_report().to_csv(path)
+            self._summary.native.setStyleSheet("")
+            self._summary.value = f"Report saved to {written}"
+        except MedclError as error:
+            _notify_error(self._summary, str(error))
+        except Exception as error:
+            _notify_error(self._summary, internal_error_message(PLUGIN, error))
 
     def _on_save(self, *_: Any) -> None:
         from qtpy.QtWidgets import QFileDialog

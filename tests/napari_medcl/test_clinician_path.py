@@ -92,6 +92,14 @@ def test_the_clinicians_path_keeps_every_edit(make_napari_viewer, qtbot, tmp_pat
     press_ctrl_z(qtbot, viewer, labels)
     np.testing.assert_array_equal(labels.data, with_edit)
 
+    # one status line under the cursor: the class and each map's value there
+    viewer.cursor.position = tuple(image.data_to_world((39, 50, 40)))
+    assert widget._cursor.value.startswith("Under the cursor: label 2 · UAFR ")
+    assert " · entropy " in widget._cursor.value
+    assert viewer.status == "MNI152 T1: " + widget._cursor.value.removeprefix("Under the cursor: ")
+    viewer.cursor.position = tuple(image.data_to_world((39, 10, 5)))
+    assert widget._cursor.value.startswith("Under the cursor: background")
+
     # a second scan, with another spacing and origin: its results sit on its own grid
     widget._region.value = "Whole image"
     sample = read_image(image.metadata["medcl_geometry"]["source"])
@@ -123,3 +131,13 @@ def test_the_clinicians_path_keeps_every_edit(make_napari_viewer, qtbot, tmp_pat
     reopened = read_image(written)
     assert reopened.same_geometry(sample)
     np.testing.assert_array_equal(reopened.array, with_edit)
+
+    # the case report counts the labels as they are now, the user's edits included
+    report = review.case_report()
+    rows = {c.index: c for c in report.classes}
+    assert rows[1].name == "class1" and rows[1].voxels == int((with_edit == 1).sum())
+    assert rows[1].amount == pytest.approx(rows[1].voxels * 8 / 1000)  # 2 mm voxels, mL
+    assert rows[2].voxels == int((with_edit == 2).sum())  # painted with a label the model does not have
+    assert report.model == "threshold-150" or report.model == "threshold-120"
+    csv_path = report.to_csv(tmp_path / "sample_report.csv")
+    assert "class1" in csv_path.read_text()

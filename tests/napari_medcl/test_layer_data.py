@@ -116,7 +116,11 @@ def test_segment_layer_outputs(scan, model3d):
     # low uncertainty is transparent and the map is blended translucently: it cannot wash out bright tissue
     assert ukw["colormap"]["colors"][0][3] == 0.0 and ukw["colormap"]["colors"][-1][3] == 1.0
     assert ukw["contrast_limits"] == (0.0, 1.0) and ukw["blending"] == "translucent"
-    assert ekw["visible"] is False and ekw["colormap"] == ukw["colormap"] and ekw["contrast_limits"] == (0.0, 1.0)
+    assert (
+        ekw["visible"] is False
+        and ekw["colormap"] == ukw["colormap"]
+        and ekw["contrast_limits"] == (0.0, 1.0)
+    )
     assert lkw["opacity"] <= 0.5  # the anatomy shows through the labels
     for kwargs in (lkw, ukw, ekw):
         assert kwargs["scale"] == layer[1]["scale"] and kwargs["translate"] == layer[1]["translate"]
