@@ -138,6 +138,8 @@ def dicom_seg_dataset(
     source_folder = Path(source_folder)
     array = _check_labels(labels, source_folder)
     segments = sorted((c for c in classes if int(c.index) != 0), key=lambda c: int(c.index))
+    if not segments:
+        raise UsageError(f"labels for DICOM series {source_folder}: no class besides the background to save")
     _check_values(array, segments, source_folder)
     if series_uid is None:
         series_uid = labels.metadata.get("series_uid")

@@ -338,3 +338,93 @@ def test_reading_a_file_that_is_not_a_seg(tmp_path):
     with pytest.raises(InputError, match="not a readable DICOM Segmentation") as caught:
         read_dicom_seg(folder / "img001.dcm")
     _one_line(caught.value, folder / "img001.dcm")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the napari writer (LayerDataTuples, no Qt)
+
+
+def labels_layer(volume, labels, *, features=True, colormap=None):
+    """A Labels LayerDataTuple as ``segment_layer`` makes it: the scan's geometry, class names in features."""
+    from napari_medcl.layer_data import PREDICTION_KEY, spatial_kwargs
+
+    kwargs = spatial_kwargs(volume)
+    kwargs["metadata"][PREDICTION_KEY] = {"model": {"name": "tissue-model", "sha256": "f" * 64}}
+    kwargs["name"] = "ct labels"
+    if features:
+        kwargs["features"] = {"index": [c.index for c in CLASSES], "name": [c.name for c in CLASSES]}
+    if colormap is not None:
+        kwargs["colormap"] = colormap
+    return (labels, kwargs, "labels")
+
+
+def test_writer_saves_labels_of_a_dicom_series_as_seg(tmp_path):
+    from napari_medcl._writer import DICOM_SEG_FILTER, can_save_dicom_seg, write_layer_data
+    from napari_medcl.layer_data import label_colormap
+    from napari_medcl.spec import ModelSpec
+
+    folder = tmp_path / "ct"
+    sources = write_series(folder)
+    volume = read_image(folder)
+    labels = some_labels((5, 6, 7))
+    spec = ModelSpec(
+        name="m", spatial_dims=3, in_channels=1, classes=CLASSES, patch_size=(4, 4, 4), divisor=(1, 1, 1)
+    )
+    layer = labels_layer(volume, labels, colormap=label_colormap(spec))
+    assert can_save_dicom_seg(layer) and DICOM_SEG_FILTER.endswith("(*.dcm)")
+    path = write_layer_data(layer, tmp_path / "ct_seg.dcm")
+    seg = read_dicom_seg(path, folder)
+    assert seg.segment_names == ["liver", "tumour", "vessel"]
+    assert sorted(seg.instance_uids) == sorted(ds.SOPInstanceUID for ds in sources)
+    np.testing.assert_array_equal(seg.labels.array, labels)
+    assert seg.labels.same_geometry(volume, atol=1e-4)
+    dataset = pydicom.dcmread(path)
+    algorithm = dataset.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "tissue-model" and algorithm.AlgorithmVersion == "f" * 64
+    lab = [list(s.RecommendedDisplayCIELabValue) for s in dataset.SegmentSequence]
+    assert len({tuple(v) for v in lab}) == 3  # red, green and blue differ
+
+
+def test_writer_without_class_names_names_segments_by_value(tmp_path):
+    from napari_medcl._writer import write_layer_data
+
+    folder = tmp_path / "ct"
+    write_series(folder)
+    volume = read_image(folder)
+    labels = np.zeros((5, 6, 7), np.uint8)
+    labels[0, 0, 0], labels[2, 1, 1] = 2, 5  # a painted value no class has
+    path = write_layer_data(labels_layer(volume, labels, features=False), tmp_path / "s.dcm")
+    seg = read_dicom_seg(path, folder)
+    assert seg.segment_names == ["label 2", "label 5"]
+    np.testing.assert_array_equal(seg.labels.array, np.select([labels == 2, labels == 5], [1, 2], 0))
+
+
+def test_writer_refuses_dcm_for_a_scan_not_from_dicom(tmp_path):
+    from napari_medcl._writer import can_save_dicom_seg, write_layer_data
+    from napari_medcl.io import write_image
+
+    folder = tmp_path / "ct"
+    write_series(folder)
+    nifti = read_image(write_image(read_image(folder), tmp_path / "ct.nii.gz"))
+    layer = labels_layer(nifti, some_labels((5, 6, 7)))
+    assert not can_save_dicom_seg(layer)
+    with pytest.raises(UsageError, match="only for scans opened from a DICOM series") as caught:
+        write_layer_data(layer, tmp_path / "s.dcm")
+    _one_line(caught.value, tmp_path / "s.dcm")
+    assert not (tmp_path / "s.dcm").exists()
+    # An image layer of a DICOM series is not labels.
+    image = (read_image(folder).array, labels_layer(read_image(folder), None)[1], "image")
+    assert not can_save_dicom_seg(image)
+    with pytest.raises(UsageError, match="only a Labels layer"):
+        write_layer_data(image, tmp_path / "s.dcm")
+
+
+def test_writer_refuses_a_moved_layer(tmp_path):
+    from napari_medcl._writer import write_layer_data
+
+    folder = tmp_path / "ct"
+    write_series(folder)
+    data, kwargs, kind = labels_layer(read_image(folder), some_labels((5, 6, 7)))
+    kwargs["translate"] = (0.0, 0.0, 0.0)
+    with pytest.raises(UsageError, match="no longer lies on the grid"):
+        write_layer_data((data, kwargs, kind), tmp_path / "s.dcm")
