@@ -3,8 +3,8 @@
 Arguments, the output folder's lock and the messages only: the work is
 ``napari_medcl.prediction.predict_iter``, and ``napari_medcl.case_writer.write_prediction`` writes each case
 (``<case>_labels``, ``<case>_uncertainty``, ``<case>_entropy``, with ``--save-probabilities``
-``<case>_probabilities_<k>``, and last ``<case>.json``), all or nothing. Exit status: 0 all cases done,
-1 some failed, 2 usage error, 130 interrupted.
+``<case>_probabilities_<k>``, with ``--dicom-seg`` ``<case>_seg.dcm``, and last ``<case>.json``), all or
+nothing. Exit status: 0 all cases done, 1 some failed, 2 usage error, 130 interrupted.
 
 A run holds ``OUTDIR/.medcl-predict.lock`` (``flock``, released by the OS even when the process is killed), so
 two runs never write into one folder at once; it removes the temporary files a killed run left there.
@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Outputs per case, in the input's format ({_other_outputs(FORMATS)}): "
         "<case>_labels, <case>_uncertainty (the UAFR map of the block nearest the output, when the model has "
         "UAFR maps), <case>_entropy, "
-        "with --save-probabilities <case>_probabilities_<k> (one file per class k), and <case>.json written "
-        "last. A failed case writes nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
+        "with --save-probabilities <case>_probabilities_<k> (one file per class k), with --dicom-seg "
+        "<case>_seg.dcm (DICOM series inputs only), and <case>.json written last. A failed case writes nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
         "DICOM folder 'scan') would overwrite each other's outputs: the later ones are refused before anything "
         "runs, the others are segmented. One run at a time per OUTDIR (a second one exits 1 at once). "
         "Exit status: 0 all done, 1 some case failed, 2 usage error, 130 interrupted.",
@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="average over mirrored copies (2^d times slower)")
     parser.add_argument(
         "--save-probabilities", action="store_true", help="also write one probability map per class"
+    )
+    parser.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="also write the labels as <case>_seg.dcm, a DICOM Segmentation (one segment per class) that "
+        "references the source series; every input must be a DICOM series folder",
     )
     parser.add_argument(
         "--series", metavar="UID", help="SeriesInstanceUID to read from a multi-series folder"
@@ -131,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     from napari_medcl.errors import InputWarning
 
     args = build_parser().parse_args(argv)
+    if args.dicom_seg:
+        not_dicom = [path for path in args.inputs if not path.is_dir()]
+        if not_dicom:  # before the model is loaded or any case runs
+            print(
+                f"{PROG}: error: --dicom-seg writes a DICOM Segmentation for DICOM series folders only; "
+                f"{', '.join(str(p) for p in not_dicom)} {'is not one' if len(not_dicom) == 1 else 'are not'}",
+                file=sys.stderr,
+            )
+            return 2
 
     def one_line(message: Any, category: type, *_: Any, **__: Any) -> None:
         print(f"warning: {message}", file=sys.stderr)
@@ -317,7 +332,14 @@ def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> No
         max_voxels=args.max_voxels,
         max_bytes=args.max_bytes,
     )
-    written = write_prediction(prediction, args.output, case, source=path)
+    written = write_prediction(
+        prediction,
+        args.output,
+        case,
+        source=path,
+        dicom_seg=model.spec.classes if args.dicom_seg else None,
+        series_uid=args.series,
+    )
     if not args.quiet:
         p = prediction.provenance
         print(

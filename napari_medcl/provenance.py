@@ -108,12 +108,14 @@ class TilingRecord:
 
 @dataclass(frozen=True)
 class OutputNames:
-    """The file names of a written case, relative to its folder; ``probabilities`` maps class name to file."""
+    """The file names of a written case, relative to its folder; ``probabilities`` maps class name to file,
+    ``dicom_seg`` is the DICOM Segmentation of the labels (DICOM-series inputs, when asked for)."""
 
     labels: str
     entropy: str
     uncertainty: str | None = None
     probabilities: Mapping[str, str] | None = None
+    dicom_seg: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         names: dict[str, Any] = {"labels": self.labels}
@@ -122,6 +124,8 @@ class OutputNames:
         names["entropy"] = self.entropy
         if self.probabilities is not None:
             names["probabilities"] = dict(self.probabilities)
+        if self.dicom_seg is not None:
+            names["dicom_seg"] = self.dicom_seg
         return names
 
 

@@ -44,6 +44,7 @@ def write_series(
     origin=(-30.0, 12.5, 40.0),
     step_sign: float = 1.0,
     modality: str = "CT",
+    frame_of_reference: bool = True,
 ) -> list[Dataset]:
     """A series of single-frame int16 images written with pydicom, one file per slice.
 
@@ -63,7 +64,9 @@ def write_series(
         ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.PatientName, ds.PatientID = modality, "Seg^Test", "P1"
         ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = STUDY, uid, f"{STUDY}.9"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, uid
+        if frame_of_reference:
+            ds.FrameOfReferenceUID = f"{STUDY}.9"
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240101", "120000", "1", "A1"
         ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 3, k + 1
         position = np.asarray(origin) + step_sign * k * spacing[0] * normal
@@ -428,3 +431,85 @@ def test_writer_refuses_a_moved_layer(tmp_path):
     kwargs["translate"] = (0.0, 0.0, 0.0)
     with pytest.raises(UsageError, match="no longer lies on the grid"):
         write_layer_data((data, kwargs, kind), tmp_path / "s.dcm")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# medcl-predict --dicom-seg
+
+
+THRESHOLD = 250.5  # the series' pixels are 0..41 + 100 k
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    from tests.onnx_models import pointwise_model, save
+
+    return save(
+        pointwise_model(threshold=THRESHOLD, patch=(4, 4, 4)), tmp_path_factory.mktemp("m") / "pw.onnx"
+    )
+
+
+def test_cli_writes_a_seg_beside_the_case(tmp_path, model_file, capsys):
+    import json
+
+    from napari_medcl import cli
+
+    folder = tmp_path / "ct"
+    sources = write_series(folder)
+    out = tmp_path / "out"
+    argv = [str(folder), "-o", str(out), "--model", str(model_file), "--device", "cpu", "--dicom-seg"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    sidecar = json.loads((out / "ct.json").read_text(encoding="utf-8"))
+    assert sidecar["outputs"]["dicom_seg"] == "ct_seg.dcm"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*sidecar["outputs"].values(), "ct.json"])
+    seg = read_dicom_seg(out / "ct_seg.dcm", folder)
+    image = read_image(folder)
+    assert seg.segment_names == ["class1"]
+    np.testing.assert_array_equal(seg.labels.array, (image.array > THRESHOLD).astype(np.uint8))
+    assert 0 < seg.labels.array.sum() < seg.labels.array.size
+    assert seg.series_uid == sources[0].SeriesInstanceUID and len(seg.instance_uids) == len(sources)
+    algorithm = (
+        pydicom.dcmread(out / "ct_seg.dcm").SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    )
+    assert algorithm.AlgorithmName == "test-model" and algorithm.AlgorithmVersion.startswith("sha256:")
+
+
+def test_cli_dicom_seg_refuses_a_non_dicom_input_before_anything_runs(tmp_path, capsys):
+    from napari_medcl import cli
+    from napari_medcl.io import write_image
+
+    write_series(tmp_path / "ct")
+    scan = write_image(read_image(tmp_path / "ct"), tmp_path / "scan.nii.gz")
+    out = tmp_path / "out"
+    # The model does not exist: the error must come before it is loaded.
+    argv = [str(tmp_path / "ct"), str(scan), "-o", str(out), "--model", "missing.onnx", "--dicom-seg"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dicom-seg" in err and f"{scan} is not one" in err, err
+    assert not out.exists()
+
+
+def test_cli_a_seg_that_cannot_be_made_leaves_nothing(tmp_path, model_file, capsys, monkeypatch):
+    from napari_medcl import cli
+
+    folder = tmp_path / "ct"
+    write_series(folder, frame_of_reference=False)
+    out = tmp_path / "out"
+    argv = [str(folder), "-o", str(out), "--model", str(model_file), "--device", "cpu", "--dicom-seg"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "has no FrameOfReferenceUID" in err and "Traceback" not in err, err
+    assert list(out.iterdir()) == []
+
+    # A SEG that fails while being saved: the case's other files, already staged, go too.
+    folder = tmp_path / "ct2"
+    write_series(folder)
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "save_as", full_disk)
+    assert cli.main([str(folder), *argv[1:]]) == 1
+    err = capsys.readouterr().err
+    assert "ct2_seg.dcm" in err and "No space left" in err and "Traceback" not in err, err
+    assert list(out.iterdir()) == []
