@@ -116,7 +116,9 @@ def write_dicom_seg(
 
 
 def check_seg_path(path: Path) -> None:
-    if not Path(path).name.lower().endswith(DICOM_SEG_EXTENSION) or Path(path).name.startswith("."):
+    """OutputFormatError unless ``path`` names a ``.dcm`` file (with a name before the extension)."""
+    name = Path(path).name.lower()
+    if not name.endswith(DICOM_SEG_EXTENSION) or name == DICOM_SEG_EXTENSION:
         raise OutputFormatError(path, f"a DICOM Segmentation file name must end in {DICOM_SEG_EXTENSION}")
 
 
@@ -189,7 +191,7 @@ def dicom_seg_dataset(
 
 
 def read_dicom_seg(path: Path, source_folder: Path | None = None) -> DicomSeg:
-    """Read a SEG written by ``write_dicom_seg`` (or any BINARY/LABELMAP SEG of single-frame images).
+    """Read a SEG written by ``write_dicom_seg`` (or another SEG of a series of single-frame images).
 
     With ``source_folder`` (the referenced series), ``labels`` covers that series' whole grid, as
     ``read_image`` reads it; without it, the grid spanned by the SEG's own frames, which leaves out the
@@ -203,19 +205,26 @@ def read_dicom_seg(path: Path, source_folder: Path | None = None) -> DicomSeg:
         seg = hd.seg.segread(path)
     except (OSError, pydicom.errors.InvalidDicomError, ValueError, AttributeError) as error:
         raise InputError(path, f"not a readable DICOM Segmentation ({error})") from None
-    referenced = seg.ReferencedSeriesSequence[0]
-    series_uid = str(referenced.SeriesInstanceUID)
-    instance_uids = [str(item.ReferencedSOPInstanceUID) for item in referenced.ReferencedInstanceSequence]
-    names = [str(seg.get_segment_description(n).segment_label) for n in seg.get_segment_numbers()]
-    if source_folder is None:
-        labels = _volume_from_hd(seg.get_volume(combine_segments=True), path)
-    else:
-        datasets = _series_datasets(Path(source_folder), series_uid)
-        grid = _grid_of(datasets, Path(source_folder))
-        planes = seg.get_pixels_by_source_instance(
-            [str(ds.SOPInstanceUID) for ds in grid.datasets], combine_segments=True
-        )
-        labels = Volume(planes, grid.spacing, grid.origin, grid.direction, source=path, format="dicom_seg")
+    try:
+        referenced = seg.ReferencedSeriesSequence[0]
+        series_uid = str(referenced.SeriesInstanceUID)
+        instance_uids = [str(item.ReferencedSOPInstanceUID) for item in referenced.ReferencedInstanceSequence]
+        names = [str(seg.get_segment_description(n).segment_label) for n in seg.get_segment_numbers()]
+        if source_folder is None:
+            labels = _volume_from_hd(seg.get_volume(combine_segments=True), path)
+        else:
+            datasets = _series_datasets(Path(source_folder), series_uid)
+            grid = _grid_of(datasets, Path(source_folder))
+            planes = seg.get_pixels_by_source_instance(
+                [str(ds.SOPInstanceUID) for ds in grid.datasets], combine_segments=True
+            )
+            labels = Volume(
+                planes, grid.spacing, grid.origin, grid.direction, source=path, format="dicom_seg"
+            )
+    except (AttributeError, IndexError, KeyError, ValueError, RuntimeError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(path, f"cannot read the segmentation's frames or references ({error})") from None
     return DicomSeg(
         labels=labels,
         segment_names=names,
@@ -286,12 +295,19 @@ def _source_datasets(folder: Path, labels: Volume, series_uid: str | None) -> li
         candidates = {series_uid: by_series[series_uid]}
     else:
         candidates = by_series
-    problems = {}
+    problems, matches = {}, {}
     for uid, datasets in candidates.items():
         try:
-            return _match_grid(datasets, labels, folder)
+            matches[uid] = _match_grid(datasets, labels, folder)
         except UsageError as error:
             problems[uid] = str(error)
+    if len(matches) == 1:
+        return next(iter(matches.values()))
+    if matches:
+        raise UsageError(
+            f"labels of shape {labels.spatial_shape} lie on the grid of {len(matches)} DICOM series in {folder} "
+            f"({', '.join(matches)}); choose one with series_uid (CLI: --series UID)"
+        )
     if len(problems) == 1:
         raise UsageError(next(iter(problems.values())))
     raise UsageError(

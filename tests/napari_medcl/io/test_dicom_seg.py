@@ -217,6 +217,31 @@ def test_the_series_is_picked_by_its_grid_or_uid(tmp_path):
         )
     assert not (tmp_path / "b.dcm").exists()
 
+    # A third series on the first one's grid (another echo, say): the grid alone cannot choose.
+    twin = tmp_path / "twin"
+    write_series(twin, (5, 6, 7), uid="1.2.826.0.1.3680043.2.1125.30.4")
+    for file in twin.iterdir():
+        file.rename(folder / f"c_{file.name}")
+    with pytest.raises(UsageError, match=r"lie on the grid of 2 DICOM series .*--series UID") as caught:
+        write_dicom_seg(
+            volume.with_array(labels, metadata={}),
+            folder,
+            CLASSES,
+            tmp_path / "c.dcm",
+            algorithm_name="m",
+            algorithm_version="1",
+        )
+    _one_line(caught.value, folder)
+    path = write_dicom_seg(
+        volume.with_array(labels),
+        folder,
+        CLASSES,
+        tmp_path / "c.dcm",
+        algorithm_name="m",
+        algorithm_version="1",
+    )
+    assert read_dicom_seg(path).series_uid == sources[0].SeriesInstanceUID
+
 
 def test_segment_colours_and_plain_segments(tmp_path):
     folder = tmp_path / "ct"
