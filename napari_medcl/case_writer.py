@@ -3,11 +3,12 @@
 A case ``<case>`` in folder ``outdir`` is ``<case>_labels<ext>``, ``<case>_uncertainty<ext>`` (when the model has
 UAFR maps), ``<case>_entropy<ext>``, one ``<case>_probabilities_<k><ext>`` per class when the Prediction holds
 probabilities (one file per class works in every output format, PNG/TIFF included; the sidecar maps files to
-class names), with ``report_csv=True`` ``<case>_report.csv`` (``case_report.CaseReport.to_csv``), and last
-``<case>.json``, so a sidecar marks a complete case. The sidecar holds the provenance
-(``Provenance.to_dict()``) and, under ``"report"``, the case report (``case_report.prediction_report``:
-size of each class, expected wrong volume, verdict). Extensions follow the input's
-format (``io.output_extension``); a Prediction made from an array with no file is written as NIfTI.
+class names), with ``report_csv=True`` ``<case>_report.csv`` (``case_report.CaseReport.to_csv``), for a DICOM
+series when asked ``<case>_seg.dcm`` (a DICOM Segmentation of the labels that references the series,
+``io.dicom_seg``), and last ``<case>.json``, so a sidecar marks a complete case. The sidecar holds the
+provenance (``Provenance.to_dict()``) and, under ``"report"``, the case report (``case_report.prediction_report``:
+size of each class, expected wrong volume, verdict). Extensions follow the input's format
+(``io.output_extension``); a Prediction made from an array with no file is written as NIfTI.
 
 Every file is first written whole under a temporary name beside its final one and read back; only when all of
 them are there are they renamed onto their final names, the sidecar last. A failure while writing (a full disk
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +45,7 @@ class WrittenCase:
     probabilities: dict[str, Path] = field(default_factory=dict)  # class name -> file
     report: CaseReport | None = None
     report_csv: Path | None = None
+    dicom_seg: Path | None = None
 
 
 def write_prediction(
@@ -54,6 +56,8 @@ def write_prediction(
     source: str | Path | None = None,
     report_csv: bool = False,
     verdict: Any = None,
+    dicom_seg: Sequence[Any] | None = None,
+    series_uid: str | None = None,
 ) -> WrittenCase:
     """Write ``prediction`` into ``outdir`` as case ``case``, all or nothing (see the module docstring).
 
@@ -62,6 +66,10 @@ def write_prediction(
     ``.nii.gz``. ``case`` defaults to the source's case name (``scan.nii.gz`` -> ``scan``). ``report_csv``:
     also write ``<case>_report.csv``. ``verdict``: the training-data check's verdict for the report (see
     ``case_report.case_report``; None: not assessed).
+
+    ``dicom_seg``: the model's classes (``ModelSpec.classes``) to also write the labels as ``<case>_seg.dcm``, a
+    DICOM Segmentation referencing the source DICOM series (``series_uid`` picks it in a folder of several);
+    built before anything is written, so its ``UsageError`` or ``InputError`` leaves the folder as it was.
 
     Raises ``OutputError`` when a file cannot be written (the earlier files of the case are left unchanged),
     ``OutputFormatError`` when the input's format cannot hold an output, ``InputError`` when the source
@@ -99,6 +107,8 @@ def write_prediction(
             images.append((probabilities[name], planes.with_array(planes.array[k])))
     csv_path = outdir / f"{case}_report.csv" if report_csv else None
     sidecar = outdir / f"{case}.json"
+    seg_path = None if dicom_seg is None else outdir / f"{case}_seg.dcm"
+    seg_dataset = None if dicom_seg is None else _dicom_seg(prediction, source, dicom_seg, series_uid)
 
     from napari_medcl.atomic import atomic_path, write_text_atomic
 
@@ -107,6 +117,8 @@ def write_prediction(
         sidecar_temp = staged.enter_context(atomic_path(sidecar))
         for final, volume in images:
             _write_checked(volume, staged.enter_context(atomic_path(final)), final)
+        if seg_path is not None:
+            _save_checked(seg_dataset, staged.enter_context(atomic_path(seg_path)), seg_path)
         recorded = replace(
             provenance,
             input=replace(
@@ -120,6 +132,7 @@ def write_prediction(
                 entropy=entropy.name,
                 probabilities={name: path.name for name, path in probabilities.items()} or None,
                 report_csv=None if csv_path is None else csv_path.name,
+                dicom_seg=None if seg_path is None else seg_path.name,
             ),
             timings={**provenance.timings, "write": round(time.perf_counter() - start, 4)},
         )
@@ -145,6 +158,7 @@ def write_prediction(
         probabilities=probabilities,
         report=report,
         report_csv=csv_path,
+        dicom_seg=seg_path,
     )
 
 
@@ -184,6 +198,44 @@ def _write_checked(volume: Volume, temp: Path, final: Path) -> None:
         raise
     except OutputError as error:
         raise OutputError(final, f"{error.problem}; the earlier files of this case are unchanged") from None
+
+
+def _dicom_seg(
+    prediction: Prediction, source: Path | None, classes: Sequence[Any], series_uid: str | None
+) -> Any:
+    """The DICOM SEG of the prediction's labels, referencing the DICOM series ``source`` (not yet written)."""
+    from napari_medcl.errors import UsageError
+    from napari_medcl.io.dicom_seg import dicom_seg_dataset
+
+    labels = prediction.labels
+    if source is None or labels.format != "dicom" or not source.is_dir():
+        raise UsageError(
+            f"{source or 'the image'}: a DICOM SEG can be written only for an input read from a DICOM series"
+        )
+    model = prediction.provenance.model
+    return dicom_seg_dataset(
+        labels,
+        source,
+        classes,
+        series_uid=series_uid,
+        algorithm_name=model.name,
+        algorithm_version=f"sha256:{model.sha256}"[:64],
+    )
+
+
+def _save_checked(dataset: Any, temp: Path, final: Path) -> None:
+    """Save a pydicom dataset to ``temp`` and read it back whole; an error names ``final``."""
+    import pydicom
+
+    try:
+        dataset.save_as(temp)
+        again = pydicom.dcmread(temp)
+        if again.SOPInstanceUID != dataset.SOPInstanceUID or len(again.PixelData) != len(dataset.PixelData):
+            raise OSError(f"{final.name} reads back differently (a failing disk?)")
+    except OSError as error:
+        raise OutputError(
+            final, f"cannot write ({error.strerror or error}); the earlier files of this case are unchanged"
+        ) from None
 
 
 @contextmanager

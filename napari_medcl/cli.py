@@ -3,9 +3,9 @@
 Arguments, the output folder's lock and the messages only: the work is
 ``napari_medcl.prediction.predict_iter``, and ``napari_medcl.case_writer.write_prediction`` writes each case
 (``<case>_labels``, ``<case>_uncertainty``, ``<case>_entropy``, with ``--save-probabilities``
-``<case>_probabilities_<k>``, with ``--report-csv`` ``<case>_report.csv``, and last ``<case>.json`` with the
-case report under ``"report"``), all or nothing. Exit status: 0 all cases done,
-1 some failed, 2 usage error, 130 interrupted.
+``<case>_probabilities_<k>``, with ``--report-csv`` ``<case>_report.csv``, with ``--dicom-seg``
+``<case>_seg.dcm``, and last ``<case>.json`` with the case report under ``"report"``), all or nothing. Exit
+status: 0 all cases done, 1 some failed, 2 usage error, 130 interrupted.
 
 A run holds ``OUTDIR/.medcl-predict.lock`` (``flock``, released by the OS even when the process is killed), so
 two runs never write into one folder at once; it removes the temporary files a killed run left there.
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "UAFR maps), <case>_entropy, "
         "with --save-probabilities <case>_probabilities_<k> (one file per class k), with --report-csv "
         '<case>_report.csv, and <case>.json written last; its "report" holds the size of each class (mL, or '
-        "cm2 for 2D images) and, with --save-probabilities, the expected wrong volume. A failed case writes "
-        "nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
+        "cm2 for 2D images) and, with --save-probabilities, the expected wrong volume; with --dicom-seg "
+        "<case>_seg.dcm (DICOM series inputs only). A failed case writes nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
         "DICOM folder 'scan') would overwrite each other's outputs: the later ones are refused before anything "
         "runs, the others are segmented. One run at a time per OUTDIR (a second one exits 1 at once). "
         "Exit status: 0 all done, 1 some case failed, 2 usage error, 130 interrupted.",
@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write <case>_report.csv: one row per class with its voxels, volume (mL; area in cm2 for 2D) "
         "and expected wrong volume, plus the model and verdict; the expected wrong volume (from 1 - top-class "
         "probability, uncalibrated) needs --save-probabilities, and is left empty without it",
+    )
+    parser.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="also write the labels as <case>_seg.dcm, a DICOM Segmentation (one segment per class) that "
+        "references the source series; every input must be a DICOM series folder",
     )
     parser.add_argument(
         "--series", metavar="UID", help="SeriesInstanceUID to read from a multi-series folder"
@@ -141,6 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     from napari_medcl.errors import InputWarning
 
     args = build_parser().parse_args(argv)
+    if args.dicom_seg:
+        not_dicom = [path for path in args.inputs if not path.is_dir()]
+        if not_dicom:  # before the model is loaded or any case runs
+            print(
+                f"{PROG}: error: --dicom-seg writes a DICOM Segmentation for DICOM series folders only; "
+                f"{', '.join(str(p) for p in not_dicom)} {'is not one' if len(not_dicom) == 1 else 'are not'}",
+                file=sys.stderr,
+            )
+            return 2
 
     def one_line(message: Any, category: type, *_: Any, **__: Any) -> None:
         print(f"warning: {message}", file=sys.stderr)
@@ -327,7 +342,15 @@ def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> No
         max_voxels=args.max_voxels,
         max_bytes=args.max_bytes,
     )
-    written = write_prediction(prediction, args.output, case, source=path, report_csv=args.report_csv)
+    written = write_prediction(
+        prediction,
+        args.output,
+        case,
+        source=path,
+        report_csv=args.report_csv,
+        dicom_seg=model.spec.classes if args.dicom_seg else None,
+        series_uid=args.series,
+    )
     if not args.quiet:
         p = prediction.provenance
         print(

@@ -109,13 +109,15 @@ class TilingRecord:
 @dataclass(frozen=True)
 class OutputNames:
     """The file names of a written case, relative to its folder; ``probabilities`` maps class name to file;
-    ``report_csv`` is the case report as CSV (``medcl-predict --report-csv``)."""
+    ``report_csv`` is the case report as CSV (``medcl-predict --report-csv``); ``dicom_seg`` is the DICOM
+    Segmentation of the labels (DICOM-series inputs, when asked for)."""
 
     labels: str
     entropy: str
     uncertainty: str | None = None
     probabilities: Mapping[str, str] | None = None
     report_csv: str | None = None
+    dicom_seg: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         names: dict[str, Any] = {"labels": self.labels}
@@ -126,6 +128,8 @@ class OutputNames:
             names["probabilities"] = dict(self.probabilities)
         if self.report_csv is not None:
             names["report_csv"] = self.report_csv
+        if self.dicom_seg is not None:
+            names["dicom_seg"] = self.dicom_seg
         return names
 
 

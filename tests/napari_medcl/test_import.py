@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("torch", "onnxruntime", "SimpleITK", "onnx", "napari", "scipy")
+HEAVY = ("torch", "onnxruntime", "SimpleITK", "onnx", "napari", "scipy", "highdicom", "pydicom")
 ROOT = Path(__file__).parents[2]
 
 PROBE = """
@@ -61,6 +61,11 @@ def test_inference_modules_import_without_torch():
     body = "import napari_medcl.prediction, napari_medcl.onnx_session, napari_medcl.tiling, napari_medcl.preprocess"
     report = _probe(body)
     assert "torch" not in report["loaded"] and "onnxruntime" not in report["loaded"]
+
+
+def test_dicom_seg_writer_imports_without_torch():
+    report = _probe("import napari_medcl.io.dicom_seg, napari_medcl._writer\nimport highdicom")
+    assert "highdicom" in report["loaded"] and "torch" not in report["loaded"]
 
 
 def test_console_script_help_runs_in_under_a_second():
