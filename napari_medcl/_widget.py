@@ -415,10 +415,16 @@ class ReviewWidget(Container):
         if layer is None:
             _notify_error(self._summary, "No Labels layer to save.")
             return
+        from napari_medcl._writer import DICOM_SEG_FILTER, can_save_dicom_seg
+
         default = _default_save_path(layer)
-        save_filter = ";;".join(
+        filters = [
             f"{fmt.title} ({' '.join(f'*{e}' for e in fmt.written_extensions)})" for fmt in SCAN_FORMATS
-        )
+        ]
+        if can_save_dicom_seg(layer):  # a scan from a DICOM series: its labels can go back as a DICOM SEG
+            filters.insert(0, DICOM_SEG_FILTER)
+            default = default.with_name(default.name.split(".")[0] + "_seg.dcm")
+        save_filter = ";;".join(filters)
         path, _ = QFileDialog.getSaveFileName(
             self.native,
             "Save labels with the scan's geometry",

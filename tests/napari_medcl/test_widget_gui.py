@@ -255,3 +255,22 @@ def test_rgb_2d_image_with_rectangle_and_review(make_napari_viewer, qtbot, tmp_p
     review = widget.show_review()
     assert len(review.scores) == 1 and not review._axis.visible  # a 2D image is one slice
     assert "px²" in review._entries[0][0]
+
+
+def test_labels_of_a_dicom_series_save_as_dicom_seg(make_napari_viewer, qtbot, tmp_path, model3d):
+    from napari_medcl.io.dicom_seg import read_dicom_seg
+    from tests.napari_medcl.io.test_dicom_seg import write_series
+
+    folder = tmp_path / "ct"
+    sources = write_series(folder)
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(folder), plugin="napari-medcl")
+    widget = make_widget(viewer, model3d)
+    run_and_wait(qtbot, widget)
+    labels = widget.results_of(image)["labels"]
+    labels.paint((2, 3, 3), 0)  # a correction before saving
+    written = widget.show_review().save_labels(tmp_path / "ct_seg.dcm")
+    seg = read_dicom_seg(written, folder)
+    assert seg.segment_names == ["class1"]
+    np.testing.assert_array_equal(seg.labels.array, labels.data)
+    assert sorted(seg.instance_uids) == sorted(ds.SOPInstanceUID for ds in sources)
