@@ -111,9 +111,10 @@ class ReviewWidget(Container):
         self._save_button = PushButton(text="Save labels...")
         self._report = _wrap(Label(value=""))
         self._report_button = PushButton(text="Export case report (CSV)...")
-        super().__init__(
-            scrollable=True,
-            widgets=[
+        super().__init__()
+        self._body = _scrolling_body(
+            self,
+            [
                 Label(value="<b>Uncertainty review</b>"),
                 self._labels_combo,
                 self._uncertainty,
@@ -316,7 +317,7 @@ class ReviewWidget(Container):
         self.overlay.editable = False
 
     def reset_choices(self, *args: Any) -> None:
-        _reset_keeping_layers(self, super().reset_choices, (self._labels_combo, self._uncertainty), *args)
+        _reset_keeping_layers(self, self._body.reset_choices, (self._labels_combo, self._uncertainty), *args)
 
     def mark_stale(self, message: str) -> None:
         """The results under review are being replaced: empty the list and say so until ``refresh``."""
@@ -511,9 +512,10 @@ class SegmentWidget(Container):
         self._device_note = _wrap(Label(value=""))
         self._cursor = _wrap(Label(value=""))
         self._review_button = PushButton(text="Open uncertainty review")
-        super().__init__(
-            scrollable=True,
-            widgets=[
+        super().__init__()
+        self._body = _scrolling_body(
+            self,
+            [
                 self._image,
                 self._model,
                 self._model_info,
@@ -641,7 +643,7 @@ class SegmentWidget(Container):
             self._run.enabled = False
 
     def reset_choices(self, *args: Any) -> None:
-        _reset_keeping_layers(self, super().reset_choices, (self._image, self._shapes), *args)
+        _reset_keeping_layers(self, self._body.reset_choices, (self._image, self._shapes), *args)
 
     def results_of(self, image: Any) -> dict[str, Any]:
         """The layers made from ``image`` (an Image layer), by output kind: "labels", "uafr_uncertainty"..."""
@@ -1109,6 +1111,25 @@ def _default_save_path(layer: Any) -> Path:
     if path is None or bundled or not os.access(path.parent, os.W_OK):
         return Path.home() / f"{_base_name(layer.name).replace(' ', '_')}_labels.nii.gz"
     return path
+
+
+def _scrolling_body(outer: Container, widgets: list[Any]) -> Container:
+    """Put ``widgets`` in a vertically scrolling area inside ``outer``, so that a dock stays usable on a small
+    screen (napari docks a magicgui widget's inner widget, so magicgui's own ``scrollable`` has no effect)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
+    body = Container(widgets=widgets)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setWidget(body.native)
+    scroll.setMinimumWidth(body.native.minimumSizeHint().width() + 20)
+    layout = outer.native.layout()
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.addWidget(scroll)
+    return body
 
 
 def _reset_keeping_layers(owner: Any, reset: Any, combos: tuple[ComboBox, ...], *args: Any) -> None:

@@ -130,16 +130,20 @@ def walk(args: argparse.Namespace) -> None:
 
         viewer.dims.set_point(0, image.data_to_world((39, 0, 0))[0])
         labels.paint((39, 40, 40), EDIT_LABEL)
-        with_edit = labels.data.copy()
         run(widget, tour)
         tour.shot("edit_in_region_kept", f"{widget._status.value}")
 
-        changed_by_run = int((labels.data != with_edit).sum())
+        kept = labels.data.copy()
+        widget.confirm_edits = lambda count, where: (
+            print(f"  asked: {count} edited voxel(s), overwrite") or ("overwrite")
+        )
+        run(widget, tour)
+        changed_by_run = int((labels.data != kept).sum())
         press_ctrl_z(viewer, labels)
         tour.shot(
             "undo",
-            f"Ctrl+Z after a run that changed {changed_by_run} voxels: labels as before the run: "
-            f"{bool(np.array_equal(labels.data, with_edit))}",
+            f"Ctrl+Z after a run that overwrote the edit ({changed_by_run} voxels): labels as before that "
+            f"run: {bool(np.array_equal(labels.data, kept))}",
         )
 
         review = widget.show_review()
@@ -181,7 +185,7 @@ def walk(args: argparse.Namespace) -> None:
             "second_scan",
             f"second scan: {len(second_results)} layers of its own ({', '.join(sorted(second_results))}), "
             f"all on its grid: {same}; the sample's labels untouched: "
-            f"{bool(np.array_equal(labels.data, with_edit))}",
+            f"{bool(np.array_equal(labels.data, kept))}",
         )
 
         review.set_layers(labels, results["uafr_uncertainty"])
@@ -191,7 +195,7 @@ def walk(args: argparse.Namespace) -> None:
         tour.shot(
             "saved_reopened",
             f"saved {saved.name}; reopened on the sample's grid: {reopened.same_geometry(sample)}, "
-            f"voxels equal: {bool(np.array_equal(reopened.array, with_edit))}",
+            f"voxels equal: {bool(np.array_equal(reopened.array, kept))}",
         )
         print("case report:\n  " + review.case_report().to_text().replace("\n", "\n  "))
 
