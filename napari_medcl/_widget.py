@@ -53,7 +53,11 @@ OVERLAY_COLOR = "#00e5ff"
 OUTLINE_KIND = "review_outline"
 LAYER_ID_KEY = "medcl_layer_id"
 # The maps the cursor line reads, by output kind, with their short names.
-_MAP_NAMES = {"uafr_uncertainty": "UAFR", "entropy": "entropy"}
+_MAP_NAMES = {
+    "top_class_error": "error likelihood (uncalibrated)",
+    "uafr_uncertainty": "UAFR",
+    "entropy": "entropy",
+}
 WARNING_STYLE = "color: #ffb000;"
 ERROR_STYLE = "color: #ff5050;"
 
@@ -962,11 +966,7 @@ class SegmentWidget(Container):
         if labels is None or not labels.visible and not any(m.visible for m in results.values()):
             self._cursor.value = ""
             return
-        maps = [
-            (_MAP_NAMES.get(kind, kind.removeprefix("uafr:")), layer)
-            for kind, layer in results.items()
-            if kind in _MAP_NAMES or kind.startswith("uafr:")
-        ]
+        maps = [(name, results[kind]) for kind, name in _MAP_NAMES.items() if kind in results]
         try:
             text = layer_data.cursor_readout(self.viewer.cursor.position, labels, maps)
         except Exception:  # a layer being replaced mid-move: the next move shows the line again

@@ -11,9 +11,10 @@ Sizes: a 3D image reports volumes in mL (voxel volume in mm^3 / 1000); a 2D imag
 
 Expected wrong volume of a class: the sum, over the voxels labelled with that class, of the probability that
 the label is wrong, times the voxel volume. It needs a map that *is* a probability of error. Today that is the
-model's own top-class complement, 1 - max_k p_k (``top_class_error``): uncalibrated, the model's belief, not a
-measured error rate. Normalised predictive entropy is in [0, 1] but is not a probability, so a report made
-from it names it and leaves the expected wrong volume out (None).
+model's own top-class complement, 1 - p(label) (``Prediction.top_class_error``, computed by every prediction
+while it reduces the probabilities; ``top_class_error`` here computes 1 - max_k p_k from a probability array):
+uncalibrated, the model's belief, not a measured error rate. Normalised predictive entropy is in [0, 1] but is
+not a probability, so a report made from it names it and leaves the expected wrong volume out (None).
 """
 
 from __future__ import annotations
@@ -357,7 +358,8 @@ def case_report(
 def prediction_report(
     prediction: Prediction, *, case: str | None = None, classes: Any = None, verdict: Any = None
 ) -> CaseReport:
-    """The report of ``prediction``: its labels and spacing, its provenance, and as error likelihood
+    """The report of ``prediction``: its labels and spacing, its provenance, and as error likelihood its
+    ``top_class_error`` (1 - the probability of each voxel's label); for a Prediction built without one,
     ``top_class_error`` of its probabilities when it holds them, else its normalised entropy, named as such
     and without expected wrong amounts. ``classes`` (see ``case_report``) defaults to the provenance's."""
     provenance = prediction.provenance
@@ -365,7 +367,9 @@ def prediction_report(
         if provenance is None:
             raise ValueError("name the classes: the prediction has no provenance to read them from")
         classes = provenance.model.classes
-    if prediction.probabilities is not None:
+    if prediction.top_class_error is not None:
+        error, name, is_probability = prediction.top_class_error.array, TOP_CLASS_ERROR_NAME, True
+    elif prediction.probabilities is not None:
         error, name, is_probability = (
             top_class_error(prediction.probabilities.array),
             TOP_CLASS_ERROR_NAME,

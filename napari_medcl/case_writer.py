@@ -1,7 +1,8 @@
 """Write a Prediction as a case: its images under the case's names, then its provenance sidecar, all or nothing.
 
 A case ``<case>`` in folder ``outdir`` is ``<case>_labels<ext>``, ``<case>_uncertainty<ext>`` (when the model has
-UAFR maps), ``<case>_entropy<ext>``, one ``<case>_probabilities_<k><ext>`` per class when the Prediction holds
+UAFR maps), ``<case>_entropy<ext>``, ``<case>_top_class_error<ext>`` (1 - the probability of each voxel's label;
+when the Prediction has it), one ``<case>_probabilities_<k><ext>`` per class when the Prediction holds
 probabilities (one file per class works in every output format, PNG/TIFF included; the sidecar maps files to
 class names), with ``report_csv=True`` ``<case>_report.csv`` (``case_report.CaseReport.to_csv``), for a DICOM
 series when asked ``<case>_seg.dcm`` (a DICOM Segmentation of the labels that references the series,
@@ -42,6 +43,7 @@ class WrittenCase:
     sidecar: Path
     provenance: Provenance
     uncertainty: Path | None = None
+    top_class_error: Path | None = None
     probabilities: dict[str, Path] = field(default_factory=dict)  # class name -> file
     report: CaseReport | None = None
     report_csv: Path | None = None
@@ -99,6 +101,10 @@ def write_prediction(
     if uncertainty is not None:
         images.append((uncertainty, prediction.uafr_uncertainty))
     images.append((entropy, prediction.entropy))
+    top_error = None
+    if prediction.top_class_error is not None:
+        top_error = outdir / f"{case}_top_class_error{map_ext}"
+        images.append((top_error, prediction.top_class_error))
     probabilities: dict[str, Path] = {}
     if prediction.probabilities is not None:
         planes = prediction.probabilities
@@ -133,6 +139,7 @@ def write_prediction(
                 probabilities={name: path.name for name, path in probabilities.items()} or None,
                 report_csv=None if csv_path is None else csv_path.name,
                 dicom_seg=None if seg_path is None else seg_path.name,
+                top_class_error=None if top_error is None else top_error.name,
             ),
             timings={**provenance.timings, "write": round(time.perf_counter() - start, 4)},
         )
@@ -155,6 +162,7 @@ def write_prediction(
         sidecar=sidecar,
         provenance=recorded,
         uncertainty=uncertainty,
+        top_class_error=top_error,
         probabilities=probabilities,
         report=report,
         report_csv=csv_path,

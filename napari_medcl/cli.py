@@ -2,10 +2,10 @@
 
 Arguments, the output folder's lock and the messages only: the work is
 ``napari_medcl.prediction.predict_iter``, and ``napari_medcl.case_writer.write_prediction`` writes each case
-(``<case>_labels``, ``<case>_uncertainty``, ``<case>_entropy``, with ``--save-probabilities``
-``<case>_probabilities_<k>``, with ``--report-csv`` ``<case>_report.csv``, with ``--dicom-seg``
-``<case>_seg.dcm``, and last ``<case>.json`` with the case report under ``"report"``), all or nothing. Exit
-status: 0 all cases done, 1 some failed, 2 usage error, 130 interrupted.
+(``<case>_labels``, ``<case>_uncertainty``, ``<case>_entropy``, ``<case>_top_class_error``, with
+``--save-probabilities`` ``<case>_probabilities_<k>``, with ``--report-csv`` ``<case>_report.csv``, with
+``--dicom-seg`` ``<case>_seg.dcm``, and last ``<case>.json`` with the case report under ``"report"``), all or
+nothing. Exit status: 0 all cases done, 1 some failed, 2 usage error, 130 interrupted.
 
 A run holds ``OUTDIR/.medcl-predict.lock`` (``flock``, released by the OS even when the process is killed), so
 two runs never write into one folder at once; it removes the temporary files a killed run left there.
@@ -46,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         "<case>.json provenance sidecar.",
         epilog=f"Outputs per case, in the input's format ({_other_outputs(FORMATS)}): "
         "<case>_labels, <case>_uncertainty (the UAFR map of the block nearest the output, when the model has "
-        "UAFR maps), <case>_entropy, "
+        "UAFR maps), <case>_entropy, <case>_top_class_error (1 - the probability of each voxel's label), "
         "with --save-probabilities <case>_probabilities_<k> (one file per class k), with --report-csv "
         '<case>_report.csv, and <case>.json written last; its "report" holds the size of each class (mL, or '
-        "cm2 for 2D images) and, with --save-probabilities, the expected wrong volume; with --dicom-seg "
-        "<case>_seg.dcm (DICOM series inputs only). A failed case writes nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
+        "cm2 for 2D images) and the expected wrong volume; with --dicom-seg <case>_seg.dcm (DICOM series "
+        "inputs only). A failed case writes nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
         "DICOM folder 'scan') would overwrite each other's outputs: the later ones are refused before anything "
         "runs, the others are segmented. One run at a time per OUTDIR (a second one exits 1 at once). "
         "Exit status: 0 all done, 1 some case failed, 2 usage error, 130 interrupted.",
@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-csv",
         action="store_true",
         help="also write <case>_report.csv: one row per class with its voxels, volume (mL; area in cm2 for 2D) "
-        "and expected wrong volume, plus the model and verdict; the expected wrong volume (from 1 - top-class "
-        "probability, uncalibrated) needs --save-probabilities, and is left empty without it",
+        "and expected wrong volume (from 1 - top-class probability, uncalibrated; always computed), plus the "
+        "model and verdict",
     )
     parser.add_argument(
         "--dicom-seg",

@@ -290,7 +290,8 @@ def segment_layer(
     """Segment an Image layer (napari Layer or LayerDataTuple) and return the result as LayerDataTuples.
 
     Returns, in order: Labels ``"<image> labels"`` (class colours, class names in ``features``), Image
-    ``"<image> UAFR uncertainty"`` (when the model has UAFR maps), Image ``"<image> entropy"`` (hidden) and,
+    ``"<image> UAFR uncertainty"`` (when the model has UAFR maps), Image ``"<image> entropy"`` (hidden), Image
+    ``"<image> error likelihood (uncalibrated)"`` (1 - the probability of each voxel's label, hidden) and,
     when ``uncertainty_maps`` is True, one Image ``"<image> UAFR <map>"`` per named map. All carry the image's
     scale/translate/units/axis_labels and its geometry in metadata, plus the model's name, SHA-256, the
     execution provider actually used and the intended-use notice under ``metadata["medcl_prediction"]``.
@@ -440,6 +441,15 @@ def prediction_layers(
             uncertainty_layer(prediction.uafr_uncertainty.array, "uafr_uncertainty", "UAFR uncertainty")
         )
     layers.append(uncertainty_layer(prediction.entropy.array, "entropy", "entropy", visible=False))
+    if prediction.top_class_error is not None:
+        layers.append(
+            uncertainty_layer(
+                prediction.top_class_error.array,
+                "top_class_error",
+                "error likelihood (uncalibrated)",
+                visible=False,
+            )
+        )
     if uncertainty_maps:
         for map_name, map_volume in prediction.uncertainty_maps.items():
             layers.append(

@@ -431,10 +431,12 @@ def _postprocess(
     foreground: np.ndarray | None = None,
 ) -> Prediction:
     """The outputs on the grid of ``volume`` (what the model was given): resampled back from the model grid
-    first when needed, then the argmax (never background where ``foreground``, (Z, Y, X) bool)."""
-    labels, entropy, maps, probabilities = (
+    first when needed, then the argmax (never background where ``foreground``, (Z, Y, X) bool), the entropy
+    and the top-class error."""
+    labels, entropy, top_error, maps, probabilities = (
         stitched.labels,
         stitched.entropy,
+        stitched.top_class_error,
         stitched.maps,
         stitched.probabilities,
     )
@@ -444,6 +446,7 @@ def _postprocess(
         k = spec.num_classes
         labels = np.zeros(shape, dtype=label_dtype(k))
         entropy = np.zeros(shape, dtype=np.float32)
+        top_error = np.zeros(shape, dtype=np.float32)
         probabilities = np.zeros((k, *shape), dtype=np.float32) if keep_probabilities else None
 
         def planes() -> Iterator[np.ndarray]:
@@ -454,10 +457,10 @@ def _postprocess(
                     probabilities[c] = plane
                 yield plane
 
-        argmax_entropy(planes(), k, labels, entropy, foreground)
+        argmax_entropy(planes(), k, labels, entropy, foreground, top_error)
         maps = resample_linear(stitched.maps, shape, back) if spec.uncertainty_maps else stitched.maps
     if volume.spatial_dims == 2:  # drop the depth-1 axis again
-        labels, entropy = labels[0], entropy[0]
+        labels, entropy, top_error = labels[0], entropy[0], top_error[0]
         maps = None if maps is None else maps[:, 0]
         probabilities = None if probabilities is None else probabilities[:, 0]
 
@@ -469,6 +472,7 @@ def _postprocess(
     return Prediction(
         labels=on_grid(labels),
         entropy=on_grid(entropy),
+        top_class_error=on_grid(top_error),
         # The block nearest the output (maps are in network order) sees the decision itself, at full
         # resolution: its map marks the voxels the network hesitates on, where deeper blocks' maps are flat.
         uafr_uncertainty=on_grid(maps[-1].copy()) if len(spec.uncertainty_maps) else None,

@@ -110,7 +110,9 @@ class TilingRecord:
 class OutputNames:
     """The file names of a written case, relative to its folder; ``probabilities`` maps class name to file;
     ``report_csv`` is the case report as CSV (``medcl-predict --report-csv``); ``dicom_seg`` is the DICOM
-    Segmentation of the labels (DICOM-series inputs, when asked for)."""
+    Segmentation of the labels (DICOM-series inputs, when asked for); ``top_class_error`` the map of 1 - the
+    probability of each voxel's label. Fields that are None are left out of the dict, so a case written before
+    a field existed reads the same."""
 
     labels: str
     entropy: str
@@ -118,12 +120,15 @@ class OutputNames:
     probabilities: Mapping[str, str] | None = None
     report_csv: str | None = None
     dicom_seg: str | None = None
+    top_class_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         names: dict[str, Any] = {"labels": self.labels}
         if self.uncertainty is not None:
             names["uncertainty"] = self.uncertainty
         names["entropy"] = self.entropy
+        if self.top_class_error is not None:
+            names["top_class_error"] = self.top_class_error
         if self.probabilities is not None:
             names["probabilities"] = dict(self.probabilities)
         if self.report_csv is not None:

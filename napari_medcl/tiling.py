@@ -105,6 +105,7 @@ def argmax_entropy(
     labels: np.ndarray,
     entropy: np.ndarray,
     foreground: np.ndarray | None = None,
+    top_error: np.ndarray | None = None,
 ) -> None:
     """Reduce class probability planes, given one class at a time in index order, to labels and entropy.
 
@@ -112,27 +113,34 @@ def argmax_entropy(
     Writes ``labels`` (S) with the argmax (ties go to the lower index) and ``entropy`` (S) with the
     normalised predictive entropy ``-sum p log p / log K`` clipped to [0, 1]. ``foreground`` (S) bool: where
     it holds, the argmax runs over the classes 1.. only (background is ruled out); the entropy is still that
-    of all K probabilities. Consuming classes one by one keeps the temporary memory at two planes whatever
-    the number of classes.
+    of all K probabilities. ``top_error`` (S) float32, when given, receives the model's own probability that
+    the label is wrong, ``1 - p(label)`` clipped to [0, 1]: ``1 - max_k p_k``, or ``1 - max_{k >= 1} p_k``
+    where ``foreground`` holds. Consuming classes one by one keeps the temporary memory at two float32
+    planes and one bool plane whatever the number of classes.
     """
     if foreground is not None and foreground.shape != labels.shape:
         raise ValueError(f"foreground mask shape {foreground.shape} != labels shape {labels.shape}")
-    best = None
+    if top_error is not None and top_error.shape != labels.shape:
+        raise ValueError(f"top_error shape {top_error.shape} != labels shape {labels.shape}")
+    # The only temporaries: the running maximum, one p log p plane and one bool plane, reused for every class.
+    best = term = better = None
     count = 0
     entropy[...] = 0
     for index, p in enumerate(planes):
         p = np.asarray(p, dtype=np.float32)
         if best is None:
             best = p.copy()
+            term = np.empty_like(best)
+            better = np.empty(best.shape, dtype=bool)
             if foreground is not None:
                 best[foreground] = -1.0  # below any probability: class 1 wins first, then the argmax of 1..
             labels[...] = 0
         else:
-            better = p > best
+            np.greater(p, best, out=better)
             labels[better] = index
             np.maximum(best, p, out=best)
         # p log p -> 0 as p -> 0; the clamp keeps log finite and changes the sum by < 1e-30 per class.
-        term = np.maximum(p, 1e-30)
+        np.maximum(p, np.float32(1e-30), out=term)
         np.log(term, out=term)
         term *= p
         entropy -= term
@@ -141,13 +149,18 @@ def argmax_entropy(
         raise ValueError(f"expected {num_classes} class planes, got {count}")
     entropy *= 1.0 / math.log(num_classes)
     np.clip(entropy, 0.0, 1.0, out=entropy)
+    if top_error is not None:
+        # best is the probability of the chosen label (the -1 placeholder is gone: K >= 2 planes came).
+        np.subtract(np.float32(1.0), best, out=top_error)
+        np.clip(top_error, 0.0, 1.0, out=top_error)
 
 
 @dataclass(frozen=True, eq=False)
 class StitchResult:
     """Outputs of an :class:`Accumulator` over the crop region ``S = (Z, Y, X)``.
 
-    ``labels`` (S) uint8/uint16 and ``entropy`` (S) float32 when the accumulator reduced, else None;
+    ``labels`` (S) uint8/uint16, ``entropy`` (S) float32 and ``top_class_error`` (S) float32 (1 - the
+    probability of the chosen label, see :func:`argmax_entropy`) when the accumulator reduced, else None;
     ``maps`` (U, *S) float32 UAFR maps (U may be 0); ``probabilities`` (K, *S) float32 when kept, else None.
     """
 
@@ -155,6 +168,7 @@ class StitchResult:
     entropy: np.ndarray | None
     maps: np.ndarray
     probabilities: np.ndarray | None
+    top_class_error: np.ndarray | None = None
 
 
 class Accumulator:
@@ -164,11 +178,12 @@ class Accumulator:
     the part of the grid that is the real image (default: all of it). Windows must be added in non-decreasing
     order of their first-axis start (the order of :func:`window_boxes`). Sums are float32 and only one window
     depth along ``z`` is held: when a window starts at a larger ``z``, the rows before it are final and are
-    reduced into the outputs (``probs = sums / weights``, then argmax, entropy and the UAFR maps).
+    reduced into the outputs (``probs = sums / weights``, then argmax, entropy, top-class error and the UAFR
+    maps).
 
-    With ``reduce=False`` no labels or entropy are computed (use it when the probabilities are resampled
-    before the argmax); ``keep_probabilities`` keeps the stitched probabilities, which ``reduce=False``
-    implies. ``foreground`` (bool, the crop region's shape): voxels whose label is never background
+    With ``reduce=False`` no labels, entropy or top-class error are computed (use it when the probabilities
+    are resampled before the argmax); ``keep_probabilities`` keeps the stitched probabilities, which
+    ``reduce=False`` implies. ``foreground`` (bool, the crop region's shape): voxels whose label is never background
     (see :func:`argmax_entropy`).
     """
 
@@ -211,6 +226,7 @@ class Accumulator:
         self._z0 = 0
         self.labels = np.zeros(out_shape, dtype=label_dtype(num_classes)) if reduce else None
         self.entropy = np.zeros(out_shape, dtype=np.float32) if reduce else None
+        self.top_class_error = np.zeros(out_shape, dtype=np.float32) if reduce else None
         self.maps = np.zeros((num_maps, *out_shape), dtype=np.float32)
         keep = keep_probabilities or not reduce
         self.probabilities = np.zeros((num_classes, *out_shape), dtype=np.float32) if keep else None
@@ -293,7 +309,14 @@ class Accumulator:
 
         if self._reduce:
             mask = None if self._foreground is None else self._foreground[out_rows]
-            argmax_entropy(planes(), k, self.labels[out_rows], self.entropy[out_rows], mask)
+            argmax_entropy(
+                planes(),
+                k,
+                self.labels[out_rows],
+                self.entropy[out_rows],
+                mask,
+                self.top_class_error[out_rows],
+            )
         else:
             for _ in planes():
                 pass
@@ -306,4 +329,4 @@ class Accumulator:
             self.finalize(self.shape[0])
             self._finished = True
             self._sums = self._weights = None  # free the working buffer
-        return StitchResult(self.labels, self.entropy, self.maps, self.probabilities)
+        return StitchResult(self.labels, self.entropy, self.maps, self.probabilities, self.top_class_error)

@@ -135,6 +135,10 @@ class Prediction:
     ``uncertainty_maps`` (None when the model has none); every block's map is in ``uncertainty_maps``.
     ``uncertainty_maps``: each UAFR map by its name in ``ModelSpec.uncertainty_maps``.
     ``entropy``: float32 in [0, 1], normalised predictive entropy of the stitched probabilities.
+    ``top_class_error``: float32 in [0, 1], the model's own probability that each voxel's label is wrong,
+    ``1 - p(label)`` for the class chosen (with a ``nonzero_is_foreground`` model, the likeliest foreground
+    class where the rule applies); uncalibrated. Computed in the same pass as the labels, without the
+    probabilities; None only for a Prediction built without it.
     ``probabilities``: float32 (K, *S) when asked for, else None.
     ``provenance``: tool version, model name and SHA-256, execution provider used, tiling, timings
     (``Provenance``; its ``to_dict()`` is the case's JSON sidecar).
@@ -146,6 +150,7 @@ class Prediction:
     uncertainty_maps: dict[str, Volume] = field(default_factory=dict)
     probabilities: Volume | None = None
     provenance: Provenance | None = None
+    top_class_error: Volume | None = None
 
     def crop(self, box: tuple[slice, ...]) -> Prediction:
         """Every output cut to ``box`` (spatial slices; see ``Volume.crop``)."""
@@ -154,7 +159,7 @@ class Prediction:
     def pasted(self, grid: Volume, box: tuple[slice, ...]) -> Prediction:
         """Every output placed at ``box`` of the whole grid of ``grid`` (its shape and geometry), with each
         output's background value around it: label 0, probability 1 for class 0 and 0 for the others, zero
-        entropy and uncertainty."""
+        entropy, top-class error and uncertainty."""
 
         def paste(output: Volume, background: np.ndarray) -> Volume:
             channels = output.array.shape[:1] if output.channel_axis else ()
@@ -176,6 +181,8 @@ class Prediction:
         """(output, background value: one per channel, or a scalar array) for every output present."""
         zero = np.zeros(())
         outputs = [(self.labels, zero), (self.entropy, zero)]
+        if self.top_class_error is not None:
+            outputs.append((self.top_class_error, zero))
         if self.uafr_uncertainty is not None:
             outputs.append((self.uafr_uncertainty, zero))
         outputs += [(m, zero) for m in self.uncertainty_maps.values()]
@@ -195,6 +202,7 @@ class Prediction:
             self,
             labels=new(self.labels),
             entropy=new(self.entropy),
+            top_class_error=new(self.top_class_error),
             uafr_uncertainty=new(self.uafr_uncertainty),
             uncertainty_maps={name: new(m) for name, m in self.uncertainty_maps.items()},
             probabilities=new(self.probabilities),

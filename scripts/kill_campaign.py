@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the tests' helpers (tests/onnx_models.py, tests/dataset_factory.py)
     sys.path.insert(0, str(REPO))
 
-OUTPUT_KINDS = ("labels", "uncertainty", "entropy")
+OUTPUT_KINDS = ("labels", "uncertainty", "entropy", "top_class_error")
 # Most of a short run is Python and torch starting; 12 epochs put most kills after the first checkpoint.
 TRAIN_EPOCHS = 12
 

@@ -429,7 +429,13 @@ def test_medcl_predict_runs_the_export_on_an_anisotropic_nifti(exported_3d, tmp_
     )
     original = read_image(source)
     files = sorted(f.name for f in out.iterdir())
-    assert files == ["scan.json", "scan_entropy.nii.gz", "scan_labels.nii.gz", "scan_uncertainty.nii.gz"]
+    assert files == [
+        "scan.json",
+        "scan_entropy.nii.gz",
+        "scan_labels.nii.gz",
+        "scan_top_class_error.nii.gz",
+        "scan_uncertainty.nii.gz",
+    ]
     for name in files[1:]:
         written = read_image(out / name)
         assert written.spatial_shape == original.spatial_shape
@@ -438,7 +444,7 @@ def test_medcl_predict_runs_the_export_on_an_anisotropic_nifti(exported_3d, tmp_
         np.testing.assert_allclose(written.direction, original.direction, atol=1e-6)
     labels = read_image(out / "scan_labels.nii.gz").array
     assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
-    for name in ("scan_uncertainty.nii.gz", "scan_entropy.nii.gz"):
+    for name in ("scan_uncertainty.nii.gz", "scan_entropy.nii.gz", "scan_top_class_error.nii.gz"):
         values = read_image(out / name).array
         assert values.min() >= 0 and values.max() <= 1 and values.std() > 0
     sidecar = json.loads((out / "scan.json").read_text())

@@ -4,6 +4,7 @@ verdict, CSV, the sidecar's "report" and medcl-predict --report-csv, against han
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import types
 
@@ -18,6 +19,7 @@ from napari_medcl.case_report import (
     NOT_ASSESSED,
     TOP_CLASS_ERROR_NAME,
     case_report,
+    prediction_report,
     top_class_error,
 )
 from napari_medcl.errors import OutputError
@@ -281,15 +283,38 @@ def test_the_sidecar_holds_the_report_of_a_real_run(tmp_path, model_path):
     assert "report_csv" not in sidecar["outputs"]
 
 
-def test_without_probabilities_the_sidecar_names_entropy_and_leaves_expected_wrong_out(tmp_path, model_path):
-    volume = Volume(_values(), RUN_SPACING, (0.0, 0.0, 0.0), np.eye(3))
+def test_without_probabilities_the_sidecar_still_has_the_expected_wrong_volume(tmp_path, model_path):
+    values = _values()
+    volume = Volume(values, RUN_SPACING, (0.0, 0.0, 0.0), np.eye(3))
     prediction = napari_medcl.predict(volume, model_path, device="cpu")
+    assert prediction.probabilities is None
+    _, error = _oracle(values)
+    np.testing.assert_allclose(prediction.top_class_error.array, error, atol=1e-5)
     report = json.loads(napari_medcl.write_prediction(prediction, tmp_path, "c").sidecar.read_text())[
         "report"
     ]
-    assert report["error_likelihood"] == ENTROPY_NAME
-    assert report["expected_wrong_ml_total"] is None
-    assert all(c["expected_wrong_ml"] is None for c in report["classes"])
+    voxel_ml = np.prod(RUN_SPACING) / 1000
+    assert report["error_likelihood"] == TOP_CLASS_ERROR_NAME
+    assert report["expected_wrong_ml_total"] == pytest.approx(error.sum() * voxel_ml, rel=1e-4)
+    assert report["expected_wrong_ml_total"] > 0.01
+
+
+def test_the_prediction_map_is_preferred_to_the_probabilities(model_path):
+    volume = Volume(_values(), RUN_SPACING, (0.0, 0.0, 0.0), np.eye(3))
+    prediction = napari_medcl.predict(volume, model_path, device="cpu", return_probabilities=True)
+    # A map that differs from 1 - max p shows which one the report read.
+    marked = prediction.top_class_error.with_array(np.full(volume.spatial_shape, 0.5, np.float32))
+    report = prediction_report(dataclasses.replace(prediction, top_class_error=marked))
+    voxel_ml = np.prod(RUN_SPACING) / 1000
+    assert report.expected_wrong_total == pytest.approx(0.5 * volume.array.size * voxel_ml, rel=1e-6)
+    # Without the map (a Prediction from older code): from the probabilities, else the entropy, named.
+    older = dataclasses.replace(prediction, top_class_error=None)
+    _, error = _oracle(volume.array)
+    assert prediction_report(older).expected_wrong_total == pytest.approx(error.sum() * voxel_ml, rel=1e-4)
+    no_probabilities = prediction_report(dataclasses.replace(older, probabilities=None))
+    assert no_probabilities.error_likelihood == ENTROPY_NAME
+    assert no_probabilities.expected_wrong_total is None
+    assert all(c.expected_wrong is None for c in no_probabilities.classes)
 
 
 def _scan(path) -> None:

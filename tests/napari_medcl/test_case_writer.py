@@ -103,3 +103,34 @@ def test_provenance_is_typed_frozen_and_reads_as_the_sidecar_dict(tmp_path, mode
         provenance.execution_provider = "elsewhere"  # type: ignore[misc]
     with pytest.raises(TypeError):
         provenance["tool"] = "other"  # type: ignore[index]
+
+
+def test_the_top_class_error_is_written_beside_the_entropy_and_listed(tmp_path):
+    k = 0.1  # soft: errors spread over (0, 0.5), so a wrong or all-zero file cannot pass
+    model = save(pointwise_model(threshold=THRESHOLD, k=k, patch=(8, 8, 8)), tmp_path / "soft.onnx")
+    source = _scan(tmp_path / "scan.nrrd")
+    prediction = napari_medcl.predict(source, model, device="cpu")
+    written = napari_medcl.write_prediction(prediction, tmp_path / "out")
+    assert written.top_class_error == tmp_path / "out" / "scan_top_class_error.nrrd"
+    image = read_image(source)
+    top_error = read_image(written.top_class_error)
+    assert top_error.same_geometry(image) and top_error.array.dtype == np.float32
+    p1 = 1 / (1 + np.exp(-k * (image.array.astype(np.float64) - THRESHOLD)))
+    expected = 1 - np.maximum(p1, 1 - p1)
+    assert expected.max() > 0.4
+    np.testing.assert_allclose(top_error.array, expected, atol=1e-5)
+    outputs = json.loads(written.sidecar.read_text())["outputs"]
+    assert list(outputs) == ["labels", "uncertainty", "entropy", "top_class_error"]
+    assert outputs["top_class_error"] == "scan_top_class_error.nrrd"
+
+    # A Prediction made without the map (older code) writes the case as before: no file, no key.
+    older = dataclasses.replace(prediction, top_class_error=None)
+    again = napari_medcl.write_prediction(older, tmp_path / "older")
+    assert again.top_class_error is None
+    assert sorted(p.name for p in (tmp_path / "older").iterdir()) == [
+        "scan.json",
+        "scan_entropy.nrrd",
+        "scan_labels.nrrd",
+        "scan_uncertainty.nrrd",
+    ]
+    assert "top_class_error" not in json.loads(again.sidecar.read_text())["outputs"]

@@ -21,6 +21,7 @@ from napari_medcl.onnx_session import cuda_unavailable_reason
 from tests.onnx_models import pointwise_model, save
 
 THRESHOLD = 100.5  # images hold integers 0..200, so no voxel sits on the threshold
+POINTWISE_K = 50.0  # pointwise_model's default logit slope
 SPACING_XYZ = (0.7, 0.85, 2.5)
 ORIGIN_XYZ = (-20.0, 13.5, 7.25)
 
@@ -127,10 +128,17 @@ def test_formats_match_the_oracle_with_the_input_geometry(
     atol = 1e-4 if kind == "dicom" else 1e-5
     entropy = read_image(out / f"{case}_entropy{map_ext}")
     uncertainty = read_image(out / f"{case}_uncertainty{map_ext}")
-    for output in (labels, entropy, uncertainty):
+    top_error = read_image(out / f"{case}_top_class_error{map_ext}")
+    for output in (labels, entropy, uncertainty, top_error):
         assert output.same_geometry(image, atol=atol), output.geometry_dict()
         assert output.spatial_dims == image.spatial_dims
     assert entropy.array.dtype == np.float32 and entropy.array.min() >= 0 and entropy.array.max() <= 1
+    # pointwise model: p(class 1) = sigmoid(k (x - threshold)), so the label's error is 1 - max(p0, p1),
+    # which is sigmoid(-k |x - threshold|).
+    margin = np.abs(image.array.astype(np.float64) - THRESHOLD)
+    assert top_error.array.dtype == np.float32
+    expected = np.exp(-POINTWISE_K * margin) / (1 + np.exp(-POINTWISE_K * margin))
+    np.testing.assert_allclose(top_error.array, expected, atol=atol)
 
     sidecar = json.loads((out / f"{case}.json").read_text(encoding="utf-8"))
     assert sidecar["version"] == "0.1.0"
@@ -153,6 +161,7 @@ def test_formats_match_the_oracle_with_the_input_geometry(
         "labels": f"{case}_labels{label_ext}",
         "uncertainty": f"{case}_uncertainty{map_ext}",
         "entropy": f"{case}_entropy{map_ext}",
+        "top_class_error": f"{case}_top_class_error{map_ext}",
     }
     assert sorted(p.name for p in out.iterdir()) == sorted([*sidecar["outputs"].values(), f"{case}.json"])
 
@@ -257,6 +266,7 @@ def test_console_script_continues_after_bad_cases_without_traceback(tmp_path, mo
         "scan.json",
         "scan_entropy.nii.gz",
         "scan_labels.nii.gz",
+        "scan_top_class_error.nii.gz",
         "scan_uncertainty.nii.gz",
     ]
 
@@ -300,6 +310,7 @@ def test_failed_write_removes_what_the_case_wrote(tmp_path, model_files, capsys,
         "fine.json",
         "fine_entropy.mha",
         "fine_labels.mha",
+        "fine_top_class_error.mha",
         "fine_uncertainty.mha",
         "scan.json",
     ]

@@ -94,8 +94,9 @@ def test_the_clinicians_path_keeps_every_edit(make_napari_viewer, qtbot, tmp_pat
 
     # one status line under the cursor: the class and each map's value there
     viewer.cursor.position = tuple(image.data_to_world((39, 50, 40)))
-    assert widget._cursor.value.startswith("Under the cursor: label 2 · UAFR ")
-    assert " · entropy " in widget._cursor.value
+    line = widget._cursor.value
+    assert line.startswith("Under the cursor: label 2 · error likelihood (uncalibrated) 0.")
+    assert " · UAFR " in line and " · entropy " in line
     assert viewer.status == "MNI152 T1: " + widget._cursor.value.removeprefix("Under the cursor: ")
     viewer.cursor.position = tuple(image.data_to_world((39, 10, 5)))
     assert widget._cursor.value.startswith("Under the cursor: background")
@@ -114,7 +115,7 @@ def test_the_clinicians_path_keeps_every_edit(make_napari_viewer, qtbot, tmp_pat
     widget._image.value = second
     run_and_wait(qtbot, widget)
     results = widget.results_of(second)
-    assert set(results) >= {"labels", "uafr_uncertainty", "entropy", "review_outline"}
+    assert set(results) == {"labels", "uafr_uncertainty", "entropy", "top_class_error", "review_outline"}
     for layer in results.values():
         np.testing.assert_allclose(layer.scale, second.scale)
         np.testing.assert_allclose(layer.translate, second.translate)

@@ -77,7 +77,7 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def earlier_output(tmp_path_factory, model) -> dict[str, bytes]:
-    """The four files medcl-predict wrote for a small case 'scan' on an ordinary disk, by name."""
+    """The five files medcl-predict wrote for a small case 'scan' on an ordinary disk, by name."""
     folder = tmp_path_factory.mktemp("earlier")
     source = _image(folder / "scan.nii.gz", (4, 8, 8), seed=0)
     out = folder / "out"
@@ -87,6 +87,7 @@ def earlier_output(tmp_path_factory, model) -> dict[str, bytes]:
         "scan.json",
         "scan_entropy.nii.gz",
         "scan_labels.nii.gz",
+        "scan_top_class_error.nii.gz",
         "scan_uncertainty.nii.gz",
     ]
     return files

@@ -96,8 +96,16 @@ def test_segment_layer_outputs(scan, model3d):
     path, written, layer = scan
     out = segment_layer(layer, model3d)
     names = [kwargs["name"] for _, kwargs, _ in out]
-    assert names == ["case1 labels", "case1 UAFR uncertainty", "case1 entropy"]
-    (labels, lkw, ltype), (uafr, ukw, utype), (entropy, ekw, etype) = out
+    assert names == [
+        "case1 labels",
+        "case1 UAFR uncertainty",
+        "case1 entropy",
+        "case1 error likelihood (uncalibrated)",
+    ]
+    (labels, lkw, ltype), (uafr, ukw, utype), (entropy, ekw, etype), (error, errkw, _) = out
+    # the model's own probability that the label is wrong: 1 - max(p0, p1) of the pointwise model
+    assert errkw["visible"] is False and error.shape == labels.shape
+    assert error.min() >= 0.0 and error.max() <= 0.5
     assert (ltype, utype, etype) == ("labels", "image", "image")
     # the pointwise model labels exactly the voxels above 0.5
     np.testing.assert_array_equal(labels, (written.array > 0.5).astype(np.uint8))

@@ -72,6 +72,7 @@ def test_pointwise_oracle_3d(models, shape, overlap, batch_size):
     for output in (
         labels,
         prediction.entropy,
+        prediction.top_class_error,
         prediction.uafr_uncertainty,
         *prediction.uncertainty_maps.values(),
     ):
@@ -85,6 +86,10 @@ def test_pointwise_oracle_3d(models, shape, overlap, batch_size):
     p = _sigmoid(50 * shifted)
     entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p)) / math.log(2)
     np.testing.assert_allclose(prediction.entropy.array, entropy, atol=1e-5)
+    top_error = prediction.top_class_error.array
+    assert top_error.dtype == np.float32
+    np.testing.assert_allclose(top_error, 1 - np.maximum(p, 1 - p), atol=1e-5)
+    assert top_error.max() > 0.1  # the margin of 0.02 leaves errors up to sigmoid(-1): a test that can fail
     assert prediction.probabilities is None
 
 
@@ -94,6 +99,9 @@ def test_pointwise_oracle_2d_image(models):
     prediction = predict(volume, models["2d"])
     np.testing.assert_array_equal(prediction.labels.array, image > 0.5)
     assert prediction.labels.same_geometry(volume, atol=0)
+    assert prediction.top_class_error.same_geometry(volume, atol=0)
+    p = _sigmoid(50 * (image.astype(np.float64) - 0.5))
+    np.testing.assert_allclose(prediction.top_class_error.array, 1 - np.maximum(p, 1 - p), atol=1e-5)
     assert prediction.uafr_uncertainty is None and prediction.uncertainty_maps == {}
     assert prediction.provenance["tiling"]["window"] == [16, 16]
 
@@ -150,6 +158,31 @@ def test_resampled_input_gives_labels_on_the_input_grid(models):
     assert prediction.entropy.array.min() >= 0.0 and prediction.entropy.array.max() <= 1.0
 
 
+@pytest.mark.parametrize("name", ["3d-spacing", "2d-spacing"])
+def test_resampled_top_class_error_is_one_minus_the_chosen_probability(models, name):
+    """On the resampled path the argmax runs on the input grid after resampling the probabilities back; the
+    top-class error comes from the same planes, and does not need the probabilities kept."""
+    dims = 3 if name == "3d-spacing" else 2
+    spacing = (2.0, 0.8, 1.3)[-dims:]
+    shape = (11, 30, 19)[-dims:]
+    image = _blob(shape, spacing, centre_mm=(10.0, 12.0, 12.0)[-dims:], sigma_mm=6.0)
+    volume = _volume(image, spacing=spacing)
+    kept = predict(volume, models[name], return_probabilities=True)
+    assert kept.provenance["preprocessing"]["resampled"] is True
+    probs = kept.probabilities.array
+    top_error = kept.top_class_error.array
+    assert top_error.shape == shape and top_error.dtype == np.float32
+    assert kept.top_class_error.same_geometry(volume, atol=0)
+    np.testing.assert_allclose(top_error, 1 - probs.max(0), atol=1e-6)
+    assert top_error.max() > 0.1 and top_error.min() >= 0 and top_error.max() <= 0.5
+    # Far from the boundary the error is near the model's own formula on the image value (resampling a steep
+    # sigmoid linearly is not exact: the plane is interpolated between model-grid voxels).
+    p = _sigmoid(50 * (image.astype(np.float64) - 0.5))
+    clear = np.abs(image - 0.5) > 0.15
+    np.testing.assert_allclose(top_error[clear], (1 - np.maximum(p, 1 - p))[clear], atol=0.02)
+    np.testing.assert_array_equal(predict(volume, models[name]).top_class_error.array, top_error)
+
+
 def test_2d_model_with_spacing_over_3d_volume_keeps_z(models):
     spacing = (5.0, 1.0, 1.0)
     image = _blob((3, 24, 20), spacing, centre_mm=(5.0, 12.0, 10.0), sigma_mm=6.0)
@@ -202,10 +235,17 @@ def test_tta_runs_all_mirrorings(models):
     np.testing.assert_array_equal(prediction.labels.array, image > 0.5)
     tiling = prediction.provenance["tiling"]
     assert tiling["tta"] is True and tiling["forward_passes"] == 8 * tiling["windows"]
+    p = _sigmoid(50 * (image.astype(np.float64) - 0.5))  # mirroring leaves a pointwise model's output as is
+    np.testing.assert_allclose(prediction.top_class_error.array, 1 - np.maximum(p, 1 - p), atol=1e-5)
     conv_plain = predict(_volume(image), models["conv"], return_probabilities=True)
     conv_tta = predict(_volume(image), models["conv"], tta=True, return_probabilities=True)
     np.testing.assert_allclose(conv_tta.probabilities.array.sum(0), 1.0, atol=1e-5)
     assert not np.allclose(conv_tta.probabilities.array, conv_plain.probabilities.array)
+    # The error is that of the mirrored mean, like the entropy, not of one pass.
+    np.testing.assert_allclose(
+        conv_tta.top_class_error.array, 1 - conv_tta.probabilities.array.max(0), atol=1e-6
+    )
+    assert not np.allclose(conv_tta.top_class_error.array, conv_plain.top_class_error.array)
 
 
 def test_conv_model_with_divisor_padding_matches_a_direct_run(models):
@@ -434,6 +474,10 @@ def test_a_nonzero_mask_model_runs_on_the_nonzero_box_and_outside_is_background(
     assert (prediction.entropy.array[~inside] == 0).all() and (
         prediction.uafr_uncertainty.array[~inside] == 0
     ).all()
+    assert (prediction.top_class_error.array[~inside] == 0).all()
+    np.testing.assert_allclose(
+        prediction.top_class_error.array, 1 - probabilities.max(0), atol=1e-6
+    )  # inside: the network's own; outside: certain background
     assert (predict(volume, plain).labels.array == 1).all()
     assert predict(volume, plain).provenance["nonzero_box"] is None
     # Non-zero voxels on every face: no crop, but the zeros inside are still outside the mask.
@@ -442,3 +486,98 @@ def test_a_nonzero_mask_model_runs_on_the_nonzero_box_and_outside_is_background(
     prediction = predict(_volume(holes), masked)
     assert prediction.provenance["nonzero_box"] is None
     np.testing.assert_array_equal(prediction.labels.array, (holes != 0).astype(np.uint8))
+
+
+def _ruled_error(probs, image):
+    """1 - p(label) under the nonzero_is_foreground rule: the best of classes 1.. where the image is non-zero."""
+    return 1 - np.where(image != 0, probs[1:].max(0), probs.max(0))
+
+
+@pytest.mark.parametrize("spacing", [None, (2.0, 1.0, 1.0)])
+def test_top_class_error_follows_the_nonzero_is_foreground_rule(tmp_path, spacing):
+    """Where background is ruled out the label is the likeliest foreground class, so its chance of being
+    wrong is 1 - that class's probability, even where the network was sure of background."""
+    rng = np.random.default_rng(4)
+    image = rng.choice(np.array([0.0, 0.1, 0.2, 0.6, 1.0, 1.7], np.float32), size=(6, 10, 9))
+    image[0] = 0
+    common = {
+        "num_classes": 3,
+        "patch": (4, 8, 8),
+        "maps": (),
+        **({} if spacing is None else {"spacing": spacing}),
+    }
+    rule = load_model(
+        save(nearest_class_model(nonzero_is_foreground=True, k=4.0, **common), tmp_path / "r.onnx")
+    )
+    prediction = predict(_volume(image), rule, return_probabilities=True)
+    assert prediction.provenance["nonzero_is_foreground"]
+    assert prediction.provenance["preprocessing"]["resampled"] is (spacing is not None)
+    probs = prediction.probabilities.array
+    top_error = prediction.top_class_error.array
+    np.testing.assert_allclose(top_error, _ruled_error(probs, image), atol=1e-6)
+    labels = prediction.labels.array
+    np.testing.assert_allclose(
+        top_error, 1 - np.take_along_axis(probs, labels[None].astype(np.intp), 0)[0], atol=1e-6
+    )
+    # Background likely but ruled out: the error is well above 1 - max p (a test that can fail).
+    ruled_out = (image != 0) & (probs[0] > 0.8)
+    assert ruled_out.any()
+    assert (top_error[ruled_out] > 0.8).all() and (1 - probs.max(0)[ruled_out] < 0.2).all()
+    if spacing is None:  # same grid: exact against the model's formula
+        logits = -4.0 * (image[None].astype(np.float64) - np.arange(3).reshape(3, 1, 1, 1)) ** 2
+        p = np.exp(logits - logits.max(0))
+        p /= p.sum(0)
+        np.testing.assert_allclose(top_error, _ruled_error(p, image), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "region"),
+    [
+        ("3d", ((2, 9), (3, 11), (1, 8))),
+        ("3d", ("slice", 0, 5)),
+        ("2d", ("slice", 0, 4)),
+        ("2d-image", ((5, 30), (10, 44))),
+    ],
+)
+def test_a_region_run_has_the_top_class_error_inside_and_zero_outside(models, name, region):
+    shape = (37, 50) if name == "2d-image" else (12, 14, 10)
+    image = _away_from(0.5, shape, seed=7)
+    volume = _volume(image, spacing=(1.0,) * len(shape))
+    prediction = predict(volume, models["2d" if name == "2d-image" else name], region=region)
+    top_error = prediction.top_class_error
+    assert top_error.same_geometry(volume, atol=0) and top_error.array.dtype == np.float32
+    if region[0] == "slice":
+        _, axis, index = region
+        inside = tuple(slice(index, index + 1) if a == axis else slice(None) for a in range(len(shape)))
+    else:
+        inside = tuple(slice(a, b) for a, b in region)
+    outside = np.ones(shape, bool)
+    outside[inside] = False
+    p = _sigmoid(50 * (image.astype(np.float64) - 0.5))
+    expected = np.where(outside, 0.0, 1 - np.maximum(p, 1 - p))
+    np.testing.assert_allclose(top_error.array, expected, atol=1e-5)
+    assert top_error.array[inside].max() > 0.05 and (top_error.array[outside] == 0).all()
+
+
+def test_crop_paste_and_set_background_carry_the_top_class_error():
+    grid = _volume(np.zeros((4, 5, 6), np.float32), spacing=(2.0, 1.0, 0.5), origin=(1.0, 2.0, 3.0))
+    error = np.linspace(0.1, 0.5, grid.array.size, dtype=np.float32).reshape(grid.spatial_shape)
+    prediction = Prediction(
+        labels=grid.with_array(np.ones(grid.spatial_shape, np.uint8)),
+        entropy=grid.with_array(np.full(grid.spatial_shape, 0.3, np.float32)),
+        top_class_error=grid.with_array(error.copy()),
+    )
+    box = (slice(1, 3), slice(0, 4), slice(2, 6))
+    part = prediction.crop(box)
+    np.testing.assert_array_equal(part.top_class_error.array, error[box])
+    assert part.top_class_error.same_geometry(part.labels)
+    pasted = part.pasted(grid, box)
+    expected = np.zeros_like(error)
+    expected[box] = error[box]
+    np.testing.assert_array_equal(pasted.top_class_error.array, expected)
+    assert pasted.top_class_error.same_geometry(grid)
+    where = error > 0.3
+    prediction.set_background(where)
+    np.testing.assert_array_equal(prediction.top_class_error.array, np.where(where, 0, error))
+    # A Prediction without the map (older code) still crops and pastes.
+    assert Prediction(labels=prediction.labels, entropy=prediction.entropy).crop(box).top_class_error is None

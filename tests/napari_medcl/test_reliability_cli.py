@@ -129,6 +129,7 @@ def test_locked_folder_is_refused_with_one_line(tmp_path, model, capsys):
         "scan.json",
         "scan_entropy.nii.gz",
         "scan_labels.nii.gz",
+        "scan_top_class_error.nii.gz",
         "scan_uncertainty.nii.gz",
     ]
 
@@ -307,6 +308,7 @@ def test_sigint_mid_run_exits_130_leaving_finished_cases_only(tmp_path, model, c
         "first.json",
         "first_entropy.nii.gz",
         "first_labels.nii.gz",
+        "first_top_class_error.nii.gz",
         "first_uncertainty.nii.gz",
     ]
     labels = read_image(out / "first_labels.nii.gz").array

@@ -161,7 +161,9 @@ def test_accumulator_slab_reduction_equals_direct_computation(
     np.testing.assert_array_equal(result.labels[clear], p_ref.argmax(0)[clear])
     entropy = -(p_ref * np.log(p_ref)).sum(0) / math.log(k)
     np.testing.assert_allclose(result.entropy, entropy, atol=2e-6)
+    np.testing.assert_allclose(result.top_class_error, 1 - p_ref.max(0), atol=2e-6)
     assert result.labels.dtype == np.uint8 and result.entropy.dtype == np.float32
+    assert result.top_class_error.dtype == np.float32 and result.top_class_error.shape == result.labels.shape
     assert result.labels.shape == tuple(c.stop - c.start for c in crop)
 
 
@@ -177,7 +179,7 @@ def test_accumulator_without_reduction_keeps_probabilities_only():
     for box in window_boxes(shape, window, 0.5):
         acc.add(box, np.full((2, *window), 0.5, np.float32))
     result = acc.finish()
-    assert result.labels is None and result.entropy is None
+    assert result.labels is None and result.entropy is None and result.top_class_error is None
     assert result.maps.shape == (0, *shape)
     np.testing.assert_allclose(result.probabilities, 0.5, rtol=1e-6)
 
@@ -235,6 +237,77 @@ def test_argmax_entropy_rules_background_out_where_foreground():
     np.testing.assert_array_equal(entropy, plain_entropy)  # the network's uncertainty is left as it is
     with pytest.raises(ValueError, match="foreground mask shape"):
         argmax_entropy(iter([p0, p1, p2]), 3, labels, entropy, foreground[:3])
+
+
+def test_argmax_entropy_top_error_is_one_minus_the_chosen_class_probability():
+    p0 = np.array([0.7, 0.2, 1 / 3, 0.05, 1.0], np.float32)
+    p1 = np.array([0.2, 0.5, 1 / 3, 0.05, 0.0], np.float32)
+    p2 = np.array([0.1, 0.3, 1 / 3, 0.9, 0.0], np.float32)
+    labels, entropy = np.zeros(5, np.uint8), np.zeros(5, np.float32)
+    top_error = np.full(5, np.nan, np.float32)
+    argmax_entropy(iter([p0, p1, p2]), 3, labels, entropy, top_error=top_error)
+    np.testing.assert_array_equal(labels, [0, 1, 0, 2, 0])
+    np.testing.assert_allclose(top_error, [0.3, 0.5, 2 / 3, 0.1, 0.0], atol=1e-6)
+    assert top_error.dtype == np.float32
+    # Without the output array nothing else changes.
+    plain_labels, plain_entropy = np.zeros(5, np.uint8), np.zeros(5, np.float32)
+    argmax_entropy(iter([p0, p1, p2]), 3, plain_labels, plain_entropy)
+    np.testing.assert_array_equal(plain_labels, labels)
+    np.testing.assert_array_equal(plain_entropy, entropy)
+    with pytest.raises(ValueError, match="top_error shape"):
+        argmax_entropy(iter([p0, p1, p2]), 3, labels, entropy, top_error=top_error[:4])
+
+
+def test_argmax_entropy_top_error_follows_the_foreground_rule():
+    # Background likely (0.9) or certain (1.0) but ruled out: the label is the likeliest foreground class,
+    # and the chance it is wrong is 1 - that class's probability, not 1 - 0.9.
+    p0 = np.array([0.9, 0.9, 1.0, 0.2, 0.6], np.float32)
+    p1 = np.array([0.02, 0.08, 0.0, 0.5, 0.1], np.float32)
+    p2 = np.array([0.08, 0.02, 0.0, 0.3, 0.3], np.float32)
+    foreground = np.array([True, True, True, True, False])
+    labels, entropy = np.zeros(5, np.uint8), np.zeros(5, np.float32)
+    top_error = np.full(5, np.nan, np.float32)
+    argmax_entropy(iter([p0, p1, p2]), 3, labels, entropy, foreground, top_error)
+    np.testing.assert_array_equal(labels, [2, 1, 1, 1, 0])
+    np.testing.assert_allclose(top_error, [0.92, 0.92, 1.0, 0.5, 0.4], atol=1e-6)
+    assert top_error.min() >= 0 and top_error.max() <= 1
+
+
+@pytest.mark.parametrize("with_foreground", [False, True])
+def test_argmax_entropy_temporaries_stay_at_two_planes(with_foreground):
+    import tracemalloc
+
+    n, k = 1 << 18, 6
+    x = np.random.default_rng(2).random((k, n)).astype(np.float32)
+    x /= x.sum(0)
+    planes = list(x)  # made before measuring: only the reduction's own temporaries count
+    labels, entropy, top_error = np.zeros(n, np.uint8), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    foreground = (np.arange(n) % 2).astype(bool) if with_foreground else None
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        argmax_entropy(iter(planes), k, labels, entropy, foreground, top_error)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The running maximum and one p log p plane (float32), one bool plane; no copy per class, no 1 - max copy.
+    assert peak < 2.5 * 4 * n, f"peak {peak / (4 * n):.2f} float32 planes"
+    np.testing.assert_allclose(top_error[::2], 1 - x[:, ::2].max(0), atol=1e-6)
+    if with_foreground:
+        np.testing.assert_allclose(top_error[1::2], 1 - x[1:, 1::2].max(0), atol=1e-6)
+
+
+def test_accumulator_top_class_error_follows_the_foreground_mask():
+    shape, window = (6, 4, 4), (2, 4, 4)
+    foreground = np.zeros(shape, bool)
+    foreground[2:5, 1:3] = True
+    acc = Accumulator(shape, window, 3, 0, foreground=foreground)
+    for box in window_boxes(shape, window, 0.5):
+        probs = np.empty((3, *window), np.float32)
+        probs[0], probs[1], probs[2] = 0.6, 0.15, 0.25
+        acc.add(box, probs)
+    result = acc.finish()
+    np.testing.assert_allclose(result.top_class_error, np.where(foreground, 0.75, 0.4), atol=1e-6)
 
 
 def test_accumulator_passes_the_foreground_mask_row_by_row():

@@ -110,7 +110,7 @@ def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path,
     assert len(viewer.layers) == count and viewer.layers["case labels"] is labels and labels.data.any()
     widget._keep.value = True
     run_and_wait(qtbot, widget)
-    assert len(viewer.layers) == count + 3
+    assert len(viewer.layers) == count + 4
 
     # saving writes the labels with the source file's geometry (oblique direction included)
     written = review.save_labels(tmp_path / "case_labels.nii.gz")
