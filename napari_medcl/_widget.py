@@ -83,7 +83,10 @@ def _combo(label: str, kind: str, owner: Any, **kwargs: Any) -> ComboBox:
 
 
 def _wrap(label: Label) -> Label:
+    """A word-wrapped message line that takes no room while it is empty."""
     label.native.setWordWrap(True)
+    label.native.setVisible(bool(label.value))
+    label.changed.connect(lambda text: label.native.setVisible(bool(text)))
     return label
 
 
@@ -634,6 +637,7 @@ class SegmentWidget(Container):
             self._review = ReviewWidget(self.viewer)
             if window is not None:
                 window.add_dock_widget(self._review, name="Uncertainty review", area="right", tabify=False)
+                _share_height((self, 0.45), (self._review, 0.55))
         else:
             _raise_dock(self._review)
         return self._review
@@ -1173,15 +1177,36 @@ def _outline_only(shapes: Any) -> None:
     shapes.current_edge_color = "#ffd400"
 
 
-def _raise_dock(widget: Container) -> None:
+def _share_height(*shares: tuple[Container, float]) -> None:
+    """Split the height of the docks of ``shares`` (widget, fraction) between them: Qt would otherwise give
+    the first dock all it asks for and leave the next a sliver."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QMainWindow
+
+    docks = [_dock_of(widget) for widget, _ in shares]
+    if any(dock is None for dock in docks):
+        return
+    main = docks[0].window()  # the Qt main window, reached without napari's private attributes
+    if not isinstance(main, QMainWindow):
+        return
+    height = max(200, main.height() - 120)
+    main.resizeDocks(docks, [int(height * fraction) for _, fraction in shares], Qt.Orientation.Vertical)
+
+
+def _dock_of(widget: Container) -> Any:
     from qtpy.QtWidgets import QDockWidget
 
     parent = widget.native.parent()
     while parent is not None and not isinstance(parent, QDockWidget):
         parent = parent.parent()
-    if parent is not None:
-        parent.show()
-        parent.raise_()
+    return parent
+
+
+def _raise_dock(widget: Container) -> None:
+    dock = _dock_of(widget)
+    if dock is not None:
+        dock.show()
+        dock.raise_()
 
 
 def _camera(viewer: Any) -> Any:

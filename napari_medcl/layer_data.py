@@ -38,7 +38,7 @@ IMAGE_ID_KEY = "medcl_image_id"
 DERIVED_KEY = "medcl_derived"
 AXIS_NAMES = ("z", "y", "x")
 # Labels let the anatomy show through; the colours still tell the classes apart.
-LABELS_OPACITY = 0.5
+LABELS_OPACITY = 0.4
 # Uncertainty maps share one fixed range so that cases and runs compare by eye. Low values are fully
 # transparent and the colour ramps in with its opacity (translucent blending), so the map neither hides the
 # anatomy where the model is sure nor washes out to white over bright tissue as additive blending did.
@@ -54,7 +54,10 @@ UNCERTAINTY_DISPLAY = {
     "contrast_limits": (0.0, 1.0),
     "blending": "translucent",
     "opacity": 0.8,
-    "rendering": "attenuated_mip",
+    # In the 3D view a volume rendering of the map would hide everything behind a haze; a surface where the
+    # map crosses 0.5 shows where the model hesitates and leaves the rest visible.
+    "rendering": "iso",
+    "iso_threshold": 0.5,
 }
 
 
