@@ -274,3 +274,16 @@ def test_labels_of_a_dicom_series_save_as_dicom_seg(make_napari_viewer, qtbot, t
     assert seg.segment_names == ["class1"]
     np.testing.assert_array_equal(seg.labels.array, labels.data)
     assert sorted(seg.instance_uids) == sorted(ds.SOPInstanceUID for ds in sources)
+
+
+def test_save_dialog_starts_beside_the_scan_or_at_home_for_the_sample(make_napari_viewer, tmp_path):
+    from napari_medcl._widget import _default_save_path
+
+    viewer = make_napari_viewer()
+    (sample,) = viewer.open_sample("napari-medcl", "mni152_t1")
+    labels = viewer.add_labels(np.zeros(sample.data.shape, np.uint8), metadata=dict(sample.metadata))
+    assert _default_save_path(labels).parent == Path.home()  # never inside the installed package
+    oblique_scan(tmp_path / "case.nii.gz")
+    image = open_scan(viewer, tmp_path / "case.nii.gz")
+    labels = viewer.add_labels(np.zeros(image.data.shape, np.uint8), metadata=dict(image.metadata))
+    assert _default_save_path(labels) == tmp_path / "case_labels.nii.gz"
