@@ -83,10 +83,7 @@ def _combo(label: str, kind: str, owner: Any, **kwargs: Any) -> ComboBox:
 
 
 def _wrap(label: Label) -> Label:
-    """A word-wrapped message line that takes no room while it is empty."""
     label.native.setWordWrap(True)
-    label.native.setVisible(bool(label.value))
-    label.changed.connect(lambda text: label.native.setVisible(bool(text)))
     return label
 
 
@@ -104,7 +101,10 @@ class ReviewWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         self.viewer = viewer
         self.scores: list[Any] = []
-        self._entries: list[tuple[str, int]] = []
+        # (text, (ranking number, row)): each ranking has its own values, because the list keeps the items of
+        # values it already shows (with their old text and place) when its choices are reset
+        self._entries: list[tuple[str, tuple[int, int]]] = []
+        self._ranking = 0
         self._labels_combo = _combo("Labels", "labels", self)
         self._uncertainty = _combo("Uncertainty", "image", self)
         self._axis = ComboBox(label="Slice axis", choices=[("z", 0), ("y", 1), ("x", 2)], value=0)
@@ -185,7 +185,11 @@ class ReviewWidget(Container):
             limit=LIST_LENGTH,
         )
         unit = self._volume_unit(uncertainty.ndim)
-        self._entries = [(self._describe(i, s, uncertainty.ndim, unit), i) for i, s in enumerate(self.scores)]
+        self._ranking += 1
+        self._entries = [
+            (self._describe(i, s, uncertainty.ndim, unit), (self._ranking, i))
+            for i, s in enumerate(self.scores)
+        ]
         self._slice_list.reset_choices()
         total = float((uncertainty > self._threshold.value).sum()) * float(np.prod(spacing))
         self._summary.native.setStyleSheet("")
@@ -346,7 +350,7 @@ class ReviewWidget(Container):
 
     # -- internals
 
-    def _slice_choices(self, _widget: Any = None) -> list[tuple[str, int]]:
+    def _slice_choices(self, _widget: Any = None) -> list[tuple[str, tuple[int, int]]]:
         return list(getattr(self, "_entries", []))
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]] | None:
@@ -555,6 +559,8 @@ class SegmentWidget(Container):
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._on_layers_changed)
         viewer.cursor.events.position.connect(self._on_cursor)
+        viewer.dims.events.ndisplay.connect(self._on_ndisplay)
+        self._hidden_in_3d: list[Any] = []
         default = _default_model_choice(self._model.choices)
         if default is not None:
             self._model.value = default
@@ -960,6 +966,25 @@ class SegmentWidget(Container):
         self._model_written = {k: v for k, v in self._model_written.items() if k in present}
         self.reset_choices()
         self._on_region_changed()
+
+    def _on_ndisplay(self, *_: Any) -> None:
+        """In the 3D view the result maps are hidden (rendered as volumes they fill the view and hide the
+        labels' surfaces); back in 2D the ones that were shown are shown again."""
+        if self.viewer.dims.ndisplay == 3:
+            self._hidden_in_3d = []
+            for layer in self.viewer.layers:
+                kind = layer_data.derived_from(layer)[1]
+                if kind is not None and kind != "labels" and layer.visible:
+                    layer.visible = False
+                    self._hidden_in_3d.append(layer)
+            if self._hidden_in_3d:
+                self._cursor.value = "3D view: the uncertainty maps are hidden; they return in the 2D view."
+        else:
+            for layer in self._hidden_in_3d:
+                if layer in self.viewer.layers:
+                    layer.visible = True
+            self._hidden_in_3d = []
+            self._cursor.value = ""
 
     def _on_cursor(self, *_: Any) -> None:
         """One line with the class under the cursor and every map's value there, for the image of the

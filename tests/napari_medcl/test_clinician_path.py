@@ -101,6 +101,14 @@ def test_the_clinicians_path_keeps_every_edit(make_napari_viewer, qtbot, tmp_pat
     viewer.cursor.position = tuple(image.data_to_world((39, 10, 5)))
     assert widget._cursor.value.startswith("Under the cursor: background")
 
+    # the 3D view shows the labels' surfaces: the maps, which would fill the volume, are hidden until 2D
+    uafr = widget.results_of(image)["uafr_uncertainty"]
+    assert uafr.visible
+    viewer.dims.ndisplay = 3
+    assert not uafr.visible and not widget.results_of(image)["review_outline"].visible and labels.visible
+    viewer.dims.ndisplay = 2
+    assert uafr.visible and widget.results_of(image)["review_outline"].visible
+
     # a second scan, with another spacing and origin: its results sit on its own grid
     widget._region.value = "Whole image"
     sample = read_image(image.metadata["medcl_geometry"]["source"])

@@ -98,6 +98,16 @@ def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path,
     assert viewer.dims.point[0] == pytest.approx(z_world)
     review._threshold.value = 0.9
     assert viewer.layers[-1] == overlay and overlay.name == "case uncertain > 0.90"
+    # ranked again another way, the list shows the new ranking in its order (row r is entry r)
+    review._slice_list.native.setCurrentRow(2)
+    review._threshold.value = 0.3
+    review._mode.value = "volume_above"
+    assert len(review._entries) > 2
+    review._slice_list.native.setCurrentRow(0)
+    review.refresh()
+    review._threshold.value = 0.35
+    shown = [review._slice_list.native.item(r).text() for r in range(review._slice_list.native.count())]
+    assert shown == [text for text, _ in review._entries] and shown[0].startswith("1. ")
 
     # re-running updates the same layers in place, asking before it overwrites the user's edits
     edited = int(labels.data.sum())
