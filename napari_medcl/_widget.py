@@ -28,7 +28,6 @@ from magicgui.widgets import (
     Label,
     ProgressBar,
     PushButton,
-    Select,
 )
 
 from napari_medcl import layer_data, region_merge
@@ -101,10 +100,7 @@ class ReviewWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         self.viewer = viewer
         self.scores: list[Any] = []
-        # (text, (ranking number, row)): each ranking has its own values, because the list keeps the items of
-        # values it already shows (with their old text and place) when its choices are reset
-        self._entries: list[tuple[str, tuple[int, int]]] = []
-        self._ranking = 0
+        self._entries: list[str] = []
         self._labels_combo = _combo("Labels", "labels", self)
         self._uncertainty = _combo("Uncertainty", "image", self)
         self._axis = ComboBox(label="Slice axis", choices=[("z", 0), ("y", 1), ("x", 2)], value=0)
@@ -112,8 +108,7 @@ class ReviewWidget(Container):
         self._threshold = FloatSlider(label="Threshold", min=0.0, max=1.0, step=0.01, value=0.5)
         self._show_overlay = CheckBox(text="Outline uncertainty above threshold", value=True)
         self._rank_button = PushButton(text="Rank slices")
-        # choices come from a callback so that the container's reset_choices (on every layer change) keeps them
-        self._slice_list = Select(label="Most uncertain", choices=self._slice_choices, allow_multiple=False)
+        self._slice_list = _RankedList()
         self._summary = _wrap(Label(value=""))
         self._save_button = PushButton(text="Save labels...")
         self._report = _wrap(Label(value=""))
@@ -130,7 +125,6 @@ class ReviewWidget(Container):
                 self._threshold,
                 self._show_overlay,
                 self._rank_button,
-                self._slice_list,
                 self._summary,
                 self._save_button,
                 Label(value="<b>Case report</b>"),
@@ -139,8 +133,7 @@ class ReviewWidget(Container):
             ],
         )
         self.overlay: Any = None
-        self._slice_list.native.setSelectionMode(self._slice_list.native.SelectionMode.SingleSelection)
-        self._slice_list.native.setMinimumHeight(140)
+        _insert_after(self._body, self._rank_button, self._slice_list.native)
         self._slice_list.native.itemClicked.connect(
             lambda item: self.go_to(self._slice_list.native.row(item))
         )
@@ -171,7 +164,7 @@ class ReviewWidget(Container):
         pair = self._arrays()
         self.scores, self._entries = [], []
         if pair is None:
-            self._slice_list.reset_choices()
+            self._slice_list.show([])
             return
         labels, uncertainty, spacing = pair
         self._axis.visible = uncertainty.ndim == 3
@@ -185,12 +178,8 @@ class ReviewWidget(Container):
             limit=LIST_LENGTH,
         )
         unit = self._volume_unit(uncertainty.ndim)
-        self._ranking += 1
-        self._entries = [
-            (self._describe(i, s, uncertainty.ndim, unit), (self._ranking, i))
-            for i, s in enumerate(self.scores)
-        ]
-        self._slice_list.reset_choices()
+        self._entries = [self._describe(i, s, uncertainty.ndim, unit) for i, s in enumerate(self.scores)]
+        self._slice_list.show(self._entries)
         total = float((uncertainty > self._threshold.value).sum()) * float(np.prod(spacing))
         self._summary.native.setStyleSheet("")
         self._summary.value = (
@@ -333,7 +322,7 @@ class ReviewWidget(Container):
     def mark_stale(self, message: str) -> None:
         """The results under review are being replaced: empty the list and say so until ``refresh``."""
         self.scores, self._entries = [], []
-        self._slice_list.reset_choices()
+        self._slice_list.show([])
         self._summary.value = message
         self._summary.native.setStyleSheet(WARNING_STYLE)
 
@@ -349,9 +338,6 @@ class ReviewWidget(Container):
         return written
 
     # -- internals
-
-    def _slice_choices(self, _widget: Any = None) -> list[tuple[str, tuple[int, int]]]:
-        return list(getattr(self, "_entries", []))
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]] | None:
         labels_layer, u_layer = self._labels_combo.value, self._uncertainty.value
@@ -1140,6 +1126,36 @@ def _default_save_path(layer: Any) -> Path:
     if path is None or bundled or not os.access(path.parent, os.W_OK):
         return Path.home() / f"{_base_name(layer.name).replace(' ', '_')}_labels.nii.gz"
     return path
+
+
+class _RankedList:
+    """The ranked slices, a plain Qt list refilled whole on each ranking. (A magicgui Select reconciles its
+    old and new choices item by item: the list came out in a mixed order, and its current row moved, and with
+    it the viewer, while it did.)"""
+
+    def __init__(self) -> None:
+        from qtpy.QtWidgets import QAbstractItemView, QListWidget
+
+        self.native = QListWidget()
+        self.native.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.native.setMinimumHeight(140)
+
+    def show(self, entries: list[str]) -> None:
+        self.native.blockSignals(True)  # refilling is not a click: the viewer stays where it is
+        try:
+            self.native.clear()
+            self.native.addItems(entries)
+        finally:
+            self.native.blockSignals(False)
+
+
+def _insert_after(body: Container, widget: Any, native: Any) -> None:
+    """Put a plain Qt widget into a magicgui container's layout, right after ``widget``'s row."""
+    layout = body.native.layout()
+    row = widget.native
+    while row is not None and layout.indexOf(row) < 0:
+        row = row.parentWidget()
+    layout.insertWidget(layout.indexOf(row) + 1 if row is not None else layout.count(), native)
 
 
 def _scrolling_body(outer: Container, widgets: list[Any]) -> Container:

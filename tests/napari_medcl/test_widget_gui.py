@@ -104,10 +104,12 @@ def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path,
     review._mode.value = "volume_above"
     assert len(review._entries) > 2
     review._slice_list.native.setCurrentRow(0)
+    point = tuple(viewer.dims.point)
     review.refresh()
     review._threshold.value = 0.35
+    assert tuple(viewer.dims.point) == point  # ranking again does not move the viewer
     shown = [review._slice_list.native.item(r).text() for r in range(review._slice_list.native.count())]
-    assert shown == [text for text, _ in review._entries] and shown[0].startswith("1. ")
+    assert shown == review._entries and shown[0].startswith("1. ")
 
     # re-running updates the same layers in place, asking before it overwrites the user's edits
     edited = int(labels.data.sum())
@@ -264,7 +266,7 @@ def test_rgb_2d_image_with_rectangle_and_review(make_napari_viewer, qtbot, tmp_p
     assert not labels.data[outside].any()
     review = widget.show_review()
     assert len(review.scores) == 1 and not review._axis.visible  # a 2D image is one slice
-    assert "px²" in review._entries[0][0]
+    assert "px²" in review._entries[0]
 
 
 def test_labels_of_a_dicom_series_save_as_dicom_seg(make_napari_viewer, qtbot, tmp_path, model3d):
