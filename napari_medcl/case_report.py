@@ -216,7 +216,7 @@ class CaseReport:
         elements = "voxels" if self.spatial_dims == 3 else "pixels"
         lines = []
         for c in sorted(self.classes, key=lambda c: c.background):  # structures first, background last
-            tag = " (background)" if c.background else ""
+            tag = " (background)" if c.background and c.name.lower() != "background" else ""
             lines.append(f"{c.name}{tag}: {_number(c.amount)} {unit} ({c.voxels} {elements})")
         if self.expected_wrong_total is None:
             lines.append(f"Expected wrong {self.measure}: not computed ({self.expected_wrong_note})")
