@@ -44,7 +44,12 @@ def take_screenshot(args: argparse.Namespace) -> Path:
         (image,) = viewer.open_sample("napari-medcl", "mni152_t1")
         widget = SegmentWidget(viewer)
         viewer.window.add_dock_widget(widget, name="napari-medcl: segment", area="right")
-        widget.add_model_file(args.model)
+        from napari_medcl.onnx_session import MODELS_DIR
+
+        if args.model.resolve().parent == MODELS_DIR.resolve():  # a bundled model: pick it by its name
+            widget._model.value = args.model.stem
+        else:
+            widget.add_model_file(args.model)
         widget.run(sync=True)
         if not widget.last_layers:
             raise SystemExit(f"segmentation failed: {widget._status.value}")
