@@ -44,8 +44,10 @@ OPEN_FILE = "Open file..."
 PLUGIN = "napari-medcl"
 REGION_WHOLE, REGION_SLICE, REGION_RECT = "Whole image", "Current slice", "Rectangle (Shapes layer)"
 RANK_MODES = (
-    ("mean uncertainty in labels", "mean_in_foreground"),
-    ("uncertain volume > threshold", "volume_above"),
+    ("expected errors per slice (sum of the map)", "expected_errors"),
+    ("expected errors per 3D region (map > threshold)", "regions"),
+    ("mean of the map in the labels", "mean_in_foreground"),
+    ("volume of the map > threshold", "volume_above"),
 )
 LIST_LENGTH = 50
 OVERLAY_COLOR = "#00e5ff"
@@ -104,7 +106,7 @@ class ReviewWidget(Container):
         self._labels_combo = _combo("Labels", "labels", self)
         self._uncertainty = _combo("Uncertainty", "image", self)
         self._axis = ComboBox(label="Slice axis", choices=[("z", 0), ("y", 1), ("x", 2)], value=0)
-        self._mode = ComboBox(label="Rank by", choices=RANK_MODES, value="mean_in_foreground")
+        self._mode = ComboBox(label="Rank by", choices=RANK_MODES, value="expected_errors")
         self._threshold = FloatSlider(label="Threshold", min=0.0, max=1.0, step=0.01, value=0.5)
         self._show_overlay = CheckBox(text="Outline uncertainty above threshold", value=True)
         self._rank_button = PushButton(text="Rank slices")
@@ -158,8 +160,8 @@ class ReviewWidget(Container):
         self.refresh()
 
     def refresh(self, *_: Any) -> None:
-        """Rank the slices again and refill the list (top ``LIST_LENGTH``)."""
-        from napari_medcl.review import rank_slices
+        """Rank the slices (or regions) again and refill the list (top ``LIST_LENGTH``)."""
+        from napari_medcl.review import rank_regions, rank_slices
 
         pair = self._arrays()
         self.scores, self._entries = [], []
@@ -167,24 +169,36 @@ class ReviewWidget(Container):
             self._slice_list.show([])
             return
         labels, uncertainty, spacing = pair
+        regions = self._mode.value == "regions"
         self._axis.visible = uncertainty.ndim == 3
-        self.scores = rank_slices(
-            uncertainty,
-            labels,
-            self._axis.value,
-            mode=self._mode.value,
-            threshold=self._threshold.value,
-            spacing=spacing,
-            limit=LIST_LENGTH,
-        )
+        if regions:
+            self.scores = rank_regions(
+                uncertainty, labels, threshold=self._threshold.value, spacing=spacing, limit=LIST_LENGTH
+            )
+        else:
+            self.scores = rank_slices(
+                uncertainty,
+                labels,
+                self._axis.value,
+                mode=self._mode.value,
+                threshold=self._threshold.value,
+                spacing=spacing,
+                limit=LIST_LENGTH,
+            )
         unit = self._volume_unit(uncertainty.ndim)
-        self._entries = [self._describe(i, s, uncertainty.ndim, unit) for i, s in enumerate(self.scores)]
+        self._entries = [
+            self._describe(i, s, uncertainty.ndim, unit, self._mode.value) for i, s in enumerate(self.scores)
+        ]
         self._slice_list.show(self._entries)
-        total = float((uncertainty > self._threshold.value).sum()) * float(np.prod(spacing))
+        voxel = float(np.prod(spacing))
+        above = float((uncertainty > self._threshold.value).sum()) * voxel
+        expected = float(uncertainty.sum(dtype=np.float64)) * voxel
+        what = "region(s)" if regions else "slice(s)"
         self._summary.native.setStyleSheet("")
         self._summary.value = (
-            f"{len(self.scores)} slice(s) listed. Uncertain > {self._threshold.value:.2f}: {total:.0f} {unit} "
-            f"in total. Click an entry to go there."
+            f"{len(self.scores)} {what} listed. Sum of the map: {expected:.0f} {unit} (the expected wrong "
+            f"volume when the map is an error likelihood); above {self._threshold.value:.2f}: {above:.0f} "
+            f"{unit}. Click an entry to go there."
         )
         self.update_overlay()
         self.update_report()
@@ -247,8 +261,12 @@ class ReviewWidget(Container):
         labels, uncertainty, _ = pair
         layer = self._uncertainty.value
         axis = self._axis.value if uncertainty.ndim == 3 else 0
+        entry = self.scores[row]
+        if hasattr(entry, "box"):  # a 3D region: its centre, on the slice through it, zoomed to its box
+            self._show_box(layer, entry, axis)
+            return
         threshold = self._threshold.value if self._mode.value == "volume_above" else None
-        center = region_center(uncertainty, labels, axis, self.scores[row].index, threshold=threshold)
+        center = region_center(uncertainty, labels, axis, entry.index, threshold=threshold)
         dims = self.viewer.dims
         offset = dims.ndim - layer.ndim
         world = list(dims.point)
@@ -356,18 +374,52 @@ class ReviewWidget(Container):
         metric = bool(units) and str(units[-1]) in ("millimeter", "mm")
         return ("mm" if metric else "px") + ("³" if ndim == 3 else "²")
 
+    def _show_box(self, layer: Any, entry: Any, axis: int) -> None:
+        """Centre the view on a region, on the slice through its centre, zoomed so that its box fills most
+        of the canvas (relative to the zoom that frames the whole scene, so no canvas size is needed)."""
+        dims = self.viewer.dims
+        offset = dims.ndim - layer.ndim
+        world = list(dims.point)
+        world[offset:] = list(layer.data_to_world(entry.center))
+        if len(entry.box) == 3:
+            world_axis = offset + axis
+            if dims.ndisplay == 2 and world_axis in dims.displayed:
+                dims.order = (world_axis, *(a for a in dims.order if a != world_axis))
+            dims.set_point(world_axis, world[world_axis])
+        self.viewer.reset_view()
+        camera = _camera(self.viewer)
+        scene = np.asarray(self.viewer.layers.extent.world, dtype=np.float64)  # (2, ndim): min, max
+        low = np.asarray(layer.data_to_world([s.start - 0.5 for s in entry.box]), dtype=np.float64)
+        high = np.asarray(layer.data_to_world([s.stop - 0.5 for s in entry.box]), dtype=np.float64)
+        ratios = []
+        for a in dims.displayed:
+            if a >= offset:
+                box = abs(high[a - offset] - low[a - offset])
+                ratios.append((scene[1, a] - scene[0, a]) / max(box, 1e-6))
+        if ratios:
+            camera.zoom = camera.zoom * max(1.0, 0.6 * min(ratios))
+        camera.center = tuple(world[a] for a in dims.displayed)
+
     @staticmethod
-    def _describe(rank: int, score: Any, ndim: int, unit: str) -> str:
+    def _describe(rank: int, score: Any, ndim: int, unit: str, mode: str) -> str:
+        if hasattr(score, "box"):
+            where = ", ".join(
+                f"{name} {s.start}-{s.stop - 1}" for name, s in zip(("z", "y", "x")[-ndim:], score.box)
+            )
+            return f"{rank + 1}. {where}: {score.expected_wrong_mm:.0f} {unit} expected wrong"
         where = f"slice {score.index}" if ndim == 3 else "image"
+        area = unit.replace("³", "²")
+        if mode == "expected_errors":
+            return (
+                f"{rank + 1}. {where}: {score.expected_wrong_mm:.0f} {unit} expected wrong, "
+                f"{score.labelled_mm:.0f} {area} labelled"
+            )
         return (
             f"{rank + 1}. {where}: {score.mean_in_foreground:.2f} mean, {score.uncertain_mm:.0f} {unit} > t"
         )
 
     def _on_threshold(self, *_: Any) -> None:
-        if self._mode.value == "volume_above":
-            self.refresh()
-        else:
-            self.update_overlay()
+        self.refresh()  # the summary (and, by region or volume, the ranking) follows the threshold
 
     def _overlay_owner(self, layer: Any) -> str | None:
         """The id of the image an uncertainty layer was made from (a map from elsewhere is its own image)."""

@@ -95,3 +95,41 @@ def test_uncertain_mask_and_errors():
         uncertain_mask(u, 1.5)
     with pytest.raises(ValueError, match="slice index 9"):
         region_center(u, labels, 0, 9)
+
+
+def test_expected_errors_ranks_by_the_sum_not_the_mean():
+    from napari_medcl.review import rank_slices
+
+    error = np.zeros((3, 10, 10), np.float32)
+    labels = np.zeros((3, 10, 10), np.uint8)
+    labels[0, 0, 0] = 1
+    error[0, 0, 0] = 0.9  # a single doubtful voxel: the highest mean, few expected errors
+    labels[1, :5] = 1
+    error[1, :5] = 0.3  # 50 voxels at 0.3: 15 expected wrong voxels
+    labels[2] = 1
+    error[2] = 0.05  # 100 voxels at 0.05: 5
+    ranked = rank_slices(error, labels, mode="expected_errors", spacing=(2.0, 0.5, 0.5))
+    assert [s.index for s in ranked] == [1, 2, 0]
+    assert ranked[0].expected_wrong_mm == pytest.approx(15 * 0.5)  # voxels of 0.5 mm^3
+    assert ranked[0].labelled_mm == pytest.approx(50 * 0.25)  # in-plane area of 50 pixels
+    assert [s.index for s in rank_slices(error, labels, min_foreground=1)][0] == 0  # the mean's choice
+
+
+def test_rank_regions_by_expected_errors_with_boxes():
+    from napari_medcl.review import rank_regions
+
+    error = np.zeros((4, 12, 12), np.float32)
+    labels = np.ones((4, 12, 12), np.uint8)
+    error[1:3, 1:3, 1:3] = 0.95  # small and sure to be wrong: 8 voxels, 7.6 expected
+    error[0:4, 6:11, 6:9] = 0.6  # large, moderate: 60 voxels, 36 expected
+    error[3, 0, 11] = 0.55  # one voxel
+    ranked = rank_regions(error, labels, threshold=0.5, spacing=(1.0, 1.0, 2.0))
+    assert [r.voxels for r in ranked] == [60, 8, 1]
+    assert ranked[0].box == (slice(0, 4), slice(6, 11), slice(6, 9))
+    assert ranked[0].center == pytest.approx((1.5, 8.0, 7.0))
+    assert ranked[0].expected_wrong_mm == pytest.approx(36 * 2.0)
+    assert ranked[1].score == pytest.approx(8 * 0.95) and ranked[1].labelled_voxels == 8
+    assert rank_regions(error, labels, threshold=0.96) == []
+    assert len(rank_regions(error, labels, threshold=0.5, limit=2)) == 2
+    with pytest.raises(ValueError, match="shape"):
+        rank_regions(error, labels[:2])

@@ -108,6 +108,21 @@ def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path,
     review.refresh()
     review._threshold.value = 0.35
     assert tuple(viewer.dims.point) == point  # ranking again does not move the viewer
+    # 3D regions, most expected errors first; a click zooms to the region's box
+    review._threshold.value = 0.5
+    review._mode.value = "regions"
+    first = review.scores[0]
+    assert review._entries[0].startswith("1. z ") and "expected wrong" in review._entries[0]
+    assert first.score == max(r.score for r in review.scores)
+    viewer.reset_view()
+    whole_zoom = viewer.camera.zoom
+    last = len(review.scores) - 1  # the smallest regions come last: its box is a few voxels
+    small = review.scores[last]
+    assert small.voxels < 20
+    review._slice_list.native.setCurrentRow(last)
+    z_world = uafr.data_to_world(small.center)[0]
+    assert viewer.dims.point[0] == pytest.approx(z_world, abs=uafr.scale[0])
+    assert viewer.camera.zoom > whole_zoom
     shown = [review._slice_list.native.item(r).text() for r in range(review._slice_list.native.count())]
     assert shown == review._entries and shown[0].startswith("1. ")
 
