@@ -44,7 +44,7 @@ __all__ = [
     "top_class_error",
 ]
 
-TOP_CLASS_ERROR_NAME = "1 - top-class probability (uncalibrated)"
+TOP_CLASS_ERROR_NAME = "1 - probability of the label (uncalibrated)"
 ENTROPY_NAME = "normalised predictive entropy (not a probability)"
 NOT_ASSESSED = "not assessed: this model file carries no training-data profile"
 VERDICT_LEVELS = ("ok", "caution", "out-of-distribution", "unknown")

@@ -114,16 +114,19 @@ def argmax_entropy(
     normalised predictive entropy ``-sum p log p / log K`` clipped to [0, 1]. ``foreground`` (S) bool: where
     it holds, the argmax runs over the classes 1.. only (background is ruled out); the entropy is still that
     of all K probabilities. ``top_error`` (S) float32, when given, receives the model's own probability that
-    the label is wrong, ``1 - p(label)`` clipped to [0, 1]: ``1 - max_k p_k``, or ``1 - max_{k >= 1} p_k``
-    where ``foreground`` holds. Consuming classes one by one keeps the temporary memory at two float32
-    planes and one bool plane whatever the number of classes.
+    the label is wrong, ``1 - p(label)`` clipped to [0, 1]: ``1 - max_k p_k``; where ``foreground`` holds,
+    background is ruled out, so the label's probability is the one renormalised over the classes that remain,
+    ``1 - max_{k >= 1} p_k / (1 - p_0)`` (there the network's belief in background says nothing about which
+    tissue it is). Consuming classes one by one keeps the temporary memory at two float32 planes and one
+    bool plane whatever the number of classes (one float32 plane more, the background's, when both
+    ``foreground`` and ``top_error`` are given).
     """
     if foreground is not None and foreground.shape != labels.shape:
         raise ValueError(f"foreground mask shape {foreground.shape} != labels shape {labels.shape}")
     if top_error is not None and top_error.shape != labels.shape:
         raise ValueError(f"top_error shape {top_error.shape} != labels shape {labels.shape}")
     # The only temporaries: the running maximum, one p log p plane and one bool plane, reused for every class.
-    best = term = better = None
+    best = term = better = background = None
     count = 0
     entropy[...] = 0
     for index, p in enumerate(planes):
@@ -134,6 +137,8 @@ def argmax_entropy(
             better = np.empty(best.shape, dtype=bool)
             if foreground is not None:
                 best[foreground] = -1.0  # below any probability: class 1 wins first, then the argmax of 1..
+                if top_error is not None:
+                    background = p.copy()
             labels[...] = 0
         else:
             np.greater(p, best, out=better)
@@ -151,6 +156,13 @@ def argmax_entropy(
     np.clip(entropy, 0.0, 1.0, out=entropy)
     if top_error is not None:
         # best is the probability of the chosen label (the -1 placeholder is gone: K >= 2 planes came).
+        if background is not None:
+            # p(label | not background) inside the mask; where the network gave the foreground classes next
+            # to nothing the floor keeps the ratio finite (and the clip below keeps it a probability).
+            np.subtract(np.float32(1.0), background, out=background)
+            np.maximum(background, np.float32(1e-6), out=background)
+            np.divide(best, background, out=background)
+            np.copyto(best, background, where=foreground)
         np.subtract(np.float32(1.0), best, out=top_error)
         np.clip(top_error, 0.0, 1.0, out=top_error)
 
