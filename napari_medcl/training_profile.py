@@ -73,30 +73,28 @@ def profile_cases(
     volumes: Iterable[Any],
     normalization: Any,
     *,
-    labels: Iterable[np.ndarray | None] | None = None,
     channel_names: Iterable[str] | None = None,
     modality: str | None = None,
     total_cases: int | None = None,
     source: str | None = None,
 ) -> dict[str, Any]:
-    """The training-data profile of ``volumes`` (``Volume`` objects, read one at a time if an iterator).
+    """The training-data profile of ``volumes``: ``Volume`` objects or ``(Volume, label array or None)`` pairs
+    (the label gives the labelled fraction), read one at a time when ``volumes`` is an iterator.
 
-    ``normalization``: the model's (a ModelSpec normalisation dict, or a ModelSpec). ``labels``: the label
-    array of each case (same order; None entries allowed) for the labelled fraction. ``channel_names``,
+    ``normalization``: the model's (a ModelSpec normalisation dict, or a ModelSpec). ``channel_names``,
     ``modality``: as known (modality is guessed from the channel names when not given). ``total_cases``: how
     many training cases there were when ``volumes`` is a subset of them; ``source``: a note on where the
     cases came from (dataset and split). Returns a dict of plain JSON types (see ``profile_summary``)."""
     normalization = getattr(normalization, "normalization", normalization)
     normalization = None if normalization is None else dict(normalization)
-    label_list = None if labels is None else list(labels)
     cases: list[dict[str, Any]] = []
     pooled: list[list[np.ndarray]] = []
     labelled: list[float] = []
-    for i, volume in enumerate(volumes):
+    for i, item in enumerate(volumes):
+        volume, label = item if isinstance(item, tuple) else (item, None)
         stats, values = _measure(volume, normalization, pooled=POOLED_PER_CASE, seed=i)
         cases.append(stats)
         pooled.append(values)
-        label = None if label_list is None or i >= len(label_list) else label_list[i]
         if label is not None:
             labelled.append(float(np.count_nonzero(label)) / max(1, np.asarray(label).size))
     if not cases:
