@@ -278,7 +278,11 @@ def test_the_sidecar_holds_the_report_of_a_real_run(tmp_path, model_path):
     assert report["expected_wrong_ml_total"] > 0.01  # soft probabilities: a test that can fail on zeros
     assert report["error_likelihood"] == TOP_CLASS_ERROR_NAME
     # A model file without a training-data profile: the verdict says so plainly (napari_medcl.verdict).
-    assert report["verdict"] == {"level": "unknown", "reasons": [NO_PROFILE], "text": f"unknown: {NO_PROFILE}"}
+    assert report["verdict"] == {
+        "level": "unknown",
+        "reasons": [NO_PROFILE],
+        "text": f"unknown: {NO_PROFILE}",
+    }
     assert sidecar["verdict"]["level"] == "unknown"
     assert report["model"] == "test-model" and report["model_sha256"] == sidecar["model"]["sha256"]
     assert report["timings"] == sidecar["timings"]
