@@ -151,7 +151,9 @@ def auroc(positive: list[float], negative: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="brain-tissue-3d", help="bundled model name or .onnx path")
     parser.add_argument("--root", type=Path, default=Path("data/mni152-tissue"))
     parser.add_argument("--pyradiomics", type=Path, help="folder with pyradiomics' data/*.nrrd test images")
