@@ -26,6 +26,9 @@ _EXPORTS = {
     "Volume": "napari_medcl.volume",
     "Prediction": "napari_medcl.volume",
     "segment_layer": "napari_medcl.layer_data",
+    "assess": "napari_medcl.verdict",
+    "Verdict": "napari_medcl.verdict",
+    "profile_cases": "napari_medcl.training_profile",
 }
 
 __all__ = [
@@ -43,6 +46,9 @@ __all__ = [
     "Volume",
     "Prediction",
     "segment_layer",
+    "assess",
+    "Verdict",
+    "profile_cases",
 ]
 
 if TYPE_CHECKING:
@@ -53,6 +59,8 @@ if TYPE_CHECKING:
     from napari_medcl.prediction import Progress, predict, predict_iter
     from napari_medcl.provenance import Provenance
     from napari_medcl.spec import ModelSpec
+    from napari_medcl.training_profile import profile_cases
+    from napari_medcl.verdict import Verdict, assess
     from napari_medcl.volume import Prediction, Volume
 
 

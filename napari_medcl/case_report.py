@@ -361,8 +361,11 @@ def prediction_report(
     """The report of ``prediction``: its labels and spacing, its provenance, and as error likelihood its
     ``top_class_error`` (1 - the probability of each voxel's label); for a Prediction built without one,
     ``top_class_error`` of its probabilities when it holds them, else its normalised entropy, named as such
-    and without expected wrong amounts. ``classes`` (see ``case_report``) defaults to the provenance's."""
+    and without expected wrong amounts. ``classes`` (see ``case_report``) defaults to the provenance's;
+    ``verdict`` to the prediction's own (``Prediction.verdict``; None: not assessed)."""
     provenance = prediction.provenance
+    if verdict is None:
+        verdict = getattr(prediction, "verdict", None)
     if classes is None:
         if provenance is None:
             raise ValueError("name the classes: the prediction has no provenance to read them from")

@@ -67,7 +67,8 @@ def write_prediction(
     provenance names. The sidecar records it with its SHA-256, and its extension chooses between ``.nii`` and
     ``.nii.gz``. ``case`` defaults to the source's case name (``scan.nii.gz`` -> ``scan``). ``report_csv``:
     also write ``<case>_report.csv``. ``verdict``: the training-data check's verdict for the report (see
-    ``case_report.case_report``; None: not assessed).
+    ``case_report.case_report``); None: the prediction's own (``Prediction.verdict``, set by
+    ``predict_iter``), not assessed when it has none.
 
     ``dicom_seg``: the model's classes (``ModelSpec.classes``) to also write the labels as ``<case>_seg.dcm``, a
     DICOM Segmentation referencing the source DICOM series (``series_uid`` picks it in a folder of several);

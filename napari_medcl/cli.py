@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=f"Segment medical images ({', '.join(fmt.title for fmt in FORMATS)}) with an ONNX "
         "model; write labels, UAFR uncertainty and predictive entropy with the input's geometry, plus a "
-        "<case>.json provenance sidecar.",
+        "<case>.json provenance sidecar. Each case also gets a verdict on whether the scan looks like the "
+        "model's training data (ok, caution, out-of-distribution with reasons, or unknown for a model file "
+        "without a training-data profile); it is printed per case and kept in the sidecar, and never stops a "
+        "case.",
         epilog=f"Outputs per case, in the input's format ({_other_outputs(FORMATS)}): "
         "<case>_labels, <case>_uncertainty (the UAFR map of the block nearest the output, when the model has "
         "UAFR maps), <case>_entropy, <case>_top_class_error (1 - the probability of each voxel's label), "
@@ -353,9 +356,10 @@ def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> No
     )
     if not args.quiet:
         p = prediction.provenance
+        verdict = "not assessed" if prediction.verdict is None else prediction.verdict.text
         print(
             f"{case}: {p.execution_provider}, {p.tiling.windows} windows, {p.timings['total']:.2f} s "
-            f"(ORT {p.timings['ort_seconds']:.2f} s) -> {written.labels}"
+            f"(ORT {p.timings['ort_seconds']:.2f} s) -> {written.labels}; verdict: {verdict}"
         )
 
 

@@ -39,6 +39,7 @@ from napari_medcl.tiling import (
     window_boxes,
     window_shape,
 )
+from napari_medcl.verdict import Verdict, assess
 from napari_medcl.volume import Prediction, Volume
 
 STAGES = ("preprocess", "infer", "postprocess")
@@ -114,6 +115,10 @@ def predict_iter(
     3D model gets a slab of its patch's thickness around it, ``napari_medcl.region``) and every output is
     background outside it (label 0, zero uncertainty); provenance ``roi`` records the box.
 
+    The Prediction's ``verdict`` (also in its provenance) says whether the whole scan looks like the model's
+    training data (``napari_medcl.verdict.assess``; ``unknown`` for a model without a training-data profile);
+    it is information only and never stops a prediction.
+
     All outputs sit on the input's voxel grid with its geometry. Raises InputError (unusable image),
     ModelError (unusable model), PredictionError (NaN/Inf from the model), Cancelled.
     """
@@ -160,6 +165,9 @@ def predict_iter(
     prepared = _prepare(model_input, spec, max_voxels=max_voxels, max_bytes=max_bytes)
     foreground = _foreground_mask(nonzero, box, part, spec, scan_is_masked)
     timings["preprocess"] = time.perf_counter() - t
+    t = time.perf_counter()
+    verdict = assess(volume, spec)  # the whole scan, whatever the region: it is the scan that is judged
+    timings["verdict"] = time.perf_counter() - t
     yield Progress(1, 1, "preprocess", elapsed())
 
     t = time.perf_counter()
@@ -185,10 +193,10 @@ def predict_iter(
     provenance = _provenance(
         volume, session, prepared, device=device, overlap=overlap, tta=tta, batch_size=batch_size,
         windows=windows, timings=timings, nonzero_box=box, nonzero_is_foreground=foreground is not None,
-        roi=None if plan.whole else plan.paste,
+        roi=None if plan.whole else plan.paste, verdict=verdict,
     )  # fmt: skip
     yield Progress(1, 1, "postprocess", elapsed())
-    yield dataclasses.replace(prediction, provenance=provenance)
+    yield dataclasses.replace(prediction, provenance=provenance, verdict=verdict)
 
 
 def _infer(
@@ -495,6 +503,7 @@ def _provenance(
     nonzero_box: tuple[slice, ...] | None,
     nonzero_is_foreground: bool,
     roi: tuple[slice, ...] | None,
+    verdict: Verdict | None = None,
 ) -> Provenance:
     spec = model.spec
     dims = volume.spatial_dims
@@ -538,4 +547,5 @@ def _provenance(
         nonzero_box=None if nonzero_box is None else tuple((b.start, b.stop) for b in nonzero_box),
         nonzero_is_foreground=nonzero_is_foreground,
         roi=None if roi is None else tuple((b.start, b.stop) for b in roi),
+        verdict=None if verdict is None else verdict.to_dict(),
     )

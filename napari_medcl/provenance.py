@@ -146,7 +146,8 @@ class Provenance(Mapping[str, Any]):
     the (start, stop) per axis of the region the network ran on when the model normalises over the non-zero
     voxels, else None. ``roi``: the (start, stop) per axis of the region asked for (``predict_iter(region=)``;
     None: the whole image, and then absent from the dict). ``outputs``: the files of the written case (None
-    until it is written).
+    until it is written). ``verdict``: the training-data check (``Verdict.to_dict()``: level, reasons, score,
+    details; None: not assessed, and then absent from the dict).
     """
 
     version: str
@@ -163,6 +164,7 @@ class Provenance(Mapping[str, Any]):
     roi: tuple[tuple[int, int], ...] | None = None
     outputs: OutputNames | None = None
     tool: str = "napari-medcl"
+    verdict: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The sidecar's JSON object (plain dicts, lists and scalars), keys in the sidecar's order."""
@@ -182,6 +184,8 @@ class Provenance(Mapping[str, Any]):
         }
         if self.roi is not None:
             fields["roi"] = [list(pair) for pair in self.roi]
+        if self.verdict is not None:
+            fields["verdict"] = copy.deepcopy(dict(self.verdict))
         if self.outputs is not None:
             fields["outputs"] = self.outputs.to_dict()
         return fields

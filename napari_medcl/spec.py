@@ -77,6 +77,7 @@ class ModelSpec:
     training: dict[str, Any] = field(default_factory=dict)
     intended_use: str = DEFAULT_INTENDED_USE
     format_version: int = FORMAT_VERSION
+    training_profile: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name.strip(), "name must be a non-empty string")
@@ -120,6 +121,7 @@ class ModelSpec:
             isinstance(self.nonzero_is_foreground, bool),
             f"nonzero_is_foreground must be true or false, got {self.nonzero_is_foreground!r}",
         )
+        _check_profile(self.training_profile)
 
     @property
     def num_classes(self) -> int:
@@ -136,6 +138,8 @@ class ModelSpec:
             data[key] = list(data[key])
         if self.spacing is not None:
             data["spacing"] = list(self.spacing)
+        if self.training_profile is None:
+            del data["training_profile"]  # a spec without one reads exactly as before the field existed
         return data
 
     def to_json(self) -> str:
@@ -214,6 +218,25 @@ def _check_normalization(normalization: object, in_channels: int, *, nested: boo
         )
         for channel in channels:
             _check_normalization(channel, 1, nested=True)
+
+
+def _check_profile(profile: object) -> None:
+    """``training_profile`` is None or a JSON object with an integer ``version`` (a newer version than
+    ``napari_medcl.training_profile`` reads is kept: the verdict then says it cannot use it)."""
+    if profile is None:
+        return
+    _check(
+        isinstance(profile, dict), f"training_profile must be an object or null, got {type(profile).__name__}"
+    )
+    version = profile.get("version")
+    _check(
+        isinstance(version, int) and not isinstance(version, bool) and version >= 1,
+        f"training_profile.version must be a positive integer, got {version!r}",
+    )
+    try:
+        json.dumps(profile, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise SpecError(f"training_profile must hold plain JSON values ({error})") from None
 
 
 def _check(condition: object, message: str) -> None:

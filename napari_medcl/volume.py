@@ -14,11 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from napari_medcl.provenance import Provenance
+
+if TYPE_CHECKING:
+    from napari_medcl.verdict import Verdict
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,6 +145,9 @@ class Prediction:
     ``probabilities``: float32 (K, *S) when asked for, else None.
     ``provenance``: tool version, model name and SHA-256, execution provider used, tiling, timings
     (``Provenance``; its ``to_dict()`` is the case's JSON sidecar).
+    ``verdict``: whether the scan looks like the model's training data (``napari_medcl.verdict.Verdict``:
+    ok / caution / out-of-distribution / unknown, with reasons), judged on the whole input scan; None only
+    for a Prediction built without one.
     """
 
     labels: Volume
@@ -151,6 +157,7 @@ class Prediction:
     probabilities: Volume | None = None
     provenance: Provenance | None = None
     top_class_error: Volume | None = None
+    verdict: Verdict | None = None
 
     def crop(self, box: tuple[slice, ...]) -> Prediction:
         """Every output cut to ``box`` (spatial slices; see ``Volume.crop``)."""

@@ -29,9 +29,11 @@ def spec_for_model(
     normalization: dict[str, Any] | None = None,
     nonzero_is_foreground: bool = False,
     training: dict[str, Any] | None = None,
+    training_profile: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """A ModelSpec for ``model``: channels, classes, divisor and UAFR map names from the network; the rest
-    as given (class names default to background, class1, ...; normalisation to z-score)."""
+    as given (class names default to background, class1, ...; normalisation to z-score; no training-data
+    profile)."""
     k = int(model.num_classes)
     names = (
         list(class_names) if class_names is not None else ["background", *(f"class{i}" for i in range(1, k))]
@@ -50,6 +52,7 @@ def spec_for_model(
         uncertainty_maps=tuple(model.uncertainty_names),
         nonzero_is_foreground=nonzero_is_foreground,
         training=dict(training or {}),
+        training_profile=training_profile,
     )
 
 
@@ -61,9 +64,11 @@ def run_spec(
     *,
     best: dict[str, Any],
     epochs: int,
+    profile: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """The spec of the network a run trains on the dataset ``info`` describes (training.data's DatasetInfo):
-    ``best`` is the run's best validation so far ({"epoch", "mean_dice"}), ``epochs`` the epochs done."""
+    ``best`` is the run's best validation so far ({"epoch", "mean_dice"}), ``epochs`` the epochs done,
+    ``profile`` the training cases' training-data profile (``training.data.profile.dataset_profile``)."""
     import napari_medcl
 
     d = cfg.model.spatial_dims
@@ -87,6 +92,7 @@ def run_spec(
             "metrics": {"val_mean_dice": best["mean_dice"], "best_epoch": best["epoch"], "epochs": epochs},
             "code_version": napari_medcl.__version__,
         },
+        training_profile=profile,
     )
 
 

@@ -65,11 +65,14 @@ class TrainResult:
 
 @dataclass(frozen=True, eq=False)
 class RunData:
-    """The prepared dataset: its description (training.data's DatasetInfo) and the cases of each split."""
+    """The prepared dataset: its description (training.data's DatasetInfo), the cases of each split, and the
+    training-data profile of the training cases (``ModelSpec.training_profile``; None on ranks other than 0,
+    which never write a spec)."""
 
     info: Any
     train_cases: list[Any]
     val_cases: list[Any]
+    profile: dict[str, Any] | None = None
 
 
 def train(
@@ -182,7 +185,20 @@ def _prepare_data(cfg: TrainConfig, dist: DistInfo) -> RunData:
             augmentation=cfg.data.augmentation,
             seed=0,
         )[0]
-    return RunData(info=info, train_cases=train_cases, val_cases=val_cases)
+    profile = _training_profile(cfg, info, train_cases) if dist.is_main else None
+    return RunData(info=info, train_cases=train_cases, val_cases=val_cases, profile=profile)
+
+
+def _training_profile(cfg: TrainConfig, info: Any, train_cases: list[Any]) -> dict[str, Any]:
+    """The profile of the training cases as their files hold them (at most ``MAX_PROFILE_CASES`` read),
+    under the normalisation the model will carry: stored in every spec the run writes."""
+    from training.data.layouts import discover
+    from training.data.profile import dataset_profile
+
+    layout = discover(cfg.data.layout, cfg.data.root)
+    wanted = {case.case_id for case in train_cases}
+    cases = [case for case in layout.cases if case.case_id in wanted]
+    return dataset_profile(layout, cases, info.normalization)
 
 
 def _log_setup(
@@ -246,8 +262,9 @@ def _epoch(
     val = None
     if (epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs:
         spec = run_spec(
-            cfg, data.info, parts.model, parts.patch_size, best=progress.best, epochs=len(progress.history)
-        )
+            cfg, data.info, parts.model, parts.patch_size, best=progress.best, epochs=len(progress.history),
+            profile=data.profile,
+        )  # fmt: skip
         session = validation_session(parts.model, spec, runtime.device, runtime.autocast)
         val = validate(
             session,
@@ -275,6 +292,7 @@ def _epoch(
 
 def _spec(cfg: TrainConfig, data: RunData, parts: TrainingParts, progress: RunProgress) -> dict[str, Any]:
     spec = run_spec(
-        cfg, data.info, parts.model, parts.patch_size, best=progress.best, epochs=len(progress.history)
-    )
+        cfg, data.info, parts.model, parts.patch_size, best=progress.best, epochs=len(progress.history),
+        profile=data.profile,
+    )  # fmt: skip
     return spec.to_dict()

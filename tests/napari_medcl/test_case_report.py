@@ -24,6 +24,7 @@ from napari_medcl.case_report import (
 )
 from napari_medcl.errors import OutputError
 from napari_medcl.spec import default_classes
+from napari_medcl.verdict import NO_PROFILE
 from napari_medcl.volume import Volume
 from tests.onnx_models import nearest_class_model, save
 
@@ -276,7 +277,13 @@ def test_the_sidecar_holds_the_report_of_a_real_run(tmp_path, model_path):
     assert report["expected_wrong_ml_total"] == pytest.approx(error.sum() * voxel_ml, rel=1e-4)
     assert report["expected_wrong_ml_total"] > 0.01  # soft probabilities: a test that can fail on zeros
     assert report["error_likelihood"] == TOP_CLASS_ERROR_NAME
-    assert report["verdict"]["text"] == NOT_ASSESSED
+    # A model file without a training-data profile: the verdict says so plainly (napari_medcl.verdict).
+    assert report["verdict"] == {
+        "level": "unknown",
+        "reasons": [NO_PROFILE],
+        "text": f"unknown: {NO_PROFILE}",
+    }
+    assert sidecar["verdict"]["level"] == "unknown"
     assert report["model"] == "test-model" and report["model_sha256"] == sidecar["model"]["sha256"]
     assert report["timings"] == sidecar["timings"]
     assert written.report.to_dict() == report and written.report_csv is None

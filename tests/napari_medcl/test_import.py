@@ -63,6 +63,27 @@ def test_inference_modules_import_without_torch():
     assert "torch" not in report["loaded"] and "onnxruntime" not in report["loaded"]
 
 
+def test_verdict_and_profile_need_numpy_only():
+    report = _probe("import napari_medcl.verdict, napari_medcl.training_profile")
+    assert report["loaded"] == []
+
+
+def test_calibrate_help_is_torch_free():
+    body = (
+        "import contextlib, io\n"
+        "from export.calibrate import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0\n"
+        "assert 'medcl-calibrate' in out.getvalue()\n"
+    )
+    report = _probe(body)
+    assert report["loaded"] == []
+
+
 def test_dicom_seg_writer_imports_without_torch():
     report = _probe("import napari_medcl.io.dicom_seg, napari_medcl._writer\nimport highdicom")
     assert "highdicom" in report["loaded"] and "torch" not in report["loaded"]

@@ -100,6 +100,11 @@ def test_3d_unet_uafr_pdcr_run(msd_run, capsys):
     assert spec.uncertainty_maps and spec.training["uafr"] and spec.training["pdcr"]["mode"] == "rf"
     assert spec.spacing == pytest.approx((2.0, 1.0, 1.2))
     assert spec.training["metrics"]["val_mean_dice"] == state["best"]["mean_dice"]
+    # The training cases' profile travels in the spec (the exported file carries it to the verdict).
+    profile = spec.training_profile
+    assert profile is not None and profile["cases"] == profile["total_cases"] >= 1
+    assert profile["normalization"] == spec.normalization and len(profile["intensity"]) == spec.in_channels
+    assert len(profile["spacing_mm"]["min"]) == 3
     # PDCR's cross-layer projections are trained and saved with the optimizer
     assert any(k.startswith("pdcr.projections") for k in state["losses"])
     from training.building import build_losses, build_model
