@@ -61,6 +61,7 @@ _MAP_NAMES = {
 }
 WARNING_STYLE = "color: #ffb000;"
 ERROR_STYLE = "color: #ff5050;"
+OOD_STYLE = "color: #ffffff; background-color: #a01818; padding: 4px; font-weight: bold;"
 
 
 def _layer_choices(kind: str):
@@ -238,6 +239,7 @@ class ReviewWidget(Container):
             error_likelihood_name=name or ENTROPY_NAME,
             error_is_probability=is_probability,
             provenance=provenance,
+            verdict=(provenance or {}).get("verdict"),
             case=_base_name(labels.name),
         )
 
@@ -302,7 +304,9 @@ class ReviewWidget(Container):
             return
         threshold = self._threshold.value
         mask = uncertain_mask(np.asarray(layer.data), threshold)
-        name = f"{_base_name(layer.name)} uncertain > {threshold:.2f}"
+        kind = layer_data.derived_from(layer)[1]
+        what = {"top_class_error": "error likelihood", "uafr_uncertainty": "UAFR", "entropy": "entropy"}
+        name = f"{_base_name(layer.name)} {what.get(kind, 'uncertain')} > {threshold:.2f}"
         geometry = {
             "scale": layer.scale,
             "translate": layer.translate,
@@ -559,6 +563,7 @@ class SegmentWidget(Container):
         self._eta = Label(value="")
         self._status = _wrap(Label(value=""))
         self._device_note = _wrap(Label(value=""))
+        self._verdict = _wrap(Label(value=""))
         self._cursor = _wrap(Label(value=""))
         self._review_button = PushButton(text="Open uncertainty review")
         super().__init__()
@@ -582,6 +587,7 @@ class SegmentWidget(Container):
                 self._eta,
                 self._status,
                 self._device_note,
+                self._verdict,
                 self._cursor,
                 self._review_button,
             ],
@@ -591,6 +597,7 @@ class SegmentWidget(Container):
         self._region.changed.connect(self._on_region_changed)
         self._shapes.changed.connect(self._on_region_changed)
         self._image.changed.connect(self._on_region_changed)
+        self._image.changed.connect(self._show_verdict)
         viewer.dims.events.current_step.connect(self._on_region_changed)
         self._run.changed.connect(self._on_run_clicked)
         self._review_button.changed.connect(lambda: self.show_review())
@@ -884,8 +891,11 @@ class SegmentWidget(Container):
             reason = self._cuda_reason or "ONNX Runtime did not create the CUDA provider"
             self._device_note.value = f"Warning: ran on the CPU, not a GPU ({reason})."
             self._device_note.native.setStyleSheet(WARNING_STYLE)
+        self._show_verdict()
         by_kind = {layer_data.derived_from(layer)[1]: layer for layer in self.last_layers}
-        uncertainty = by_kind.get("uafr_uncertainty") or by_kind.get("entropy")
+        uncertainty = (
+            by_kind.get("top_class_error") or by_kind.get("uafr_uncertainty") or by_kind.get("entropy")
+        )
         if by_kind.get("labels") is not None and uncertainty is not None:
             self.show_review().set_layers(by_kind["labels"], uncertainty)
 
@@ -1004,6 +1014,33 @@ class SegmentWidget(Container):
         self._model_written = {k: v for k, v in self._model_written.items() if k in present}
         self.reset_choices()
         self._on_region_changed()
+
+    def _show_verdict(self, *_: Any) -> None:
+        """A banner with the training-data check of the chosen image's result: it stays while that result
+        is shown, in a warning style unless the scan is like the training data."""
+        image = self._image.value
+        labels = self.results_of(image).get("labels") if image is not None else None
+        record = (labels.metadata.get(layer_data.PREDICTION_KEY) or {}) if labels is not None else {}
+        verdict = record.get("verdict")
+        if not isinstance(verdict, dict):
+            self._verdict.value = ""
+            self._verdict.native.setStyleSheet("")
+            return
+        level = str(verdict.get("level", "unknown"))
+        reasons = "; ".join(str(r) for r in verdict.get("reasons") or ())
+        text, style = {
+            "ok": ("Scan check: ok, like the model's training data.", ""),
+            "caution": (f"Scan check: CAUTION. {reasons}. Review the result closely.", WARNING_STYLE),
+            "out-of-distribution": (
+                f"Scan check: OUT OF DISTRIBUTION. {reasons}. This result is not trustworthy as it is: "
+                "check every part of it.",
+                OOD_STYLE,
+            ),
+        }.get(
+            level, (f"Scan check: unknown. {reasons or 'this model carries no training-data profile'}.", "")
+        )
+        self._verdict.value = text
+        self._verdict.native.setStyleSheet(style)
 
     def _on_ndisplay(self, *_: Any) -> None:
         """In the 3D view the result maps are hidden (rendered as volumes they fill the view and hide the
@@ -1308,7 +1345,7 @@ def _camera(viewer: Any) -> Any:
 
 
 def _base_name(name: str) -> str:
-    for suffix in (" UAFR uncertainty", " entropy", " labels"):
+    for suffix in (" error likelihood (uncalibrated)", " UAFR uncertainty", " entropy", " labels"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name

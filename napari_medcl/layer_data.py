@@ -439,18 +439,24 @@ def prediction_layers(
             "image",
         )
 
+    # The map shown is the one measured to find the model's mistakes best (docs/uncertainty.md): the
+    # model's own error likelihood; the UAFR map stays one click away (for the default 3D model it ranks
+    # wrong voxels below right ones).
+    error_shown = prediction.top_class_error is not None
     if prediction.uafr_uncertainty is not None:
         layers.append(
-            uncertainty_layer(prediction.uafr_uncertainty.array, "uafr_uncertainty", "UAFR uncertainty")
+            uncertainty_layer(
+                prediction.uafr_uncertainty.array,
+                "uafr_uncertainty",
+                "UAFR uncertainty",
+                visible=not error_shown,
+            )
         )
     layers.append(uncertainty_layer(prediction.entropy.array, "entropy", "entropy", visible=False))
-    if prediction.top_class_error is not None:
+    if error_shown:
         layers.append(
             uncertainty_layer(
-                prediction.top_class_error.array,
-                "top_class_error",
-                "error likelihood (uncalibrated)",
-                visible=False,
+                prediction.top_class_error.array, "top_class_error", "error likelihood (uncalibrated)"
             )
         )
     if uncertainty_maps:

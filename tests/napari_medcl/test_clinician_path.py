@@ -102,12 +102,13 @@ def test_the_clinicians_path_keeps_every_edit(make_napari_viewer, qtbot, tmp_pat
     assert widget._cursor.value.startswith("Under the cursor: background")
 
     # the 3D view shows the labels' surfaces: the maps, which would fill the volume, are hidden until 2D
-    uafr = widget.results_of(image)["uafr_uncertainty"]
-    assert uafr.visible
+    shown = widget.results_of(image)["top_class_error"]
+    assert shown.visible and not widget.results_of(image)["uafr_uncertainty"].visible
     viewer.dims.ndisplay = 3
-    assert not uafr.visible and not widget.results_of(image)["review_outline"].visible and labels.visible
+    assert not shown.visible and not widget.results_of(image)["review_outline"].visible and labels.visible
     viewer.dims.ndisplay = 2
-    assert uafr.visible and widget.results_of(image)["review_outline"].visible
+    assert shown.visible and widget.results_of(image)["review_outline"].visible
+    assert not widget.results_of(image)["uafr_uncertainty"].visible  # hidden before 3D, hidden after
 
     # a second scan, with another spacing and origin: its results sit on its own grid
     widget._region.value = "Whole image"

@@ -80,8 +80,10 @@ def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path,
     np.testing.assert_allclose(labels.colormap.map(np.array([1]))[0][:3], expected, atol=1e-6)
     assert list(labels.features["name"]) == ["background", "class1"]
     assert uafr.colormap.name == "medcl uncertainty" and tuple(uafr.contrast_limits) == (0.0, 1.0)
-    assert not entropy.visible
-    for layer in (labels, uafr, entropy):
+    error = viewer.layers["case error likelihood (uncalibrated)"]
+    # the map shown is the error likelihood (measured to find mistakes best); UAFR and entropy are a click away
+    assert error.visible and not uafr.visible and not entropy.visible
+    for layer in (labels, uafr, entropy, error):
         np.testing.assert_allclose(layer.scale, image.scale)
         np.testing.assert_allclose(layer.translate, image.translate)
     np.testing.assert_array_equal(labels.data, scan.array > 0.5)
@@ -89,15 +91,15 @@ def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path,
 
     # the review panel ranks slices; a click moves the viewer to the slice
     review = widget.show_review()
-    assert review.scores and review._labels_combo.value == labels and review._uncertainty.value == uafr
+    assert review.scores and review._labels_combo.value == labels and review._uncertainty.value == error
     overlay = viewer.layers[-1]
-    assert overlay.name == "case uncertain > 0.50" and overlay.data.shape == labels.data.shape
+    assert overlay.name == "case error likelihood > 0.50" and overlay.data.shape == labels.data.shape
     top = review.scores[0]
     review._slice_list.native.setCurrentRow(0)
     z_world = image.data_to_world((top.index, 0, 0))[0]
     assert viewer.dims.point[0] == pytest.approx(z_world)
     review._threshold.value = 0.9
-    assert viewer.layers[-1] == overlay and overlay.name == "case uncertain > 0.90"
+    assert viewer.layers[-1] == overlay and overlay.name == "case error likelihood > 0.90"
     # ranked again another way, the list shows the new ranking in its order (row r is entry r)
     review._slice_list.native.setCurrentRow(2)
     review._threshold.value = 0.3
@@ -109,7 +111,7 @@ def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path,
     review._threshold.value = 0.35
     assert tuple(viewer.dims.point) == point  # ranking again does not move the viewer
     # 3D regions, most expected errors first; a click zooms to the region's box
-    review._threshold.value = 0.5
+    review._threshold.value = 0.2  # the test model's error likelihood is at most 0.5
     review._mode.value = "regions"
     first = review.scores[0]
     assert review._entries[0].startswith("1. z ") and "expected wrong" in review._entries[0]
@@ -120,8 +122,8 @@ def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path,
     small = review.scores[last]
     assert small.voxels < 20
     review._slice_list.native.setCurrentRow(last)
-    z_world = uafr.data_to_world(small.center)[0]
-    assert viewer.dims.point[0] == pytest.approx(z_world, abs=uafr.scale[0])
+    z_world = error.data_to_world(small.center)[0]
+    assert viewer.dims.point[0] == pytest.approx(z_world, abs=error.scale[0])
     assert viewer.camera.zoom > whole_zoom
     shown = [review._slice_list.native.item(r).text() for r in range(review._slice_list.native.count())]
     assert shown == review._entries and shown[0].startswith("1. ")
@@ -314,3 +316,34 @@ def test_save_dialog_starts_beside_the_scan_or_at_home_for_the_sample(make_napar
     image = open_scan(viewer, tmp_path / "case.nii.gz")
     labels = viewer.add_labels(np.zeros(image.data.shape, np.uint8), metadata=dict(image.metadata))
     assert _default_save_path(labels) == tmp_path / "case_labels.nii.gz"
+
+
+def test_verdict_banner_stays_with_the_result_and_warns(make_napari_viewer, qtbot, tmp_path):
+    import dataclasses
+
+    from napari_medcl.training_profile import profile_cases
+    from tests.napari_medcl.test_verdict import RESCALE, head
+    from tests.onnx_models import make_spec
+
+    base = make_spec(
+        spacing=(1.0, 1.0, 1.0), normalization=RESCALE, nonzero_is_foreground=True, patch=(8, 32, 32)
+    )
+    spec = dataclasses.replace(base, training_profile=profile_cases([head(s) for s in (1, 2, 3)], base))
+    model = save(pointwise_model(spec=spec), tmp_path / "profiled.onnx")
+    viewer = make_napari_viewer()
+    like = head(7)
+    viewer.add_image(like.array, name="like training")
+    constant = np.full(like.array.shape, 80.0, np.float32)
+    viewer.add_image(constant, name="constant")
+    widget = make_widget(viewer, model)
+    widget._image.value = viewer.layers["like training"]
+    run_and_wait(qtbot, widget)
+    assert widget._verdict.value.startswith("Scan check: ok") and widget._verdict.native.styleSheet() == ""
+    widget._image.value = viewer.layers["constant"]
+    run_and_wait(qtbot, widget)
+    assert widget._verdict.value.startswith("Scan check: OUT OF DISTRIBUTION")
+    assert "constant" in widget._verdict.value and "background-color" in widget._verdict.native.styleSheet()
+    assert "out-of-distribution" in widget.show_review().case_report().verdict_text
+    # the banner follows the chosen image: back to the first scan, its own verdict
+    widget._image.value = viewer.layers["like training"]
+    assert widget._verdict.value.startswith("Scan check: ok")
