@@ -543,7 +543,7 @@ def report(results: dict, header: str) -> str:
             )
         lines.append(f"\nError rate (AUPRC of a map without information): {clean['error_rate']:.4f}.\n")
         lines.append(
-            "Review panel orders (the viewer's UAFR map, `Prediction.uafr_uncertainty`), per case:\n"
+            "Review panel orders on the UAFR map nearest the output (`Prediction.uafr_uncertainty`, the map the viewer showed by default until it showed the error likelihood), per case:\n"
         )
         lines.append("| case | order | slices ranked | reviewer nAUC | top-10% slices / random |")
         lines.append("|---|---|---|---|---|")
