@@ -23,7 +23,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", default="1600x1000", help="window size WxH in pixels (default 1600x1000)")
     parser.add_argument("--threshold", type=float, default=0.5, help="review threshold for the outline layer")
     parser.add_argument(
-        "--rank", default="mean_in_foreground", choices=["mean_in_foreground", "volume_above"]
+        "--rank",
+        default="expected_errors",
+        choices=["expected_errors", "regions", "mean_in_foreground", "volume_above"],
     )
     parser.add_argument(
         "--entry", type=int, default=1, help="which entry of the ranked slice list to open (1 = top)"
