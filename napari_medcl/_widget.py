@@ -570,6 +570,7 @@ class SegmentWidget(Container):
         self._body = _scrolling_body(
             self,
             [
+                self._verdict,  # first: the banner stays in view whatever the dock's height
                 self._image,
                 self._model,
                 self._model_info,
@@ -587,7 +588,6 @@ class SegmentWidget(Container):
                 self._eta,
                 self._status,
                 self._device_note,
-                self._verdict,
                 self._cursor,
                 self._review_button,
             ],

@@ -147,8 +147,7 @@ def walk(args: argparse.Namespace) -> None:
         )
 
         review = widget.show_review()
-        review._mode.value = "volume_above"
-        review.refresh()
+        review.refresh()  # the default ranking: expected errors per slice
         if review.scores:
             review._slice_list.native.setCurrentRow(0)
         tour.shot("review", review._summary.value)
