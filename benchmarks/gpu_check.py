@@ -449,6 +449,7 @@ def _inference_for_model(ctx: Context, key: str, sample, ct) -> None:
         prediction, warm = timed_predict(sample, session, memory)
         state["sample_labels"] = prediction.labels.array
         state["sample_warm"] = warm
+        state["sample_grid"] = float(np.prod(prediction.provenance.preprocessing.model_grid_shape))
         record = run_record(prediction, warm, sample)
         return {**record, "device_requested": ctx.device, "load_seconds": round(load, 3), "first_seconds": round(first, 3),
                 "warm_seconds": round(warm, 3), "device_memory_peak_mib": memory.peak_mib(),
@@ -458,7 +459,7 @@ def _inference_for_model(ctx: Context, key: str, sample, ct) -> None:
         state["cpu_session"] = session = open_session(name, device="cpu")
         prediction, seconds = timed_predict(sample, session)
         state["sample_cpu"] = seconds
-        state["sample_grid"] = model_grid_voxels(sample, session.spec)
+        state["sample_grid"] = float(np.prod(prediction.provenance.preprocessing.model_grid_shape))
         result = run_record(prediction, seconds, sample)
         if "sample_labels" in state:
             result["labels_vs_cuda_run"] = agreement(prediction.labels.array, state["sample_labels"])
@@ -486,7 +487,7 @@ def _inference_for_model(ctx: Context, key: str, sample, ct) -> None:
     else:
         ctx.step(f"{key}/window", windows)
         spec = state["session"].spec
-        scale = model_grid_voxels(ct, spec) / model_grid_voxels(sample, spec)
+        scale = model_grid_voxels(ct, spec) / state["sample_grid"]  # the sample's grid after its crop
         ctx.step(f"{key}/ct/cuda", gpu_ct, estimate=state["sample_warm"] * scale)
     _ct_on_cpu(ctx, key, ct, state)
 

@@ -127,3 +127,14 @@ def test_convs_to_fp16_keeps_the_contract(gpu_check):
     convs = [n for n in half.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     weights = {t.name: t.data_type for t in half.graph.initializer}
     assert convs and all(weights[n.input[1]] == onnx.TensorProto.FLOAT16 for n in convs)
+
+
+def test_fallback_nifti_reader_matches_the_product_reader(gpu_check):
+    """The reader used where SimpleITK is missing gives the same voxels and spacing as read_image."""
+    import numpy as np
+
+    from napari_medcl.io import read_image
+
+    product, fallback = read_image(gpu_check.SAMPLE), gpu_check.read_nifti_minimal(gpu_check.SAMPLE)
+    assert fallback.spacing == product.spacing
+    np.testing.assert_array_equal(fallback.array, product.array.astype(np.float32))
