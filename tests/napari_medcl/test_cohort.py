@@ -407,3 +407,39 @@ def test_a_killed_worker_fails_its_case_only_and_leaves_nothing_of_it(tmp_path, 
         "1 segmented, 3 already complete, 0 being written by another process, 0 failed"
     )
     _check_complete(out, {**small, "slow": slow})
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_and_leaves_finished_cases_only(tmp_path, model):
+    """SIGINT to the whole process group (what a terminal's Ctrl+C does) while two workers are mid-case:
+    exit 130 with one line, the finished case intact, nothing of the others, no worker left holding a lock."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("finds the workers through /proc")
+    first = _image(tmp_path / "first.nii.gz", shape=(8, 16, 16))
+    slow = [_image(tmp_path / f"slow{k}.nii.gz", shape=(64, 64, 64), seed=k + 1) for k in range(2)]
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        _command(first, *slow, "-o", out, "--model", model, "--tta", "--jobs", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not all(_holder_of(out / LOCKS_DIR / f"slow{k}.lock", process.pid) for k in range(2)):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the workers never took both slow cases"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines()[2:] == ["medcl-predict: interrupted"], stderr
+    assert stdout.startswith("first: ") and "slow" not in stdout
+    _check_complete(out, {"first": first})  # no temp, no lock file, no lock folder
