@@ -18,7 +18,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +29,7 @@ __all__ = [
     "is_temp_name",
     "split_suffix",
     "sweep_stale_temps",
+    "temp_stem",
     "write_bytes_atomic",
     "write_text_atomic",
 ]
@@ -106,21 +107,36 @@ def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> P
 
 def is_temp_name(name: str) -> bool:
     """True when ``name`` has the form of ``atomic_path``'s temporary files (``.scan.1a2b3c4d.nii.gz``)."""
+    return temp_stem(name) is not None
+
+
+def temp_stem(name: str) -> str | None:
+    """The stem of the final file a temporary file name stands for (``.scan_labels.1a2b3c4d.nii.gz`` ->
+    ``scan_labels``; cut to its first 100 characters for long names), or None when ``name`` is not one."""
     match = _TEMP_NAME.fullmatch(name)
     if match is None:
-        return False
+        return None
     stem, suffix = match["stem"], match["suffix"]
     # Only an extension split_suffix itself would produce: "a.b.1a2b3c4d" is not a temp of "a.b".
-    return len(stem) <= _MAX_TEMP_STEM and split_suffix(f"x{suffix}") == ("x", suffix)
+    if len(stem) <= _MAX_TEMP_STEM and split_suffix(f"x{suffix}") == ("x", suffix):
+        return stem
+    return None
 
 
-def sweep_stale_temps(folder: str | Path, *, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
+def sweep_stale_temps(
+    folder: str | Path,
+    *,
+    older_than_s: float = STALE_TEMP_SECONDS,
+    keep: Callable[[str], bool] | None = None,
+) -> list[Path]:
     """Remove the temporary files a killed writer left in ``folder``; return the paths removed.
 
     Only regular files directly in ``folder`` whose name is exactly an ``atomic_path`` temporary name
     (``is_temp_name``) and whose modification time is at least ``older_than_s`` seconds old are removed, so a
     writer still running beside this one keeps its file (``older_than_s=0`` removes every such file, for a
-    folder that only this process writes). Links, folders and every other name are left alone. Best effort:
+    folder that only this process writes). ``keep``: called with the stem of each candidate (``temp_stem``);
+    True keeps the file (``medcl-predict`` keeps those of cases another process holds the lock of).
+    Links, folders and every other name are left alone. Best effort:
     a file that vanishes or cannot be removed (permissions, Windows file in use) is skipped. A missing
     ``folder`` gives an empty list.
     """
@@ -132,7 +148,8 @@ def sweep_stale_temps(folder: str | Path, *, older_than_s: float = STALE_TEMP_SE
     now = time.time()
     removed = []
     for entry in entries:
-        if not is_temp_name(entry.name):
+        stem = temp_stem(entry.name)
+        if stem is None or (keep is not None and keep(stem)):
             continue
         try:
             info = entry.stat(follow_symlinks=False)

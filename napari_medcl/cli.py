@@ -7,8 +7,12 @@ Arguments, the output folder's lock and the messages only: the work is
 ``--dicom-seg`` ``<case>_seg.dcm``, and last ``<case>.json`` with the case report under ``"report"``), all or
 nothing. Exit status: 0 all cases done, 1 some failed, 2 usage error, 130 interrupted.
 
-A run holds ``OUTDIR/.medcl-predict.lock`` (``flock``, released by the OS even when the process is killed), so
-two runs never write into one folder at once; it removes the temporary files a killed run left there.
+Each case is written under its own lock, ``OUTDIR/.medcl-predict-locks/<case>.lock`` (``flock``, released by
+the OS even when the process is killed; ``napari_medcl.cohort``), so several runs (array-job parts, ``--jobs``
+workers) can write into one folder at once and never write the same case; a case another process is writing
+is skipped with a message. A case already complete in OUTDIR from the same input, model and settings is
+skipped unless ``--overwrite``. A run removes the temporary files killed runs left there, except those of
+cases another process holds.
 
 Heavy modules are imported after argument parsing, so ``medcl-predict --help`` is instant.
 """
@@ -16,10 +20,8 @@ Heavy modules are imported after argument parsing, so ``medcl-predict --help`` i
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,17 @@ from napari_medcl.crash_log import internal_error_message
 from napari_medcl.errors import InputError, MedclError, OutputError
 
 PROG = "medcl-predict"
-LOCK_NAME = ".medcl-predict.lock"
 
 
-class _FolderBusy(Exception):
-    """Another process holds the output folder's lock."""
+@dataclass(frozen=True)
+class CaseResult:
+    """How one case ended: ``status`` is ``done``, ``finished`` (already complete: skipped), ``busy`` (another
+    process holds its lock: skipped) or ``failed``; ``out`` is its line for stdout (empty: none), ``err`` its
+    lines for stderr."""
+
+    status: str
+    out: str = ""
+    err: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
         "cm2 for 2D images) and the expected wrong volume; with --dicom-seg <case>_seg.dcm (DICOM series "
         "inputs only). A failed case writes nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
         "DICOM folder 'scan') would overwrite each other's outputs: the later ones are refused before anything "
-        "runs, the others are segmented. One run at a time per OUTDIR (a second one exits 1 at once). "
-        "Exit status: 0 all done, 1 some case failed, 2 usage error, 130 interrupted.",
+        "runs, the others are segmented. A case whose outputs are already complete in OUTDIR, made from the same "
+        "input (SHA-256), model (SHA-256), napari-medcl version, overlap and --tta, with at least the optional "
+        "outputs asked for, is skipped (--overwrite redoes it). Several runs may write into one OUTDIR at once "
+        "(parts of an array job, --jobs workers): each case is written under its own lock "
+        "(OUTDIR/.medcl-predict-locks/<case>.lock), and a case another process is writing is skipped with a "
+        "message and left to it. "
+        "Exit status: 0 every case done, already complete or being written by another process; 1 some case "
+        "failed; 2 usage error; 130 interrupted. "
+        "SLURM array example: #SBATCH --array=0-9, then medcl-predict data/*.nii.gz -o results "
+        "--num-parts 10 --part-id $SLURM_ARRAY_TASK_ID.",
     )
     parser.add_argument(
         "inputs", nargs="+", type=Path, metavar="IN", help="image files or DICOM series folders"
@@ -105,8 +121,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse an image whose voxel data takes more than N bytes (in the file, or as float32 once "
         f"resampled to the model spacing); 'none': no limit (default: {MAX_BYTES})",
     )
+    parser.add_argument(
+        "--num-parts",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="split the inputs into N parts and segment only part --part-id (for array jobs on several "
+        "machines writing into one OUTDIR): the cases are sorted by name and case i goes to part i mod N, "
+        "so every case is in exactly one part whatever the order of the inputs",
+    )
+    parser.add_argument(
+        "--part-id",
+        type=_whole,
+        default=None,
+        metavar="I",
+        help="the part this run segments, 0 <= I < N (with --num-parts)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        metavar="K",
+        help="segment K cases at once in K worker processes, each with the model loaded once and its own "
+        "share of the CPUs (so ONNX Runtime starts no more threads than there are cores); per-case lines "
+        "come in the order cases finish (default: 1, in this process)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="segment a case even when OUTDIR already holds it complete from the same input, model and "
+        "settings (by default such a case is skipped)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-case lines")
     return parser
+
+
+def _check_parts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--num-parts and --part-id go together, with 0 <= I < N; anything else is a usage error (exit 2)."""
+    if (args.num_parts is None) != (args.part_id is None):
+        parser.error("--num-parts and --part-id go together: give both or neither")
+    if args.num_parts is not None and args.part_id >= args.num_parts:
+        parser.error(
+            f"--part-id must be in [0, {args.num_parts}) for --num-parts {args.num_parts}, got {args.part_id}"
+        )
 
 
 def _other_outputs(formats: Any) -> str:
@@ -134,6 +191,23 @@ def _limit(text: str) -> int | None:
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _whole(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _overlap(text: str) -> float:
     try:
         value = float(text)
@@ -149,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_medcl.errors import InputWarning
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_parts(parser, args)
     if args.dicom_seg:
         not_dicom = [path for path in args.inputs if not path.is_dir()]
         if not_dicom:  # before the model is loaded or any case runs
@@ -181,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from napari_medcl.atomic import sweep_stale_temps
     from napari_medcl.case_writer import make_output_folder
+    from napari_medcl.cohort import make_lock_folder, remove_lock_folder
     from napari_medcl.onnx_session import open_session
 
     try:
@@ -192,31 +268,29 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     try:
         make_output_folder(args.output)
+        make_lock_folder(args.output)  # the first write: a read-only folder stops the run here
     except OutputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    held = {"model": model}
+    del model  # _run_cases may drop the parent's session before starting --jobs workers
     try:
-        with _output_lock(args.output):
-            return _run_locked(args, model, sweep_stale_temps(args.output))
-    except _FolderBusy:
-        print(
-            f"{PROG}: error: {args.output} is in use by another {PROG} run "
-            f"(lock file {args.output / LOCK_NAME})",
-            file=sys.stderr,
-        )
-        return 1
-    except OutputError as error:  # the lock file cannot be created: nothing else could be written either
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return _run_cases(args, held)
+    finally:
+        remove_lock_folder(args.output)
 
 
-def _run_locked(args: argparse.Namespace, model: Any, swept: list[Path]) -> int:
+def _run_cases(args: argparse.Namespace, held: dict[str, Any]) -> int:
+    from napari_medcl.cohort import sweep_case_temps
+
+    model = held.pop("model")
     spec = model.spec
     print(
         f"{PROG} {__version__}: model {spec.name} (sha256 {model.sha256[:12]}) on {model.provider}\n"
         f"note: {spec.intended_use}",
         file=sys.stderr,
     )
+    swept = sweep_case_temps(args.output)
     if swept:
         print(
             f"{PROG}: removed {len(swept)} temporary file(s) left by a killed run in {args.output}: "
@@ -224,22 +298,89 @@ def _run_locked(args: argparse.Namespace, model: Any, swept: list[Path]) -> int:
             file=sys.stderr,
         )
     inputs, refused = _distinct_cases(args.inputs)
+    if args.num_parts is not None:
+        inputs, refused = _this_part(inputs, refused, args.num_parts, args.part_id)
     for error in refused:
         print(f"error: {error}", file=sys.stderr)
-    failed = len(refused)
-    for path, case in inputs:
-        try:
-            _one_case(path, case, model, args)
-        except MedclError as error:
-            failed += 1
-            print(f"error: {_message(path, error)}", file=sys.stderr)
-        except MemoryError:
-            failed += 1
-            print(f"error: {path}: not enough memory for this image", file=sys.stderr)
-        except Exception as error:  # a bug: the other cases still run
-            failed += 1
-            print(f"{PROG}: {path}: {internal_error_message(PROG, error)}", file=sys.stderr)
-    return 1 if failed else 0
+    counts = dict.fromkeys(("done", "finished", "busy", "failed"), 0)
+    counts["failed"] = len(refused)
+    if args.jobs > 1 and len(inputs) > 1:
+        from napari_medcl.jobs import Pool, cpu_shares, run_jobs
+
+        pool = Pool(args, model.sha256, cpu_shares(args.jobs))
+        del model  # each worker loads its own; this one's memory (GPU memory included) is not needed
+        results = run_jobs(inputs, pool, args.jobs)
+    else:
+        wanted = wanted_from(args, model)
+        results = ((path, case, process_case(path, case, model, args, wanted)) for path, case in inputs)
+    for _, _, result in results:
+        counts[result.status] += 1
+        for line in result.err:
+            print(line, file=sys.stderr)
+        if result.out and not args.quiet:
+            print(result.out, flush=True)
+    if not args.quiet and (len(inputs) > 1 or args.num_parts is not None):
+        part = "" if args.num_parts is None else f"part {args.part_id} of {args.num_parts}: "
+        print(
+            f"{PROG}: {part}{len(inputs)} case(s): {counts['done']} segmented, {counts['finished']} already "
+            f"complete, {counts['busy']} being written by another process, {counts['failed']} failed"
+        )
+    return 1 if counts["failed"] else 0
+
+
+def _this_part(
+    inputs: list[tuple[Path, str]], refused: list[InputError], num_parts: int, part_id: int
+) -> tuple[list[tuple[Path, str]], list[InputError]]:
+    """The cases of part ``part_id``, and the refused duplicates of those cases only (each duplicate is
+    reported by the one part that segments the case it collides with)."""
+    from napari_medcl.cohort import part_of, select_part
+    from napari_medcl.io import case_name
+
+    ordered = sorted(case for _, case in inputs)
+    owner = {case: part_of(i, num_parts) for i, case in enumerate(ordered)}
+    mine = [error for error in refused if owner.get(case_name(error.path)) == part_id]
+    return select_part(inputs, num_parts, part_id), mine
+
+
+def wanted_from(args: argparse.Namespace, model: Any) -> Any:
+    """What this run writes for a case (``cohort.Wanted``), to recognise a case already complete."""
+    from napari_medcl.cohort import Wanted
+
+    return Wanted(
+        model_sha256=getattr(model, "sha256", None),
+        version=__version__,
+        overlap=args.overlap,
+        tta=args.tta,
+        probabilities=args.save_probabilities,
+        report_csv=args.report_csv,
+        dicom_seg=args.dicom_seg,
+    )
+
+
+def process_case(
+    path: Path, case: str, model: Any, args: argparse.Namespace, wanted: Any, *, bar: bool = True
+) -> CaseResult:
+    """Segment and write one case under its lock, unless another process holds it or OUTDIR already holds
+    it complete (``cohort.finished``; not with ``--overwrite``). Errors end the case, never the run;
+    KeyboardInterrupt propagates. ``bar``: a progress bar on a terminal (off in worker processes)."""
+    from napari_medcl.cohort import CaseBusy, case_lock, finished
+
+    try:
+        with case_lock(args.output, case):
+            if not args.overwrite and finished(args.output, case, path, wanted):
+                return CaseResult("finished", out=f"{case}: already complete in {args.output}; skipped")
+            return CaseResult("done", out=_one_case(path, case, model, args, bar=bar))
+    except CaseBusy as busy:
+        return CaseResult(
+            "busy",
+            err=(f"{PROG}: {case}: being written by another {PROG} process (lock {busy.args[0]}); skipped",),
+        )
+    except MedclError as error:
+        return CaseResult("failed", err=(f"error: {_message(path, error)}",))
+    except MemoryError:
+        return CaseResult("failed", err=(f"error: {path}: not enough memory for this image",))
+    except Exception as error:  # a bug: the other cases still run
+        return CaseResult("failed", err=(f"{PROG}: {path}: {internal_error_message(PROG, error)}",))
 
 
 def _distinct_cases(paths: list[Path]) -> tuple[list[tuple[Path, str]], list[InputError]]:
@@ -265,62 +406,6 @@ def _distinct_cases(paths: list[Path]) -> tuple[list[tuple[Path, str]], list[Inp
     return kept, refused
 
 
-@contextmanager
-def _output_lock(folder: Path) -> Iterator[Path]:
-    """Hold ``folder/LOCK_NAME`` exclusively while the body runs; raise _FolderBusy if another process does.
-
-    The OS drops the lock when the process ends however it ends, so a killed run never blocks the next one.
-    The file is removed at the end while still locked; a process that opened it just before then finds it
-    gone after locking, and locks the new file instead. Windows: a byte lock with ``msvcrt.locking`` (also
-    dropped when the process ends); the file is removed after unlocking, which a run starting in between
-    can make fail, leaving the file (harmless)."""
-    path = folder / LOCK_NAME
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise OutputError(folder, f"cannot write in the output folder ({error.strerror})") from None
-        try:
-            _lock(fd)
-        except OSError as error:
-            os.close(fd)
-            # flock says EWOULDBLOCK; msvcrt says EACCES or EDEADLOCK after its retries.
-            if isinstance(error, BlockingIOError) or os.name == "nt":
-                raise _FolderBusy(path) from None
-            raise OutputError(path, f"cannot lock the output folder ({error.strerror})") from None
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        yield path
-    finally:
-        if os.name == "nt":  # Windows cannot remove an open file
-            os.close(fd)
-            _remove(path)
-        else:
-            _remove(path)
-            os.close(fd)
-
-
-def _lock(fd: int) -> None:
-    if os.name == "nt":
-        import msvcrt
-
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-    else:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _remove(path: Path) -> None:
-    with suppress(OSError):  # best effort: a lock file left behind blocks nobody
-        path.unlink(missing_ok=True)
-
-
 def _message(path: Path, error: Exception) -> str:
     """One line naming the input: its path, then the problem (without naming the input twice)."""
     named = getattr(error, "path", None)
@@ -329,7 +414,8 @@ def _message(path: Path, error: Exception) -> str:
     return f"{path}: {error}"
 
 
-def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> None:
+def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace, *, bar: bool = True) -> str:
+    """Segment and write one case; its line for stdout."""
     from napari_medcl.case_writer import write_prediction
     from napari_medcl.progress_bar import predict_with_bar
 
@@ -337,7 +423,7 @@ def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> No
         path,
         model,
         desc=case,
-        quiet=args.quiet,
+        quiet=args.quiet or not bar,
         overlap=args.overlap,
         tta=args.tta,
         return_probabilities=args.save_probabilities,
@@ -354,13 +440,12 @@ def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace) -> No
         dicom_seg=model.spec.classes if args.dicom_seg else None,
         series_uid=args.series,
     )
-    if not args.quiet:
-        p = prediction.provenance
-        verdict = "not assessed" if prediction.verdict is None else prediction.verdict.text
-        print(
-            f"{case}: {p.execution_provider}, {p.tiling.windows} windows, {p.timings['total']:.2f} s "
-            f"(ORT {p.timings['ort_seconds']:.2f} s) -> {written.labels}; verdict: {verdict}"
-        )
+    p = prediction.provenance
+    verdict = "not assessed" if prediction.verdict is None else prediction.verdict.text
+    return (
+        f"{case}: {p.execution_provider}, {p.tiling.windows} windows, {p.timings['total']:.2f} s "
+        f"(ORT {p.timings['ort_seconds']:.2f} s) -> {written.labels}; verdict: {verdict}"
+    )
 
 
 if __name__ == "__main__":

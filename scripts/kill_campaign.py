@@ -1,6 +1,7 @@
 """SIGKILL campaigns: kill ``medcl-predict`` and ``medcl-train`` at random moments, then check what they left.
 
-``python scripts/kill_campaign.py predict --trials 50`` and ``python scripts/kill_campaign.py train --trials 10``.
+``python scripts/kill_campaign.py predict --trials 50`` and ``python scripts/kill_campaign.py train --trials 10``;
+``predict --jobs 2`` kills the parent of two worker processes instead.
 
 Predict: three NIfTI volumes and a tiny-patch pointwise ONNX model (so one run lasts a second or two). One
 uninterrupted run is timed first; each trial then starts ``medcl-predict`` into a fresh folder, SIGKILLs it
@@ -93,8 +94,10 @@ def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 class PredictSetup:
     inputs: tuple[Path, ...]
     model: Path
+    jobs: int = 1  # --jobs: worker processes of the killed parent
 
     def command(self, out: Path) -> list[str]:
+        jobs = ["--jobs", str(self.jobs)] if self.jobs > 1 else []
         return [
             _tool("medcl-predict"),
             *map(str, self.inputs),
@@ -105,6 +108,7 @@ class PredictSetup:
             "--device",
             "cpu",
             "--quiet",
+            *jobs,
         ]
 
 
@@ -123,9 +127,16 @@ class FolderCheck:
 
 
 def make_predict_setup(
-    root: Path, *, n_cases: int = 3, shape: tuple[int, int, int] = (48, 64, 64), patch: int = 8, seed: int = 0
+    root: Path,
+    *,
+    n_cases: int = 3,
+    shape: tuple[int, int, int] = (48, 64, 64),
+    patch: int = 8,
+    seed: int = 0,
+    jobs: int = 1,
 ) -> PredictSetup:
-    """``n_cases`` NIfTI volumes of ``shape`` (z, y, x) and a pointwise model with a ``patch``^3 window."""
+    """``n_cases`` NIfTI volumes of ``shape`` (z, y, x) and a pointwise model with a ``patch``^3 window;
+    ``jobs`` > 1 runs ``medcl-predict --jobs jobs``."""
     import numpy as np
 
     from napari_medcl.io import write_image
@@ -140,7 +151,19 @@ def make_predict_setup(
         volume = Volume(array, spacing=(2.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
         inputs.append(write_image(volume, root / f"case{i}.nii.gz"))
     model = save(pointwise_model(spatial_dims=3, patch=(patch,) * 3), root / "model.onnx")
-    return PredictSetup(tuple(inputs), model)
+    return PredictSetup(tuple(inputs), model, jobs)
+
+
+def _case_locks_freed(out: Path, timeout: float) -> bool:
+    """Wait until no process holds a case lock in ``out`` (a killed parent's workers have stopped)."""
+    from napari_medcl.cohort import busy_cases
+
+    deadline = time.monotonic() + timeout
+    while busy_cases(out):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def check_predict_folder(out: Path) -> FolderCheck:
@@ -211,11 +234,14 @@ def run_predict_campaign(
     seed: int = 0,
     fractions: Sequence[float] | None = None,
     verbose: bool = False,
+    jobs: int = 1,
 ) -> PredictSummary:
     """``trials`` killed ``medcl-predict`` runs under ``work``, each checked and then re-run to completion.
 
-    Kill delays: uniform over the timed run (seeded), or ``fractions`` of it when given (one per trial)."""
-    setup = make_predict_setup(work / "inputs")
+    Kill delays: uniform over the timed run (seeded), or ``fractions`` of it when given (one per trial).
+    ``jobs`` > 1: the parent of ``--jobs`` workers is killed; its workers must then stop by themselves (their
+    case locks must be free within 60 s) before the folder is checked."""
+    setup = make_predict_setup(work / "inputs", jobs=jobs)
     summary = PredictSummary()
     n_cases = len(setup.inputs)
     start = time.perf_counter()
@@ -237,6 +263,8 @@ def run_predict_campaign(
         summary.kills += killed
         if not killed and code != 0:
             summary.failures.append(f"trial {trial}: exited {code} without a kill")
+        if not _case_locks_freed(out, timeout=60.0):
+            summary.failures.append(f"trial {trial}: a case lock was still held 60 s after the kill")
         check = check_predict_folder(out) if out.is_dir() else FolderCheck(0, (), (), 0, (), 0)
         summary.truncated += [f"trial {trial} ({delay:.2f} s): {t}" for t in check.truncated]
         summary.incomplete += [f"trial {trial} ({delay:.2f} s): {t}" for t in check.incomplete]
@@ -483,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         "--work", type=Path, default=None, help="folder for the runs (default: a temp folder)"
     )
     parser.add_argument("--verbose", action="store_true", help="one line per trial")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="predict: kill the parent of medcl-predict --jobs JOBS workers"
+    )
     args = parser.parse_args(argv)
     trials = args.trials or (50 if args.campaign == "predict" else 10)
     with tempfile.TemporaryDirectory(prefix=f"medcl-kill-{args.campaign}-") as scratch:
@@ -490,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         if args.campaign == "predict":
-            summary = run_predict_campaign(work, trials, seed=args.seed, verbose=args.verbose)
+            summary = run_predict_campaign(work, trials, seed=args.seed, verbose=args.verbose, jobs=args.jobs)
             problems = summary.truncated + summary.incomplete + summary.failures
         else:
             summary = run_train_campaign(work, trials, seed=args.seed, verbose=args.verbose)

@@ -1,4 +1,4 @@
-"""medcl-predict under faults: stale temporary files, two runs into one folder, size budgets, case-name
+"""medcl-predict under faults: stale temporary files, a case locked by another process, size budgets, case-name
 collisions and Ctrl-C in a real process; and the training run folder's temp sweep."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests.onnx_models import pointwise_model, save
 
 ROOT = Path(__file__).parents[2]
 THRESHOLD = 100.5  # images hold integers 0..200, so no voxel sits on the threshold
-LOCK = ".medcl-predict.lock"
+LOCKS = ".medcl-predict-locks"
 
 
 def _image(path: Path, shape=(6, 19, 13), spacing=(1.0, 1.0, 1.0), seed=0) -> Path:
@@ -104,65 +104,93 @@ def test_training_run_setup_removes_temps_of_a_killed_run(tmp_path):
     assert {".keep", "notes.txt"} <= set(names)
 
 
-# -- one run per output folder ------------------------------------------------------------------------------
+# -- one lock per case --------------------------------------------------------------------------------------
 
 
-def test_locked_folder_is_refused_with_one_line(tmp_path, model, capsys):
-    fcntl = pytest.importorskip("fcntl", reason="POSIX flock; Windows uses msvcrt.locking")
-    source = _image(tmp_path / "scan.nii.gz")
-    out = tmp_path / "out"
-    out.mkdir()
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert _predict(source, "-o", out, "--model", model) == 1
-    finally:
-        os.close(fd)  # drops the lock
-    assert capsys.readouterr().err.splitlines() == [
-        f"medcl-predict: error: {out} is in use by another medcl-predict run (lock file {out / LOCK})"
-    ]
-    assert [p.name for p in out.iterdir()] == [LOCK]
-
-    assert _predict(source, "-o", out, "--model", model) == 0
-    # The run removes its lock file when it ends.
-    assert sorted(p.name for p in out.iterdir()) == [
-        "scan.json",
-        "scan_entropy.nii.gz",
-        "scan_labels.nii.gz",
-        "scan_top_class_error.nii.gz",
-        "scan_uncertainty.nii.gz",
-    ]
-
-
-def test_lock_of_a_killed_process_blocks_nothing(tmp_path, model, capsys):
-    source = _image(tmp_path / "scan.nii.gz")
-    out = tmp_path / "out"
-    out.mkdir()
+def _hold_lock(path: Path) -> subprocess.Popen:
+    """A real process holding ``path`` with flock until it is killed."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import fcntl, os, sys, time\n"
+            "os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)\n"
             "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
             "print('locked', flush=True)\n"
             "time.sleep(120)\n",
-            str(out / LOCK),
+            str(path),
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def _release(holder: subprocess.Popen) -> None:
+    holder.kill()
+    holder.wait(timeout=30)
+    holder.stdout.close()
+
+
+def test_case_locked_by_another_process_is_not_touched(tmp_path, model, capsys):
+    pytest.importorskip("fcntl", reason="POSIX flock; Windows uses msvcrt.locking")
+    scan = _image(tmp_path / "scan.nii.gz")
+    other = _image(tmp_path / "other.nii.gz", seed=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {"scan_labels.nii.gz": b"being rewritten elsewhere", "scan.json": b"{}"}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+    holder = _hold_lock(out / LOCKS / "scan.lock")
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        assert _predict(source, "-o", out, "--model", model) == 1
-        assert "is in use by another medcl-predict run" in capsys.readouterr().err
+        assert _predict(scan, other, "-o", out, "--model", model) == 0
     finally:
-        holder.kill()
-        holder.wait(timeout=30)
-        holder.stdout.close()
-    assert (out / LOCK).exists()  # left behind by the killed holder, but no longer locked
-    assert _predict(source, "-o", out, "--model", model) == 0
-    assert (out / "scan.json").is_file() and not (out / LOCK).exists()
+        _release(holder)
+    assert capsys.readouterr().err.splitlines()[2:] == [
+        f"medcl-predict: scan: being written by another medcl-predict process (lock {out / LOCKS / 'scan.lock'}); "
+        "skipped"
+    ]
+    for name, data in earlier.items():
+        assert (out / name).read_bytes() == data
+    assert sorted(p.name for p in out.iterdir() if "scan" in p.name) == ["scan.json", "scan_labels.nii.gz"]
+    assert (out / "other.json").is_file()
+
+    # The holder was SIGKILLed: its lock file is still there, but no longer locked.
+    assert (out / LOCKS / "scan.lock").exists()
+    assert _predict(scan, other, "-o", out, "--model", model) == 0
+    np.testing.assert_array_equal(
+        read_image(out / "scan_labels.nii.gz").array, read_image(scan).array > THRESHOLD
+    )
+    # The run removes the lock files it held and those nobody holds, and then the empty lock folder.
+    assert not (out / LOCKS).exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_sweep_keeps_the_temps_of_a_case_another_process_holds(tmp_path, model, capsys):
+    pytest.importorskip("fcntl", reason="POSIX flock; Windows uses msvcrt.locking")
+    source = _image(tmp_path / "scan.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    held = [out / ".busy_labels.1a2b3c4d.nii.gz", out / ".busy.0badc0de.json"]
+    stale = [out / ".idle_labels.12345678.nii.gz", out / ".busy2.abcdef01.json"]
+    for path in [*held, *stale]:
+        path.write_bytes(b"half-written")
+        _age(path, 3600)
+    holder = _hold_lock(out / LOCKS / "busy.lock")
+    try:
+        assert _predict(source, "-o", out, "--model", model) == 0
+        assert all(p.exists() for p in held)
+        assert not any(p.exists() for p in stale)
+        assert (out / LOCKS / "busy.lock").exists()  # the folder stays while another process uses it
+    finally:
+        _release(holder)
+    notices = [line for line in capsys.readouterr().err.splitlines() if "temporary file" in line]
+    assert notices == [
+        f"medcl-predict: removed 2 temporary file(s) left by a killed run in {out}: "
+        ".busy2.abcdef01.json, .idle_labels.12345678.nii.gz"
+    ]
 
 
 # -- size budgets -------------------------------------------------------------------------------------------
@@ -269,7 +297,7 @@ def test_case_name_collisions_are_refused_before_anything_runs(tmp_path, model, 
 
 @pytest.mark.slow
 def test_sigint_mid_run_exits_130_leaving_finished_cases_only(tmp_path, model, capsys):
-    """A real medcl-predict process: while it runs, a second run into its folder is refused; SIGINT in the
+    """A real medcl-predict process: while it runs, a second run skips the case it is writing; SIGINT in the
     middle of the second case stops it with exit 130 and one line, and only the first case's files stay."""
     first = _image(tmp_path / "first.nii.gz", shape=(8, 16, 16))
     slow = _image(tmp_path / "slow.nii.gz", shape=(64, 64, 64), seed=1)  # about 4 s with --tta here
@@ -289,8 +317,9 @@ def test_sigint_mid_run_exits_130_leaving_finished_cases_only(tmp_path, model, c
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "the first case never finished"
             time.sleep(0.02)
-        assert _predict(never, "-o", out, "--model", model) == 1
-        assert "is in use by another medcl-predict run" in capsys.readouterr().err
+        # A second run asked for the case being written leaves it alone, and writes nothing.
+        assert _predict(slow, "-o", out, "--model", model) == 0
+        assert "slow: being written by another medcl-predict process" in capsys.readouterr().err
         time.sleep(0.3)
         assert process.poll() is None, "the slow case finished before the interrupt: make it slower"
         process.send_signal(signal.SIGINT)

@@ -61,3 +61,14 @@ def test_sigkill_during_training_resumes(tmp_path):
     assert summary.kills == 2
     assert summary.before_first_checkpoint == 1 and summary.reruns_ok == 1
     assert summary.resumes_ok == 1
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_jobs_parent_leaves_no_half_case(tmp_path):
+    """SIGKILL of ``medcl-predict --jobs 2`` itself: its workers stop by themselves (their case locks are
+    free within 60 s), no damaged file stays under a final name, and a re-run finishes every case."""
+    summary = run_predict_campaign(tmp_path, 2, fractions=(0.4, 0.8), jobs=2)
+    assert summary.truncated == [] and summary.incomplete == []
+    assert summary.failures == []
+    assert summary.kills >= 1
+    assert summary.reruns_ok == summary.trials == 2
