@@ -349,7 +349,8 @@ def test_cli_report_csv_end_to_end(tmp_path, model_path):
         assert float(row["expected_wrong_ml"]) == pytest.approx(c["expected_wrong_ml"])
     assert float(rows[0]["expected_wrong_total"]) == pytest.approx(error.sum() * voxel_ml, rel=1e-4)
 
-    assert cli.main(argv) == 0  # without --report-csv: no CSV listed (the earlier one stays on disk)
+    # a finished case is skipped; redone without --report-csv, no CSV is listed (the earlier one stays on disk)
+    assert cli.main([*argv, "--overwrite"]) == 0
     assert "report_csv" not in json.loads((out / "scan.json").read_text())["outputs"]
 
 
