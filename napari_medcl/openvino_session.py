@@ -20,7 +20,7 @@ import numpy as np
 from napari_medcl.errors import ModelError, PredictionError, UsageError
 from napari_medcl.spec import ModelSpec
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # what ``precision=`` accepts; a session runs at fp32 or bf16
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
@@ -83,8 +83,8 @@ def open_openvino(
 ) -> OpenVINOSession:
     """Compile the checked ONNX ``data`` for OpenVINO's CPU device at ``precision`` with ``threads``
     inference threads. UsageError for bf16 on a CPU without it; ModelError when OpenVINO cannot compile it."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in _HINTS:
+        raise UsageError(f"precision must be fp32 or bf16 here, got {precision!r}")
     import openvino as ov
 
     core = ov.Core()

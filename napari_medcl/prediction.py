@@ -87,7 +87,7 @@ def predict_iter(
     *,
     device: str = "auto",
     backend: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     overlap: float = 0.5,
     tta: bool = False,
     batch_size: int = 1,
@@ -104,7 +104,7 @@ def predict_iter(
     ``image``: a Volume or a path (file or DICOM folder; ``series`` picks a DICOM series). ``model``: a
     LoadedModel or any other ``InferenceSession``, a bundled model name or an .onnx path; None = the
     default bundled model. ``device`` (auto/cpu/cuda), ``backend`` (auto/onnxruntime/openvino) and
-    ``precision`` (fp32/bf16): how to open the model when it still has to be loaded (``load_model``). ``overlap`` in [0, 1) between windows; ``tta``
+    ``precision`` (auto/fp32/bf16): how to open the model when it still has to be loaded (``load_model``). ``overlap`` in [0, 1) between windows; ``tta``
     averages over mirroring along every spatial axis (2^d passes per window); ``batch_size`` windows per
     ORT call; ``return_probabilities`` adds the (K, *S) class probabilities. ``cancel``: a threading.Event
     or a zero-argument callable, checked between windows; when set, Cancelled is raised. ``max_voxels`` and

@@ -97,13 +97,13 @@ def test_openvino_asked_for_but_unusable_is_a_usage_error(fake_machine):
 def test_available_backends_and_precisions(fake_machine):
     fake_machine(openvino=False)
     assert available_backends() == ["auto", "onnxruntime"]
-    assert available_precisions() == ["fp32"]
+    assert available_precisions() == ["auto", "fp32"]
     fake_machine(openvino=True, bf16=True)
     assert available_backends() == ["auto", "onnxruntime", "openvino"]
-    assert available_precisions("openvino") == ["fp32", "bf16"]
-    assert available_precisions("onnxruntime") == ["fp32"]
+    assert available_precisions("openvino") == ["auto", "fp32", "bf16"]
+    assert available_precisions("onnxruntime") == ["auto", "fp32"]
     fake_machine(openvino=True, bf16=False)
-    assert available_precisions("auto") == ["fp32"]
+    assert available_precisions("auto") == ["auto", "fp32"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ needs_openvino = pytest.mark.skipif(
 def test_openvino_matches_onnxruntime_on_the_tiny_models(tmp_path, builder, shape):
     path = save(builder(), tmp_path / "m.onnx")
     reference = load_model(path, device="cpu", backend="onnxruntime")
-    session = load_model(path, device="cpu", backend="openvino")
+    session = load_model(path, device="cpu", backend="openvino", precision="fp32")
     assert isinstance(session, openvino_session.OpenVINOSession) and isinstance(session, InferenceSession)
     assert session.provider == "OpenVINO CPU fp32"
     assert session.sha256 == reference.sha256 and session.spec == reference.spec
@@ -166,7 +166,7 @@ def test_provenance_names_the_backend_that_ran(tmp_path):
     image[np.abs(image - 0.5) < 0.05] = 0.9  # no voxel near the threshold
     expected = (image > 0.5).astype(np.uint8)
     for backend, provider in (("openvino", "OpenVINO CPU fp32"), ("onnxruntime", "CPUExecutionProvider")):
-        prediction = predict(_volume(image), path, device="cpu", backend=backend)
+        prediction = predict(_volume(image), path, device="cpu", backend=backend, precision="fp32")
         assert prediction.provenance["execution_provider"] == provider
         np.testing.assert_array_equal(prediction.labels.array, expected)
     assert isinstance(load_model(path, device="cpu", backend="onnxruntime"), LoadedModel)
@@ -177,6 +177,7 @@ def test_openvino_run_errors_become_prediction_errors(tmp_path):
     from napari_medcl.errors import PredictionError
 
     session = load_model(save(conv_model(), tmp_path / "conv.onnx"), device="cpu", backend="openvino")
+    assert session.precision == ("bf16" if openvino_session.openvino_bf16_supported() else "fp32")  # auto
     with pytest.raises(PredictionError, match="failed on an input of shape"):
         session.run(np.zeros((1, 1, 5, 6, 6), np.float32))  # the skip addition needs even sizes
 
@@ -192,3 +193,15 @@ def test_cli_backend_and_precision_options(tmp_path, capsys):
     argv = [str(image), "-o", str(tmp_path / "out"), "--model", str(path), "--device", "cpu"]
     assert cli.main([*argv, "--backend", "onnxruntime", "--precision", "bf16"]) == 1
     assert "precision bf16 runs on OpenVINO's CPU device only" in capsys.readouterr().err
+
+
+def test_auto_precision_is_bf16_only_on_openvino_with_a_bf16_cpu(fake_machine):
+    from napari_medcl.onnx_session import choose_precision
+
+    fake_machine(openvino=True, bf16=True)
+    assert choose_precision("openvino", "auto") == "bf16"
+    assert choose_precision("openvino", "fp32") == "fp32"
+    assert choose_precision("onnxruntime", "auto") == "fp32"
+    fake_machine(openvino=True, bf16=False)
+    assert choose_precision("openvino", "auto") == "fp32"
+    assert choose_backend("auto", "cpu", "auto") == "openvino"  # auto never raises for want of bf16
