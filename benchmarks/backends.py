@@ -115,7 +115,7 @@ def main() -> None:
     )
     rows = [("onnxruntime", "fp32")]
     if openvino_installed():
-        rows += [("openvino", p) for p in available_precisions("openvino")]
+        rows += [("openvino", p) for p in available_precisions("openvino") if p != "auto"]
 
     print("\n| backend | sample s, median (runs) | windows/s | speed-up vs ORT | sample label agreement vs ORT fp32 | "
           "max prob diff | held-out agreement vs ORT fp32 | held-out Dice CSF / GM / WM | mean |")  # fmt: skip
