@@ -10,6 +10,7 @@ openvino is imported inside functions: ``import napari_medcl`` must stay light.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+@functools.cache
 def openvino_bf16_supported() -> bool:
     """Whether OpenVINO's CPU device computes in bfloat16 natively here (``BF16`` in its
     ``OPTIMIZATION_CAPABILITIES``); False when openvino is not installed."""
