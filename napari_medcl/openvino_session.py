@@ -33,7 +33,7 @@ def openvino_installed() -> bool:
 @functools.cache
 def openvino_bf16_supported() -> bool:
     """Whether OpenVINO's CPU device computes in bfloat16 natively here (``BF16`` in its
-    ``OPTIMIZATION_CAPABILITIES``); False when openvino is not installed."""
+    ``OPTIMIZATION_CAPABILITIES``); False when openvino is not installed; asked once."""
     if not openvino_installed():
         return False
     import openvino as ov
