@@ -90,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         "--model", default=None, help="bundled model name or .onnx path (default: the default bundled model)"
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = parser.parse_args(argv)
     start = time.perf_counter()
     sample = sample_path()
     try:
-        model = open_session(args.model, device=args.device)
+        model = open_session(args.model, device=args.device, backend=args.backend, precision=args.precision)
         print(f"demo: model {model.spec.name} on {model.provider}\nnote: {model.spec.intended_use}")
         # Read once: the scan is both the network's input and the overlay's background.
         image = read_image(sample)

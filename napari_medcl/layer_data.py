@@ -283,6 +283,8 @@ def segment_layer(
     model: InferenceSession | str | Path | None = None,
     *,
     device: str = "auto",
+    backend: str = "auto",
+    precision: str = "auto",
     overlap: float = 0.5,
     tta: bool = False,
     roi: Any = None,
@@ -300,6 +302,8 @@ def segment_layer(
     execution provider actually used and the intended-use notice under ``metadata["medcl_prediction"]``.
     ``roi``: see ``plan_region``; outside it labels and uncertainties are 0. ``progress`` is called with each
     ``Progress``; ``cancel`` (threading.Event or callable) raises ``errors.Cancelled`` between windows.
+    ``device``, ``backend``, ``precision``: how a model that is not a session yet is opened (``load_model``;
+    ``onnx_session.available_backends()`` / ``available_precisions()`` list the choices on this machine).
     """
     volume = volume_from_layer(image_layer)
     steps = segment_volume_iter(
@@ -307,6 +311,8 @@ def segment_layer(
         model,
         name=layer_name(image_layer),
         device=device,
+        backend=backend,
+        precision=precision,
         overlap=overlap,
         tta=tta,
         roi=roi,
@@ -330,6 +336,8 @@ def segment_volume_iter(
     *,
     name: str = "image",
     device: str = "auto",
+    backend: str = "auto",
+    precision: str = "auto",
     overlap: float = 0.5,
     tta: bool = False,
     roi: Any = None,
@@ -348,7 +356,9 @@ def segment_volume_iter(
     from napari_medcl.prediction import predict_iter
 
     start = time.perf_counter()
-    loaded = open_session(model, device=device)  # kept in the result for the widget's next run
+    loaded = open_session(
+        model, device=device, backend=backend, precision=precision
+    )  # kept in the result for the widget's next run
 
     prediction: Prediction | None = None
     for item in predict_iter(

@@ -1,4 +1,4 @@
-"""Loading a model: checks on the ONNX file and its spec, then an ONNX Runtime session on the right device.
+"""Loading a model: checks on the ONNX file and its spec, then a session on the right device and backend.
 
 A model is one ``.onnx`` file (no external data, no custom op domains) carrying a ``ModelSpec`` as JSON under
 the metadata key ``medcl.spec``. Loading hashes the bytes, checks them, and builds the session from the same
@@ -6,7 +6,11 @@ bytes, so what was hashed is what runs. ``device="auto"`` uses CUDA only when ON
 and its libraries really load; on a machine without them nothing is attempted, so ONNX Runtime prints no
 error lines. The provider the session really uses is reported in ``LoadedModel.provider``.
 
-onnx and onnxruntime are imported inside functions: ``import napari_medcl`` must stay light.
+Two backends read the same bytes: ONNX Runtime (always installed; CPU or CUDA) and, when the optional
+``openvino`` package is installed, OpenVINO on the CPU (``napari_medcl.openvino_session``), optionally in
+bfloat16. ``choose_backend`` says which one ``backend="auto"`` takes.
+
+onnx, onnxruntime and openvino are imported inside functions: ``import napari_medcl`` must stay light.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from napari_medcl.session import InferenceSession
 from napari_medcl.spec import METADATA_KEY, ModelSpec, SpecError
 
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "onnxruntime", "openvino")
 MAX_MODEL_BYTES = 2 * 1024**3
 MODELS_DIR = Path(__file__).parent / "models"
 CPU = "CPUExecutionProvider"
@@ -67,34 +72,50 @@ class LoadedModel:
             raise PredictionError(
                 f"model {spec.name!r} ({self.path}) failed on an input of shape {batch.shape}: {first}"
             ) from None
-        n, spatial = batch.shape[0], tuple(batch.shape[2:])
-        expected = [(n, spec.num_classes, *spatial), (n, len(spec.uncertainty_maps), *spatial)]
-        for name, array, shape in zip(want, outputs, expected):
-            if array.shape != shape:
-                raise PredictionError(
-                    f"model {spec.name!r} ({self.path}) returned {name} of shape {array.shape} for an input "
-                    f"of shape {batch.shape}; expected {shape}"
-                )
-        probs = np.asarray(outputs[0], dtype=np.float32)
-        maps = np.asarray(outputs[1], dtype=np.float32) if spec.uncertainty_maps else None
-        return probs, maps
+        return checked_outputs(self, batch, want, outputs)
+
+
+def checked_outputs(
+    session: InferenceSession, batch: np.ndarray, names: list[str], outputs: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The outputs ``names`` of one run of ``session`` on ``batch`` as (probabilities, maps or None) float32.
+
+    Raises PredictionError when they do not have the shapes the spec promises."""
+    spec = session.spec
+    n, spatial = batch.shape[0], tuple(batch.shape[2:])
+    expected = [(n, spec.num_classes, *spatial), (n, len(spec.uncertainty_maps), *spatial)]
+    for name, array, shape in zip(names, outputs, expected):
+        if array.shape != shape:
+            raise PredictionError(
+                f"model {spec.name!r} ({session.path}) returned {name} of shape {array.shape} for an input "
+                f"of shape {batch.shape}; expected {shape}"
+            )
+    probs = np.asarray(outputs[0], dtype=np.float32)
+    maps = np.asarray(outputs[1], dtype=np.float32) if spec.uncertainty_maps else None
+    return probs, maps
 
 
 def load_model(
     name_or_path: str | Path,
     *,
     device: str = "auto",
+    backend: str = "auto",
+    precision: str = "auto",
     max_bytes: int = MAX_MODEL_BYTES,
     models_dir: Path | None = None,
-) -> LoadedModel:
-    """Load a bundled model by name, or a ``.onnx`` file by path, and open it on ``device``.
+) -> InferenceSession:
+    """Load a bundled model by name, or a ``.onnx`` file by path, and open it on ``device`` with ``backend``.
 
     ``device``: ``auto`` (CUDA when it really loads, else CPU), ``cpu``, or ``cuda`` (a ModelError when CUDA
-    cannot be used; never a silent CPU fallback). Every problem with the file is a ModelError naming it.
-    Bundled names are looked up in ``models_dir/manifest.json`` and their SHA-256 checked before parsing.
+    cannot be used; never a silent CPU fallback). ``backend``: ``onnxruntime`` (a LoadedModel),
+    ``openvino`` (an ``OpenVINOSession``, CPU only, ``pip install napari-medcl[openvino]``) or ``auto``
+    (see ``choose_backend``). ``precision``: ``fp32``, ``bf16`` (OpenVINO on a CPU with bfloat16 only; a
+    UsageError otherwise) or ``auto`` (bf16 where it can run, else fp32; see ``choose_precision``). Every problem with the file is a ModelError naming it. Bundled names are looked
+    up in ``models_dir/manifest.json`` and their SHA-256 checked before parsing.
     """
     if device not in DEVICES:
         raise UsageError(f"device must be one of {DEVICES}, got {device!r}")
+    chosen = choose_backend(backend, device, precision)
     path, expected_sha = _resolve(name_or_path, models_dir)
     data = _read_bounded(path, max_bytes)
     sha = hashlib.sha256(data).hexdigest()
@@ -103,16 +124,97 @@ def load_model(
             path, f"SHA-256 {sha} does not match the manifest ({expected_sha}); the file is damaged"
         )
     spec = check_model_bytes(data, path)
+    if chosen == "openvino":
+        from napari_medcl.openvino_session import open_openvino
+
+        precision = choose_precision(chosen, precision)
+        return open_openvino(data, path, sha, spec, precision=precision, threads=physical_cores())
     session = _create_session(data, path, device)
     return LoadedModel(path=path, sha256=sha, spec=spec, provider=session.get_providers()[0], session=session)
 
 
-def open_session(model: InferenceSession | str | Path | None, *, device: str = "auto") -> InferenceSession:
-    """``model`` when it is a session already (a LoadedModel, a TorchSession), else the ONNX model it names
-    (a bundled name or a path; None: the default bundled model) loaded on ``device``."""
+def open_session(
+    model: InferenceSession | str | Path | None,
+    *,
+    device: str = "auto",
+    backend: str = "auto",
+    precision: str = "auto",
+) -> InferenceSession:
+    """``model`` when it is a session already (a LoadedModel, an OpenVINOSession, a TorchSession), else the
+    ONNX model it names (a bundled name or a path; None: the default bundled model) loaded on ``device`` with
+    ``backend`` at ``precision`` (see ``load_model``)."""
     if isinstance(model, InferenceSession):
         return model
-    return load_model(default_model_name() if model is None else model, device=device)
+    name = default_model_name() if model is None else model
+    return load_model(name, device=device, backend=backend, precision=precision)
+
+
+def choose_backend(backend: str, device: str, precision: str = "auto") -> str:
+    """The backend ``load_model`` uses: ``onnxruntime`` or ``openvino``.
+
+    ``auto`` picks OpenVINO when it is installed and the model runs on the CPU (``device`` cpu, or auto on a
+    machine where CUDA cannot be used), since it runs the bundled 3D model's windows faster than ONNX
+    Runtime's CPU provider (docs/performance.md, "Backends"); ONNX Runtime otherwise. UsageError for an
+    unknown backend or precision, OpenVINO asked for but not installed or with ``device`` cuda, and bf16
+    anywhere but OpenVINO on a CPU that supports it."""
+    from napari_medcl.openvino_session import PRECISIONS, openvino_bf16_supported, openvino_installed
+
+    if backend not in BACKENDS:
+        raise UsageError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend == "openvino":
+        if not openvino_installed():
+            raise UsageError(
+                "backend openvino needs the openvino package: pip install 'napari-medcl[openvino]'"
+            )
+        if device == "cuda":
+            raise UsageError("backend openvino runs on the CPU only; use device cpu or auto")
+        chosen = "openvino"
+    elif backend == "onnxruntime":
+        chosen = "onnxruntime"
+    else:
+        on_cpu = device == "cpu" or (device == "auto" and cuda_unavailable_reason() is not None)
+        chosen = "openvino" if on_cpu and openvino_installed() else "onnxruntime"
+    if precision == "bf16":
+        if chosen != "openvino":
+            why = "openvino is not installed" if not openvino_installed() else f"backend {chosen}"
+            raise UsageError(f"precision bf16 runs on OpenVINO's CPU device only ({why}); use fp32")
+        if not openvino_bf16_supported():
+            raise UsageError(
+                "precision bf16 needs a CPU with bfloat16 support (AVX512-BF16 or AMX); this one has none: "
+                "use fp32"
+            )
+    return chosen
+
+
+def choose_precision(backend: str, precision: str) -> str:
+    """The precision a session of ``backend`` (as ``choose_backend`` chose it) runs at: ``precision`` unless it
+    is ``auto``, which is bf16 on OpenVINO with a CPU that has it and fp32 otherwise. bf16 became the default
+    there because on the bundled 3D model's held-out block its labels agree with fp32 on >= 99.9% of voxels
+    and its mean Dice moves by <= 0.002 (docs/performance.md, "Backends"; the manifest's "backends")."""
+    from napari_medcl.openvino_session import openvino_bf16_supported
+
+    if precision != "auto":
+        return precision
+    return "bf16" if backend == "openvino" and openvino_bf16_supported() else "fp32"
+
+
+def available_backends() -> list[str]:
+    """The backends ``backend=`` accepts on this machine, ``auto`` first: ``["auto", "onnxruntime"]``, plus
+    ``"openvino"`` when it is installed (for a GUI choice list; imports nothing heavy)."""
+    from napari_medcl.openvino_session import openvino_installed
+
+    return ["auto", "onnxruntime"] + (["openvino"] if openvino_installed() else [])
+
+
+def available_precisions(backend: str = "auto") -> list[str]:
+    """The precisions ``precision=`` accepts with ``backend`` on this machine: ``["auto", "fp32"]``, plus
+    ``"bf16"`` when that backend can be OpenVINO and the CPU has bfloat16 (this imports openvino once)."""
+    from napari_medcl.openvino_session import openvino_bf16_supported
+
+    can_be_openvino = backend in ("auto", "openvino")
+    return ["auto", "fp32"] + (["bf16"] if can_be_openvino and openvino_bf16_supported() else [])
 
 
 def bundled_models(models_dir: Path | None = None) -> list[dict[str, Any]]:

@@ -86,6 +86,8 @@ def predict_iter(
     model: InferenceSession | str | Path | None = None,
     *,
     device: str = "auto",
+    backend: str = "auto",
+    precision: str = "auto",
     overlap: float = 0.5,
     tta: bool = False,
     batch_size: int = 1,
@@ -101,7 +103,8 @@ def predict_iter(
 
     ``image``: a Volume or a path (file or DICOM folder; ``series`` picks a DICOM series). ``model``: a
     LoadedModel or any other ``InferenceSession``, a bundled model name or an .onnx path; None = the
-    default bundled model. ``device``: auto/cpu/cuda when the model still has to be loaded. ``overlap`` in [0, 1) between windows; ``tta``
+    default bundled model. ``device`` (auto/cpu/cuda), ``backend`` (auto/onnxruntime/openvino) and
+    ``precision`` (auto/fp32/bf16): how to open the model when it still has to be loaded (``load_model``). ``overlap`` in [0, 1) between windows; ``tta``
     averages over mirroring along every spatial axis (2^d passes per window); ``batch_size`` windows per
     ORT call; ``return_probabilities`` adds the (K, *S) class probabilities. ``cancel``: a threading.Event
     or a zero-argument callable, checked between windows; when set, Cancelled is raised. ``max_voxels`` and
@@ -146,7 +149,7 @@ def predict_iter(
         raise TypeError(f"image must be a Volume or a path, got {type(image).__name__}")
     timings["read"] = time.perf_counter() - t
     t = time.perf_counter()
-    session = open_session(model, device=device)
+    session = open_session(model, device=device, backend=backend, precision=precision)
     timings["load_model"] = time.perf_counter() - t
     spec = session.spec
     t = time.perf_counter()

@@ -1,7 +1,8 @@
 """What a prediction runs its windows through: an inference session.
 
-``predict_iter`` takes any object with this shape. The product's own is ``LoadedModel`` (an ONNX Runtime
-session on a checked ``.onnx`` file, ``napari_medcl.onnx_session``); training validates and ``medcl-evaluate``
+``predict_iter`` takes any object with this shape. The product's own are ``LoadedModel`` (an ONNX Runtime
+session on a checked ``.onnx`` file, ``napari_medcl.onnx_session``) and ``OpenVINOSession`` (OpenVINO on the
+same bytes, ``napari_medcl.openvino_session``); training validates and ``medcl-evaluate``
 scores a checkpoint with a torch session (``training.torch_session.TorchSession``) through the same
 preprocessing, windows, stitching and rules, so a checkpoint's Dice is the one its export would give.
 """
@@ -19,7 +20,7 @@ from napari_medcl.spec import ModelSpec
 @runtime_checkable
 class InferenceSession(Protocol):
     """A model ready to run: ``spec`` describes it; ``provider`` says where it runs (e.g.
-    ``CPUExecutionProvider``, ``torch (cuda:0)``); ``path`` and ``sha256`` name the file it came from (for
+    ``CPUExecutionProvider``, ``OpenVINO CPU bf16``, ``torch (cuda:0)``); ``path`` and ``sha256`` name the file it came from (for
     provenance; None when it has none)."""
 
     @property

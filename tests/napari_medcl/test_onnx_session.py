@@ -29,7 +29,7 @@ from tests.onnx_models import (
 
 def test_loads_pointwise_model_on_cpu(tmp_path):
     path = save(pointwise_model(), tmp_path / "m.onnx")
-    model = load_model(path, device="cpu")
+    model = load_model(path, device="cpu", backend="onnxruntime")
     assert isinstance(model, LoadedModel)
     assert model.provider == "CPUExecutionProvider"
     assert model.provider == model.session.get_providers()[0]
@@ -43,7 +43,7 @@ def test_loads_pointwise_model_on_cpu(tmp_path):
 
 def test_auto_device_prints_no_onnxruntime_error_line(tmp_path, capfd):
     path = save(pointwise_model(), tmp_path / "m.onnx")
-    model = load_model(path, device="auto")
+    model = load_model(path, device="auto", backend="onnxruntime")
     captured = capfd.readouterr()
     if cuda_unavailable_reason() is not None:  # this CPU-only machine
         assert model.provider == "CPUExecutionProvider"
