@@ -33,6 +33,14 @@ CASE_FILES = (
 )
 
 
+# A segmented case's line names the backend that ran it: ONNX Runtime's CPU provider, or OpenVINO where installed.
+SEGMENTED = ("scan: CPUExecutionProvider", "scan: OpenVINO CPU")
+
+
+def _segmented(line: str) -> bool:
+    return ": CPUExecutionProvider" in line or ": OpenVINO CPU" in line
+
+
 def _image(path: Path, shape=(6, 19, 13), seed=0) -> Path:
     array = np.random.default_rng(seed).integers(0, 201, size=shape).astype(np.float32)
     return write_image(Volume(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3)), path)
@@ -162,26 +170,26 @@ def test_finished_cases_are_skipped_unless_overwrite_or_changed(tmp_path, model,
     def stamp() -> dict[str, int]:
         return {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
-    assert run().startswith("scan: CPUExecutionProvider")
+    assert run().startswith(SEGMENTED)
     first = stamp()
     assert run().splitlines() == [f"scan: already complete in {out}; skipped"]
     assert stamp() == first  # not one file rewritten
-    assert run("--overwrite").startswith("scan: CPUExecutionProvider")
+    assert run("--overwrite").startswith(SEGMENTED)
     # Other settings, another output asked for, a changed input or a missing output: segmented again.
-    assert run("--tta").startswith("scan: CPUExecutionProvider")
+    assert run("--tta").startswith(SEGMENTED)
     assert run("--tta").startswith("scan: already complete")
-    assert run("--tta", "--report-csv").startswith("scan: CPUExecutionProvider")
+    assert run("--tta", "--report-csv").startswith(SEGMENTED)
     assert run("--tta").startswith("scan: already complete")  # it holds more than asked for
     _image(scan, seed=5)
-    assert run("--tta").startswith("scan: CPUExecutionProvider")
+    assert run("--tta").startswith(SEGMENTED)
     (out / "scan_entropy.nii.gz").unlink()
-    assert run("--tta").startswith("scan: CPUExecutionProvider")
+    assert run("--tta").startswith(SEGMENTED)
     (out / "scan.json").write_text("{not json")
-    assert run("--tta").startswith("scan: CPUExecutionProvider")
+    assert run("--tta").startswith(SEGMENTED)
     sidecar = json.loads((out / "scan.json").read_text(encoding="utf-8"))
     sidecar["model"]["sha256"] = "0" * 64
     (out / "scan.json").write_text(json.dumps(sidecar))
-    assert run("--tta").startswith("scan: CPUExecutionProvider")
+    assert run("--tta").startswith(SEGMENTED)
     np.testing.assert_array_equal(
         read_image(out / "scan_labels.nii.gz").array, read_image(scan).array > THRESHOLD
     )
@@ -212,8 +220,7 @@ def test_two_processes_on_one_folder_write_each_case_once(tmp_path, model):
     results = [process.communicate(timeout=300) for process in processes]
     assert [process.returncode for process in processes] == [0, 0], results
     segmented = [
-        {line.split(":")[0] for line in stdout.splitlines() if ": CPUExecutionProvider" in line}
-        for stdout, _ in results
+        {line.split(":")[0] for line in stdout.splitlines() if _segmented(line)} for stdout, _ in results
     ]
     assert segmented[0].isdisjoint(segmented[1]), segmented
     assert segmented[0] | segmented[1] == set(sources), segmented
@@ -240,7 +247,7 @@ def test_two_parts_at_once_on_one_folder(tmp_path, model):
     results = [process.communicate(timeout=300) for process in processes]
     assert [process.returncode for process in processes] == [0, 0], results
     segmented = [
-        sorted(line.split(":")[0] for line in stdout.splitlines() if ": CPUExecutionProvider" in line)
+        sorted(line.split(":")[0] for line in stdout.splitlines() if _segmented(line))
         for stdout, _ in results
     ]
     assert segmented == [["c0", "c2", "c4"], ["c1", "c3"]]
