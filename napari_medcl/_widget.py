@@ -548,6 +548,10 @@ class SegmentWidget(Container):
         self._notice = _wrap(Label(value=""))
         devices, self._cuda_reason = _devices()
         self._device = ComboBox(label="Device", choices=devices, value="auto")
+        self._backend = ComboBox(label="Backend", choices=_backends(), value="auto")
+        self._backend.tooltip = (
+            "auto: OpenVINO on the CPU when installed (bf16 where the CPU has it), else ONNX Runtime"
+        )
         self._device.tooltip = (
             "CUDA: available" if self._cuda_reason is None else f"CUDA: {self._cuda_reason}"
         )
@@ -576,6 +580,7 @@ class SegmentWidget(Container):
                 self._model_info,
                 self._notice,
                 self._device,
+                self._backend,
                 self._overlap,
                 self._tta,
                 self._region,
@@ -644,6 +649,7 @@ class SegmentWidget(Container):
         kwargs = {
             "name": job.name,
             "device": self._device.value,
+            "backend": self._backend.value,
             "overlap": self._overlap.value,
             "tta": self._tta.value,
             "roi": job.roi,
@@ -718,7 +724,7 @@ class SegmentWidget(Container):
         if not choice or choice == OPEN_FILE:
             raise UsageError("Choose a model: a bundled one, or 'Open file...' for an .onnx file.")
         volume = layer_data.volume_from_layer(image)
-        key = (choice, self._device.value)
+        key = (choice, f"{self._device.value}/{self._backend.value}")
         model = self._loaded[1] if self._loaded is not None and self._loaded[0] == key else choice
         roi = self._roi(image, volume)
         box = region_merge.region_box(roi, volume)
@@ -887,7 +893,8 @@ class SegmentWidget(Container):
         note = f" Kept {kept:,} voxel(s) you had edited." if kept else ""
         self._set_status(f"Done in {result.seconds:.1f} s on {provider} ({where}).{note}")
         self._device_note.value = ""
-        if provider == "CPUExecutionProvider" and self._device.value != "cpu":
+        on_cpu = provider == "CPUExecutionProvider" or str(provider).startswith("OpenVINO CPU")
+        if on_cpu and self._device.value != "cpu":
             reason = self._cuda_reason or "ONNX Runtime did not create the CUDA provider"
             self._device_note.value = f"Warning: ran on the CPU, not a GPU ({reason})."
             self._device_note.native.setStyleSheet(WARNING_STYLE)
@@ -927,7 +934,15 @@ class SegmentWidget(Container):
             self._cancel_event = None
         self._run.text = "Cancel" if running else "Run"
         self._run.enabled = True
-        for widget in (self._image, self._model, self._device, self._overlap, self._tta, self._region):
+        for widget in (
+            self._image,
+            self._model,
+            self._device,
+            self._backend,
+            self._overlap,
+            self._tta,
+            self._region,
+        ):
             widget.enabled = not running
         if running:
             self._progress.max, self._progress.value = 1, 0
@@ -1184,6 +1199,16 @@ def _devices() -> tuple[list[str], str | None]:
     except Exception as error:  # a broken onnxruntime install must not break the widget
         reason = f"cannot probe CUDA ({error})"
     return (["auto", "cpu"] if reason else ["auto", "cpu", "cuda"]), reason
+
+
+def _backends() -> list[str]:
+    """Backends to offer: auto and ONNX Runtime always, OpenVINO when it is installed."""
+    from napari_medcl.onnx_session import available_backends
+
+    try:
+        return available_backends()
+    except Exception:  # a broken install must not break the widget: ONNX Runtime is always there
+        return ["auto", "onnxruntime"]
 
 
 def _read_spec(choice: str) -> Any:

@@ -89,6 +89,10 @@ def test_open_segment_review_rerun_and_save(make_napari_viewer, qtbot, tmp_path,
     np.testing.assert_array_equal(labels.data, scan.array > 0.5)
     assert widget._run.text == "Run"
     assert "CPUExecutionProvider" in widget._status.value or "OpenVINO CPU" in widget._status.value
+    from napari_medcl.onnx_session import available_backends
+
+    assert list(widget._backend.choices) == available_backends()  # OpenVINO offered when installed
+    assert widget._device_note.value.startswith("Warning: ran on the CPU")  # whichever CPU backend ran
 
     # the review panel ranks slices; a click moves the viewer to the slice
     review = widget.show_review()
