@@ -137,6 +137,10 @@ class Context:
         return value
 
 
+# The check is of ONNX Runtime (its CUDA provider, and its CPU provider as the reference): never OpenVINO.
+ORT = "onnxruntime"
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -227,7 +231,7 @@ def _ort_session_check(ctx: Context) -> dict[str, Any]:
     from napari_medcl.onnx_session import CUDA, open_session
     from napari_medcl.prediction import predict
 
-    session = open_session(MODELS["3d"], device=ctx.device)
+    session = open_session(MODELS["3d"], device=ctx.device, backend=ORT)
     prediction = predict(tiny_volume((8, 16, 16)), session)
     provider = prediction.provenance.execution_provider
     return {
@@ -442,7 +446,7 @@ def _inference_for_model(ctx: Context, key: str, sample, ct) -> None:
     def gpu_sample() -> dict[str, Any]:
         memory = DeviceMemory(enabled=not ctx.dry_run)
         start = time.perf_counter()
-        state["session"] = session = open_session(name, device=ctx.device)
+        state["session"] = session = open_session(name, device=ctx.device, backend=ORT)
         state["memory"] = memory
         load = time.perf_counter() - start
         _, first = timed_predict(sample, session, memory)  # warm-up: cuDNN picks its convolution algorithms
@@ -456,7 +460,7 @@ def _inference_for_model(ctx: Context, key: str, sample, ct) -> None:
                 "device_memory_source": memory.source}  # fmt: skip
 
     def cpu_sample() -> dict[str, Any]:
-        state["cpu_session"] = session = open_session(name, device="cpu")
+        state["cpu_session"] = session = open_session(name, device="cpu", backend=ORT)
         prediction, seconds = timed_predict(sample, session)
         state["sample_cpu"] = seconds
         state["sample_grid"] = float(np.prod(prediction.provenance.preprocessing.model_grid_shape))
@@ -547,8 +551,8 @@ def section_fp16(ctx: Context) -> None:
         return
 
     def sessions() -> dict[str, Any]:
-        state["fp16"] = open_session(path, device=ctx.device)
-        state["fp32"] = open_session(MODELS["3d"], device=ctx.device)
+        state["fp16"] = open_session(path, device=ctx.device, backend=ORT)
+        state["fp32"] = open_session(MODELS["3d"], device=ctx.device, backend=ORT)
         return {"fp16_provider": state["fp16"].provider, "fp32_provider": state["fp32"].provider}
 
     def windows() -> dict[str, Any]:

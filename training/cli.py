@@ -185,7 +185,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ModelError(args.model, "no such model file")
     is_onnx = _is_onnx(args.model)
     if is_onnx:
-        loaded, data_cfg = load_model(args.model, device=args.device), DataConfig()
+        # a model is scored in fp32, whatever the CPU: its Dice must not depend on bf16 support
+        loaded, data_cfg = load_model(args.model, device=args.device, precision="fp32"), DataConfig()
     else:
         from training.torch_session import load_checkpoint_session
 

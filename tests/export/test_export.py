@@ -360,7 +360,7 @@ def test_exported_checkpoint_predicts_like_torch(which, trained_3d, trained_2d, 
         gray = np.clip(blob_image(blob_labels(shape, 2, rng), rng, body_margin=0), 0, 255)
         rgb = np.stack([gray, gray * 0.8 + 20, 255 - gray]).astype(np.float32)
         volume = Volume(rgb, spec.spacing or (1.0, 1.0), (0.0, 0.0), np.eye(2), channel_axis=True)
-    loaded = load_model(path, device="cpu")
+    loaded = load_model(path, device="cpu", backend="onnxruntime")  # the export against torch, in fp32
     assert loaded.spec == spec
     prediction = predict(volume, loaded, overlap=0.5)
     assert prediction.provenance["tiling"]["windows"] > 1

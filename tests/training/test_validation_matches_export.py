@@ -73,7 +73,7 @@ def test_torch_and_onnx_sessions_give_the_same_labels(resampled_run, tmp_path):
     onnx_path = tmp_path / "model.onnx"
     to_onnx(out / "checkpoint_last.pt", onnx_path)
     torch_session, _ = load_checkpoint_session(out / "checkpoint_last.pt", "cpu", uncertainty_maps=True)
-    onnx_session = load_model(onnx_path, device="cpu")
+    onnx_session = load_model(onnx_path, device="cpu", backend="onnxruntime")  # fp32, as torch
     volume = read_image(root / "imagesTr" / f"{VAL_CASE}_0000.nii.gz")
     by_torch = predict(volume, torch_session)
     by_onnx = predict(volume, onnx_session)
