@@ -74,13 +74,13 @@ def cpu_shares(jobs: int) -> list[set[int]] | None:
 
 
 def run_jobs(cases: Sequence[tuple[Path, str]], pool: Pool, jobs: int) -> Iterator[tuple[Path, str, Any]]:
-    """Segment ``cases`` with ``jobs`` worker processes; yield (input, case, ``cli.CaseResult``) as each case
+    """Segment ``cases`` with ``jobs`` worker processes; yield (input, case, ``predict_case.CaseResult``) as each case
     ends. A KeyboardInterrupt in the parent stops the workers before it propagates."""
     import multiprocessing
     from multiprocessing.connection import wait
 
-    from napari_medcl.cli import CaseResult
     from napari_medcl.cohort import clear_abandoned_case
+    from napari_medcl.predict_case import CaseResult
 
     context = multiprocessing.get_context("spawn")
     pending = deque((i, path, case) for i, (path, case) in enumerate(cases))
@@ -161,7 +161,7 @@ def run_jobs(cases: Sequence[tuple[Path, str]], pool: Pool, jobs: int) -> Iterat
 
 
 def _fail_all(pending: deque, reason: str) -> Iterator[tuple[Path, str, Any]]:
-    from napari_medcl.cli import CaseResult
+    from napari_medcl.predict_case import CaseResult
 
     while pending:
         _, path, case = pending.popleft()
@@ -252,9 +252,9 @@ def _die_with_parent(parent_pid: int) -> None:
 def _serve(conn: Any, args: Any) -> None:
     import warnings
 
-    from napari_medcl.cli import process_case, wanted_from
     from napari_medcl.errors import InputWarning, MedclError
     from napari_medcl.onnx_session import open_session
+    from napari_medcl.predict_case import process_case, wanted_from
 
     try:
         model = open_session(args.model, device=args.device)

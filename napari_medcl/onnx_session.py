@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from napari_medcl.errors import ModelError, PredictionError, UsageError
-from napari_medcl.session import InferenceSession
+from napari_medcl.session import InferenceSession, checked_outputs
 from napari_medcl.spec import METADATA_KEY, ModelSpec, SpecError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -73,26 +73,6 @@ class LoadedModel:
                 f"model {spec.name!r} ({self.path}) failed on an input of shape {batch.shape}: {first}"
             ) from None
         return checked_outputs(self, batch, want, outputs)
-
-
-def checked_outputs(
-    session: InferenceSession, batch: np.ndarray, names: list[str], outputs: list[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The outputs ``names`` of one run of ``session`` on ``batch`` as (probabilities, maps or None) float32.
-
-    Raises PredictionError when they do not have the shapes the spec promises."""
-    spec = session.spec
-    n, spatial = batch.shape[0], tuple(batch.shape[2:])
-    expected = [(n, spec.num_classes, *spatial), (n, len(spec.uncertainty_maps), *spatial)]
-    for name, array, shape in zip(names, outputs, expected):
-        if array.shape != shape:
-            raise PredictionError(
-                f"model {spec.name!r} ({session.path}) returned {name} of shape {array.shape} for an input "
-                f"of shape {batch.shape}; expected {shape}"
-            )
-    probs = np.asarray(outputs[0], dtype=np.float32)
-    maps = np.asarray(outputs[1], dtype=np.float32) if spec.uncertainty_maps else None
-    return probs, maps
 
 
 def load_model(

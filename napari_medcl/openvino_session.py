@@ -63,7 +63,7 @@ class OpenVINOSession:
         """Run the graph on ``batch`` float32 (N, C, *S) -> probabilities (N, K, *S), maps (N, U, *S) or None.
 
         Raises PredictionError when the outputs do not have the shapes the spec promises."""
-        from napari_medcl.onnx_session import checked_outputs
+        from napari_medcl.session import checked_outputs
 
         spec = self.spec
         want = ["probabilities"] + (["uafr_uncertainty"] if spec.uncertainty_maps else [])

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from napari_medcl.errors import PredictionError
 from napari_medcl.spec import ModelSpec
 
 
@@ -39,3 +40,23 @@ class InferenceSession(Protocol):
         """batch float32 (N, C, *S) -> probabilities (N, K, *S) float32 and the UAFR maps (N, U, *S) float32
         in network order, or None when ``spec.uncertainty_maps`` is empty."""
         ...
+
+
+def checked_outputs(
+    session: InferenceSession, batch: np.ndarray, names: list[str], outputs: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The outputs ``names`` of one run of ``session`` on ``batch`` as (probabilities, maps or None) float32.
+
+    Raises PredictionError when they do not have the shapes the spec promises."""
+    spec = session.spec
+    n, spatial = batch.shape[0], tuple(batch.shape[2:])
+    expected = [(n, spec.num_classes, *spatial), (n, len(spec.uncertainty_maps), *spatial)]
+    for name, array, shape in zip(names, outputs, expected):
+        if array.shape != shape:
+            raise PredictionError(
+                f"model {spec.name!r} ({session.path}) returned {name} of shape {array.shape} for an input "
+                f"of shape {batch.shape}; expected {shape}"
+            )
+    probs = np.asarray(outputs[0], dtype=np.float32)
+    maps = np.asarray(outputs[1], dtype=np.float32) if spec.uncertainty_maps else None
+    return probs, maps
