@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_medcl.errors import ModelError, PredictionError, UsageError
-from napari_medcl.session import InferenceSession, checked_outputs
+from napari_medcl.errors import ModelError, UsageError
+from napari_medcl.session import InferenceSession, run_checked
 from napari_medcl.spec import METADATA_KEY, ModelSpec, SpecError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -63,16 +63,7 @@ class LoadedModel:
         """Run the graph on ``batch`` float32 (N, C, *S) -> probabilities (N, K, *S), maps (N, U, *S) or None.
 
         Raises PredictionError when the outputs do not have the shapes the spec promises."""
-        spec = self.spec
-        want = ["probabilities"] + (["uafr_uncertainty"] if spec.uncertainty_maps else [])
-        try:
-            outputs = self.session.run(want, {"image": np.ascontiguousarray(batch, dtype=np.float32)})
-        except Exception as error:  # onnxruntime's Fail/InvalidArgument/RuntimeException classes
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise PredictionError(
-                f"model {spec.name!r} ({self.path}) failed on an input of shape {batch.shape}: {first}"
-            ) from None
-        return checked_outputs(self, batch, want, outputs)
+        return run_checked(self, batch, lambda want, image: self.session.run(want, {"image": image}))
 
 
 def load_model(

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_medcl.errors import ModelError, PredictionError, UsageError
+from napari_medcl.errors import ModelError, UsageError
 from napari_medcl.spec import ModelSpec
 
 PRECISIONS = ("auto", "fp32", "bf16")  # what ``precision=`` accepts; a session runs at fp32 or bf16
@@ -63,21 +63,14 @@ class OpenVINOSession:
         """Run the graph on ``batch`` float32 (N, C, *S) -> probabilities (N, K, *S), maps (N, U, *S) or None.
 
         Raises PredictionError when the outputs do not have the shapes the spec promises."""
-        from napari_medcl.session import checked_outputs
+        from napari_medcl.session import run_checked
 
-        spec = self.spec
-        want = ["probabilities"] + (["uafr_uncertainty"] if spec.uncertainty_maps else [])
-        try:
+        def infer(want: list[str], image: np.ndarray) -> list[np.ndarray]:
             # A request per call: the session may be shared between threads (the widget's workers).
-            request = self.compiled.create_infer_request()
-            results = request.infer({"image": np.ascontiguousarray(batch, dtype=np.float32)})
-            outputs = [results[self.compiled.output(name)] for name in want]
-        except Exception as error:  # openvino raises RuntimeError with multi-line messages
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise PredictionError(
-                f"model {spec.name!r} ({self.path}) failed on an input of shape {batch.shape}: {first}"
-            ) from None
-        return checked_outputs(self, batch, want, outputs)
+            results = self.compiled.create_infer_request().infer({"image": image})
+            return [results[self.compiled.output(name)] for name in want]
+
+        return run_checked(self, batch, infer)
 
 
 def open_openvino(

@@ -9,6 +9,7 @@ preprocessing, windows, stitching and rules, so a checkpoint's Dice is the one i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -60,3 +61,21 @@ def checked_outputs(
     probs = np.asarray(outputs[0], dtype=np.float32)
     maps = np.asarray(outputs[1], dtype=np.float32) if spec.uncertainty_maps else None
     return probs, maps
+
+
+def run_checked(
+    session: InferenceSession, batch: np.ndarray, infer: Callable[[list[str], np.ndarray], list[np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One run of a session's graph: ``infer(output names, batch float32 (N, C, *S))`` gives the outputs;
+    a failure of the engine becomes one PredictionError line naming the model, and the outputs are checked
+    (``checked_outputs``). The ONNX Runtime and OpenVINO sessions differ only in ``infer``."""
+    spec = session.spec
+    want = ["probabilities"] + (["uafr_uncertainty"] if spec.uncertainty_maps else [])
+    try:
+        outputs = infer(want, np.ascontiguousarray(batch, dtype=np.float32))
+    except Exception as error:  # the engines' own error classes, often with multi-line messages
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PredictionError(
+            f"model {spec.name!r} ({session.path}) failed on an input of shape {batch.shape}: {first}"
+        ) from None
+    return checked_outputs(session, batch, want, outputs)
