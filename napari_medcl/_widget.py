@@ -226,11 +226,7 @@ class ReviewWidget(Container):
                 error, name, is_probability = np.asarray(layer.data), map_name, probability
                 break
         provenance = labels.metadata.get(layer_data.PREDICTION_KEY) or None
-        features = getattr(labels, "features", None)
-        try:
-            classes = {int(i): str(n) for i, n in zip(features["index"], features["name"])}
-        except (KeyError, TypeError, ValueError):
-            classes = {0: "background"}
+        classes = layer_data.class_names(labels) or {0: "background"}
         return case_report(
             data,
             tuple(float(v) for v in labels.scale[-data.ndim :]),
@@ -1304,11 +1300,7 @@ def _reset_keeping_layers(owner: Any, reset: Any, combos: tuple[ComboBox, ...], 
 
 def _layer_id(layer: Any) -> str:
     """A layer's own stable id, kept in its metadata (given on first use)."""
-    import uuid
-
-    if not isinstance(layer.metadata.get(LAYER_ID_KEY), str):
-        layer.metadata[LAYER_ID_KEY] = uuid.uuid4().hex
-    return layer.metadata[LAYER_ID_KEY]
+    return layer_data.stable_id(layer, LAYER_ID_KEY)
 
 
 def _default_model_choice(choices: Any) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_medcl.layer_data import GEOMETRY_KEY
+from napari_medcl.layer_data import GEOMETRY_KEY, class_names
 
 DICOM_SEG_FILTER = "DICOM Segmentation (*.dcm)"
 
@@ -97,7 +97,7 @@ def _write_dicom_seg(layer: Any, path: Path, is_labels: bool) -> Path:
             "series it came from; reset its scale and translate to save it as DICOM SEG"
         )
     array = compact_labels(volume.array, path)
-    names = _class_names(layer)
+    names = class_names(layer)
     colors = _class_colors(layer)
     present = np.flatnonzero(np.bincount(array.ravel())).tolist() if array.size else []
     indices = sorted(({i for i in names if i != 0} | set(present)) - {0})
@@ -122,18 +122,6 @@ def _layer_attribute(layer: Any, name: str, default: Any) -> Any:
     else:
         value = getattr(layer, name, None)
     return default if value is None else value
-
-
-def _class_names(layer: Any) -> dict[int, str]:
-    """Label value -> class name from the layer's ``features`` columns ``index`` and ``name`` (a dict of
-    lists or a DataFrame); empty when they are missing or unusable."""
-    features = _layer_attribute(layer, "features", {})
-    try:
-        if "index" not in features or "name" not in features:
-            return {}
-        return {int(i): str(n) for i, n in zip(list(features["index"]), list(features["name"]))}
-    except (TypeError, ValueError):
-        return {}
 
 
 def _class_colors(layer: Any) -> dict[int, str]:

@@ -494,12 +494,18 @@ def label_colormap(spec: Any) -> Any:
 
 def image_id(layer: Any) -> str:
     """The stable id of an Image layer, given to it (in its metadata) the first time it is asked for."""
+    return stable_id(layer, IMAGE_ID_KEY)
+
+
+def stable_id(layer: Any, key: str) -> str:
+    """The id under ``metadata[key]`` of a layer, made the first time it is asked for (a layer object is no
+    identity: napari hands plugins a new proxy on each access)."""
     import uuid
 
     metadata = layer.metadata
-    if not isinstance(metadata.get(IMAGE_ID_KEY), str):
-        metadata[IMAGE_ID_KEY] = uuid.uuid4().hex
-    return metadata[IMAGE_ID_KEY]
+    if not isinstance(metadata.get(key), str):
+        metadata[key] = uuid.uuid4().hex
+    return metadata[key]
 
 
 def derived_from(layer: Any) -> tuple[str | None, str | None]:
@@ -533,7 +539,7 @@ def cursor_readout(world_point: Any, labels: Any, maps: list[tuple[str, Any]]) -
     if len(index) != len(shape) or not all(0 <= i < n for i, n in zip(index, shape)):
         return None
     value = int(np.asarray(labels.data)[index])
-    names = _class_names(labels)
+    names = class_names(labels)
     parts = [names.get(value, f"label {value}")]
     for short, layer in maps:
         data = np.asarray(layer.data)
@@ -542,9 +548,16 @@ def cursor_readout(world_point: Any, labels: Any, maps: list[tuple[str, Any]]) -
     return " · ".join(parts)
 
 
-def _class_names(labels: Any) -> dict[int, str]:
-    features = getattr(labels, "features", None)
+def class_names(labels: Any) -> dict[int, str]:
+    """index -> class name from the ``features`` columns ``index`` and ``name`` of a Labels layer or a
+    LayerDataTuple (the product's labels carry them; a dict of lists or a DataFrame); {} without them."""
+    if isinstance(labels, tuple):
+        features = (labels[1] or {}).get("features") if len(labels) > 1 else None
+    else:
+        features = getattr(labels, "features", None)
     try:
-        return {int(i): str(n) for i, n in zip(features["index"], features["name"])}
-    except (KeyError, TypeError, ValueError):
+        if features is None or "index" not in features or "name" not in features:
+            return {}
+        return {int(i): str(n) for i, n in zip(list(features["index"]), list(features["name"]))}
+    except (TypeError, ValueError):
         return {}
