@@ -276,6 +276,7 @@ class SegmentationResult:
     model: Any  # LoadedModel, kept so that a widget can reuse the ONNX session for the next run
     provenance: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    prediction: Prediction | None = None  # with its class probabilities, when the run was asked to keep them
 
 
 def segment_layer(
@@ -345,12 +346,14 @@ def segment_volume_iter(
     uncertainty_maps: bool = False,
     metadata: dict[str, Any] | None = None,
     display: dict[str, tuple[str, ...]] | None = None,
+    keep_prediction: bool = False,
 ) -> Generator[Progress, None, SegmentationResult]:
     """The generator behind ``segment_layer``: yields each ``Progress`` and returns a ``SegmentationResult``.
 
     The widget runs this in a napari ``thread_worker`` (the Volume is taken from the layer on the GUI thread
     first); ``model`` may be a LoadedModel, a bundled model name, a path, or None for the default model.
     ``metadata`` is the image layer's (copied onto the outputs); ``display`` its ``layer_display``.
+    ``keep_prediction``: the result carries the Prediction with its class probabilities (for prompts).
     """
     from napari_medcl.onnx_session import open_session
     from napari_medcl.prediction import predict_iter
@@ -362,8 +365,9 @@ def segment_volume_iter(
 
     prediction: Prediction | None = None
     for item in predict_iter(
-        volume, loaded, device=device, overlap=overlap, tta=tta, cancel=cancel, region=roi
-    ):
+        volume, loaded, device=device, overlap=overlap, tta=tta, cancel=cancel, region=roi,
+        return_probabilities=keep_prediction,
+    ):  # fmt: skip
         if hasattr(item, "labels"):
             prediction = item
         else:
@@ -383,7 +387,11 @@ def segment_volume_iter(
         uncertainty_maps=uncertainty_maps,
     )
     return SegmentationResult(
-        layers=layers, model=loaded, provenance=provenance, seconds=time.perf_counter() - start
+        layers=layers,
+        model=loaded,
+        provenance=provenance,
+        seconds=time.perf_counter() - start,
+        prediction=prediction if keep_prediction else None,
     )
 
 
