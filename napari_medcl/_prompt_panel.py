@@ -18,7 +18,8 @@ from napari_medcl import layer_data
 from napari_medcl.errors import MedclError
 
 ADDS, REMOVES = "adds the class", "removes the class"
-PROMPTS_OUTPUT = "prompts"
+CLICK, SCRIBBLE, BOX = "Click", "Scribble", "Box"
+TOOL_OUTPUTS = {CLICK: "prompts", SCRIBBLE: "scribbles", BOX: "box_prompts"}
 POSITIVE_COLOR, NEGATIVE_COLOR = "#40ff40", "#ff4040"
 
 
@@ -32,7 +33,11 @@ class PromptPanel(Container):
         self._classes: list[tuple[str, int]] = []
         # a callable: the dock's reset_choices (on every layer change) re-reads it instead of emptying it
         self._class = ComboBox(label="Prompt class", choices=lambda _widget: self._classes)
-        self._polarity = ComboBox(label="A click", choices=[ADDS, REMOVES], value=ADDS)
+        self._polarity = ComboBox(label="A prompt", choices=[ADDS, REMOVES], value=ADDS)
+        self._tool = ComboBox(label="Prompt tool", choices=[CLICK, SCRIBBLE, BOX], value=CLICK)
+        self._tool.tooltip = (
+            "Click: points; Scribble: paint strokes; Box: a rectangle on a slice (the class inside)"
+        )
         self._place = PushButton(text="Place prompts (click in the view)")
         self._next = PushButton(text="Go to next likely mistake")
         self._undo = PushButton(text="Undo last prompt")
@@ -67,39 +72,60 @@ class PromptPanel(Container):
 
     # -- actions (tests drive these)
 
-    def place_prompts(self, image: Any = None) -> Any:
-        """The Points layer for ``image``'s prompts (the last run's image when None), active in add mode."""
+    def place_prompts(self, image: Any = None, tool: str | None = None) -> Any:
+        """The prompt layer of ``tool`` (the panel's choice when None: Click = a Points layer, Scribble = a
+        Labels layer to paint strokes in, Box = a Shapes layer for rectangles) for ``image`` (the last run's
+        image when None), made active in its drawing mode."""
         image = image or self._last_image()
         if image is None:
             self._info.value = "Run the model first: prompts refine its result."
             return None
+        tool = tool or self._tool.value
         key = layer_data.image_id(image)
-        layer = next(
-            (
-                layer
-                for layer in self.viewer.layers
-                if layer_data.derived_from(layer) == (key, PROMPTS_OUTPUT)
-            ),
-            None,
-        )
+        output = TOOL_OUTPUTS[tool]
+        layer = next((la for la in self.viewer.layers if layer_data.derived_from(la) == (key, output)), None)
         if layer is None:
-            volume = self.sessions[key].volume
-            kwargs = layer_data.spatial_kwargs(volume)
-            kwargs["metadata"] = {
-                **kwargs.get("metadata", {}),
-                layer_data.DERIVED_KEY: {"image_id": key, "output": PROMPTS_OUTPUT},
-                "answered": 0,
-            }
+            layer = self._new_prompt_layer(image, key, tool)
+        self.viewer.layers.selection.active = layer
+        layer.mode = {CLICK: "add", SCRIBBLE: "paint", BOX: "add_rectangle"}[tool]
+        return layer
+
+    def _new_prompt_layer(self, image: Any, key: str, tool: str) -> Any:
+        volume = self.sessions[key].volume
+        kwargs = layer_data.spatial_kwargs(volume)
+        kwargs["metadata"] = {
+            **kwargs.get("metadata", {}),
+            layer_data.DERIVED_KEY: {"image_id": key, "output": TOOL_OUTPUTS[tool]},
+            "answered": 0,
+        }
+        name = f"{image.name} {TOOL_OUTPUTS[tool].replace('_', ' ')}"
+        if tool == CLICK:
             layer = self.viewer.add_points(
                 np.empty((0, volume.spatial_dims)),
-                name=f"{image.name} prompts",
+                name=name,
                 size=max(2.0, 3.0 * float(min(volume.spacing))),
                 face_color=POSITIVE_COLOR,
                 **kwargs,
             )
             layer.events.data.connect(lambda event, layer=layer: self._on_points(layer, event))
-        self.viewer.layers.selection.active = layer
-        layer.mode = "add"
+        elif tool == SCRIBBLE:
+            layer = self.viewer.add_labels(
+                np.zeros(volume.spatial_shape, dtype=np.uint8), name=name, **kwargs
+            )
+            layer.brush_size = 3
+            layer.selected_label = 1
+            layer.metadata["before"] = np.zeros(volume.spatial_shape, dtype=bool)
+            layer.events.paint.connect(lambda _event, layer=layer: self._after_stroke(layer))
+        else:
+            layer = self.viewer.add_shapes(
+                ndim=volume.spatial_dims,
+                name=name,
+                edge_color=POSITIVE_COLOR,
+                face_color="transparent",
+                edge_width=1.0,
+                **kwargs,
+            )
+            layer.events.data.connect(lambda event, layer=layer: self._on_box(layer, event))
         return layer
 
     def add_click(self, image: Any, voxel: tuple[int, ...], label: int, positive: bool) -> Any:
@@ -172,6 +198,50 @@ class PromptPanel(Container):
             colors[index] = _rgba(POSITIVE_COLOR if positive else NEGATIVE_COLOR)
             layer.face_color = colors
         layer.metadata["answered"] = len(data)
+
+    def _after_stroke(self, layer: Any) -> None:
+        # napari emits ``paint`` before the stroke's voxels are in ``layer.data``: read them once Qt is idle
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, lambda: self._on_scribble(layer))
+
+    def _on_scribble(self, layer: Any) -> None:
+        """A finished stroke in the scribble layer: its newly painted voxels are one stroke prompt."""
+        from napari_medcl.prompts import scribble
+
+        key, _ = layer_data.derived_from(layer)
+        painted = np.asarray(layer.data) > 0
+        new = painted & ~layer.metadata["before"]
+        layer.metadata["before"] = painted
+        if not new.any():
+            return
+        voxels = np.argwhere(new)
+        if voxels.shape[1] == 2:
+            voxels = np.column_stack([np.zeros(len(voxels), dtype=int), voxels])
+        positive = self._polarity.value == ADDS
+        self._answer(key, scribble(voxels, label=int(self._class.value or 0), positive=positive))
+
+    def _on_box(self, layer: Any, event: Any) -> None:
+        """A rectangle drawn on a slice: the prompt class lies inside it on that slice."""
+        if getattr(event, "action", "added") != "added":
+            return
+        from napari_medcl.prompts import box
+
+        key, _ = layer_data.derived_from(layer)
+        answered = int(layer.metadata.get("answered", 0))
+        for vertices in layer.data[answered:]:
+            corners = np.rint(np.asarray(vertices)).astype(int)
+            low, high = corners.min(axis=0), corners.max(axis=0)
+            if len(low) == 2:
+                low, high = np.r_[0, low], np.r_[0, high]
+            top = np.asarray(self.sessions[key].grid) - 1  # a rectangle may be drawn past the image's edge
+            low, high = np.clip(low, 0, top), np.clip(high, 0, top)
+            label = int(self._class.value or 0)
+            if label == 0:
+                self._info.value = "A box says where a class is: choose a class other than the background."
+                continue
+            self._answer(key, box(low, high, label=label))
+        layer.metadata["answered"] = len(layer.data)
 
     def _answer(self, key: str, prompt: Any) -> Any:
         session = self.sessions[key]
