@@ -63,6 +63,22 @@ def deepest_error(labels: np.ndarray, truth: np.ndarray, within: tuple[slice, ..
     return tuple(int(i + s.start) for i, s in zip(local, box))
 
 
+def error_shape(labels: np.ndarray, truth: np.ndarray) -> dict:
+    """How the automatic result's mistakes lie: their count, the share on a true class boundary (a voxel
+    whose 3x3x3 neighbourhood holds two true classes) and the share at least 2 voxels inside their component."""
+    from scipy import ndimage
+
+    errors = labels != truth
+    boundary = ndimage.maximum_filter(truth, 3) != ndimage.minimum_filter(truth, 3)
+    depth = ndimage.distance_transform_edt(np.pad(errors, 1))[1:-1, 1:-1, 1:-1]
+    count = int(errors.sum())
+    return {
+        "errors": count,
+        "on_boundary": float(boundary[errors].mean()) if count else 0.0,
+        "deep": float((depth >= 2)[errors].mean()) if count else 0.0,
+    }
+
+
 def click_for(clicker: str, session, truth: np.ndarray, rng: np.random.Generator):
     """(z, y, x) of the next click on the 3D grid, or None when the clicker has nowhere to click."""
     labels = np.asarray(session._labels)
@@ -92,6 +108,7 @@ def run_case(image, truth_image, model, clicker: str, clicks: int, seed: int) ->
     num_classes = session._probabilities.shape[0]
     rng = np.random.default_rng(seed)
     dice = [mean_dice(session._labels, truth, num_classes)]
+    shape = error_shape(np.asarray(session._labels), truth)
     seconds = []
     for _ in range(clicks):
         at = click_for(clicker, session, truth, rng)
@@ -101,7 +118,7 @@ def run_case(image, truth_image, model, clicker: str, clicks: int, seed: int) ->
         update = session.add_prompt(point(*at, label=int(truth[at])))
         seconds.append(update.seconds)
         dice.append(mean_dice(session._labels, truth, num_classes))
-    return {"dice": dice, "seconds": seconds, "predict_seconds": predict_seconds}
+    return {"dice": dice, "seconds": seconds, "predict_seconds": predict_seconds, "error_shape": shape}
 
 
 def clicks_to(dice: Sequence[float], target: float) -> int | None:
@@ -134,6 +151,15 @@ def report(results: dict, header: str, clicks: int) -> str:
     lines.append(
         "Re-running the model without prompts leaves every Dice at its `@0` value (it is deterministic)."
     )
+    lines += ["", "Where the automatic result's mistakes lie (what one click can reach):", ""]
+    for model, cases in results.items():
+        for case, by_clicker in cases.items():
+            shape = next(iter(by_clicker.values()))["error_shape"]
+            lines.append(
+                f"- {model}, {case}: {shape['errors']:,} wrong voxels, {shape['on_boundary']:.0%} on a true "
+                f"class boundary, {shape['deep']:.0%} two or more voxels inside their error region."
+            )
+    lines += ["", "Guided against oracle:", ""]
     for model, cases in results.items():
         for case, by_clicker in cases.items():
             if {"oracle", "guided"} <= set(by_clicker) and clicks >= 10:
