@@ -164,7 +164,9 @@ def walk(args: argparse.Namespace) -> None:
             changed = int((labels.data != before_prompt).sum())
             tour.shot("prompt_click", f"{panel._info.value} (labels changed: {changed} voxel(s))")
             panel.undo()
-            print(f"  undo prompt: labels back as before it: {bool(np.array_equal(labels.data, before_prompt))}")
+            print(
+                f"  undo prompt: labels back as before it: {bool(np.array_equal(labels.data, before_prompt))}"
+            )
 
         start = time.perf_counter()
         viewer.dims.ndisplay = 3
