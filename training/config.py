@@ -74,6 +74,11 @@ class UAFRConfig:
     hidden: int | None = None
     kernel_size: int | None = None
     norm: Literal["instance", "batch", "group"] | None = None
+    # Ablations (paper A): ``block`` "se" / "cbam" put those attention blocks at the same sites instead of
+    # UAFR (Table VIII, Fig. 6); ``use_f`` False drops F (Eq. 13), so U is the entropy of softmax(Q) over Q's
+    # own channels (Table IX a).
+    block: Literal["uafr", "se", "cbam"] = "uafr"
+    use_f: bool = True
 
 
 @dataclass(frozen=True)
@@ -113,12 +118,26 @@ class PDCRConfig:
 
     ``layers`` maps a model tap name to the number of positions N sampled on it (None: the model's middle
     encoder taps with N = 128/64/32 by depth); ``cross_pairs`` lists pairs of taps for the cross-layer term.
-    ``mode`` "h" uses the fixed ``patch_sizes``, "rf" each layer's receptive field.
+    ``mode`` "h" uses the fixed ``patch_sizes``, "rf" each layer's receptive field; ``layer_modes`` sets the
+    mode per tap (e.g. RF-PDCR in the encoder and H-PDCR in the decoder, Table VI b).
+
+    ``form`` "paper" is Eq. 9 as printed; "authors" the authors' code, which shifts s to (s - 1) / tau before
+    weighting (not equivalent: it re-weights the negatives, methods.md §1.4). ``reduction`` "mean" over
+    (b, i, j) is the 3D code's, "sum" the 2D code's (then ``weight`` must be much smaller for the same strength).
+    ``weight`` multiplies the single-layer terms, ``cross_weight`` (None: ``weight``) the cross-layer ones.
+    ``rf_includes_uafr`` False measures RF windows without UAFR's gate convolution (the authors' 3D code).
+
+    Ablations: ``affinity`` "ratio" (Eq. 3), "l1" / "l2" (1 - the L1 / L2 norm of the difference of the class
+    fractions, Table V a), "dice" (mean Dice of the two patches' masks, Eq. 16 read as the text describes it,
+    Table V d), "constant" (``constant_affinity``), "rigid" (1 where the Eq. 3 affinity >= ``rigid_threshold``,
+    else 0) and "center" (1 where the centre voxels share a label) (Fig. 5). ``series`` "loss" averages the
+    loss over the patch series (the paper's), "ratio" averages the class fractions first (Table V b).
     """
 
     enabled: bool = False
     layers: dict[str, int] | None = None
     mode: Literal["h", "rf"] = "h"
+    layer_modes: dict[str, Literal["h", "rf"]] | None = None
     patch_sizes: tuple[Any, ...] = (5, 7, 9)
     cross_pairs: tuple[tuple[str, str], ...] = ()
     cross_samples: int = 64
@@ -126,6 +145,14 @@ class PDCRConfig:
     position_encoding: bool = False
     temperature: float = 0.5
     weight: float = 0.01
+    cross_weight: float | None = None
+    form: Literal["paper", "authors"] = "paper"
+    reduction: Literal["mean", "sum"] = "mean"
+    rf_includes_uafr: bool = False
+    affinity: Literal["ratio", "l1", "l2", "dice", "constant", "rigid", "center"] = "ratio"
+    constant_affinity: float = 0.5
+    rigid_threshold: float = 0.5
+    series: Literal["loss", "ratio"] = "loss"
 
 
 @dataclass(frozen=True)
@@ -134,7 +161,8 @@ class CCDCConfig:
 
     The defaults are the paper's (weight 1, tau 0.5, t_h 0.97, 256 queries and 256 negatives per query,
     region-level queries of 4 pixels at stride 1, adaptive threshold and ratio, dynamic negatives); the
-    other switches reproduce its ablations (Tables 4-7), see ``training.losses.ccdc``.
+    other switches reproduce its ablations (Tables 4-7), see ``training.losses.ccdc``. ``region_size`` 4 is
+    the 2x2 region (2x2x2 in 3D), 2 the pixel and its neighbour along the last axis (Table 7's two pixels).
     """
 
     enabled: bool = False
@@ -145,6 +173,7 @@ class CCDCConfig:
     num_negatives: int = 256
     region: bool = True
     region_stride: int = 1
+    region_size: Literal[2, 4] = 4
     adaptive_threshold: bool = True
     fixed_threshold: float = 0.97
     adaptive_ratio: bool = True
