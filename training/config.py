@@ -42,6 +42,7 @@ __all__ = [
     "TrainSettings",
     "UAFRConfig",
     "config_from_dict",
+    "config_notices",
     "config_to_dict",
     "config_to_yaml",
     "diff_configs",
@@ -299,9 +300,80 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
-    """The resolved config as YAML text, with a header line saying what it is."""
+    """The resolved config as YAML text, with a header line saying what it is and one comment line per
+    :func:`config_notices` entry (comments, so the file still reads back as the same config)."""
     body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
-    return "# napari-medcl resolved training config (every key, defaults included)\n" + body
+    notes = "".join(f"# notice: {line}\n" for line in config_notices(cfg))
+    return "# napari-medcl resolved training config (every key, defaults included)\n" + notes + body
+
+
+def config_notices(cfg: TrainConfig) -> list[str]:
+    """One line per setting that differs from its default but has no effect in the chosen mode.
+
+    A run warns with these at its start and writes them into ``config.yaml``; a setting left at its default
+    is never reported (it was not chosen). The rules follow what each module reads.
+    """
+    notes: list[str] = []
+
+    def unused(section: Any, prefix: str, names: Sequence[str], why: str) -> None:
+        defaults = type(section)()
+        for name in names:
+            if getattr(section, name) != getattr(defaults, name):
+                notes.append(f"{prefix}.{name} has no effect: {why}")
+
+    uafr = cfg.model.uafr
+    uafr_options = ("layers", "m", "hidden", "kernel_size", "norm", "block", "use_f")
+    if not uafr.enabled:
+        unused(uafr, "model.uafr", uafr_options, "model.uafr.enabled is false")
+    elif uafr.block != "uafr":
+        unused(uafr, "model.uafr", ("m", "hidden", "kernel_size", "norm", "use_f"), f"block is {uafr.block}")
+    elif not uafr.use_f:
+        unused(uafr, "model.uafr", ("m", "hidden", "kernel_size", "norm"), "use_f is false (no F to build)")
+
+    p = cfg.loss.pdcr
+    pdcr_options = [f.name for f in dataclasses.fields(p) if f.name != "enabled"]
+    if not p.enabled:
+        unused(p, "loss.pdcr", pdcr_options, "loss.pdcr.enabled is false")
+    else:
+        # modes of the taps named in the config; None layers means the model's defaults, all in ``mode``
+        named = list(p.layers or {}) + [n for pair in p.cross_pairs for n in pair]
+        modes = {(p.layer_modes or {}).get(n, p.mode) for n in named} or {p.mode}
+        if modes == {"rf"}:
+            unused(p, "loss.pdcr", ("patch_sizes",), "every tap is in RF mode (windows = receptive fields)")
+            unused(p, "loss.pdcr", ("series",), "RF mode has one window per tap, no series to average")
+        if "rf" not in modes:
+            unused(p, "loss.pdcr", ("rf_includes_uafr",), "no tap is in RF mode")
+        elif not uafr.enabled:
+            unused(p, "loss.pdcr", ("rf_includes_uafr",), "model.uafr is off, so no block to include")
+        if not p.cross_pairs:
+            unused(p, "loss.pdcr", ("cross_samples", "proj_channels", "cross_weight"), "cross_pairs is empty")
+        if p.affinity != "constant":
+            unused(p, "loss.pdcr", ("constant_affinity",), f"affinity is {p.affinity}, not constant")
+        if p.affinity != "rigid":
+            unused(p, "loss.pdcr", ("rigid_threshold",), f"affinity is {p.affinity}, not rigid")
+        if p.affinity in ("dice", "center", "constant"):
+            unused(p, "loss.pdcr", ("series",), f"affinity {p.affinity} is not computed from class fractions")
+        if p.layer_modes and all(m == p.mode for m in p.layer_modes.values()):
+            notes.append(f"loss.pdcr.layer_modes has no effect: every entry equals mode ({p.mode})")
+
+    c = cfg.loss.ccdc
+    ccdc_options = [f.name for f in dataclasses.fields(c) if f.name != "enabled"]
+    if not c.enabled:
+        unused(c, "loss.ccdc", ccdc_options, "loss.ccdc.enabled is false")
+    else:
+        if c.adaptive_threshold:
+            unused(c, "loss.ccdc", ("fixed_threshold",), "adaptive_threshold is on")
+        if c.query_mode != "adaptive":
+            unused(c, "loss.ccdc", ("adaptive_ratio",), f"query_mode is {c.query_mode}, not adaptive")
+        if c.adaptive_ratio or c.query_mode != "adaptive":
+            unused(
+                c, "loss.ccdc", ("fixed_easy_fraction",), "adaptive_ratio is on or query_mode is not adaptive"
+            )
+        if not c.region:
+            unused(c, "loss.ccdc", ("region_stride", "region_size"), "region is false (pixel-level queries)")
+        if c.core_fallback != "topk":
+            unused(c, "loss.ccdc", ("core_topk",), f"core_fallback is {c.core_fallback}, not topk")
+    return notes
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -76,6 +76,8 @@ def _curves(history: Sequence[dict[str, Any]], class_names: Sequence[str]) -> An
     left, right = figure.subplots(1, 2)
     epochs = [r["epoch"] for r in history]
     for key in history[-1]["train"] if history else ():
+        if key.endswith("_ratio"):  # a diagnostic (pdcr_grad_ratio), not a loss term
+            continue
         left.plot(epochs, [r["train"].get(key, math.nan) for r in history], marker=".", label=key)
     left.set_xlabel("epoch")
     left.set_title("training loss terms")

@@ -619,7 +619,9 @@ class PDCRLoss(nn.Module):
                 raise ValueError(f"cross_pairs entries must be two different tap names, got {pair!r}")
             if self.modes[pair[0]] != self.modes[pair[1]]:
                 # an RF window has no k-th partner in a patch series
-                raise ValueError(f"cross pair {pair!r} mixes modes {self.modes[pair[0]]!r} and {self.modes[pair[1]]!r}")
+                raise ValueError(
+                    f"cross pair {pair!r} mixes modes {self.modes[pair[0]]!r} and {self.modes[pair[1]]!r}"
+                )
         if cross_pairs and (cross_samples < 2 or proj_channels < 1):
             raise ValueError(
                 f"cross_samples must be >= 2 and proj_channels >= 1, got {cross_samples} and {proj_channels}"
@@ -846,7 +848,11 @@ class PDCRLoss(nn.Module):
         single = [v for k, v in terms.items() if "<->" not in k]
         cross = [v for k, v in terms.items() if "<->" in k]
         total = sum(
-            (w * torch.stack(vs).sum() for w, vs in ((self.weight, single), (self.cross_weight, cross)) if vs),
+            (
+                w * torch.stack(vs).sum()
+                for w, vs in ((self.weight, single), (self.cross_weight, cross))
+                if vs
+            ),
             start=torch.zeros((), device=device),
         )
         return PDCRTerms(loss=total, per_layer={k: v.detach() for k, v in terms.items()})
