@@ -192,7 +192,7 @@ def pdcr_tap_info(model: nn.Module, rf_includes_uafr: bool) -> dict[str, Any]:
 def pdcr_notes(pdcr: Any, patch_size: Sequence[int]) -> list[str]:
     """Lines for the run log: the PDCR form and strength, and each tap's label windows (RF values in RF mode)."""
     lines = [
-        f"PDCR form {pdcr.form} (Eq. 9{' as printed' if pdcr.form == 'paper' else ', shifted as the authors code'}), "
+        f"PDCR form {pdcr.form} (Eq. 9{' as printed' if pdcr.form == 'paper' else ' shifted, as in the authors’ code'}), "
         f"reduction {pdcr.reduction}, weight {pdcr.weight:g}, cross weight {pdcr.cross_weight:g}, "
         f"tau {pdcr.temperature:g}, affinity {pdcr.affinity}, series {pdcr.series}"
     ]
