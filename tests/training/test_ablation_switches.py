@@ -301,3 +301,55 @@ def test_every_ablation_switch_is_reachable_from_yaml(tmp_path):
     assert cfg.loss.ccdc.region_size == 2 and cfg.data.require_subjects is True
     with pytest.raises(ValueError, match="form"):
         config_from_dict({"loss": {"pdcr": {"form": "shifted"}}})
+
+
+# one entry per row of docs/methods.md's mapping table that a setting reaches: (YAML text, dotted key, value)
+MAPPING_ROWS = [
+    ("loss: {pdcr: {form: paper}}", "loss.pdcr.form", "paper"),
+    ("loss: {pdcr: {form: authors}}", "loss.pdcr.form", "authors"),
+    ("loss: {pdcr: {reduction: sum, weight: 0.1, cross_weight: 0.01}}", "loss.pdcr.reduction", "sum"),
+    ("loss: {pdcr: {affinity: l1}}", "loss.pdcr.affinity", "l1"),
+    ("loss: {pdcr: {affinity: l2}}", "loss.pdcr.affinity", "l2"),
+    ("loss: {pdcr: {mode: rf}}", "loss.pdcr.mode", "rf"),
+    ("loss: {pdcr: {series: ratio}}", "loss.pdcr.series", "ratio"),
+    ("loss: {pdcr: {position_encoding: true}}", "loss.pdcr.position_encoding", True),
+    ("loss: {pdcr: {affinity: dice}}", "loss.pdcr.affinity", "dice"),
+    ("loss: {pdcr: {affinity: constant, constant_affinity: 0.5}}", "loss.pdcr.affinity", "constant"),
+    ("loss: {pdcr: {affinity: rigid, rigid_threshold: 0.5}}", "loss.pdcr.affinity", "rigid"),
+    ("loss: {pdcr: {affinity: center}}", "loss.pdcr.affinity", "center"),
+    ("loss: {pdcr: {mode: rf, layer_modes: {decoder1: h}}}", "loss.pdcr.layer_modes", {"decoder1": "h"}),
+    ("loss: {pdcr: {rf_includes_uafr: true}}", "loss.pdcr.rf_includes_uafr", True),
+    ("model: {uafr: {enabled: true, block: se}}", "model.uafr.block", "se"),
+    ("model: {uafr: {enabled: true, block: cbam}}", "model.uafr.block", "cbam"),
+    ("model: {uafr: {enabled: true, use_f: false}}", "model.uafr.use_f", False),
+    ("loss: {ccdc: {region_size: 2}}", "loss.ccdc.region_size", 2),
+    ("loss: {ccdc: {region: false}}", "loss.ccdc.region", False),
+    ("data: {require_subjects: true}", "data.require_subjects", True),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "value"), MAPPING_ROWS, ids=[row[0] for row in MAPPING_ROWS])
+def test_each_mapping_row_loads_and_builds(tmp_path, text, key, value):
+    path = tmp_path / "row.yaml"
+    path.write_text(text + "\n")
+    cfg = load_config(path)
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    assert node == value
+    # the PDCR and UAFR rows build on a small 2D U-Net (decoder taps too, for layer_modes)
+    if key.startswith(("loss.pdcr", "model.uafr")):
+        layers = {"encoder2": 16, "decoder1": 16}
+        pdcr = dataclasses.replace(cfg.loss.pdcr, enabled=True, layers=layers)
+        cfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, spatial_dims=2, features=(4, 8, 16)),
+            loss=dataclasses.replace(cfg.loss, pdcr=pdcr),
+        )
+        model = build_model(cfg, 1, 2)
+        _, loss, _ = build_losses(cfg, model, 2)
+        out = model(torch.randn(2, 1, 32, 32))
+        value = loss(
+            out.taps, (torch.rand(2, 32, 32) > 0.5).long(), generator=torch.Generator().manual_seed(0)
+        )
+        assert math.isfinite(float(value.loss.detach()))
