@@ -366,3 +366,15 @@ def test_measured_paper_against_authors_on_a_random_case(capsys):
     with capsys.disabled():
         print(f"\nEq. 9 (paper form) {float(paper):.4f}, authors' form {float(authors):.4f}")
     assert float(paper) != pytest.approx(float(authors), abs=1e-2)
+
+
+def test_label_side_functions_check_shapes():
+    labels = torch.zeros(2, 5, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(2, 5, 6\).*\(1, 3, 2\)"):
+        window_labels(labels, torch.zeros(1, 3, 2, dtype=torch.long), (3, 3))
+    with pytest.raises(ValueError, match=r"\(1, 3, 9\).*\(1, 3, 4\)"):
+        dice_affinity(torch.zeros(1, 3, 9, dtype=torch.long), torch.zeros(1, 3, 4, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"\(2, 5, 6\).*\(2, 3, 3\)"):
+        center_affinity(
+            labels, torch.zeros(2, 3, 3, dtype=torch.long), torch.zeros(2, 3, 2, dtype=torch.long)
+        )

@@ -277,6 +277,11 @@ def window_labels(labels: Tensor, centers: Tensor, sizes: Sequence[int]) -> Tens
     """The label window around each centre: labels (B, *S) int, centers (B, N, d) -> (B, N, V) int64 with
     V = prod(sizes), in raster order; voxels outside the image get the value -1 (no class)."""
     d = labels.ndim - 1
+    if centers.ndim != 3 or centers.shape[0] != labels.shape[0] or centers.shape[2] != d or len(sizes) != d:
+        raise ValueError(
+            f"window_labels needs centers (B, N, {d}) and {d} sizes for labels of shape {tuple(labels.shape)}, "
+            f"got centers {tuple(centers.shape)} and sizes {tuple(sizes)}"
+        )
     half = [s // 2 for s in sizes]
     padded = F.pad(labels.long() + 1, [p for h in reversed(half) for p in (h, h)]) - 1  # outside -> -1
     offsets = torch.cartesian_prod(*[torch.arange(s, device=labels.device) for s in sizes]).view(-1, d)
@@ -295,7 +300,18 @@ def dice_affinity(windows_a: Tensor, windows_b: Tensor, num_classes: int) -> Ten
     A class absent from both windows counts as agreement (dice 1). Eq. 16 as printed reads 1 - mean dice, which
     would give two identical patches affinity 0; the paper's text ("the second way will regard them as totally
     dissimilar patches" when the masks do not overlap) describes the mean Dice itself, which is taken here.
+    Cost: (B, N, M, V) one-hot windows, so RF windows of 3D taps (V = 47^3) take memory in the 100 MB range.
     """
+    if (
+        windows_a.ndim != 3
+        or windows_b.ndim != 3
+        or windows_a.shape[0] != windows_b.shape[0]
+        or windows_a.shape[2] != windows_b.shape[2]
+    ):
+        raise ValueError(
+            f"dice_affinity needs windows (B, N, V) and (B, N', V) with the same B and V, "
+            f"got {tuple(windows_a.shape)} and {tuple(windows_b.shape)}"
+        )
     classes = torch.arange(num_classes, device=windows_a.device).view(1, 1, -1, 1)
     a = (windows_a.unsqueeze(2) == classes).float()  # (B, N, M, V)
     b = (windows_b.unsqueeze(2) == classes).float()  # (B, N', M, V)
@@ -310,6 +326,12 @@ def center_affinity(labels: Tensor, centers_a: Tensor, centers_b: Tensor) -> Ten
 
     labels (B, *S), centers_a (B, N, d), centers_b (B, N', d) -> (B, N, N') float32.
     """
+    for centers in (centers_a, centers_b):
+        if centers.ndim != 3 or centers.shape[0] != labels.shape[0] or centers.shape[2] != labels.ndim - 1:
+            raise ValueError(
+                f"centers must have shape (B, N, {labels.ndim - 1}) for labels of shape {tuple(labels.shape)}, "
+                f"got {tuple(centers.shape)}"
+            )
     a = window_labels(labels, centers_a, (1,) * (labels.ndim - 1))[..., 0]  # (B, N)
     b = window_labels(labels, centers_b, (1,) * (labels.ndim - 1))[..., 0]  # (B, N')
     return (a.unsqueeze(2) == b.unsqueeze(1)).float()
