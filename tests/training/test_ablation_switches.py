@@ -5,6 +5,7 @@ ratio, and every switch reachable from a YAML file."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -353,3 +354,40 @@ def test_each_mapping_row_loads_and_builds(tmp_path, text, key, value):
             out.taps, (torch.rand(2, 32, 32) > 0.5).long(), generator=torch.Generator().manual_seed(0)
         )
         assert math.isfinite(float(value.loss.detach()))
+
+
+@pytest.mark.slow
+def test_a_run_warns_logs_and_records_its_notices_and_pdcr_windows(tmp_path):
+    from tests.dataset_factory import make_msd_dataset
+    from training.cli import train_main
+
+    root = make_msd_dataset(tmp_path / "ds", n_cases=3, shape=(8, 16, 16))
+    out = tmp_path / "out"
+    overrides = [
+        f"data.root={root}",
+        f"output.dir={out}",
+        "data.val_fraction=0.34",
+        "data.num_workers=0",
+        "data.augmentation.enabled=false",
+        "model.features=[4, 8, 16]",
+        "loss.pdcr.enabled=true",
+        "loss.pdcr.mode=rf",
+        "loss.pdcr.layers={encoder2: 8}",
+        "loss.pdcr.patch_sizes=[3]",  # no effect in RF mode
+        "train.device=cpu",
+        "train.epochs=1",
+        "train.iterations_per_epoch=1",
+        "train.patch_size=[8, 16, 16]",
+    ]
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {spatial_dims: 3}\n")
+    argv = [str(config), *(item for override in overrides for item in ("--set", override))]
+    with pytest.warns(UserWarning, match="loss.pdcr.patch_sizes has no effect"):
+        assert train_main(argv) == 0
+    log = (out / "train.log").read_text()
+    assert "notice: loss.pdcr.patch_sizes has no effect" in log
+    assert "PDCR tap encoder2: mode rf, stride [2, 2, 2], receptive field [11, 11, 11]" in log
+    assert "PDCR / segmentation gradient-norm ratio" in log
+    assert "# notice: loss.pdcr.patch_sizes has no effect" in (out / "config.yaml").read_text()
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["train"]["pdcr_grad_ratio"] > 0
