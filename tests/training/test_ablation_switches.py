@@ -391,3 +391,21 @@ def test_a_run_warns_logs_and_records_its_notices_and_pdcr_windows(tmp_path):
     assert "# notice: loss.pdcr.patch_sizes has no effect" in (out / "config.yaml").read_text()
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["train"]["pdcr_grad_ratio"] > 0
+
+
+@pytest.mark.parametrize(("block", "use_f"), [("se", True), ("cbam", True), ("uafr", False)])
+def test_attention_variants_export_and_verify(tmp_path, block, use_f):
+    pytest.importorskip("onnxruntime")
+    from export.onnx import to_onnx
+    from training.model_spec import spec_for_model
+
+    torch.manual_seed(0)
+    model = create_model(
+        "unet", spatial_dims=2, in_channels=1, num_classes=3, features=[4, 8, 16], uafr=True,
+        uafr_block=block, uafr_use_f=use_f,
+    )  # fmt: skip
+    report = to_onnx(
+        model, tmp_path / "m.onnx", spec=spec_for_model(model, name="m", patch_size=(16, 16)), verify=True
+    )
+    assert report.verify is not None
+    assert len(report.spec.uncertainty_maps) == (0 if block != "uafr" else 5)
