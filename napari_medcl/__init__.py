@@ -29,6 +29,7 @@ _EXPORTS = {
     "assess": "napari_medcl.verdict",
     "Verdict": "napari_medcl.verdict",
     "profile_cases": "napari_medcl.training_profile",
+    "RemoteClient": "napari_medcl.remote",
 }
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "assess",
     "Verdict",
     "profile_cases",
+    "RemoteClient",
 ]
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from napari_medcl.onnx_session import load_model
     from napari_medcl.prediction import Progress, predict, predict_iter
     from napari_medcl.provenance import Provenance
+    from napari_medcl.remote import RemoteClient
     from napari_medcl.spec import ModelSpec
     from napari_medcl.training_profile import profile_cases
     from napari_medcl.verdict import Verdict, assess

@@ -112,8 +112,11 @@ class RemoteClient:
 
     def _json(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode("utf-8")
-        with self._open(method, path, data, "application/json") as response:
-            return json.loads(self._read(response))
+        try:
+            with self._open(method, path, data, "application/json") as response:
+                return json.loads(self._read(response))
+        except _Refusal as refusal:
+            raise self._server_error(refusal) from None
 
     def _bytes(
         self, method: str, path: str, data: bytes | None = None, content_type: str | None = None
@@ -196,6 +199,8 @@ class RemoteCaseSession:
         self.session_id: str | None = None
         self.spec: ModelSpec | None = None
         self.uploads = 0
+        # The server's clock (monotonic seconds) when its device ran the last prediction: start, end.
+        self.last_server_run: tuple[float, float] | None = None
         self._closer: weakref.finalize | None = None
 
     def __enter__(self) -> RemoteCaseSession:
@@ -328,6 +333,7 @@ class RemoteCaseSession:
             model=dataclasses.replace(provenance.model, path=f"{client.url}/models/{self.model_name}"),
             timings={**provenance.timings, "remote_round_trip": round(seconds, 4)},
         )
+        self.last_server_run = tuple(event["run_interval"]) if "run_interval" in event else None
         verdict = None if event.get("verdict") is None else Verdict.from_dict(event["verdict"])
         return dataclasses.replace(prediction, provenance=provenance, verdict=verdict)
 

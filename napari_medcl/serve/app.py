@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from napari_medcl import __version__
-from napari_medcl.errors import MedclError
+from napari_medcl.errors import Cancelled, MedclError
 from napari_medcl.prediction import Progress
 from napari_medcl.region import plan_for_model
 from napari_medcl.serve.device_queue import DeviceQueue
@@ -85,6 +85,7 @@ def create_app(models: ServedModels, settings: ServerSettings) -> FastAPI:
     """The FastAPI application serving ``models`` with ``settings``."""
     store = SessionStore(max_sessions=settings.max_sessions, idle_timeout=settings.idle_timeout)
     queue = DeviceQueue(settings.device)
+    outcomes = PredictionOutcomes()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -133,6 +134,7 @@ def create_app(models: ServedModels, settings: ServerSettings) -> FastAPI:
             "sessions": len(store),
             "max_sessions": settings.max_sessions,
             "queue": queue.stats(),
+            "predictions": outcomes.counts(),
             "peak_rss_bytes": _peak_rss_bytes(),
         }
 
@@ -159,7 +161,8 @@ def create_app(models: ServedModels, settings: ServerSettings) -> FastAPI:
         session = store.get(session_id)
         region, options = _parse_predict(await _read_body(request, MAX_JSON_BYTES), session)
         return StreamingResponse(
-            _prediction_lines(session, store, queue, region, options), media_type="application/x-ndjson"
+            _prediction_lines(session, store, queue, outcomes, region, options),
+            media_type="application/x-ndjson",
         )
 
     @router.get("/sessions/{session_id}/results/{result_id}")
@@ -309,8 +312,29 @@ def _flatten(value: Any) -> list[Any]:
     return [value]
 
 
+class PredictionOutcomes:
+    """How the server's predictions ended: done, cancelled (the client cancelled or went away), failed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(("done", "cancelled", "failed"), 0)
+
+    def add(self, outcome: str) -> None:
+        with self._lock:
+            self._counts[outcome] += 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 async def _prediction_lines(
-    session: CaseSession, store: SessionStore, queue: DeviceQueue, region: Any, options: dict[str, Any]
+    session: CaseSession,
+    store: SessionStore,
+    queue: DeviceQueue,
+    outcomes: PredictionOutcomes,
+    region: Any,
+    options: dict[str, Any],
 ) -> AsyncIterator[bytes]:
     """The answer to a predict request, line by line: progress events as the device worker runs the
     prediction, then the result (stored in the session) or an error. When the client goes away, the
@@ -324,19 +348,27 @@ async def _prediction_lines(
 
     def work() -> tuple[Prediction, tuple[float, float]]:
         started = time.monotonic()
-        with store.in_use(session):
-            prediction, last = None, -1.0
-            for item in session.predict_iter(region=region, cancel=cancel, **options):
-                if isinstance(item, Progress):
-                    now = time.monotonic()
-                    edge = item.stage != "infer" or item.done <= 1 or item.done >= item.total
-                    if edge or now - last >= 1.0 / PROGRESS_HZ:
-                        last = now
-                        send("progress", item)
-                else:
-                    prediction = item
-        if prediction is None:
-            raise RuntimeError("predict_iter ended without a Prediction")
+        prediction, last = None, -1.0
+        try:
+            with store.in_use(session):
+                for item in session.predict_iter(region=region, cancel=cancel, **options):
+                    if isinstance(item, Progress):
+                        now = time.monotonic()
+                        edge = item.stage != "infer" or item.done <= 1 or item.done >= item.total
+                        if edge or now - last >= 1.0 / PROGRESS_HZ:
+                            last = now
+                            send("progress", item)
+                    else:
+                        prediction = item
+            if prediction is None:
+                raise RuntimeError("predict_iter ended without a Prediction")
+        except Cancelled:
+            outcomes.add("cancelled")
+            raise
+        except BaseException:
+            outcomes.add("failed")
+            raise
+        outcomes.add("done")
         return prediction, (started, time.monotonic())
 
     async def run() -> None:
