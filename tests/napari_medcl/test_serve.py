@@ -7,6 +7,8 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -15,13 +17,22 @@ import numpy as np
 import pytest
 
 from napari_medcl.errors import Cancelled, PredictionError, ServerError
+from napari_medcl.layer_data import segment_volume_iter
 from napari_medcl.onnx_session import load_model
 from napari_medcl.prediction import Progress, predict_iter
 from napari_medcl.remote import RemoteClient
 from napari_medcl.serve import cli as serve_cli
+from napari_medcl.server_connection import (
+    SERVER,
+    SavedServer,
+    ServerConnection,
+    load_saved_server,
+    save_server,
+    settings_path,
+)
 from napari_medcl.transfer import volume_to_npz
 from napari_medcl.volume import Prediction, Volume
-from tests.medcl_server import running_server
+from tests.medcl_server import ROOT, running_server
 from tests.onnx_models import conv_model, pointwise_labels, pointwise_model, save
 
 pytest.importorskip("fastapi")
@@ -404,3 +415,69 @@ def test_raw_upload_of_a_volume_opens_a_session(server):
     assert status == 201 and answer["model"] == "point3d" and answer["spec"]["spatial_dims"] == 3
     status, _, _ = _raw(server.url, "DELETE", f"/sessions/{answer['session']}", token=TOKEN)
     assert status == 204
+
+
+def test_the_widget_path_gives_the_same_layers_and_uploads_each_image_once(server, local_models):
+
+    def drain(steps):
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+
+    volume = _volume((9, 11, 10), source="/scans/case.nii.gz", format="nifti")
+    connection = ServerConnection(server.url, TOKEN)
+    remote_model = connection.model("point3d")
+    local = drain(segment_volume_iter(volume, local_models["point3d"], name="case"))
+    remote = drain(segment_volume_iter(volume, remote_model, name="case"))
+    drain(segment_volume_iter(volume, remote_model, name="case", roi=("slice", 0, 2)))
+    assert [kind for _, _, kind in remote.layers] == [kind for _, _, kind in local.layers]
+    for (data, meta, kind), (want, want_meta, _) in zip(remote.layers, local.layers):
+        if kind == "labels":
+            np.testing.assert_array_equal(data, want)
+        else:
+            np.testing.assert_allclose(data, want, atol=HALF_ATOL, rtol=0)
+        np.testing.assert_allclose(meta["scale"], want_meta["scale"])
+    assert remote.model is remote_model and remote_model.session_for(volume).uploads == 1
+    with pytest.raises(Exception, match="cannot run on the server"):
+        connection.model("/home/me/model.onnx")
+    connection.close()
+    assert client_sessions(server) == 0
+
+
+def client_sessions(server):
+    return RemoteClient(server.url, TOKEN).status()["sessions"]
+
+
+def test_the_server_choice_is_remembered_privately(tmp_path, monkeypatch):
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert load_saved_server() == SavedServer()  # nothing remembered: this computer
+    saved = SavedServer(where=SERVER, url="https://seg.example.org", token=TOKEN)
+    path = save_server(saved)
+    assert path == settings_path() == tmp_path / "napari-medcl" / "server.json"
+    assert path.stat().st_mode & 0o777 == 0o600 and load_saved_server() == saved
+    path.write_text("{not json")
+    assert load_saved_server() == SavedServer()
+
+
+def test_a_client_process_that_exits_without_closing_frees_its_session(server):
+    code = (
+        "import numpy as np\n"
+        "from napari_medcl.remote import RemoteClient\n"
+        "from napari_medcl.volume import Volume\n"
+        f"client = RemoteClient({server.url!r}, {TOKEN!r})\n"
+        "session = client.open_session(Volume(np.ones((4, 4, 4), np.float32), (1,) * 3, (0,) * 3, np.eye(3)), 'point3d')\n"
+        "session.predict()\n"
+        "print(client.status()['sessions'])\n"
+    )
+    before = client_sessions(server)
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.strip()) == before + 1  # open while it ran
+    assert client_sessions(server) == before  # closed when its process ended
