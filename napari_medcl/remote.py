@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import http.client
+import http.cookiejar
 import ipaddress
 import json
 import socket
@@ -82,6 +83,9 @@ class RemoteClient:
         self.timeout = float(timeout)
         self._loopback = is_loopback(parsed.hostname)
         self._served: dict[str, Any] | None = None
+        # A load balancer in front of several servers may pin a client to one with a cookie ("sticky
+        # sessions"): kept here, so that a session's requests reach the server that holds its image.
+        self._cookies = http.cookiejar.CookieJar()
 
     def __repr__(self) -> str:
         return f"RemoteClient({self.url!r})"
@@ -141,7 +145,9 @@ class RemoteClient:
             headers["Content-Type"] = content_type
         request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         # A server on this machine is never reached through a proxy, whatever http_proxy says.
-        handlers = [urllib.request.ProxyHandler({})] if self._loopback else []
+        handlers: list[Any] = [urllib.request.HTTPCookieProcessor(self._cookies)]
+        if self._loopback:
+            handlers.append(urllib.request.ProxyHandler({}))
         opener = urllib.request.build_opener(*handlers)
         try:
             return opener.open(request, timeout=self.timeout if timeout is None else timeout)

@@ -96,7 +96,14 @@ def create_app(models: ServedModels, settings: ServerSettings) -> FastAPI:
             sweeper.cancel()
             queue.shutdown()
 
-    app = FastAPI(title="medcl-serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="medcl-serve",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.store, app.state.queue = store, queue
 
     @app.exception_handler(Refused)
@@ -168,7 +175,7 @@ def create_app(models: ServedModels, settings: ServerSettings) -> FastAPI:
     @router.get("/sessions/{session_id}/results/{result_id}")
     async def result(session_id: str, result_id: str) -> Response:
         stored = store.get(session_id).result
-        if stored is None or not secrets.compare_digest(stored.id, result_id):
+        if stored is None or not secrets.compare_digest(stored.id.encode(), result_id.encode()):
             raise Refused(
                 404, "result_unknown", "no such result in this session (a later prediction replaced it)"
             )

@@ -181,6 +181,8 @@ def test_a_missing_or_wrong_token_is_refused(server, token):
         assert "\n" not in str(caught.value)
     status, answer, headers = _raw(server.url, "GET", "/models", token=token)
     assert status == 401 and answer["code"] == "bad_token" and headers.get("www-authenticate") == "Bearer"
+    for open_door in ("/openapi.json", "/docs"):  # nothing else answers without the token
+        assert _raw(server.url, "GET", open_door)[0] == 404
 
 
 @pytest.mark.parametrize(
