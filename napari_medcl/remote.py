@@ -208,6 +208,7 @@ class RemoteCaseSession:
         # The server's clock (monotonic seconds) when its device ran the last prediction: start, end.
         self.last_server_run: tuple[float, float] | None = None
         self._closer: weakref.finalize | None = None
+        self._closed = False
 
     def __enter__(self) -> RemoteCaseSession:
         return self
@@ -260,12 +261,15 @@ class RemoteCaseSession:
                 raise UsageError(
                     f"option {key!r} is not taken by the server (it takes {', '.join(SERVER_OPTIONS)})"
                 )
+        if self._closed:
+            raise UsageError("this session is closed; open a new one (RemoteClient.open_session)")
         cancelled = _cancel_check(cancel)
         request = {"region": _region_to_json(region), "options": options}
         return self._predict_lines(request, cancelled)
 
     def close(self) -> None:
         """Close the session on the server (best effort: a server that is gone has dropped it anyway)."""
+        self._closed = True
         if self._closer is not None:
             self._closer()
             self._closer = None
@@ -282,9 +286,14 @@ class RemoteCaseSession:
                 if cancelled():
                     raise Cancelled("prediction cancelled; the server stops at its next window")
                 line = _read_line(client, response)
-                if not line:
+                if not line.endswith(b"\n"):  # the server went away before the end of a line
                     raise client._lost(EOFError("the answer ended before the result"))
-                event = json.loads(line)
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    raise ServerError(
+                        f"server {client.url} sent a line that is not JSON: {line[:80]!r}"
+                    ) from None
                 kind = event.get("event")
                 if kind == "progress":
                     yield Progress(event["done"], event["total"], event["stage"], event["elapsed"])

@@ -151,7 +151,8 @@ def create_app(models: ServedModels, settings: ServerSettings) -> FastAPI:
         store.check_room()  # before the upload is read: a busy server does not take 500 MB first
         body = await _read_body(request, settings.max_upload_bytes)
         try:
-            volume = volume_from_npz(body, max_bytes=settings.max_voxel_bytes)
+            # Unpacking takes a moment for a large scan: off the event loop, which keeps answering meanwhile.
+            volume = await asyncio.to_thread(volume_from_npz, body, max_bytes=settings.max_voxel_bytes)
         except MedclError as error:
             raise Refused(400, "bad_volume", f"upload refused: {error}") from None
         del body
@@ -424,7 +425,6 @@ async def _store_result(
     npz = await asyncio.to_thread(prediction_to_npz, prediction, box)
     stored = StoredResult(id=secrets.token_urlsafe(12), npz=npz)
     session.result = stored
-    session.predictions += 1
     return {
         "event": "result",
         "result": stored.id,

@@ -32,9 +32,10 @@ class ServedModels:
         return list(self.sessions)
 
     def describe(self) -> list[dict[str, Any]]:
-        """Name, spec (``ModelSpec.to_dict``) and SHA-256 of each model, for ``GET /models``."""
+        """Name, spec (``ModelSpec.to_dict``), SHA-256 and where it runs (e.g. ``CUDAExecutionProvider``) of
+        each model, for ``GET /models``."""
         return [
-            {"name": name, "sha256": model.sha256, "spec": model.spec.to_dict()}
+            {"name": name, "sha256": model.sha256, "provider": model.provider, "spec": model.spec.to_dict()}
             for name, model in self.sessions.items()
         ]
 

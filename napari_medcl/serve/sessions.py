@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from napari_medcl.prediction import Progress, predict_iter
@@ -64,7 +64,6 @@ class CaseSession:
     last_used: float
     busy: int = 0
     result: StoredResult | None = None
-    predictions: int = field(default=0)
 
     def predict_iter(
         self, region: Any = None, cancel: Any = None, **options: Any

@@ -159,6 +159,8 @@ def test_one_upload_serves_many_predictions_and_close_frees_the_session(client):
     assert first.labels.array[4:].max() == 0 and first.labels.array[3].any()
     session.close()
     assert client.status()["sessions"] == before
+    with pytest.raises(Exception, match="this session is closed"):
+        session.predict()  # not a silent new upload
 
 
 def test_models_lists_the_served_specs_and_unknown_models_are_refused(client):
