@@ -53,6 +53,14 @@ def test_a_server_run_matches_a_local_run_and_the_choice_is_remembered(
         _run(qtbot, widget)  # again: the image is not uploaded a second time
         assert widget._loaded[1].session_for(widget._job.volume).uploads == 1
 
+        server.process.kill()  # the server dies: one line under Run, and no layer changes
+        server.process.wait(timeout=10)
+        before = [np.array(layer.data, copy=True) for layer in viewer.layers]
+        _run(qtbot, widget)
+        assert "cannot reach the server" in widget._status.value and "\n" not in widget._status.value
+        for layer, data in zip(viewer.layers, before, strict=True):
+            np.testing.assert_array_equal(np.asarray(layer.data), data)
+
     saved = load_saved_server()
     assert (saved.where, saved.url, saved.token) == (SERVER, server.url, TOKEN)
 
