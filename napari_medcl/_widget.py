@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from magicgui.widgets import (
 )
 
 from napari_medcl import layer_data, region_merge
+from napari_medcl._prompt_panel import PromptPanel
 from napari_medcl._server_panel import ServerPanel
 from napari_medcl.crash_log import internal_error_message
 from napari_medcl.errors import Cancelled, MedclError, UsageError
@@ -104,6 +106,8 @@ class ReviewWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         self.viewer = viewer
         self.scores: list[Any] = []
+        # called with the saved labels file; returns the prompts file it wrote beside it, or None
+        self.after_save: Callable[[Path], Path | None] | None = None
         self._entries: list[str] = []
         self._labels_combo = _combo("Labels", "labels", self)
         self._uncertainty = _combo("Uncertainty", "image", self)
@@ -354,6 +358,10 @@ class ReviewWidget(Container):
             raise UsageError("no Labels layer selected to save")
         written = write_layer_data(layer, path)
         self._summary.value = f"Saved {layer.name!r} to {written}"
+        if self.after_save is not None:
+            prompts = self.after_save(written)
+            if prompts is not None:
+                self._summary.value += f" and its prompts to {prompts.name}"
         return written
 
     # -- internals
@@ -569,6 +577,7 @@ class SegmentWidget(Container):
         self._verdict = _wrap(Label(value=""))
         self._cursor = _wrap(Label(value=""))
         self._review_button = PushButton(text="Open uncertainty review")
+        self.prompts = PromptPanel(viewer)
         super().__init__()
         self._body = _scrolling_body(
             self,
@@ -595,6 +604,7 @@ class SegmentWidget(Container):
                 self._device_note,
                 self._cursor,
                 self._review_button,
+                self.prompts,
             ],
         )
         self._model.changed.connect(self._on_model_changed)
@@ -658,6 +668,7 @@ class SegmentWidget(Container):
             "uncertainty_maps": self._maps.value,
             "metadata": job.metadata,
             "display": job.display,
+            "keep_prediction": True,  # its probabilities are what prompts refine
         }
         self._job = job
         self._set_running(True)
@@ -693,6 +704,7 @@ class SegmentWidget(Container):
             self._review = None  # its dock was closed
         if self._review is None:
             self._review = ReviewWidget(self.viewer)
+            self._review.after_save = self.prompts.save_beside
             if window is not None:
                 window.add_dock_widget(self._review, name="Uncertainty review", area="right", tabify=False)
                 _share_height((self, 0.45), (self._review, 0.55))
@@ -909,6 +921,8 @@ class SegmentWidget(Container):
         )
         if by_kind.get("labels") is not None and uncertainty is not None:
             self.show_review().set_layers(by_kind["labels"], uncertainty)
+        if by_kind.get("labels") is not None and result.prediction is not None:
+            self.prompts.take_run(job.image, by_kind["labels"], job.volume, result.model, result.prediction)
 
     def _on_errored(self, error: BaseException) -> None:
         self._unmark_stale()

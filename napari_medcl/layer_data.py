@@ -276,6 +276,7 @@ class SegmentationResult:
     model: Any  # LoadedModel, kept so that a widget can reuse the ONNX session for the next run
     provenance: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    prediction: Prediction | None = None  # with its class probabilities, when the run was asked to keep them
 
 
 def segment_layer(
@@ -345,6 +346,7 @@ def segment_volume_iter(
     uncertainty_maps: bool = False,
     metadata: dict[str, Any] | None = None,
     display: dict[str, tuple[str, ...]] | None = None,
+    keep_prediction: bool = False,
 ) -> Generator[Progress, None, SegmentationResult]:
     """The generator behind ``segment_layer``: yields each ``Progress`` and returns a ``SegmentationResult``.
 
@@ -353,6 +355,7 @@ def segment_volume_iter(
     ``napari_medcl.remote.RemoteModel`` (a server's model; ``device``, ``backend`` and ``precision`` are then
     the server's).
     ``metadata`` is the image layer's (copied onto the outputs); ``display`` its ``layer_display``.
+    ``keep_prediction``: the result carries the Prediction with its class probabilities (for prompts).
     """
     from napari_medcl.onnx_session import open_session
     from napari_medcl.prediction import predict_iter
@@ -361,14 +364,17 @@ def segment_volume_iter(
     start = time.perf_counter()
     if isinstance(model, RemoteModel):  # a medcl-serve model: the server's device, the same outputs
         loaded: Any = model
-        items = model.predict_iter(volume, region=roi, cancel=cancel, overlap=overlap, tta=tta)
+        items = model.predict_iter(
+            volume, region=roi, cancel=cancel, overlap=overlap, tta=tta, return_probabilities=keep_prediction
+        )
     else:
         loaded = open_session(
             model, device=device, backend=backend, precision=precision
         )  # kept in the result for the widget's next run
         items = predict_iter(
-            volume, loaded, device=device, overlap=overlap, tta=tta, cancel=cancel, region=roi
-        )
+            volume, loaded, device=device, overlap=overlap, tta=tta, cancel=cancel, region=roi,
+            return_probabilities=keep_prediction,
+        )  # fmt: skip
 
     prediction: Prediction | None = None
     for item in items:
@@ -391,7 +397,11 @@ def segment_volume_iter(
         uncertainty_maps=uncertainty_maps,
     )
     return SegmentationResult(
-        layers=layers, model=loaded, provenance=provenance, seconds=time.perf_counter() - start
+        layers=layers,
+        model=loaded,
+        provenance=provenance,
+        seconds=time.perf_counter() - start,
+        prediction=prediction if keep_prediction else None,
     )
 
 
