@@ -32,6 +32,7 @@ _EXPORTS = {
     "open_session": "napari_medcl.interactive",
     "CaseSession": "napari_medcl.interactive",
     "Prompt": "napari_medcl.prompts",
+    "RemoteClient": "napari_medcl.remote",
 }
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "open_session",
     "CaseSession",
     "Prompt",
+    "RemoteClient",
 ]
 
 if TYPE_CHECKING:
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
     from napari_medcl.prediction import Progress, predict, predict_iter
     from napari_medcl.prompts import Prompt
     from napari_medcl.provenance import Provenance
+    from napari_medcl.remote import RemoteClient
     from napari_medcl.spec import ModelSpec
     from napari_medcl.training_profile import profile_cases
     from napari_medcl.verdict import Verdict, assess

@@ -33,6 +33,7 @@ from magicgui.widgets import (
 
 from napari_medcl import layer_data, region_merge
 from napari_medcl._prompt_panel import PromptPanel
+from napari_medcl._server_panel import ServerPanel
 from napari_medcl.crash_log import internal_error_message
 from napari_medcl.errors import Cancelled, MedclError, UsageError
 
@@ -559,6 +560,8 @@ class SegmentWidget(Container):
         self._device.tooltip = (
             "CUDA: available" if self._cuda_reason is None else f"CUDA: {self._cuda_reason}"
         )
+        # This computer or a medcl-serve server: the whole choice lives in _server_panel.
+        self._where = ServerPanel(on_change=self._on_where_changed)
         self._overlap = FloatSpinBox(label="Overlap", min=0.0, max=0.9, step=0.05, value=0.5)
         self._tta = CheckBox(text="Test-time augmentation (mirroring, slower)", value=False)
         self._region = ComboBox(label="Region", choices=[REGION_WHOLE, REGION_SLICE, REGION_RECT])
@@ -584,6 +587,7 @@ class SegmentWidget(Container):
                 self._model,
                 self._model_info,
                 self._notice,
+                self._where,
                 self._device,
                 self._backend,
                 self._overlap,
@@ -621,6 +625,7 @@ class SegmentWidget(Container):
         if default is not None:
             self._model.value = default
         self._on_model_changed(self._model.value)
+        self._on_where_changed()
 
     # -- public API (tests and the screenshot script drive the widget through these)
 
@@ -732,8 +737,11 @@ class SegmentWidget(Container):
         if not choice or choice == OPEN_FILE:
             raise UsageError("Choose a model: a bundled one, or 'Open file...' for an .onnx file.")
         volume = layer_data.volume_from_layer(image)
-        key = (choice, f"{self._device.value}/{self._backend.value}")
-        model = self._loaded[1] if self._loaded is not None and self._loaded[0] == key else choice
+        if self._where.on_server:  # the server's model; it keeps each image's session between runs
+            key, model = (choice, self._where.run_key()), self._where.model_for(choice)
+        else:
+            key = (choice, f"{self._device.value}/{self._backend.value}")
+            model = self._loaded[1] if self._loaded is not None and self._loaded[0] == key else choice
         roi = self._roi(image, volume)
         box = region_merge.region_box(roi, volume)
         image_key = layer_data.image_id(image)  # before the metadata is copied onto the outputs
@@ -902,7 +910,7 @@ class SegmentWidget(Container):
         self._set_status(f"Done in {result.seconds:.1f} s on {provider} ({where}).{note}")
         self._device_note.value = ""
         on_cpu = provider == "CPUExecutionProvider" or str(provider).startswith("OpenVINO CPU")
-        if on_cpu and self._device.value != "cpu":
+        if on_cpu and self._device.value != "cpu" and not self._where.on_server:
             reason = self._cuda_reason or "ONNX Runtime did not create the CUDA provider"
             self._device_note.value = f"Warning: ran on the CPU, not a GPU ({reason})."
             self._device_note.native.setStyleSheet(WARNING_STYLE)
@@ -954,6 +962,7 @@ class SegmentWidget(Container):
             self._region,
         ):
             widget.enabled = not running
+        self._where.set_running(running)
         if running:
             self._progress.max, self._progress.value = 1, 0
             self._eta.value = "starting..."
@@ -1115,7 +1124,15 @@ class SegmentWidget(Container):
         except MedclError as error:  # shown by _describe_model; the picker still offers "Open file..."
             self._manifest_error = str(error)
             bundled = []
-        return [*bundled, *self._extra_models, OPEN_FILE]
+        where = getattr(self, "_where", None)  # None while the model picker is being built
+        served = [name for name in where.served if name not in bundled] if where and where.on_server else []
+        return [*bundled, *served, *self._extra_models, OPEN_FILE]
+
+    def _on_where_changed(self) -> None:
+        """The device and backend are the server's when running there; the picker adds its models."""
+        for widget in (self._device, self._backend):
+            widget.visible = not self._where.on_server
+        self._model.reset_choices()
 
     def _on_model_changed(self, choice: Any) -> None:
         if choice != OPEN_FILE:
@@ -1147,7 +1164,8 @@ class SegmentWidget(Container):
             self._model_info.value = "Pick 'Open file...' to choose an .onnx model file."
             return
         try:
-            spec = _read_spec(choice)
+            served = self._where.served if self._where.on_server else {}
+            spec = served[choice] if choice in served else _read_spec(choice)
         except MedclError as error:
             self._model_info.value = ""
             self._set_status(str(error), ERROR_STYLE)
