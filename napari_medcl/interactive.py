@@ -83,11 +83,10 @@ class CaseSession:
         self.refiner = refiner or LocalRefiner()
         self.predict_options = dict(predict_options)
         self.predict_options.pop("return_probabilities", None)
-        image = volume.array if volume.channel_axis else volume.array[None]
-        self._image = np.asarray(image[:, None] if volume.spatial_dims == 2 else image, dtype=np.float32)
         spacing = tuple(float(s) for s in volume.spacing)
         self.spacing: tuple[float, float, float] = (1.0, *spacing) if volume.spatial_dims == 2 else spacing
-        self.grid: tuple[int, int, int] = tuple(self._image.shape[1:])  # type: ignore[assignment]
+        shape = tuple(int(n) for n in volume.spatial_shape)
+        self.grid: tuple[int, int, int] = shape if len(shape) == 3 else (1, *shape)  # type: ignore[assignment]
         self.prediction: Prediction | None = None
         self._probabilities: np.ndarray | None = None
         self._error: np.ndarray | None = None
@@ -98,15 +97,20 @@ class CaseSession:
 
     # ------------------------------------------------------------------ the model
 
-    def predict_iter(self, *, cancel: Any = None, region: Any = None) -> Iterator[Progress | Prediction]:
+    def predict_iter(
+        self, *, cancel: Any = None, region: Any = None, **options: Any
+    ) -> Iterator[Progress | Prediction]:
         """Run the model (whole image, or ``region`` as ``predict_iter`` takes it), yield its Progress and then
         its Prediction; the session keeps its probabilities and error likelihood, takes its labels (inside the
-        region only) and replays every prompt onto them. The model's own labels stay in the Prediction."""
+        region only) and replays every prompt onto them. The model's own labels stay in the Prediction.
+        ``options``: ``predict_iter``'s, over those the session was opened with (this run only); the
+        Prediction always carries the probabilities."""
+        options = {**self.predict_options, **options}
+        options.pop("return_probabilities", None)
         result: Any = None
         for result in predict_iter(
-            self.volume, self.model, return_probabilities=True, cancel=cancel, region=region,
-            **self.predict_options,
-        ):  # fmt: skip
+            self.volume, self.model, return_probabilities=True, cancel=cancel, region=region, **options
+        ):
             if isinstance(result, Progress):
                 yield result
         self.take(result)
@@ -164,13 +168,23 @@ class CaseSession:
         labels = self._on_grid(np.asarray(labels))
         if labels.shape != self.grid:
             raise UsageError(f"labels of shape {labels.shape} do not fit the image's grid {self.grid}")
-        changed = labels != self._labels
-        box = _bounding_box(changed)
-        if box is None:
+        return self.edit_labels(tuple(slice(0, n) for n in self.grid), labels)  # type: ignore[arg-type]
+
+    def edit_labels(self, box: Box, labels: np.ndarray) -> Update:
+        """``set_labels`` for the part ``box`` (Z, Y, X slices of the 3D grid) only: ``labels`` of the box's
+        shape. What a remote client sends for a brush stroke: the box it touched, not the whole map."""
+        box = tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, self.grid))  # type: ignore[assignment]
+        labels = np.asarray(labels)
+        if labels.shape != tuple(s.stop - s.start for s in box):
+            raise UsageError(f"labels of shape {labels.shape} do not fill the box {_describe(box)}")
+        changed = labels != self._labels[box]
+        inner = _bounding_box(changed)
+        if inner is None:
             return Update(None, None, 0, 0.0)
-        self._steps.append(_Step(box, self._labels[box].copy(), len(self.prompts)))
-        self._labels[box] = labels[box].astype(self._labels.dtype)
-        return Update(box, self._labels[box].copy(), int(changed.sum()), 0.0)
+        tight = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
+        self._steps.append(_Step(tight, self._labels[tight].copy(), len(self.prompts)))  # type: ignore[arg-type]
+        self._labels[tight] = labels[inner].astype(self._labels.dtype)
+        return Update(tight, self._labels[tight].copy(), int(changed.sum()), 0.0)  # type: ignore[arg-type]
 
     def add_prompt(self, prompt: Prompt) -> Update:
         """Answer one prompt (voxel indices of the image's grid: (z, y, x), z = 0 for a 2D image); one step."""
@@ -269,7 +283,7 @@ class CaseSession:
         origin = np.array([s.start for s in box])
         local = Prompt(prompt.kind, prompt.label, prompt.voxels - origin, prompt.positive)
         problem = LocalProblem(
-            image=self._image[(slice(None), *box)],
+            image=self._image_in(box),
             probabilities=self._probabilities[(slice(None), *box)],
             labels=self._labels[box],
             spacing=self.spacing,
@@ -294,6 +308,14 @@ class CaseSession:
             for lo, hi, r, n in zip(low, high, reach, self.grid)
         )
 
+    def _image_in(self, box: Box) -> np.ndarray:
+        """The image's channels inside ``box`` as float32 (C, Z, Y, X): converted box by box, so a session
+        keeps no float copy of the whole scan."""
+        array = self.volume.array if self.volume.channel_axis else self.volume.array[None]
+        spatial = box if self.volume.spatial_dims == 3 else box[1:]
+        part = np.asarray(array[(slice(None), *spatial)], dtype=np.float32)
+        return part if self.volume.spatial_dims == 3 else part[:, None]
+
     def _on_grid(self, array: np.ndarray, *, channels: bool = False) -> np.ndarray:
         """An output on the image's grid as the 3D grid (a depth axis added for a 2D image)."""
         if self.volume.spatial_dims == 3:
@@ -315,6 +337,10 @@ def open_session(
     None for the default); ``options``: ``refiner`` and ``predict_iter``'s options (device, backend, overlap,
     tta, ...). Call ``predict()`` before the first prompt."""
     return CaseSession(volume, model, **options)
+
+
+def _describe(box: Box) -> str:
+    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in box) + "]"
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:

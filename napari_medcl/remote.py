@@ -33,23 +33,34 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from napari_medcl import errors
 from napari_medcl.errors import Cancelled, ServerError, UsageError
+from napari_medcl.interactive import Update, _bounding_box
 from napari_medcl.prediction import Progress, _cancel_check
+from napari_medcl.prompts import Prompt, load_prompts, prompts_path, save_prompts
 from napari_medcl.provenance import Provenance
+from napari_medcl.review import RegionScore
 from napari_medcl.spec import ModelSpec
-from napari_medcl.transfer import box_from_json, prediction_from_npz, volume_to_npz
+from napari_medcl.transfer import (
+    box_from_json,
+    labels_from_npz,
+    labels_to_npz,
+    prediction_from_npz,
+    volume_to_npz,
+)
 from napari_medcl.verdict import Verdict
 from napari_medcl.volume import Prediction, Volume
 
-__all__ = ["RemoteCaseSession", "RemoteClient", "RemoteModel"]
+__all__ = ["RemoteCaseSession", "RemoteClient", "RemoteModel", "SessionRestoredWarning"]
 
 # The options of predict_iter the server takes (medcl-serve's app.CLIENT_OPTIONS); the device, backend and
 # precision are the server's choice.
@@ -57,8 +68,16 @@ SERVER_OPTIONS = ("overlap", "tta", "batch_size", "return_probabilities", "scan_
 SERVER_CHOICES = ("device", "backend", "precision")
 # Codes with which the server says a session is gone: the client uploads the image again.
 SESSION_GONE = ("session_expired", "session_unknown")
+# Codes of refusals that are the user's mistake (a prompt outside the image, no prediction yet): raised as the
+# UsageError a local session raises, with the server's line.
+USER_MISTAKES = ("bad_prompt", "bad_labels", "no_prediction")
 # Seconds to wait for the server when closing a session; closing is a courtesy (sessions also expire).
 CLOSE_TIMEOUT = 5.0
+
+
+class SessionRestoredWarning(UserWarning):
+    """The server had dropped a session with prompts (idle too long, or restarted): the client uploaded the
+    image again and replayed the session's predictions and prompts, so nothing was lost."""
 
 
 class _Refusal(Exception):
@@ -192,11 +211,20 @@ class RemoteClient:
 
 
 class RemoteCaseSession:
-    """One image uploaded to a server for one model: predict it whole or by regions, as often as needed.
+    """One image uploaded to a server for one model: predict it whole or by regions, as often as needed, and
+    correct it with prompts, as ``napari_medcl.interactive.CaseSession`` does in-process.
+
+    The interactive part has the local session's interface: ``add_prompt(prompt)`` and ``undo()`` return an
+    ``Update`` (the box of changed voxels on the 3D grid and the labels there: only that box travels; its
+    ``seconds`` is the round trip), ``set_labels(labels)`` sends the box the user's brush changed,
+    ``next_region()`` a ``RegionScore``, ``labels`` and ``prompts`` as they stand (kept here, updated from
+    each answer), ``save_prompts`` / ``load_prompts``. The server keeps the probabilities and the history.
 
     ``spec``: the served model's spec; ``session_id``: the server's id for the upload (it changes when the
-    image is uploaded again); ``uploads``: how many times the image was sent. Close it (or use ``with``)
-    to free the server's memory at once; the server also drops it after its idle timeout."""
+    image is uploaded again); ``uploads``: how many times the image was sent; ``restores``: how many times
+    the server's state was rebuilt after it dropped the session, with ``notice`` saying the last. Close it
+    (or use ``with``) to free the server's memory at once; the server also drops it after its idle timeout.
+    """
 
     def __init__(self, client: RemoteClient, volume: Volume, model_name: str | None):
         self.client = client
@@ -205,8 +233,22 @@ class RemoteCaseSession:
         self.session_id: str | None = None
         self.spec: ModelSpec | None = None
         self.uploads = 0
+        self.restores = 0
+        self.notice: str | None = None
         # The server's clock (monotonic seconds) when its device ran the last prediction: start, end.
         self.last_server_run: tuple[float, float] | None = None
+        shape = tuple(int(n) for n in volume.spatial_shape)
+        self.grid: tuple[int, int, int] = shape if len(shape) == 3 else (1, *shape)  # type: ignore[assignment]
+        self.prediction: Prediction | None = None
+        self.prompts: list[Prompt] = []
+        self._labels = np.zeros(self.grid, dtype=np.uint8)
+        # What the server's session went through since the last whole-image prediction without prompts
+        # (before it, nothing matters): ("predict", request), ("prompt", Prompt), ("labels", box, labels),
+        # ("undo",). Replayed in order onto a new upload when the server dropped the session.
+        self._log: list[tuple[Any, ...]] = []
+        self._behind = False  # re-uploaded for a prediction: the log's earlier steps are not replayed yet
+        self._labels_stale = False  # a prediction ended without its labels reaching this side
+        self._replaying = False
         self._closer: weakref.finalize | None = None
         self._closed = False
 
@@ -253,7 +295,8 @@ class RemoteCaseSession:
         per spatial axis, or ``("slice", axis, index)``), as ``napari_medcl.prediction.predict_iter`` gives
         them. ``cancel``: a threading.Event or a callable, checked at every line from the server; when set,
         the server stops at its next window and Cancelled is raised. ``options``: overlap, tta, batch_size,
-        return_probabilities, scan_is_masked."""
+        return_probabilities, scan_is_masked. As with a local ``CaseSession``, the prompts so far are
+        replayed onto the new labels (``labels``); the Prediction holds the model's own."""
         for key in options:
             if key in SERVER_CHOICES:
                 raise UsageError(f"{key} is chosen by the server (medcl-serve --{key}), not by its clients")
@@ -261,11 +304,108 @@ class RemoteCaseSession:
                 raise UsageError(
                     f"option {key!r} is not taken by the server (it takes {', '.join(SERVER_OPTIONS)})"
                 )
-        if self._closed:
-            raise UsageError("this session is closed; open a new one (RemoteClient.open_session)")
+        self._check_open()
         cancelled = _cancel_check(cancel)
         request = {"region": _region_to_json(region), "options": options}
         return self._predict_lines(request, cancelled)
+
+    # -- the interactive session
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels as they stand, on the image's spatial grid (a view: do not write; use ``set_labels``)."""
+        view = self._labels if self.volume.spatial_dims == 3 else self._labels[0]
+        view = view.view()
+        view.flags.writeable = False
+        return view
+
+    def add_prompt(self, prompt: Prompt) -> Update:
+        """Send one prompt (voxel indices (z, y, x) of the image's grid, z = 0 for a 2D image); the server
+        refines the labels around it. UsageError, as in-process, for a prompt outside the image, a class the
+        model does not have, or no prediction yet."""
+        if not isinstance(prompt, Prompt):
+            raise TypeError(f"prompt must be a napari_medcl.prompts.Prompt, got {type(prompt).__name__}")
+        self._catch_up()
+        start = time.perf_counter()
+        body = json.dumps(prompt.to_dict()).encode("utf-8")
+        answer = self._call("POST", "/prompts", body, "application/json")
+        update = self._take_update(answer, start, prompt)
+        self.prompts.append(prompt)
+        self._record(("prompt", prompt))
+        return update
+
+    def undo(self) -> Update:
+        """Take the last step back (a prompt or a ``set_labels``); ``changed`` 0 when there is nothing to undo."""
+        self._catch_up()
+        start = time.perf_counter()
+        answer = self._call("POST", "/undo")
+        update = self._take_update(answer, start, None)
+        if self._log and self._log[-1][0] in ("prompt", "labels"):
+            self._log.pop()  # that step and its undo: nothing left of either to replay
+        else:
+            self._log.append(("undo",))
+        return update
+
+    def set_labels(self, labels: np.ndarray) -> Update:
+        """Take the user's own edits (a brush, an eraser): ``labels`` on the image's spatial grid. Only the
+        box of voxels that differ from ``labels`` travels; one step that ``undo`` takes back."""
+        labels = np.asarray(labels)
+        on_grid = labels if self.volume.spatial_dims == 3 else labels[None]
+        if on_grid.shape != self.grid:
+            raise UsageError(f"labels of shape {on_grid.shape} do not fit the image's grid {self.grid}")
+        self._catch_up()
+        on_grid = on_grid.astype(self._labels.dtype, copy=False)
+        box = _bounding_box(on_grid != self._labels)
+        if box is None:
+            return Update(None, None, 0, 0.0)
+        part = np.ascontiguousarray(on_grid[box])
+        start = time.perf_counter()
+        answer = self._call("PUT", "/labels", labels_to_npz(box, part), "application/octet-stream")
+        _box, _labels, numbers = self._read_update(answer)
+        self._labels[box] = part
+        self._record(("labels", box, part))
+        changed = int(numbers.get("changed", 0))
+        return Update(box, part.copy(), changed, time.perf_counter() - start)
+
+    def next_region(self, *, window_mm: float | None = None) -> RegionScore | None:
+        """Where the model expects the most mistakes that no prompt has touched (``CaseSession.next_region``),
+        worked out on the server; None when nothing is left."""
+        self._catch_up()
+        query = "" if window_mm is None else "?" + urllib.parse.urlencode({"window_mm": float(window_mm)})
+        answer = json.loads(self._call("GET", "/next-region" + query))
+        region = answer.get("region")
+        if region is None:
+            return None
+        try:
+            return RegionScore(
+                box=tuple(slice(int(a), int(b)) for a, b in region["box"]),
+                center=tuple(float(c) for c in region["center"]),
+                score=float(region["score"]),
+                expected_wrong_mm=float(region["expected_wrong_mm"]),
+                voxels=int(region["voxels"]),
+                labelled_voxels=int(region["labelled_voxels"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ServerError(
+                f"server {self.client.url} sent a region this client cannot use ({error})"
+            ) from None
+
+    def save_prompts(self, labels_path: str | Path) -> Path:
+        """Write the prompts beside the labels file (``prompts_path``), atomically, on this machine."""
+        provenance = self.prediction.provenance if self.prediction is not None else None
+        model = provenance.model.name if provenance is not None else None
+        return save_prompts(prompts_path(labels_path), self.prompts, shape=self.grid, model=model)
+
+    def load_prompts(self, path: str | Path) -> int:
+        """Send the prompts saved at ``path`` (a prompts file on this machine, or the labels file they sit
+        beside) after those already here; returns how many."""
+        path = Path(path)
+        if not path.name.endswith(".prompts.json"):
+            path = prompts_path(path)
+        prompts = load_prompts(path, shape=self.grid)
+        for prompt in prompts:
+            self.add_prompt(prompt)
+        return len(prompts)
 
     def close(self) -> None:
         """Close the session on the server (best effort: a server that is gone has dropped it anyway)."""
@@ -276,13 +416,25 @@ class RemoteCaseSession:
 
     # -- internals
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("this session is closed; open a new one (RemoteClient.open_session)")
+
     def _predict_lines(self, request: dict[str, Any], cancelled: Any) -> Iterator[Progress | Prediction]:
-        client = self.client
         start = time.perf_counter()
         response = self._start_prediction(request)
-        result = None
+        self._labels_stale = True  # until this prediction's labels are here (a cancel may come too late)
+        result = yield from self._result_line(response, cancelled)
+        self._record(("predict", request))
+        prediction = self._fetch(result, time.perf_counter() - start)
+        self._take(prediction, result.get("box"))
+        yield prediction
+
+    def _result_line(self, response: Any, cancelled: Any) -> Generator[Progress, None, dict[str, Any]]:
+        """The Progress lines of a prediction's answer, then (returned) its result line."""
+        client = self.client
         try:
-            while result is None:
+            while True:
                 if cancelled():
                     raise Cancelled("prediction cancelled; the server stops at its next window")
                 line = _read_line(client, response)
@@ -300,14 +452,13 @@ class RemoteCaseSession:
                 elif kind == "error":
                     raise _error_from(event, client.url)
                 elif kind == "result":
-                    result = event
+                    return event
         finally:
             response.close()  # when cancelled: the server sees the connection go and stops
-        yield self._fetch(result, time.perf_counter() - start)
 
     def _start_prediction(self, request: dict[str, Any]) -> Any:
-        """The streaming answer of a predict request; the image is uploaded again once when the server says
-        the session is gone."""
+        """The streaming answer of a predict request; the session is rebuilt once when the server says it is
+        gone."""
         for attempt in (1, 2):
             try:
                 data = json.dumps(request).encode("utf-8")
@@ -315,11 +466,153 @@ class RemoteCaseSession:
                     "POST", f"/sessions/{self.session_id}/predict", data, "application/json"
                 )
             except _Refusal as refusal:
-                if refusal.code in SESSION_GONE and attempt == 1:
-                    self.upload()
+                if refusal.code in SESSION_GONE and attempt == 1 and not self._replaying:
+                    # Only predictions so far: their replay waits until a prompt needs it (maybe never).
+                    self._restore(lazy=all(entry[0] == "predict" for entry in self._log))
                     continue
                 raise self.client._server_error(refusal) from None
         raise AssertionError("unreachable")
+
+    def _take(self, prediction: Prediction, box_json: Any) -> None:
+        """This side's labels after the server's session took ``prediction``: its labels inside its region,
+        or, when there are prompts (replayed onto them there), the server's labels."""
+        if self.prompts:
+            self._fetch_labels()
+        else:
+            labels = prediction.labels.array
+            labels = labels if self.volume.spatial_dims == 3 else labels[None]
+            if self.prediction is None:
+                self._labels = np.zeros(self.grid, dtype=labels.dtype)
+            inside: Any = (slice(None),) * 3
+            if box_json is not None:
+                inside = tuple(slice(int(a), int(b)) for a, b in box_json)
+                inside = inside if self.volume.spatial_dims == 3 else (slice(0, 1), *inside)
+            self._labels[inside] = labels[inside]
+        self.prediction = prediction
+        self._labels_stale = False
+
+    def _fetch_labels(self) -> None:
+        _box, labels, numbers = self._read_update(self._call("GET", "/labels"))
+        if labels is None or labels.shape != self.grid:
+            raise ServerError(f"server {self.client.url} sent labels that do not fit the image")
+        self._labels = labels.copy()
+        if int(numbers.get("prompts", len(self.prompts))) != len(self.prompts):
+            self._fetch_prompts()
+
+    def _fetch_prompts(self) -> None:
+        answer = json.loads(self._call("GET", "/prompts"))
+        try:
+            self.prompts = [Prompt.from_dict(item) for item in answer["prompts"]]
+        except (errors.MedclError, KeyError, TypeError, ValueError) as error:
+            raise ServerError(
+                f"server {self.client.url} sent prompts this client cannot use ({error})"
+            ) from None
+
+    def _take_update(self, answer: bytes, start: float, prompt: Prompt | None) -> Update:
+        box, labels, numbers = self._read_update(answer)
+        if box is not None and labels is not None:
+            self._labels[box] = labels
+        held = int(numbers.get("prompts", 0))
+        expected = len(self.prompts) + (prompt is not None)
+        if prompt is None and held <= len(self.prompts):
+            del self.prompts[held:]  # an undo of a prompt takes it off the list
+        elif held != expected:
+            self._fetch_prompts()  # out of step (should not happen): the server's list is the truth
+        seconds = time.perf_counter() - start
+        if box is None:
+            return Update(None, None, int(numbers.get("changed", 0)), seconds, prompt)
+        return Update(box, labels, int(numbers.get("changed", 0)), seconds, prompt)  # type: ignore[arg-type]
+
+    def _read_update(self, answer: bytes) -> tuple[Any, Any, dict[str, float]]:
+        try:
+            return labels_from_npz(answer, self.grid)
+        except errors.MedclError as error:
+            raise ServerError(
+                f"server {self.client.url} sent an update this client cannot use ({error})"
+            ) from None
+
+    def _record(self, entry: tuple[Any, ...]) -> None:
+        if self._replaying:
+            return
+        if entry[0] == "predict" and entry[1]["region"] is None and not self.prompts:
+            # A whole-image prediction without prompts sets every voxel: nothing before it needs replaying.
+            self._log = [entry]
+            self._behind = False
+        else:
+            self._log.append(entry)
+
+    def _call(
+        self, method: str, suffix: str, data: bytes | None = None, content_type: str | None = None
+    ) -> bytes:
+        """One request about this session; the session is rebuilt once when the server says it is gone."""
+        self._check_open()
+        for attempt in (1, 2):
+            try:
+                return self.client._bytes(method, f"/sessions/{self.session_id}{suffix}", data, content_type)
+            except _Refusal as refusal:
+                if refusal.code in SESSION_GONE and attempt == 1 and not self._replaying:
+                    self._restore(lazy=False)
+                    continue
+                if refusal.code in USER_MISTAKES:
+                    raise UsageError(refusal.message) from None
+                raise self.client._server_error(refusal) from None
+        raise AssertionError("unreachable")
+
+    def _catch_up(self) -> None:
+        """Before a prompt: the server's session replays what a lazy re-upload skipped, and this side gets the
+        labels a prediction that ended early may have left behind."""
+        self._check_open()
+        if self._behind:
+            self._replay(self._log, stacklevel=4)
+            self._behind = False
+        if self._labels_stale:
+            self._fetch_labels()
+            self._labels_stale = False
+
+    def _restore(self, *, lazy: bool) -> None:
+        """Upload the image again and (unless ``lazy``) replay the log onto the new session: the server is
+        where it was, this side's labels and prompts unchanged. Said once, as a warning and in ``notice``."""
+        log = list(self._log)
+        self.upload()
+        self.restores += 1
+        if lazy:
+            self._behind = bool(log)
+            return
+        self._behind = False
+        self._replay(log, stacklevel=6)
+
+    def _replay(self, log: list[tuple[Any, ...]], *, stacklevel: int) -> None:
+        """Send ``log``'s steps to the server's session again, in order; warn (at the caller ``stacklevel``
+        frames up) when it held more than predictions."""
+        counts = {"predict": 0, "prompt": 0, "labels": 0, "undo": 0}
+        self._replaying = True
+        try:
+            for entry in log:
+                kind = entry[0]
+                counts[kind] += 1
+                if kind == "predict":
+                    response = self._start_prediction(entry[1])
+                    for _progress in self._result_line(response, lambda: False):
+                        pass
+                elif kind == "prompt":
+                    self._call(
+                        "POST", "/prompts", json.dumps(entry[1].to_dict()).encode(), "application/json"
+                    )
+                elif kind == "labels":
+                    self._call(
+                        "PUT", "/labels", labels_to_npz(entry[1], entry[2]), "application/octet-stream"
+                    )
+                else:
+                    self._call("POST", "/undo")
+        finally:
+            self._replaying = False
+        if counts["prompt"] or counts["labels"] or counts["undo"]:
+            self.notice = (
+                f"server {self.client.url} had dropped this session (idle too long, or restarted): the image "
+                f"was uploaded again, {counts['predict']} prediction(s) re-run and {counts['prompt']} "
+                f"prompt(s) and {counts['labels']} edit(s) replayed"
+            )
+            warnings.warn(self.notice, SessionRestoredWarning, stacklevel=stacklevel)
 
     def _fetch(self, event: dict[str, Any], seconds: float) -> Prediction:
         """The Prediction of a result line: its outputs fetched and put on this volume's grid."""

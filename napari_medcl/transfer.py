@@ -9,6 +9,10 @@ UAFR map as ``map/<name>``, ``probabilities`` when asked for): in [0, 1], float1
 far below what a map is read for, at half the bytes. A region's outputs travel cut to their box; the client
 pastes them back onto its grid, where everything outside is background as in a local run.
 
+A labels update (an interactive step: a prompt, an undo, the user's brush edits) is ``box`` ((3, 2) int64
+start/stop on the session's 3D grid), ``labels`` there (uint8 or uint16, exact) and a few numbers
+(``changed``, ``seconds``, ``prompts``) as 0-d arrays: only the box travels, never the whole labels map.
+
 Reading checks every array's header before its data is read: only the expected names, plain numeric dtypes,
 and at most ``max_bytes`` per array, so a small archive cannot unpack into a huge allocation.
 """
@@ -32,6 +36,8 @@ MAP_PREFIX = "map/"
 COMPRESS_LEVEL = 1
 # The dtypes an uploaded image may have: what the readers produce (no object, string or complex arrays).
 IMAGE_KINDS = "biuf"
+LABELS_UPDATE_NUMBERS = ("changed", "seconds", "prompts")
+LABELS_UPDATE_KEYS = ("box", "labels", *LABELS_UPDATE_NUMBERS)
 
 
 def volume_to_npz(volume: Volume) -> bytes:
@@ -126,6 +132,50 @@ def prediction_from_npz(
         probabilities=on_grid("probabilities", channel_axis=True),
     )
     return prediction if box is None else prediction.pasted(volume, box)
+
+
+def labels_to_npz(
+    box: tuple[slice, ...] | None, labels: np.ndarray | None = None, **numbers: float | int
+) -> bytes:
+    """A labels update as .npz bytes: ``box`` (None: nothing changed), ``labels`` inside it (None: not sent,
+    the receiver has them) and ``numbers`` (``changed``, ``seconds``, ``prompts``)."""
+    arrays: dict[str, np.ndarray] = {name: np.asarray(value) for name, value in numbers.items()}
+    if box is not None:
+        arrays["box"] = np.array([[s.start, s.stop] for s in box], dtype=np.int64)
+        if labels is not None:
+            arrays["labels"] = np.ascontiguousarray(labels)
+    return _write_npz(arrays)
+
+
+def labels_from_npz(
+    data: bytes, grid: tuple[int, ...], *, max_bytes: int | None = None
+) -> tuple[tuple[slice, ...] | None, np.ndarray | None, dict[str, float]]:
+    """(box, labels, numbers) of a labels update for a grid of shape ``grid``: InputError when the box does
+    not lie inside the grid, the labels do not fill the box, or they are not uint8 / uint16."""
+    arrays = _read_npz(data, allowed=LABELS_UPDATE_KEYS.__contains__, max_bytes=max_bytes)
+    numbers = {}
+    for name in LABELS_UPDATE_NUMBERS:
+        if name in arrays:
+            if arrays[name].shape != ():
+                raise InputError(None, f"the labels update's {name} is not one number")
+            numbers[name] = arrays[name].item()
+    if "box" not in arrays:
+        if "labels" in arrays:
+            raise InputError(None, "the labels update has labels but no box")
+        return None, None, numbers
+    pairs = arrays["box"]
+    if pairs.shape != (len(grid), 2) or pairs.dtype.kind not in "iu":
+        raise InputError(None, f"the labels update's box must be {len(grid)} (start, stop) pairs")
+    if any(not 0 <= a < b <= n for (a, b), n in zip(pairs.tolist(), grid)):
+        raise InputError(None, f"the labels update's box {pairs.tolist()} does not lie inside {tuple(grid)}")
+    box = tuple(slice(int(a), int(b)) for a, b in pairs.tolist())
+    labels = arrays.get("labels")
+    if labels is not None:
+        if labels.dtype not in (np.uint8, np.uint16):
+            raise InputError(None, f"labels travel as uint8 or uint16, not {labels.dtype}")
+        if labels.shape != tuple(s.stop - s.start for s in box):
+            raise InputError(None, f"labels of shape {labels.shape} do not fill the box {pairs.tolist()}")
+    return box, labels, numbers
 
 
 def box_to_json(box: tuple[slice, ...] | None) -> list[list[int]] | None:

@@ -11,10 +11,21 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer <token>`` when the s
   so a proxy sees bytes flowing however long the prediction takes. ``result`` carries the provenance, the
   verdict and the box the outputs were cut to.
 - ``GET /sessions/{id}/results/{result}``: the outputs as ``transfer.prediction_to_npz``.
+- The interactive session (``napari_medcl.interactive``) of the scan, once it has a prediction; each step
+  answers with a labels update (``transfer.labels_to_npz``: the box of changed voxels on the 3D grid, the
+  labels there, ``changed``, ``seconds`` on the server, ``prompts`` now held), never the whole map:
+  ``POST /sessions/{id}/prompts`` with JSON ``Prompt.to_dict()`` adds a prompt; ``GET`` the same path lists
+  them (JSON); ``POST /sessions/{id}/undo`` takes the last step back; ``PUT /sessions/{id}/labels`` with a
+  labels update (box + labels, uint8 or uint16) takes the user's brush edits (answered without the labels,
+  which the client has); ``GET /sessions/{id}/labels`` sends the whole labels map as one update (a client
+  catching up); ``GET /sessions/{id}/next-region?window_mm=`` says where the model expects the most
+  mistakes no prompt has touched (JSON, null when none). They run on the device queue like predictions.
 - ``DELETE /sessions/{id}``: close the session.
 
 Every refusal is ``{"error": one line, "code": ...}`` with a fitting status (400 bad request, 401 token,
-404 unknown model or session, 410 session expired, 413 upload too large, 503 busy).
+404 unknown model or session, 409 no prediction to refine yet, 410 session expired, 413 upload too large,
+503 busy). A prompt's or labels' problems are ``bad_prompt`` / ``bad_labels`` with the interactive session's
+own message, so that the client raises the UsageError a local session would.
 """
 
 from __future__ import annotations
@@ -40,12 +51,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from napari_medcl import __version__
 from napari_medcl.errors import Cancelled, MedclError
+from napari_medcl.interactive import Update
 from napari_medcl.prediction import Progress
+from napari_medcl.prompts import KINDS, Prompt
 from napari_medcl.region import plan_for_model
 from napari_medcl.serve.device_queue import DeviceQueue
 from napari_medcl.serve.served_models import NAME_PATTERN, ServedModels
-from napari_medcl.serve.sessions import CaseSession, Refused, SessionStore, StoredResult
-from napari_medcl.transfer import box_to_json, prediction_to_npz, volume_from_npz
+from napari_medcl.serve.sessions import Refused, ServerSession, SessionStore, StoredResult
+from napari_medcl.transfer import (
+    box_to_json,
+    labels_from_npz,
+    labels_to_npz,
+    prediction_to_npz,
+    volume_from_npz,
+)
 from napari_medcl.volume import Prediction
 
 logger = logging.getLogger("medcl-serve")
@@ -60,6 +79,11 @@ CLIENT_OPTIONS: dict[str, tuple[type, ...]] = {
     "scan_is_masked": (bool, type(None)),
 }
 MAX_JSON_BYTES = 64 * 1024
+# A prompt's voxels at most: a long scribble on a slice is a few thousand; more is a mistake or an attack
+# (each is a JSON number to parse and a voxel to refine around).
+MAX_PROMPT_VOXELS = 100_000
+MAX_PROMPT_BYTES = 4 * 1024**2
+PROMPT_KEYS = frozenset({"kind", "label", "voxels", "positive"})
 # Seconds between lines of a prediction's answer at most (a "waiting" line when nothing else was sent):
 # proxies close connections that stay silent (nginx after 60 s), and the client notices a dead server.
 HEARTBEAT_SECONDS = 5.0
@@ -182,6 +206,84 @@ def create_app(models: ServedModels, settings: ServerSettings) -> FastAPI:
             )
         return Response(stored.npz, media_type="application/octet-stream")
 
+    @router.post("/sessions/{session_id}/prompts")
+    async def add_prompt(session_id: str, request: Request) -> Response:
+        session = store.get(session_id)
+        prompt = _prompt_from_json(await _read_body(request, MAX_PROMPT_BYTES), session)
+
+        def work() -> bytes:
+            _need_prediction(session)
+            return _update_npz(session, _interactive(session.case.add_prompt, prompt, code="bad_prompt"))
+
+        return _npz(await _on_session(session, store, queue, work))
+
+    @router.get("/sessions/{session_id}/prompts")
+    async def list_prompts(session_id: str) -> dict[str, Any]:
+        session = store.get(session_id)
+        return {"prompts": [prompt.to_dict() for prompt in list(session.case.prompts)]}
+
+    @router.post("/sessions/{session_id}/undo")
+    async def undo(session_id: str) -> Response:
+        session = store.get(session_id)
+        return _npz(
+            await _on_session(session, store, queue, lambda: _update_npz(session, session.case.undo()))
+        )
+
+    @router.put("/sessions/{session_id}/labels")
+    async def edit_labels(session_id: str, request: Request) -> Response:
+        session = store.get(session_id)
+        body = await _read_body(request, settings.max_upload_bytes)
+        try:
+            box, labels, _numbers = await asyncio.to_thread(
+                labels_from_npz, body, session.case.grid, max_bytes=settings.max_voxel_bytes
+            )
+        except MedclError as error:
+            raise Refused(400, "bad_labels", f"labels refused: {error}") from None
+        if box is None or labels is None:
+            raise Refused(400, "bad_labels", "labels refused: send a box and the labels inside it")
+
+        def work() -> bytes:
+            update = _interactive(session.case.edit_labels, box, labels, code="bad_labels")
+            return _update_npz(session, update, with_labels=False)  # the client sent them
+
+        return _npz(await _on_session(session, store, queue, work))
+
+    @router.get("/sessions/{session_id}/labels")
+    async def labels(session_id: str) -> Response:
+        session = store.get(session_id)
+
+        def work() -> bytes:
+            case = session.case
+            whole = tuple(slice(0, n) for n in case.grid)
+            labels = case.labels if case.volume.spatial_dims == 3 else case.labels[None]
+            return labels_to_npz(whole, labels, prompts=len(case.prompts))
+
+        return _npz(await _on_session(session, store, queue, work))
+
+    @router.get("/sessions/{session_id}/next-region")
+    async def next_region(session_id: str, window_mm: float | None = None) -> dict[str, Any]:
+        session = store.get(session_id)
+        if window_mm is not None and not (np.isfinite(window_mm) and window_mm > 0):
+            raise Refused(400, "bad_request", f"window_mm must be a positive number of mm, got {window_mm}")
+
+        def work() -> Any:
+            _need_prediction(session)
+            return session.case.next_region(window_mm=window_mm)
+
+        region = await _on_session(session, store, queue, work)
+        if region is None:
+            return {"region": None}
+        return {
+            "region": {
+                "box": box_to_json(region.box),
+                "center": [float(c) for c in region.center],
+                "score": float(region.score),
+                "expected_wrong_mm": float(region.expected_wrong_mm),
+                "voxels": int(region.voxels),
+                "labelled_voxels": int(region.labelled_voxels),
+            }
+        }
+
     @router.delete("/sessions/{session_id}", status_code=204)
     async def close(session_id: str) -> Response:
         store.close(session_id)
@@ -257,7 +359,7 @@ def _too_large(size: str, limit: int) -> Refused:
     )
 
 
-def _parse_predict(body: bytes, session: CaseSession) -> tuple[Any, dict[str, Any]]:
+def _parse_predict(body: bytes, session: ServerSession) -> tuple[Any, dict[str, Any]]:
     """(region, options) from a predict request's JSON, checked; Refused (400) for anything else."""
     try:
         request = json.loads(body or b"{}")
@@ -286,6 +388,101 @@ def _parse_predict(body: bytes, session: CaseSession) -> tuple[Any, dict[str, An
     except MedclError as error:
         raise Refused(400, "bad_region", str(error)) from None
     return region, options
+
+
+def _prompt_from_json(body: bytes, session: ServerSession) -> Prompt:
+    """The Prompt of an add-prompt request, checked field by field before anything runs: Refused (400
+    path_refused for anything naming a path, bad_prompt for the rest)."""
+    try:
+        data = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Refused(400, "bad_request", "the prompt is not JSON") from None
+    if not isinstance(data, dict):
+        raise Refused(400, "bad_prompt", 'a prompt is {"kind", "label", "voxels", "positive"}')
+    if any(isinstance(v, str) and ("/" in v or "\\" in v) for v in [*data, *_flatten(data)]):
+        raise Refused(400, "path_refused", "the server reads no files; the prompt names a path")
+    if set(data) - PROMPT_KEYS or not {"kind", "label", "voxels"} <= set(data):
+        raise Refused(
+            400, "bad_prompt", f"a prompt has the fields kind, label, voxels and positive, got {sorted(data)}"
+        )
+    kind, label, voxels = data["kind"], data["label"], data["voxels"]
+    positive = data.get("positive", True)
+    if kind not in KINDS:
+        raise Refused(400, "bad_prompt", f"prompt kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    num_classes = session.model.spec.num_classes
+    if not _whole_number(label) or not 0 <= label < num_classes:
+        raise Refused(
+            400, "bad_prompt", f"class {label!r} is not one of the model's classes (0..{num_classes - 1})"
+        )
+    if not isinstance(positive, bool):
+        raise Refused(400, "bad_prompt", f"positive must be true or false, got {positive!r}")
+    if not isinstance(voxels, list) or not 1 <= len(voxels) <= MAX_PROMPT_VOXELS:
+        raise Refused(
+            400, "bad_prompt", f"a prompt's voxels are a list of 1 to {MAX_PROMPT_VOXELS:,} [z, y, x] indices"
+        )
+    if not all(isinstance(v, list) and len(v) == 3 and all(map(_whole_number, v)) for v in voxels):
+        raise Refused(400, "bad_prompt", "a prompt's voxels must be [z, y, x] whole-number indices")
+    try:
+        prompt = Prompt(kind, label, np.asarray(voxels, dtype=np.int64), positive)
+        prompt.check_inside(session.case.grid)
+    except MedclError as error:
+        raise Refused(400, "bad_prompt", str(error)) from None
+    return prompt
+
+
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _need_prediction(session: ServerSession) -> None:
+    if session.case.prediction is None:
+        raise Refused(
+            409,
+            "no_prediction",
+            "run the model on this case first (session.predict()); prompts refine its result",
+        )
+
+
+def _interactive(step: Any, *args: Any, code: str) -> Update:
+    """``step(*args)`` of the interactive session; its user errors as Refused (400 ``code``)."""
+    try:
+        return step(*args)
+    except MedclError as error:
+        raise Refused(400, code, str(error)) from None
+
+
+def _update_npz(session: ServerSession, update: Update, *, with_labels: bool = True) -> bytes:
+    return labels_to_npz(
+        update.box,
+        update.labels if with_labels else None,
+        changed=update.changed,
+        seconds=update.seconds,
+        prompts=len(session.case.prompts),
+    )
+
+
+def _npz(data: bytes) -> Response:
+    return Response(data, media_type="application/octet-stream")
+
+
+async def _on_session(session: ServerSession, store: SessionStore, queue: DeviceQueue, work: Any) -> Any:
+    """``work()`` on the device queue, holding ``session``'s lock (nothing else of that session runs
+    meanwhile) and keeping it from expiring while it waits; anything but a Refused is logged and said in one
+    line (500 internal_error)."""
+
+    def locked() -> Any:
+        with session.lock:
+            return work()
+
+    with store.in_use(session):
+        try:
+            return await queue.run(locked)
+        except Refused:
+            raise
+        except Exception as error:
+            fields = _error_fields(error)
+            status = 400 if isinstance(error, MedclError) else 500
+            raise Refused(status, fields["code"], fields["error"]) from None
 
 
 def _region_from_json(region: Any) -> Any:
@@ -337,7 +534,7 @@ class PredictionOutcomes:
 
 
 async def _prediction_lines(
-    session: CaseSession,
+    session: ServerSession,
     store: SessionStore,
     queue: DeviceQueue,
     outcomes: PredictionOutcomes,
@@ -358,7 +555,7 @@ async def _prediction_lines(
         started = time.monotonic()
         prediction, last = None, -1.0
         try:
-            with store.in_use(session):
+            with store.in_use(session), session.lock:
                 for item in session.predict_iter(region=region, cancel=cancel, **options):
                     if isinstance(item, Progress):
                         now = time.monotonic()
@@ -412,7 +609,7 @@ async def _prediction_lines(
 
 
 async def _store_result(
-    session: CaseSession, prediction: Prediction, interval: tuple[float, float]
+    session: ServerSession, prediction: Prediction, interval: tuple[float, float]
 ) -> dict[str, Any]:
     """Keep ``prediction``'s outputs in ``session`` (cut to the region it filled) and return the result line."""
     provenance = prediction.provenance

@@ -1,8 +1,12 @@
 """The server's sessions: one uploaded scan and the model chosen for it, kept until closed or idle too long.
 
 A session is what makes "upload once, predict many times" work: the voxels stay on the server between
-predictions. Each session runs its predictions through one method, ``CaseSession.predict_iter``, so that an
-interactive session (prompts, corrections) can later take the place of the plain prediction behind it.
+predictions. Each session holds an interactive session (``napari_medcl.interactive.CaseSession``, the one the
+widget uses in-process): its predictions and its prompts, undo, brush edits and next-region questions all go
+through it, so the server keeps the labels and the prompt history and a click sends back only the box it
+changed. Everything that touches it runs on the device queue under the session's lock: a prompt never runs
+while another request of the same session does. Memory: besides the upload, a session keeps the model's
+class probabilities (float32 per class) and the labels once it has a prediction, as prompts need them.
 
 Sessions expire after ``idle_timeout`` seconds without a request (a crashed or closed viewer never says
 goodbye); a prediction in progress keeps its session alive. A request for an expired session is refused with
@@ -13,16 +17,18 @@ busy (N of N sessions in use)".
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from napari_medcl.prediction import Progress, predict_iter
+from napari_medcl.interactive import CaseSession
+from napari_medcl.prediction import Progress
 from napari_medcl.session import InferenceSession
 from napari_medcl.volume import Prediction, Volume
 
@@ -52,9 +58,11 @@ class StoredResult:
 
 
 @dataclass(eq=False)
-class CaseSession:
+class ServerSession:
     """One uploaded scan (``volume``, no source or metadata: only voxels and geometry travel) and the served
-    model ``model_name`` that segments it. ``result``: the last prediction's outputs, until the next one."""
+    model ``model_name`` that segments it. ``case``: the interactive session on them (labels, prompts);
+    ``result``: the last prediction's outputs, until the next one; ``lock``: held by whatever runs on
+    ``case``."""
 
     id: str
     volume: Volume
@@ -64,15 +72,24 @@ class CaseSession:
     last_used: float
     busy: int = 0
     result: StoredResult | None = None
+    case: CaseSession = field(init=False)
+    lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.case = CaseSession(self.volume, self.model, device=self.device)
 
     def predict_iter(
         self, region: Any = None, cancel: Any = None, **options: Any
     ) -> Iterator[Progress | Prediction]:
-        """Progress events, then the Prediction of ``region`` (None: the whole scan); the options of
-        ``napari_medcl.prediction.predict_iter`` that a client may set (``app.CLIENT_OPTIONS``)."""
-        return predict_iter(
-            self.volume, self.model, device=self.device, region=region, cancel=cancel, **options
-        )
+        """Progress events, then the Prediction of ``region`` (None: the whole scan), run by ``case`` (which
+        takes its labels and replays the prompts onto them); the options of
+        ``napari_medcl.prediction.predict_iter`` that a client may set (``app.CLIENT_OPTIONS``). The
+        probabilities are dropped from the Prediction unless ``return_probabilities`` asks for them."""
+        keep_probabilities = bool(options.pop("return_probabilities", False))
+        for item in self.case.predict_iter(region=region, cancel=cancel, **options):
+            if isinstance(item, Prediction) and not keep_probabilities:
+                item = dataclasses.replace(item, probabilities=None)
+            yield item
 
 
 class SessionStore:
@@ -83,7 +100,7 @@ class SessionStore:
         self.idle_timeout = idle_timeout
         self._clock = clock
         self._lock = threading.Lock()
-        self._sessions: dict[str, CaseSession] = {}
+        self._sessions: dict[str, ServerSession] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
@@ -96,12 +113,12 @@ class SessionStore:
             self._sweep_locked()
             self._refuse_if_full()
 
-    def open(self, volume: Volume, model_name: str, model: InferenceSession, device: str) -> CaseSession:
+    def open(self, volume: Volume, model_name: str, model: InferenceSession, device: str) -> ServerSession:
         """A new session for ``volume``; Refused when ``max_sessions`` are in use."""
         with self._lock:
             self._sweep_locked()
             self._refuse_if_full()
-            session = CaseSession(
+            session = ServerSession(
                 id=secrets.token_urlsafe(16),
                 volume=volume,
                 model_name=model_name,
@@ -112,7 +129,7 @@ class SessionStore:
             self._sessions[session.id] = session
             return session
 
-    def get(self, session_id: str) -> CaseSession:
+    def get(self, session_id: str) -> ServerSession:
         """The live session ``session_id``, marked as used now; Refused (410 session_expired, 404
         session_unknown) otherwise."""
         with self._lock:
@@ -143,8 +160,8 @@ class SessionStore:
             return self._sweep_locked()
 
     @contextmanager
-    def in_use(self, session: CaseSession) -> Iterator[CaseSession]:
-        """Keep ``session`` from expiring while a prediction runs on it (and count the idle time from the end)."""
+    def in_use(self, session: ServerSession) -> Iterator[ServerSession]:
+        """Keep ``session`` from expiring while a request waits or runs on it (and count the idle time from the end)."""
         with self._lock:
             session.busy += 1
         try:
