@@ -1,5 +1,6 @@
-"""medcl-serve and napari_medcl.remote against real servers on 127.0.0.1: local and remote predictions agree;
-tokens, upload limits, model names and paths are checked; kills, expiry, cancel, busy and eight clients."""
+"""medcl-serve and napari_medcl.remote against real servers on 127.0.0.1: local and remote predictions agree,
+and so do the interactive sessions (prompts, undo, brush edits, next region); tokens, upload limits, model
+names, paths and prompts are checked; kills, expiry (mid-prompting too), cancel, busy and concurrent clients."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ import sys
 import threading
 import time
 import urllib.parse
+import warnings
 
 import numpy as np
 import pytest
 
-from napari_medcl.errors import Cancelled, PredictionError, ServerError
+from napari_medcl.errors import Cancelled, PredictionError, ServerError, UsageError
+from napari_medcl.interactive import open_session as open_interactive
 from napari_medcl.layer_data import segment_volume_iter
 from napari_medcl.onnx_session import load_model
 from napari_medcl.prediction import Progress, predict_iter
-from napari_medcl.remote import RemoteClient
+from napari_medcl.prompts import box as prompt_box
+from napari_medcl.prompts import point, scribble
+from napari_medcl.remote import RemoteClient, SessionRestoredWarning
 from napari_medcl.serve import cli as serve_cli
 from napari_medcl.server_connection import (
     SERVER,
@@ -30,9 +35,10 @@ from napari_medcl.server_connection import (
     save_server,
     settings_path,
 )
-from napari_medcl.transfer import volume_to_npz
+from napari_medcl.transfer import labels_from_npz, labels_to_npz, volume_to_npz
 from napari_medcl.volume import Prediction, Volume
 from tests.medcl_server import ROOT, running_server
+from tests.napari_medcl.test_interactive import EXTRA, MISSED, planted_case
 from tests.onnx_models import conv_model, pointwise_labels, pointwise_model, save
 
 pytest.importorskip("fastapi")
@@ -485,3 +491,275 @@ def test_a_client_process_that_exits_without_closing_frees_its_session(server):
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) == before + 1  # open while it ran
     assert client_sessions(server) == before  # closed when its process ended
+
+
+# -- the interactive session on the server: prompts, undo, brush edits, next region
+
+
+def _walk(session, spatial_dims):
+    """The steps of tests/napari_medcl/test_interactive.py on one session; what each gave: (the step, the
+    labels after it, the update's box, changed count and labels)."""
+    z = 6 if spatial_dims == 3 else 0
+    seen = []
+
+    def step(name, update):
+        box = None if update is None or update.box is None else tuple((s.start, s.stop) for s in update.box)
+        numbers = (None, None) if update is None else (update.changed, update.labels)
+        seen.append((name, session.labels.copy(), box, *numbers))
+
+    session.predict()
+    step("predict", None)
+    step("click in the missed blob", session.add_prompt(point(z, 7, 7, label=1)))
+    step("negative click in the extra blob", session.add_prompt(point(z, 22, 6, label=1, positive=False)))
+    step("click that changes nothing", session.add_prompt(point(z, 7, 24, label=1)))
+    step("undo", session.undo())
+    edited = session.labels.copy()
+    edited[(0,) * spatial_dims] = 1
+    step("brush", session.set_labels(edited))
+    step("brush again, nothing new", session.set_labels(edited))
+    step("box", session.add_prompt(prompt_box((z, 4, 4), (z + 2 * (spatial_dims == 3), 9, 9), label=1)))
+    step("scribble", session.add_prompt(scribble([(z, 20, 5), (z, 21, 6)], label=0)))
+    step("undo", session.undo())
+    region = session.next_region()
+    seen.append(("next region", region.box, region.center, round(region.score, 9), region.labelled_voxels))
+    session.predict(region=("slice", 0, z) if spatial_dims == 3 else None)
+    step("re-run replays the prompts", None)
+    step("undo after a re-run does nothing", session.undo())
+    seen.append(("prompts", [p.to_dict() for p in session.prompts]))
+    return seen
+
+
+@pytest.mark.parametrize(("spatial_dims", "name"), [(3, "point3d"), (2, "point2d")])
+def test_prompts_on_the_server_give_the_labels_of_a_local_session(client, local_models, spatial_dims, name):
+    volume, _truth = planted_case(spatial_dims)
+    local = _walk(open_interactive(volume, local_models[name]), spatial_dims)
+    with client.open_session(volume, name) as session:
+        remote = _walk(session, spatial_dims)
+        assert session.uploads == 1 and session.restores == 0
+        labels_after = session.labels.copy()
+    assert [entry[0] for entry in remote] == [entry[0] for entry in local]
+    for got, want in zip(remote, local):
+        assert len(got) == len(want), got[0]
+        for a, b in zip(got[1:], want[1:]):
+            if isinstance(b, np.ndarray):
+                assert a.dtype == b.dtype, got[0]
+                np.testing.assert_array_equal(a, b, err_msg=got[0])
+            else:
+                assert a == b, got[0]
+    # and the steps did what test_interactive.py says they do (so the comparison is not of two wrong runs)
+    by_step = {entry[0]: entry for entry in remote}
+    missed, extra = (MISSED, EXTRA) if spatial_dims == 3 else (MISSED[1:], EXTRA[1:])
+    assert (by_step["click in the missed blob"][1][missed] == 1).all()
+    assert not by_step["negative click in the extra blob"][1][extra].any()
+    assert by_step["click that changes nothing"][3] == 0 and by_step["undo"][3] == 0
+    assert by_step["brush"][3] == 1 and by_step["brush again, nothing new"][2] is None
+    assert by_step["undo after a re-run does nothing"][3] == 0
+    assert len(by_step["prompts"][1]) == 3
+    rerun, before = by_step["re-run replays the prompts"][1], remote[-5][1]
+    outside_brush = np.ones(rerun.shape, dtype=bool)
+    outside_brush[(0,) * spatial_dims] = False  # the 2D re-run covers the brushed voxel: the model's again
+    np.testing.assert_array_equal(rerun[outside_brush], before[outside_brush])
+    assert not labels_after[extra].any() and labels_after[missed].any()
+
+
+def test_a_click_sends_back_only_the_box_it_changed(server, client):
+    volume, _ = planted_case()
+    with client.open_session(volume, "point3d") as session:
+        session.predict()
+        path = f"/sessions/{session.session_id}/prompts"
+        body = json.dumps(point(6, 7, 7, label=1).to_dict()).encode()
+        status, data = _raw_bytes(server.url, "POST", path, body=body, token=TOKEN)
+        assert status == 200
+        box, labels, numbers = labels_from_npz(data, session.grid)
+        assert box == MISSED and labels.dtype == np.uint8 and (labels == 1).all()
+        assert numbers["changed"] == labels.size and numbers["prompts"] == 1 and numbers["seconds"] > 0
+        assert len(data) < 1000  # the box, not the map (12 x 32 x 32 voxels)
+        status, answer, _ = _raw(server.url, "GET", path, token=TOKEN)
+        assert answer == {"prompts": [point(6, 7, 7, label=1).to_dict()]}
+
+
+PROMPT = {"kind": "point", "label": 1, "voxels": [[6, 7, 7]], "positive": True}
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "says"),
+    [
+        ({"kind": "lasso"}, "bad_prompt", "kind must be one of"),
+        ({"label": 5}, "bad_prompt", "not one of the model's classes (0..1)"),
+        ({"label": True}, "bad_prompt", "not one of the model's classes"),
+        ({"label": -1}, "bad_prompt", "not one of the model's classes"),
+        ({"label": "1"}, "bad_prompt", "not one of the model's classes"),
+        ({"positive": "yes"}, "bad_prompt", "positive must be true or false"),
+        ({"voxels": [[40, 1, 1]]}, "bad_prompt", "lies outside the image (shape (12, 32, 32))"),
+        ({"voxels": [[-1, 1, 1]]}, "bad_prompt", "lies outside the image"),
+        ({"voxels": [[6.5, 1, 1]]}, "bad_prompt", "whole-number indices"),
+        ({"voxels": [[6, 1]]}, "bad_prompt", "whole-number indices"),
+        ({"voxels": []}, "bad_prompt", "list of 1 to 100,000"),
+        ({"voxels": [[6, 7, 7]] * 100_001}, "bad_prompt", "list of 1 to 100,000"),
+        ({"voxels": [[6, 7, 7], [6, 7, 8]]}, "bad_prompt", "a point prompt has one voxel"),
+        (
+            {"kind": "box", "voxels": [[1, 1, 1], [2, 2, 2]], "positive": False},
+            "bad_prompt",
+            "cannot be negative",
+        ),
+        ({"path": "/etc/passwd"}, "path_refused", "the prompt names a path"),
+        ({"kind": "../../etc/passwd"}, "path_refused", "the prompt names a path"),
+        ({"image": "case.nii.gz"}, "bad_prompt", "has the fields kind, label, voxels and positive"),
+        ({"voxels": None}, "bad_prompt", "list of 1 to 100,000"),
+    ],
+)
+def test_a_bad_prompt_is_refused_in_one_line_and_changes_nothing(server, client, change, code, says):
+    volume, _ = planted_case()
+    with client.open_session(volume, "point3d") as session:
+        session.predict()
+        before = session.labels.copy()
+        path = f"/sessions/{session.session_id}/prompts"
+        body = json.dumps({**PROMPT, **change}).encode()
+        status, answer, _ = _raw(server.url, "POST", path, body=body, token=TOKEN)
+        assert status == 400 and answer["code"] == code, answer
+        assert says in answer["error"] and "\n" not in answer["error"], answer
+        assert _raw(server.url, "GET", path, token=TOKEN)[1] == {"prompts": []}
+        session._labels_stale = True  # fetch the server's labels: untouched
+        session._catch_up()
+        np.testing.assert_array_equal(session.labels, before)
+
+
+def test_prompt_requests_that_are_not_prompts_are_refused(server, client):
+    volume, _ = planted_case()
+    with client.open_session(volume, "point3d") as session:
+        path = f"/sessions/{session.session_id}"
+        with pytest.raises(UsageError, match=r"run the model on this case first"):
+            session.add_prompt(point(6, 7, 7, label=1))  # as in-process
+        with pytest.raises(UsageError, match=r"run the model on this case first"):
+            session.next_region()
+        status, answer, _ = _raw(
+            server.url, "POST", path + "/prompts", body=json.dumps(PROMPT).encode(), token=TOKEN
+        )
+        assert status == 409 and answer["code"] == "no_prediction"
+        session.predict()
+        for body in (b"not json", b"[1, 2]", b"null"):
+            status, answer, _ = _raw(server.url, "POST", path + "/prompts", body=body, token=TOKEN)
+            assert status == 400 and answer["code"] in ("bad_request", "bad_prompt"), answer
+        with pytest.raises(UsageError, match="outside the image"):
+            session.add_prompt(point(40, 1, 1, label=1))  # the server's check, the local message
+        grid = session.grid
+        bad_labels = [
+            labels_to_npz((slice(0, 2), slice(0, 2), slice(30, 33)), np.ones((2, 2, 3), np.uint8)),  # outside
+            labels_to_npz((slice(0, 2),) * 3, np.ones((2, 2, 2), np.float32)),  # not labels
+            labels_to_npz((slice(0, 2),) * 3, np.ones((2, 3, 2), np.uint8)),  # not the box's shape
+            labels_to_npz(None, None, changed=3),  # no box
+            b"PK not a zip",
+        ]
+        for body in bad_labels:
+            status, answer, _ = _raw(server.url, "PUT", path + "/labels", body=body, token=TOKEN)
+            assert status == 400 and answer["code"] == "bad_labels", answer
+            assert "\n" not in answer["error"]
+        status, answer, _ = _raw(server.url, "GET", path + "/next-region?window_mm=-3", token=TOKEN)
+        assert status == 400 and "window_mm" in answer["error"]
+        status, data = _raw_bytes(server.url, "GET", path + "/labels", token=TOKEN)
+        box, labels, _ = labels_from_npz(data, grid)
+        np.testing.assert_array_equal(labels, session.labels)  # none of it changed the labels
+
+
+def test_an_expired_session_in_the_middle_of_prompting_is_rebuilt_and_says_so_once(
+    model_dir, local_models, tmp_path
+):
+    args = ("--models", str(model_dir), "--device", "cpu", "--backend", "onnxruntime", "--idle-timeout", "1")
+    volume, _ = planted_case()
+    local = open_interactive(volume, local_models["point3d"])
+    with running_server(*args, token=TOKEN, token_dir=tmp_path) as running:
+        client = RemoteClient(running.url, TOKEN)
+        with client.open_session(volume, "point3d") as remote:
+            for session in (local, remote):
+                session.predict()
+                session.add_prompt(point(6, 7, 7, label=1))
+                session.add_prompt(point(6, 22, 6, label=1, positive=False))
+                session.undo()
+                edited = session.labels.copy()
+                edited[0, 0, :3] = 1
+                session.set_labels(edited)
+            old = remote.session_id
+            time.sleep(1.8)  # past the idle timeout; the server's sweeper drops it
+            assert client.status()["sessions"] == 0
+            with pytest.warns(
+                SessionRestoredWarning, match="1 prediction.s. re-run and 1 prompt.s. and 1 edit"
+            ):
+                update = remote.add_prompt(point(6, 22, 6, label=1, positive=False))
+            assert update.box == local.add_prompt(point(6, 22, 6, label=1, positive=False)).box
+            assert remote.uploads == 2 and remote.restores == 1 and remote.session_id != old
+            assert "uploaded again" in remote.notice
+            np.testing.assert_array_equal(remote.labels, local.labels)
+            # the history came back too: the same steps undo the same way, with no second warning
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for _ in range(3):
+                    assert remote.undo().changed == local.undo().changed
+                    np.testing.assert_array_equal(remote.labels, local.labels)
+            assert [p.to_dict() for p in remote.prompts] == [p.to_dict() for p in local.prompts]
+
+        # predictions only: re-uploaded at once, replayed only when a prompt needs the server's state
+        local = open_interactive(volume, local_models["point3d"])
+        with client.open_session(volume, "point3d") as remote:
+            for session in (local, remote):
+                session.predict(region=("slice", 0, 6))
+                session.predict(region=((0, 12), (0, 16), (0, 32)))
+            time.sleep(1.8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # nothing to say: no prompt was lost
+                for session in (local, remote):
+                    session.predict(region=((0, 12), (10, 20), (0, 32)))
+                assert remote.uploads == 2
+                np.testing.assert_array_equal(remote.labels, local.labels)
+                for session in (local, remote):
+                    session.add_prompt(point(6, 22, 6, label=1, positive=False))
+            np.testing.assert_array_equal(remote.labels, local.labels)
+            assert remote.next_region() == local.next_region()
+
+
+def test_two_clients_prompt_their_own_sessions_at_once(server, local_models):
+    results, failures = {}, []
+    clicks = [(6, 7, 7, 1, True), (6, 22, 6, 1, False), (6, 7, 24, 1, True), (3, 3, 3, 1, True)]
+
+    def one_client(k):
+        try:
+            volume, _ = planted_case()
+            volume.array[...] = np.roll(volume.array, 3 * k, axis=2)  # each its own image
+            with RemoteClient(server.url, TOKEN).open_session(volume, "point3d") as session:
+                session.predict()
+                for _round in range(3):
+                    for z, y, x, label, positive in clicks:
+                        session.add_prompt(point(z, y, (x + 3 * k) % 32, label=label, positive=positive))
+                    for _ in clicks:
+                        session.undo()
+                for z, y, x, label, positive in clicks:
+                    session.add_prompt(point(z, y, (x + 3 * k) % 32, label=label, positive=positive))
+                results[k] = (volume, session.labels.copy())
+        except Exception as error:  # reported below, with the client it happened in
+            failures.append((k, error))
+
+    threads = [threading.Thread(target=one_client, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures, failures
+    for k, (volume, labels) in results.items():
+        local = open_interactive(volume, local_models["point3d"])
+        local.predict()
+        for z, y, x, label, positive in clicks:
+            local.add_prompt(point(z, y, (x + 3 * k) % 32, label=label, positive=positive))
+        np.testing.assert_array_equal(labels, local.labels)
+    assert not np.array_equal(results[0][1], results[1][1])
+
+
+def _raw_bytes(url, method, path, *, body=None, token=None):
+    """One request with http.client: status and the raw answer."""
+    parsed = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()

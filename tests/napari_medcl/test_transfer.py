@@ -13,7 +13,14 @@ from napari_medcl.errors import InputError
 from napari_medcl.onnx_session import load_model
 from napari_medcl.prediction import predict
 from napari_medcl.provenance import Provenance
-from napari_medcl.transfer import prediction_from_npz, prediction_to_npz, volume_from_npz, volume_to_npz
+from napari_medcl.transfer import (
+    labels_from_npz,
+    labels_to_npz,
+    prediction_from_npz,
+    prediction_to_npz,
+    volume_from_npz,
+    volume_to_npz,
+)
 from napari_medcl.verdict import Verdict
 from napari_medcl.volume import Volume
 from tests.onnx_models import pointwise_model, save
@@ -132,3 +139,21 @@ def test_provenance_and_verdict_read_back_from_their_json(tmp_path):
     assert again.to_dict() == data and again.roi == provenance.roi and again.tiling == provenance.tiling
     verdict = Verdict("caution", ("slices far thicker",), 1.5, {"severity": {"spacing": 1.5}})
     assert Verdict.from_dict(verdict.to_dict()) == verdict
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_labels_update_travels_as_its_box_only(dtype):
+    labels = np.arange(24, dtype=dtype).reshape(2, 3, 4) * (300 if dtype == np.uint16 else 1)
+    box = (slice(1, 3), slice(0, 3), slice(5, 9))
+    data = labels_to_npz(box, labels, changed=7, seconds=0.25, prompts=2)
+    got_box, got, numbers = labels_from_npz(data, (4, 3, 9))
+    assert got_box == box and got.dtype == dtype
+    np.testing.assert_array_equal(got, labels)
+    assert numbers == {"changed": 7, "seconds": 0.25, "prompts": 2}
+    assert labels_from_npz(labels_to_npz(None, None, changed=0), (4, 3, 9)) == (None, None, {"changed": 0})
+    with pytest.raises(InputError, match="does not lie inside"):
+        labels_from_npz(data, (2, 3, 9))
+    with pytest.raises(InputError, match="uint8 or uint16"):
+        labels_from_npz(labels_to_npz(box, labels.astype(np.int64)), (4, 3, 9))
+    with pytest.raises(InputError, match="do not fill the box"):
+        labels_from_npz(labels_to_npz(box, labels[:, :2]), (4, 3, 9))
