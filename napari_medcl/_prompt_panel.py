@@ -3,7 +3,9 @@
 Thin glue: the segment widget hands over each run's prediction (``take_run``); the panel keeps one
 ``napari_medcl.interactive.CaseSession`` per image, turns each new point of the image's prompt layer into a
 ``Prompt``, and writes the session's ``Update`` into the labels layer as one undoable step (Ctrl+Z). All
-computing is in ``napari_medcl.interactive`` and ``napari_medcl.refinement``, tested without Qt.
+computing is in ``napari_medcl.interactive`` and ``napari_medcl.refinement``, tested without Qt. When the run
+was on a server, the image's session is the server's (``napari_medcl.remote.RemoteCaseSession``, the same
+interface): the prompts are answered there, and only the box each one changed comes back.
 """
 
 from __future__ import annotations
@@ -54,14 +56,19 @@ class PromptPanel(Container):
 
     def take_run(self, image: Any, labels: Any, volume: Any, model: Any, prediction: Any) -> None:
         """A run of ``model`` on ``image`` ended: its ``prediction`` (with probabilities) feeds the image's
-        session, whose prompts so far are replayed on it."""
+        session, whose prompts so far are replayed on it. A server's model: the server's session of the
+        image, which took the run there."""
         from napari_medcl.interactive import CaseSession
+        from napari_medcl.remote import RemoteModel
 
         key = layer_data.image_id(image)
         session = self.sessions.get(key)
-        if session is None or session.grid != _grid(volume):
-            session = self.sessions[key] = CaseSession(volume, model)
-        session.take(prediction)
+        if isinstance(model, RemoteModel):
+            self.sessions[key] = model.session_for(volume)
+        else:
+            if session is None or not isinstance(session, CaseSession) or session.grid != _grid(volume):
+                session = self.sessions[key] = CaseSession(volume, model)
+            session.take(prediction)
         self._targets[key] = (image, labels)
         classes = list(prediction.provenance.model.classes) if prediction.provenance is not None else []
         self._classes = [(f"{i}: {name}", i) for i, name in enumerate(classes)]
@@ -142,7 +149,11 @@ class PromptPanel(Container):
         if image is None:
             return None
         session = self.sessions[layer_data.image_id(image)]
-        region = session.next_region()
+        try:
+            region = session.next_region()
+        except MedclError as error:  # a server's session: unreachable, closed...
+            self._info.value = str(error)
+            return None
         if region is None:
             self._info.value = "No region left where the model expects mistakes."
             return None
@@ -163,7 +174,11 @@ class PromptPanel(Container):
         if image is None:
             return 0
         key = layer_data.image_id(image)
-        update = self.sessions[key].undo()
+        try:
+            update = self.sessions[key].undo()
+        except MedclError as error:
+            self._info.value = str(error)
+            return 0
         self._write(key, update)
         self._info.value = f"Undone: {update.changed:,} voxel(s) restored."
         return update.changed
@@ -246,6 +261,7 @@ class PromptPanel(Container):
     def _answer(self, key: str, prompt: Any) -> Any:
         session = self.sessions[key]
         _image, labels = self._targets[key]
+        restores = getattr(session, "restores", 0)  # a server's session rebuilt meanwhile: said below
         try:
             session.set_labels(np.asarray(labels.data))  # the brush's edits count
             update = session.add_prompt(prompt)
@@ -256,6 +272,8 @@ class PromptPanel(Container):
         self._info.value = (
             f"Prompt {len(session.prompts)}: {update.changed:,} voxel(s) changed in {update.seconds:.2f} s."
         )
+        if getattr(session, "restores", 0) != restores and session.notice:
+            self._info.value += f" ({session.notice}.)"
         return update
 
     def _write(self, key: str, update: Any) -> None:

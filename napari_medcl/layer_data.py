@@ -355,7 +355,8 @@ def segment_volume_iter(
     ``napari_medcl.remote.RemoteModel`` (a server's model; ``device``, ``backend`` and ``precision`` are then
     the server's).
     ``metadata`` is the image layer's (copied onto the outputs); ``display`` its ``layer_display``.
-    ``keep_prediction``: the result carries the Prediction with its class probabilities (for prompts).
+    ``keep_prediction``: the result carries the Prediction with its class probabilities (for prompts; a
+    server's Prediction comes without them, as its prompts are answered on the server).
     """
     from napari_medcl.onnx_session import open_session
     from napari_medcl.prediction import predict_iter
@@ -364,9 +365,8 @@ def segment_volume_iter(
     start = time.perf_counter()
     if isinstance(model, RemoteModel):  # a medcl-serve model: the server's device, the same outputs
         loaded: Any = model
-        items = model.predict_iter(
-            volume, region=roi, cancel=cancel, overlap=overlap, tta=tta, return_probabilities=keep_prediction
-        )
+        # The server's session keeps the probabilities and answers the prompts: they need not travel.
+        items = model.predict_iter(volume, region=roi, cancel=cancel, overlap=overlap, tta=tta)
     else:
         loaded = open_session(
             model, device=device, backend=backend, precision=precision

@@ -1,12 +1,17 @@
 """The widget's "Where to run" choice in a real viewer (Xvfb): a server run gives the labels of a local run,
-uploads the image once for several runs, and the choice is remembered."""
+uploads the image once for several runs, its prompts are answered by the server as a local session would,
+and the choice is remembered."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from napari_medcl import layer_data
+from napari_medcl.interactive import open_session as open_interactive
 from napari_medcl.io import write_image
+from napari_medcl.onnx_session import load_model
+from napari_medcl.prompts import point
 from napari_medcl.server_connection import SERVER, THIS_COMPUTER, load_saved_server
 from napari_medcl.volume import Volume
 from tests.medcl_server import running_server
@@ -51,13 +56,33 @@ def test_a_server_run_matches_a_local_run_and_the_choice_is_remembered(
         remote_labels = widget.last_layers[0]
         np.testing.assert_array_equal(np.asarray(remote_labels.data), local)
         _run(qtbot, widget)  # again: the image is not uploaded a second time
-        assert widget._loaded[1].session_for(widget._job.volume).uploads == 1
+        remote_session = widget._loaded[1].session_for(widget._job.volume)
+        assert remote_session.uploads == 1
+
+        # prompts on a server run are answered by the server's session; the probabilities stayed there
+        panel, labels = widget.prompts, widget.results_of(image)["labels"]
+        assert panel.sessions[layer_data.image_id(image)] is remote_session
+        assert remote_session.prediction.probabilities is None
+        local = open_interactive(widget._job.volume, load_model(model_file, device="cpu"))
+        local.predict()
+        voxel = tuple(
+            int(v) for v in np.argwhere(local.labels == 1)[len(np.argwhere(local.labels == 1)) // 2]
+        )
+        before = np.array(labels.data)
+        update = panel.add_click(image, voxel, label=1, positive=False)
+        expected = local.add_prompt(point(*voxel, label=1, positive=False))
+        assert update.changed == expected.changed > 0 and update.box == expected.box
+        np.testing.assert_array_equal(np.asarray(labels.data), local.labels)
+        assert panel.undo() == expected.changed
+        np.testing.assert_array_equal(np.asarray(labels.data), before)
 
         server.process.kill()  # the server dies: one line under Run, and no layer changes
         server.process.wait(timeout=10)
         before = [np.array(layer.data, copy=True) for layer in viewer.layers]
         _run(qtbot, widget)
         assert "cannot reach the server" in widget._status.value and "\n" not in widget._status.value
+        assert panel.add_click(image, voxel, label=1, positive=False) is None  # one line, nothing changed
+        assert "cannot reach the server" in panel._info.value and "\n" not in panel._info.value
         for layer, data in zip(viewer.layers, before, strict=True):
             np.testing.assert_array_equal(np.asarray(layer.data), data)
 
