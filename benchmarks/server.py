@@ -1,6 +1,7 @@
 """medcl-serve under load: concurrent clients on loopback against in-process prediction of the same requests.
 
-    .venv/bin/python benchmarks/server.py [--clients 8] [--requests 20] [--model brain-tissue-2d] [--slices 6]
+    .venv/bin/python benchmarks/server.py [--clients 8] [--requests 20] [--clicks 40] [--model brain-tissue-2d]
+        [--slices 6]
 
 Starts ``medcl-serve`` on 127.0.0.1 (a free port, a throw-away token) serving ``--model``, and takes a small
 real volume: ``--slices`` axial slices from the middle of the bundled sample scan
@@ -15,6 +16,10 @@ real volume: ``--slices`` axial slices from the middle of the bundled sample sca
 3. **Overhead**: server wall time over in-process time (1.0 = none; both phases run one after the other, so
    the load of a shared machine moves it), and per request: one client alone (no queue), each request sent to
    the server and then run in-process, the median and p95 of the differences.
+4. **Clicks**: one client alone, after a whole-volume prediction, ``--clicks`` point prompts (a third
+   negative on a random labelled voxel, the others a random class at a random voxel) and as many undos, each sent to the server and then answered by an
+   in-process ``CaseSession`` on the same prediction: the round trip of a click on loopback against the
+   in-process step, the bytes an answer holds, and whether the labels stayed identical.
 
 Bounded: the clients stop starting requests after ``--max-seconds`` (default 60), and the report says how many
 ran; the in-process pass repeats only those, so the whole run stays under 3 minutes. Writes ``benchmarks/results/server.json`` (``--out``). Loopback only.
@@ -36,13 +41,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from napari_medcl import __version__, load_model, predict, read_image  # noqa: E402
 from napari_medcl.atomic import write_text_atomic  # noqa: E402
 from napari_medcl.demo import sample_path  # noqa: E402
+from napari_medcl.interactive import open_session  # noqa: E402
+from napari_medcl.prompts import point  # noqa: E402
 from napari_medcl.remote import RemoteClient  # noqa: E402
+from napari_medcl.transfer import labels_to_npz  # noqa: E402
 
 
 def requests_for(client: int, count: int, shape: tuple[int, ...]) -> list[Any]:
@@ -90,6 +100,9 @@ def main() -> None:
     parser.add_argument(
         "--slices", type=int, default=6, help="axial slices kept from the middle of the scan (default: 6)"
     )
+    parser.add_argument(
+        "--clicks", type=int, default=40, help="point prompts of the clicks phase (default: 40)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--max-seconds", type=float, default=60.0, help="clients start no request after this (default: 60)"
@@ -114,6 +127,7 @@ def main() -> None:
         try:
             server = run_clients(url, token, args.model, volume, plans, args.max_seconds)
             alone = run_alone(url, token, args.model, volume, plans[0], model)
+            clicks = run_clicks(url, token, args.model, volume, model, args.clicks)
             status = RemoteClient(url, token).status()
         finally:
             process.terminate()
@@ -168,11 +182,12 @@ def main() -> None:
             "per_request_median_ms": round(1000 * statistics.median(extra), 1),
             "per_request_p95_ms": round(1000 * percentile(extra, 95), 1),
         },
+        "clicks": clicks,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    if server["errors"]:
+    if server["errors"] or not clicks["labels_identical"]:
         sys.exit(1)
 
 
@@ -242,6 +257,59 @@ def run_alone(
             predict(volume, model, region=region)
             pairs.append((remote, time.perf_counter() - t))
     return pairs
+
+
+def run_clicks(url: str, token: str, model_name: str, volume: Any, model: Any, count: int) -> dict[str, Any]:
+    """``count`` point prompts, then as many undos, on a server session and on an in-process CaseSession
+    holding the same prediction, one after the other: round trip against in-process step, in seconds."""
+    rng = np.random.default_rng(0)
+    local = open_session(volume, model)
+    local.predict()
+    remote_seconds, local_seconds, undo_seconds, answer_bytes, changed = [], [], [], [], []
+    identical = True
+    with RemoteClient(url, token).open_session(volume, model_name) as session:
+        session.predict()
+        identical &= bool(np.array_equal(session.labels, local.labels))
+        labelled = np.argwhere(local.labels > 0) if volume.spatial_dims == 3 else None
+        for i in range(count):
+            if i % 3 == 0 and labelled is not None and len(labelled):  # "not this class", on a labelled voxel
+                voxel = [int(v) for v in labelled[rng.integers(len(labelled))]]
+                prompt = point(*voxel, label=int(local.labels[tuple(voxel)]), positive=False)
+            else:
+                voxel = [int(rng.integers(n)) for n in session.grid]
+                prompt = point(*voxel, label=int(rng.integers(1, model.spec.num_classes)))
+            t = time.perf_counter()
+            update = session.add_prompt(prompt)
+            remote_seconds.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            local.add_prompt(prompt)
+            local_seconds.append(time.perf_counter() - t)
+            changed.append(update.changed)
+            # what the answer carried: the box and its labels (the same .npz the server wrote)
+            answer_bytes.append(
+                len(labels_to_npz(update.box, update.labels, changed=1, seconds=1.0, prompts=1))
+            )
+            identical &= bool(np.array_equal(session.labels, local.labels))
+        for _ in range(count):
+            t = time.perf_counter()
+            session.undo()
+            undo_seconds.append(time.perf_counter() - t)
+            local.undo()
+        identical &= bool(np.array_equal(session.labels, local.labels))
+    extra = [r - lo for r, lo in zip(remote_seconds, local_seconds)]
+    return {
+        "clicks": count,
+        "labels_identical": identical,
+        "voxels_changed_median": statistics.median(changed),
+        "answer_bytes_median": statistics.median(answer_bytes),
+        "labels_map_bytes": int(np.prod(session.grid)),
+        "round_trip_p50_ms": round(1000 * percentile(remote_seconds, 50), 1),
+        "round_trip_p95_ms": round(1000 * percentile(remote_seconds, 95), 1),
+        "in_process_p50_ms": round(1000 * percentile(local_seconds, 50), 1),
+        "in_process_p95_ms": round(1000 * percentile(local_seconds, 95), 1),
+        "overhead_median_ms": round(1000 * statistics.median(extra), 1),
+        "undo_round_trip_p50_ms": round(1000 * percentile(undo_seconds, 50), 1),
+    }
 
 
 if __name__ == "__main__":
