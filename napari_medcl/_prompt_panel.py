@@ -44,7 +44,7 @@ class PromptPanel(Container):
         self._info = Label(value="Run the model first; then click where it is wrong.")
         self._info.native.setWordWrap(True)
         super().__init__(
-            widgets=[self._class, self._polarity, self._place, self._next, self._undo, self._info]
+            widgets=[self._class, self._polarity, self._tool, self._place, self._next, self._undo, self._info]
         )
         self._place.changed.connect(lambda: self.place_prompts())
         self._next.changed.connect(lambda: self.go_to_next())
@@ -103,7 +103,7 @@ class PromptPanel(Container):
             layer = self.viewer.add_points(
                 np.empty((0, volume.spatial_dims)),
                 name=name,
-                size=max(2.0, 3.0 * float(min(volume.spacing))),
+                size=2.5,  # data units (voxels): a marker, not a brush; it must not hide what the click changed
                 face_color=POSITIVE_COLOR,
                 **kwargs,
             )

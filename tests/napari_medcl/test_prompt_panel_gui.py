@@ -51,7 +51,10 @@ def test_a_negative_click_removes_the_label_there_and_nowhere_else(make_napari_v
     from napari_medcl._prompt_panel import ADDS, BOX, SCRIBBLE
 
     panel._polarity.value = ADDS
-    strokes = panel.place_prompts(tool=SCRIBBLE)
+    assert panel._tool in list(panel)  # the tool choice is on the panel, not only in the API
+    panel._tool.value = SCRIBBLE
+    panel._place.changed.emit(True)  # the button, as a user presses it
+    strokes = viewer.layers.selection.active
     assert strokes.mode == "paint"
     strokes.brush_size = 1
     strokes.paint((6, 6, 6), 1)
@@ -61,7 +64,10 @@ def test_a_negative_click_removes_the_label_there_and_nowhere_else(make_napari_v
     assert not np.asarray(labels.data)[MISSED].any()
 
     # a rectangle on slice 6 around the same blob labels it on that slice
-    rectangles = panel.place_prompts(tool=BOX)
+    panel._tool.value = BOX
+    panel._place.changed.emit(True)
+    rectangles = viewer.layers.selection.active
+    assert rectangles.mode == "add_rectangle"
     rectangles.add(np.array([[6, 3, 3], [6, 3, 10], [6, 10, 10], [6, 10, 3]]), shape_type="rectangle")
     assert panel._info.value.startswith("Prompt 2"), panel._info.value
     assert (np.asarray(labels.data)[6, 4:9, 4:10] == 1).all()
