@@ -9,18 +9,21 @@ computing is in ``napari_medcl.interactive`` and ``napari_medcl.refinement``, te
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, PushButton
 
 from napari_medcl import layer_data
+from napari_medcl._view import show_box
 from napari_medcl.errors import MedclError
 
 ADDS, REMOVES = "adds the class", "removes the class"
 CLICK, SCRIBBLE, BOX = "Click", "Scribble", "Box"
 TOOL_OUTPUTS = {CLICK: "prompts", SCRIBBLE: "scribbles", BOX: "box_prompts"}
-POSITIVE_COLOR, NEGATIVE_COLOR = "#40ff40", "#ff4040"
+POSITIVE_COLOR, NEGATIVE_COLOR, NEXT_COLOR = "#40ff40", "#ff4040", "#ffe000"
+NEXT_OUTPUT = "next_mistake"
 
 
 class PromptPanel(Container):
@@ -146,11 +149,14 @@ class PromptPanel(Container):
         if region is None:
             self._info.value = "No region left where the model expects mistakes."
             return None
-        centre = region.center if session.volume.spatial_dims == 3 else region.center[1:]
-        world = image.data_to_world(centre)
-        if session.volume.spatial_dims == 3:
-            self.viewer.dims.set_point(0, world[0])
-        self.viewer.camera.center = tuple(world[-2:])
+        three_d = session.volume.spatial_dims == 3
+        entry = SimpleNamespace(
+            box=region.box if three_d else region.box[1:],
+            center=region.center if three_d else region.center[1:],
+        )
+        show_box(self.viewer, image, entry, axis=0)
+        self._mark(image, entry)
+        centre = entry.center
         self._info.value = (
             f"Next likely mistake: about {region.score:,.0f} wrong voxel(s) expected around voxel "
             f"{tuple(int(round(c)) for c in centre)}."
@@ -177,6 +183,36 @@ class PromptPanel(Container):
         return None
 
     # -- inside
+
+    def _mark(self, image: Any, entry: Any) -> None:
+        """Outline the proposed window on its slice (one Shapes layer per image, replaced each time)."""
+        key = layer_data.image_id(image)
+        layer = next(
+            (la for la in self.viewer.layers if layer_data.derived_from(la) == (key, NEXT_OUTPUT)), None
+        )
+        (y0, y1), (x0, x1) = [(s.start - 0.5, s.stop - 0.5) for s in entry.box[-2:]]
+        corners = [(y0, x0), (y0, x1), (y1, x1), (y1, x0)]
+        if len(entry.box) == 3:
+            corners = [(float(entry.center[0]), y, x) for y, x in corners]
+        if layer is None:
+            kwargs = layer_data.spatial_kwargs(self.sessions[key].volume)
+            kwargs["metadata"] = {
+                **kwargs["metadata"],
+                layer_data.DERIVED_KEY: {"image_id": key, "output": NEXT_OUTPUT},
+            }
+            layer = self.viewer.add_shapes(
+                [np.asarray(corners)],
+                shape_type="rectangle",
+                ndim=len(entry.box),
+                name=f"{image.name} next likely mistake",
+                edge_color=NEXT_COLOR,
+                face_color="transparent",
+                edge_width=0.5,
+                **kwargs,
+            )
+        else:
+            layer.data = [np.asarray(corners)]
+            layer.shape_type = ["rectangle"]
 
     def _last_image(self) -> Any:
         return next(reversed(self._targets.values()))[0] if self._targets else None

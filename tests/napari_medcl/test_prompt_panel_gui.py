@@ -78,6 +78,11 @@ def test_a_negative_click_removes_the_label_there_and_nowhere_else(make_napari_v
     assert 1 <= centre[0] < 4 and 14 <= centre[1] < 18 and 26 <= centre[2] < 30  # the doubtful patch
     assert viewer.dims.point[0] == pytest.approx(centre[0])
     assert tuple(viewer.camera.center[-2:]) == pytest.approx(centre[1:])
+    outline = viewer.layers["planted next likely mistake"]
+    (corners,) = outline.data
+    low, high = np.asarray(corners)[:, 1:].min(axis=0) + 0.5, np.asarray(corners)[:, 1:].max(axis=0) + 0.5
+    assert (low <= np.array(centre[1:])).all() and (np.array(centre[1:]) < high).all()
+    assert tuple(high - low) == tuple(b.stop - b.start for b in region.box[1:])
 
     review = widget.show_review()
     review._labels_combo.value = labels
