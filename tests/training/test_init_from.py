@@ -160,3 +160,14 @@ def test_bundled_weights_load_by_name_and_reproduce_the_onnx_model(name, one_tor
     theirs = session.run(["probabilities"], {"image": image.numpy()})[0]
     assert np.abs(ours - theirs).max() < 1e-4
     assert json.loads((MODELS_DIR / "manifest.json").read_text())["models"]
+
+
+def test_finetune_preset_builds_the_network_the_bundled_weights_fit(one_torch_thread):
+    from training.building import build_model
+    from training.init_weights import apply_initial_weights, load_initial_weights
+
+    cfg = load_config(Path(__file__).parents[2] / "training" / "configs" / "finetune-brain-tissue-3d.yaml")
+    weights = load_initial_weights(cfg.init.from_checkpoint)
+    model = build_model(cfg, 1, len(weights.class_names))
+    lines = apply_initial_weights(model, weights, class_names=weights.class_names, reinit_heads=False)
+    assert "brain-tissue-3d.pt" in lines[0]
