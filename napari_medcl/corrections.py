@@ -268,8 +268,10 @@ def _class_names(
     """The dataset's class names: what the dataset already has, and what this case brings must agree."""
     from_model = None
     classes = model_facts.get("classes")
-    if classes:
-        from_model = [str(c["name"]) for c in sorted(classes, key=lambda c: int(c["index"]))]
+    if classes:  # names in index order (Provenance), or {"index", "name"} entries (a ModelSpec dict)
+        if all(isinstance(c, Mapping) for c in classes):
+            classes = [c["name"] for c in sorted(classes, key=lambda c: int(c["index"]))]
+        from_model = [str(c) for c in classes]
     existing = None
     if meta is not None:
         labels_map = meta.get("labels") or {}

@@ -182,3 +182,35 @@ def test_mistakes_are_one_line_and_write_nothing(tmp_path, kwargs, message):
         add_correction(root, scan(1), labels, **arguments)
     assert "\n" not in str(caught.value)
     assert {p: (root / p).read_bytes() for p in listing(root)} == before
+
+
+def test_a_prediction_s_provenance_and_labels_are_the_record(tmp_path):
+    """The usual call after a run: the model's labels and provenance straight from the Prediction."""
+    from napari_medcl.prediction import predict
+    from tests.onnx_models import pointwise_model, save
+
+    model_path = save(pointwise_model(k=10.0, maps=()), tmp_path / "model.onnx")
+    image = Volume(
+        np.linspace(0, 1, 6 * 8 * 8, dtype=np.float32).reshape(6, 8, 8), (1.0,) * 3, (0.0,) * 3, np.eye(3)
+    )
+    prediction = predict(image, str(model_path), device="cpu", backend="onnxruntime")
+    corrected = prediction.labels.array.copy()
+    corrected[0, :2, :3] = 1
+    added = add_correction(
+        tmp_path / "fixes",
+        image,
+        corrected,
+        model=prediction.provenance,
+        model_labels=prediction.labels,
+        case_id="p",
+    )
+    record = added.record
+    assert (
+        record["model"]["name"] == "test-model"
+        and record["model"]["sha256"] == prediction.provenance.model.sha256
+    )
+    assert record["classes"] == ["background", "class1"] and record["changed"]["voxels"] == 6
+    assert json.loads((tmp_path / "fixes" / "dataset.json").read_text())["labels"] == {
+        "background": 0,
+        "class1": 1,
+    }
