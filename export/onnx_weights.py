@@ -72,8 +72,10 @@ def recover_state_dict(onnx_path: str | Path, model: nn.Module, spec: Any) -> Re
         probe_path = Path(folder) / "probe.onnx"
         to_onnx(tagged, probe_path, spec=spec, sample_shape=sample)
         probe = onnx.load(str(probe_path))
-    ops_probe = [n.op_type for n in probe.graph.node]
-    ops_target = [n.op_type for n in target.graph.node]
+    probe_nodes, _ = _nodes_without_aliases(probe.graph)
+    target_nodes, target_alias = _nodes_without_aliases(target.graph)
+    ops_probe = [n.op_type for n in probe_nodes]
+    ops_target = [n.op_type for n in target_nodes]
     if ops_probe != ops_target:
         raise ValueError(
             f"{onnx_path}: its graph ({len(ops_target)} nodes) is not what this architecture exports "
@@ -81,7 +83,9 @@ def recover_state_dict(onnx_path: str | Path, model: nn.Module, spec: Any) -> Re
         )
     target_values = {t.name: numpy_helper.to_array(t) for t in target.graph.initializer}
     probe_values = {t.name: numpy_helper.to_array(t) for t in probe.graph.initializer}
-    probe_to_target = _initializers_by_position(probe.graph, target.graph)
+    probe_to_target = _initializers_by_position(
+        probe_nodes, {t.name for t in probe.graph.initializer}, target_nodes, set(target_values), target_alias
+    )
 
     params = dict(tagged.named_parameters())
     by_size: dict[int, list[str]] = {}
@@ -231,14 +235,35 @@ def _matching_parameter(
     return None
 
 
-def _initializers_by_position(probe: Any, target: Any) -> dict[str, str]:
+def _nodes_without_aliases(graph: Any) -> tuple[list[Any], dict[str, str]]:
+    """The graph's nodes without the Identity nodes that only rename an initializer, and those names ->
+    the initializer's. The exporter stores equal weights once and names the copies by Identity nodes (a
+    fresh network's zero biases, say); the probe's random weights are all different, so it has none."""
+    initializers = {t.name for t in graph.initializer}
+    alias: dict[str, str] = {}
+    nodes = []
+    for node in graph.node:
+        source = node.input[0] if node.op_type == "Identity" and node.input else None
+        if source is not None and (source in initializers or source in alias):
+            alias[node.output[0]] = alias.get(source, source)
+        else:
+            nodes.append(node)
+    return nodes, alias
+
+
+def _initializers_by_position(
+    probe_nodes: list[Any],
+    probe_inits: set[str],
+    target_nodes: list[Any],
+    target_inits: set[str],
+    target_alias: dict[str, str],
+) -> dict[str, str]:
     """probe initializer name -> the target's initializer at the same place (node index, input slot)."""
-    probe_inits = {t.name for t in probe.initializer}
-    target_inits = {t.name for t in target.initializer}
     mapping: dict[str, str] = {}
-    for node_p, node_t in zip(probe.node, target.node):
+    for node_p, node_t in zip(probe_nodes, target_nodes):
         for name_p, name_t in zip(node_p.input, node_t.input):
             if name_p in probe_inits:
+                name_t = target_alias.get(name_t, name_t)
                 if name_t not in target_inits:
                     raise ValueError(f"initializer {name_p} of the probe is a computed value in the file")
                 if mapping.setdefault(name_p, name_t) != name_t:
