@@ -49,6 +49,25 @@ ARMS: dict[str, tuple[str, ...]] = {
     "+CCDC": ("loss.ccdc.enabled=true",),
     "+CCDC+UAFR": ("loss.ccdc.enabled=true", "model.uafr.enabled=true"),
 }
+DEFAULT_ARMS = tuple(ARMS)
+# PDCR strength sweep (issue 21; run with --arms): "+PDCR" above is Eq. 9, mean x 0.01 (the 3D code's strength);
+# these add the 2D code's sum x 0.1 (encoder weight; its cross-layer weight 0.01 has no cross pair here), one
+# strength between (mean x 1), and the authors' shifted form at both ends. At initialisation on the 2D budget
+# the PDCR / CE + Dice gradient-norm ratios are about 0.017, 1.7 and 1.2e4 (sum over B N^2 = 131k pairs).
+# Names are folder names too.
+ARMS.update(
+    {
+        "+PDCR-mean1": ("loss.pdcr.enabled=true", "loss.pdcr.weight=1.0"),
+        "+PDCR-sum0.1": ("loss.pdcr.enabled=true", "loss.pdcr.reduction=sum", "loss.pdcr.weight=0.1"),
+        "+PDCR-authors-mean0.01": ("loss.pdcr.enabled=true", "loss.pdcr.form=authors"),
+        "+PDCR-authors-sum0.1": (
+            "loss.pdcr.enabled=true",
+            "loss.pdcr.form=authors",
+            "loss.pdcr.reduction=sum",
+            "loss.pdcr.weight=0.1",
+        ),
+    }
+)
 REGIMES = ("limited", "full")
 
 
@@ -462,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument(
                 "--regimes", nargs="+", choices=REGIMES, help="default: the task's (lesions: full only)"
             )
-            p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+            p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS))
             p.add_argument("--shard", default="0/1", help="I/N: run every N-th run starting at I")
             p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     args = parser.parse_args(argv)

@@ -29,6 +29,10 @@ _EXPORTS = {
     "assess": "napari_medcl.verdict",
     "Verdict": "napari_medcl.verdict",
     "profile_cases": "napari_medcl.training_profile",
+    "open_session": "napari_medcl.interactive",
+    "CaseSession": "napari_medcl.interactive",
+    "Prompt": "napari_medcl.prompts",
+    "RemoteClient": "napari_medcl.remote",
 }
 
 __all__ = [
@@ -49,15 +53,22 @@ __all__ = [
     "assess",
     "Verdict",
     "profile_cases",
+    "open_session",
+    "CaseSession",
+    "Prompt",
+    "RemoteClient",
 ]
 
 if TYPE_CHECKING:
     from napari_medcl.case_writer import WrittenCase, write_prediction
+    from napari_medcl.interactive import CaseSession, open_session
     from napari_medcl.io import read_image, write_image
     from napari_medcl.layer_data import segment_layer
     from napari_medcl.onnx_session import load_model
     from napari_medcl.prediction import Progress, predict, predict_iter
+    from napari_medcl.prompts import Prompt
     from napari_medcl.provenance import Provenance
+    from napari_medcl.remote import RemoteClient
     from napari_medcl.spec import ModelSpec
     from napari_medcl.training_profile import profile_cases
     from napari_medcl.verdict import Verdict, assess

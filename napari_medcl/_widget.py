@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ from magicgui.widgets import (
 )
 
 from napari_medcl import layer_data, region_merge
+from napari_medcl._prompt_panel import PromptPanel
+from napari_medcl._server_panel import ServerPanel
 from napari_medcl.crash_log import internal_error_message
 from napari_medcl.errors import Cancelled, MedclError, UsageError
 
@@ -103,6 +106,8 @@ class ReviewWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         self.viewer = viewer
         self.scores: list[Any] = []
+        # called with the saved labels file; returns the prompts file it wrote beside it, or None
+        self.after_save: Callable[[Path], Path | None] | None = None
         self._entries: list[str] = []
         self._labels_combo = _combo("Labels", "labels", self)
         self._uncertainty = _combo("Uncertainty", "image", self)
@@ -353,6 +358,10 @@ class ReviewWidget(Container):
             raise UsageError("no Labels layer selected to save")
         written = write_layer_data(layer, path)
         self._summary.value = f"Saved {layer.name!r} to {written}"
+        if self.after_save is not None:
+            prompts = self.after_save(written)
+            if prompts is not None:
+                self._summary.value += f" and its prompts to {prompts.name}"
         return written
 
     # -- internals
@@ -551,6 +560,8 @@ class SegmentWidget(Container):
         self._device.tooltip = (
             "CUDA: available" if self._cuda_reason is None else f"CUDA: {self._cuda_reason}"
         )
+        # This computer or a medcl-serve server: the whole choice lives in _server_panel.
+        self._where = ServerPanel(on_change=self._on_where_changed)
         self._overlap = FloatSpinBox(label="Overlap", min=0.0, max=0.9, step=0.05, value=0.5)
         self._tta = CheckBox(text="Test-time augmentation (mirroring, slower)", value=False)
         self._region = ComboBox(label="Region", choices=[REGION_WHOLE, REGION_SLICE, REGION_RECT])
@@ -566,6 +577,7 @@ class SegmentWidget(Container):
         self._verdict = _wrap(Label(value=""))
         self._cursor = _wrap(Label(value=""))
         self._review_button = PushButton(text="Open uncertainty review")
+        self.prompts = PromptPanel(viewer)
         super().__init__()
         self._body = _scrolling_body(
             self,
@@ -575,6 +587,7 @@ class SegmentWidget(Container):
                 self._model,
                 self._model_info,
                 self._notice,
+                self._where,
                 self._device,
                 self._backend,
                 self._overlap,
@@ -591,6 +604,7 @@ class SegmentWidget(Container):
                 self._device_note,
                 self._cursor,
                 self._review_button,
+                self.prompts,
             ],
         )
         self._model.changed.connect(self._on_model_changed)
@@ -611,6 +625,7 @@ class SegmentWidget(Container):
         if default is not None:
             self._model.value = default
         self._on_model_changed(self._model.value)
+        self._on_where_changed()
 
     # -- public API (tests and the screenshot script drive the widget through these)
 
@@ -653,6 +668,7 @@ class SegmentWidget(Container):
             "uncertainty_maps": self._maps.value,
             "metadata": job.metadata,
             "display": job.display,
+            "keep_prediction": True,  # its probabilities are what prompts refine
         }
         self._job = job
         self._set_running(True)
@@ -688,6 +704,7 @@ class SegmentWidget(Container):
             self._review = None  # its dock was closed
         if self._review is None:
             self._review = ReviewWidget(self.viewer)
+            self._review.after_save = self.prompts.save_beside
             if window is not None:
                 window.add_dock_widget(self._review, name="Uncertainty review", area="right", tabify=False)
                 _share_height((self, 0.45), (self._review, 0.55))
@@ -720,8 +737,11 @@ class SegmentWidget(Container):
         if not choice or choice == OPEN_FILE:
             raise UsageError("Choose a model: a bundled one, or 'Open file...' for an .onnx file.")
         volume = layer_data.volume_from_layer(image)
-        key = (choice, f"{self._device.value}/{self._backend.value}")
-        model = self._loaded[1] if self._loaded is not None and self._loaded[0] == key else choice
+        if self._where.on_server:  # the server's model; it keeps each image's session between runs
+            key, model = (choice, self._where.run_key()), self._where.model_for(choice)
+        else:
+            key = (choice, f"{self._device.value}/{self._backend.value}")
+            model = self._loaded[1] if self._loaded is not None and self._loaded[0] == key else choice
         roi = self._roi(image, volume)
         box = region_merge.region_box(roi, volume)
         image_key = layer_data.image_id(image)  # before the metadata is copied onto the outputs
@@ -890,7 +910,7 @@ class SegmentWidget(Container):
         self._set_status(f"Done in {result.seconds:.1f} s on {provider} ({where}).{note}")
         self._device_note.value = ""
         on_cpu = provider == "CPUExecutionProvider" or str(provider).startswith("OpenVINO CPU")
-        if on_cpu and self._device.value != "cpu":
+        if on_cpu and self._device.value != "cpu" and not self._where.on_server:
             reason = self._cuda_reason or "ONNX Runtime did not create the CUDA provider"
             self._device_note.value = f"Warning: ran on the CPU, not a GPU ({reason})."
             self._device_note.native.setStyleSheet(WARNING_STYLE)
@@ -901,6 +921,8 @@ class SegmentWidget(Container):
         )
         if by_kind.get("labels") is not None and uncertainty is not None:
             self.show_review().set_layers(by_kind["labels"], uncertainty)
+        if by_kind.get("labels") is not None and result.prediction is not None:
+            self.prompts.take_run(job.image, by_kind["labels"], job.volume, result.model, result.prediction)
 
     def _on_errored(self, error: BaseException) -> None:
         self._unmark_stale()
@@ -940,6 +962,7 @@ class SegmentWidget(Container):
             self._region,
         ):
             widget.enabled = not running
+        self._where.set_running(running)
         if running:
             self._progress.max, self._progress.value = 1, 0
             self._eta.value = "starting..."
@@ -1101,7 +1124,15 @@ class SegmentWidget(Container):
         except MedclError as error:  # shown by _describe_model; the picker still offers "Open file..."
             self._manifest_error = str(error)
             bundled = []
-        return [*bundled, *self._extra_models, OPEN_FILE]
+        where = getattr(self, "_where", None)  # None while the model picker is being built
+        served = [name for name in where.served if name not in bundled] if where and where.on_server else []
+        return [*bundled, *served, *self._extra_models, OPEN_FILE]
+
+    def _on_where_changed(self) -> None:
+        """The device and backend are the server's when running there; the picker adds its models."""
+        for widget in (self._device, self._backend):
+            widget.visible = not self._where.on_server
+        self._model.reset_choices()
 
     def _on_model_changed(self, choice: Any) -> None:
         if choice != OPEN_FILE:
@@ -1133,7 +1164,8 @@ class SegmentWidget(Container):
             self._model_info.value = "Pick 'Open file...' to choose an .onnx model file."
             return
         try:
-            spec = _read_spec(choice)
+            served = self._where.served if self._where.on_server else {}
+            spec = served[choice] if choice in served else _read_spec(choice)
         except MedclError as error:
             self._model_info.value = ""
             self._set_status(str(error), ERROR_STYLE)

@@ -60,6 +60,12 @@ class PredictionError(MedclError, RuntimeError):
     """Inference produced something unusable (NaN/Inf in the model output) for one case."""
 
 
+class ServerError(MedclError, RuntimeError):
+    """A medcl-serve server refused a request, could not be reached, or stopped in the middle of one
+    (``napari_medcl.remote``). The message is one line saying which server and what happened; no result
+    of the failed request is kept."""
+
+
 class Cancelled(MedclError):
     """The user cancelled a running prediction; nothing was written or added."""
 

@@ -276,6 +276,7 @@ class SegmentationResult:
     model: Any  # LoadedModel, kept so that a widget can reuse the ONNX session for the next run
     provenance: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    prediction: Prediction | None = None  # with its class probabilities, when the run was asked to keep them
 
 
 def segment_layer(
@@ -345,25 +346,38 @@ def segment_volume_iter(
     uncertainty_maps: bool = False,
     metadata: dict[str, Any] | None = None,
     display: dict[str, tuple[str, ...]] | None = None,
+    keep_prediction: bool = False,
 ) -> Generator[Progress, None, SegmentationResult]:
     """The generator behind ``segment_layer``: yields each ``Progress`` and returns a ``SegmentationResult``.
 
     The widget runs this in a napari ``thread_worker`` (the Volume is taken from the layer on the GUI thread
-    first); ``model`` may be a LoadedModel, a bundled model name, a path, or None for the default model.
+    first); ``model`` may be a LoadedModel, a bundled model name, a path, None for the default model, or a
+    ``napari_medcl.remote.RemoteModel`` (a server's model; ``device``, ``backend`` and ``precision`` are then
+    the server's).
     ``metadata`` is the image layer's (copied onto the outputs); ``display`` its ``layer_display``.
+    ``keep_prediction``: the result carries the Prediction with its class probabilities (for prompts).
     """
     from napari_medcl.onnx_session import open_session
     from napari_medcl.prediction import predict_iter
+    from napari_medcl.remote import RemoteModel
 
     start = time.perf_counter()
-    loaded = open_session(
-        model, device=device, backend=backend, precision=precision
-    )  # kept in the result for the widget's next run
+    if isinstance(model, RemoteModel):  # a medcl-serve model: the server's device, the same outputs
+        loaded: Any = model
+        items = model.predict_iter(
+            volume, region=roi, cancel=cancel, overlap=overlap, tta=tta, return_probabilities=keep_prediction
+        )
+    else:
+        loaded = open_session(
+            model, device=device, backend=backend, precision=precision
+        )  # kept in the result for the widget's next run
+        items = predict_iter(
+            volume, loaded, device=device, overlap=overlap, tta=tta, cancel=cancel, region=roi,
+            return_probabilities=keep_prediction,
+        )  # fmt: skip
 
     prediction: Prediction | None = None
-    for item in predict_iter(
-        volume, loaded, device=device, overlap=overlap, tta=tta, cancel=cancel, region=roi
-    ):
+    for item in items:
         if hasattr(item, "labels"):
             prediction = item
         else:
@@ -383,7 +397,11 @@ def segment_volume_iter(
         uncertainty_maps=uncertainty_maps,
     )
     return SegmentationResult(
-        layers=layers, model=loaded, provenance=provenance, seconds=time.perf_counter() - start
+        layers=layers,
+        model=loaded,
+        provenance=provenance,
+        seconds=time.perf_counter() - start,
+        prediction=prediction if keep_prediction else None,
     )
 
 

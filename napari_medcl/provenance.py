@@ -190,6 +190,55 @@ class Provenance(Mapping[str, Any]):
             fields["outputs"] = self.outputs.to_dict()
         return fields
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Provenance:
+        """The Provenance whose ``to_dict()`` is ``data`` (a sidecar's JSON, or what medcl-serve sends)."""
+        model, given = data["model"], data["input"]
+        prep, tiling, outputs = data["preprocessing"], data["tiling"], data.get("outputs")
+        spacing = prep["model_spacing"]
+        return cls(
+            version=data["version"],
+            model=ModelRecord(
+                name=model["name"],
+                path=model["path"],
+                sha256=model["sha256"],
+                spatial_dims=model["spatial_dims"],
+                classes=tuple(model["classes"]),
+                uncertainty_maps=tuple(model["uncertainty_maps"]),
+            ),
+            execution_provider=data["execution_provider"],
+            device_requested=data["device_requested"],
+            intended_use=data["intended_use"],
+            input=InputRecord(
+                path=given["path"],
+                format=given["format"],
+                channels=given["channels"],
+                geometry=copy.deepcopy(dict(given["geometry"])),
+                sha256=given.get("sha256"),
+            ),
+            preprocessing=PreprocessingRecord(
+                normalization=dict(prep["normalization"]),
+                resampled=prep["resampled"],
+                model_grid_shape=tuple(prep["model_grid_shape"]),
+                model_spacing=None if spacing is None else tuple(spacing),
+            ),
+            tiling=TilingRecord(
+                **{
+                    **tiling,
+                    "patch": tuple(tiling["patch"]),
+                    "window": tuple(tiling["window"]),
+                    "padded_grid": tuple(tiling["padded_grid"]),
+                }
+            ),
+            timings=dict(data["timings"]),
+            nonzero_box=_pairs(data["nonzero_box"]),
+            nonzero_is_foreground=data["nonzero_is_foreground"],
+            roi=_pairs(data.get("roi")),
+            outputs=None if outputs is None else OutputNames(**outputs),
+            tool=data.get("tool", "napari-medcl"),
+            verdict=copy.deepcopy(data.get("verdict")),
+        )
+
     # A Mapping over to_dict(): code and users that read the provenance as the sidecar's dict keep working,
     # and assigning to it raises (the typed fields are what the case writer and the CLI use).
     def __getitem__(self, key: str) -> Any:
@@ -200,3 +249,8 @@ class Provenance(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.to_dict())
+
+
+def _pairs(value: Any) -> tuple[tuple[int, int], ...] | None:
+    """[[start, stop], ...] from JSON as a tuple of int pairs; None stays None."""
+    return None if value is None else tuple((int(a), int(b)) for a, b in value)

@@ -90,6 +90,13 @@ class Verdict:
         """One line: the level, then the reasons in brackets."""
         return self.level if not self.reasons else f"{self.level} ({'; '.join(self.reasons)})"
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Verdict:
+        """The Verdict whose ``to_dict()`` is ``data``."""
+        return cls(
+            data["level"], tuple(data.get("reasons", ())), data.get("score"), dict(data.get("details", {}))
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "level": self.level,

@@ -152,6 +152,22 @@ def walk(args: argparse.Namespace) -> None:
             review._slice_list.native.setCurrentRow(0)
         tour.shot("review", review._summary.value)
 
+        panel = widget.prompts
+        region = panel.go_to_next()
+        tour.shot("next_mistake", panel._info.value)
+        if region is not None:
+            centre = tuple(int(round(c)) for c in region.center)
+            before_prompt = labels.data.copy()
+            points = panel.place_prompts()
+            panel._class.value = 2  # grey matter: a click that says "this is grey matter"
+            points.add(np.array([image.world_to_data(image.data_to_world(centre))]))
+            changed = int((labels.data != before_prompt).sum())
+            tour.shot("prompt_click", f"{panel._info.value} (labels changed: {changed} voxel(s))")
+            panel.undo()
+            print(
+                f"  undo prompt: labels back as before it: {bool(np.array_equal(labels.data, before_prompt))}"
+            )
+
         start = time.perf_counter()
         viewer.dims.ndisplay = 3
         tour.settle(2)

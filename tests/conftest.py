@@ -14,3 +14,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def private_config_folder(tmp_path_factory, monkeypatch):
+    """The widget remembers its "Where to run" choice in the user's config folder: tests never read or
+    write the real one (a developer's remembered server would send the widget tests' images there)."""
+    folder = tmp_path_factory.mktemp("config")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(folder))
+    monkeypatch.setenv("APPDATA", str(folder))

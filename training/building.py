@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.config import TrainConfig
+from training.config import TrainConfig, config_notices
 from training.errors import RunError
 from training.loop import TrainStep
 from training.runtime import Runtime, rank_seed
@@ -42,7 +43,8 @@ class TrainingParts:
     ``model`` is the bare network (its state dict has no wrapper prefixes); ``step`` the TrainStep the loop
     calls (compiled network inside, DDP outside when distributed); ``losses`` the loss modules with
     parameters (PDCR's cross-layer projections), checkpointed beside the model; ``generator`` the only
-    source of PDCR's and CCDC's randomness; ``sync_note`` says why SyncBatchNorm was not used, if asked.
+    source of PDCR's and CCDC's randomness; ``sync_note`` says why SyncBatchNorm was not used, if asked; ``notes`` are lines for the run log (PDCR's
+    form, strength and label windows; settings that have no effect, also warned with ``warnings.warn``).
     """
 
     model: nn.Module
@@ -53,6 +55,7 @@ class TrainingParts:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     generator: torch.Generator
     sync_note: str | None
+    notes: tuple[str, ...] = ()
 
 
 def build_training(cfg: TrainConfig, info: Any, runtime: Runtime) -> TrainingParts:
@@ -89,6 +92,13 @@ def build_training(cfg: TrainConfig, info: Any, runtime: Runtime) -> TrainingPar
         step = DistributedDataParallel(step, device_ids=ids, find_unused_parameters=unused)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(rank_seed(t.seed, 7, dist.rank))
+    notices = config_notices(cfg)
+    if dist.is_main:
+        for notice in notices:
+            warnings.warn(notice, UserWarning, stacklevel=2)
+    notes = [f"notice: {n}" for n in notices]
+    if pdcr is not None:
+        notes += pdcr_notes(pdcr, patch_size)
     return TrainingParts(
         model=model,
         patch_size=patch_size,
@@ -98,6 +108,7 @@ def build_training(cfg: TrainConfig, info: Any, runtime: Runtime) -> TrainingPar
         scheduler=scheduler,
         generator=generator,
         sync_note=sync_note,
+        notes=tuple(notes),
     )
 
 
@@ -135,6 +146,9 @@ def build_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> nn.Modu
             uafr_hidden=m.uafr.hidden,
             uafr_kernel_size=m.uafr.kernel_size,
             uafr_norm=m.uafr.norm,
+            # defaults passed as None so a registered model without these options still builds
+            uafr_block=None if m.uafr.block == "uafr" else m.uafr.block,
+            uafr_use_f=None if m.uafr.use_f else False,
         )
     try:
         return create_model(
@@ -167,6 +181,31 @@ def _default_pdcr_layers(model: nn.Module) -> dict[str, int]:
     return layers
 
 
+def pdcr_tap_info(model: nn.Module, rf_includes_uafr: bool) -> dict[str, Any]:
+    """The model's taps with the receptive fields RF-PDCR uses: with or without the attention blocks' own
+    convolutions (``loss.pdcr.rf_includes_uafr``; the authors' 3D code leaves UAFR out: 23 / 47 voxels)."""
+    if rf_includes_uafr:
+        return model.tap_info
+    return getattr(model, "tap_info_without_uafr", model.tap_info)
+
+
+def pdcr_notes(pdcr: Any, patch_size: Sequence[int]) -> list[str]:
+    """Lines for the run log: the PDCR form and strength, and each tap's label windows (RF values in RF mode)."""
+    lines = [
+        f"PDCR form {pdcr.form} (Eq. 9{' as printed' if pdcr.form == 'paper' else ' shifted, as in the authors’ code'}), "
+        f"reduction {pdcr.reduction}, weight {pdcr.weight:g}, cross weight {pdcr.cross_weight:g}, "
+        f"tau {pdcr.temperature:g}, affinity {pdcr.affinity}, series {pdcr.series}"
+    ]
+    for name, windows in pdcr.windows(tuple(patch_size)).items():
+        info = pdcr.tap_info[name]
+        sizes = ", ".join("x".join(map(str, w)) for w in windows)
+        lines.append(
+            f"PDCR tap {name}: mode {pdcr.modes[name]}, stride {list(info.stride)}, receptive field "
+            f"{list(info.receptive_field)}, windows {sizes}"
+        )
+    return lines
+
+
 def build_losses(cfg: TrainConfig, model: nn.Module, num_classes: int) -> tuple[nn.Module, Any, Any]:
     """(segmentation loss, PDCRLoss or None, CCDCLoss or None) as ``cfg.loss`` says, for ``model``'s taps.
 
@@ -193,7 +232,12 @@ def build_losses(cfg: TrainConfig, model: nn.Module, num_classes: int) -> tuple[
         if p.layers is None:
             p = dataclasses.replace(p, layers=_default_pdcr_layers(model))
         try:
-            pdcr = PDCRLoss(model.tap_info, p, num_classes=num_classes, spatial_dims=cfg.model.spatial_dims)
+            pdcr = PDCRLoss(
+                pdcr_tap_info(model, p.rf_includes_uafr),
+                p,
+                num_classes=num_classes,
+                spatial_dims=cfg.model.spatial_dims,
+            )
         except ValueError as error:
             raise RunError(f"loss.pdcr: {error}") from None
     if cfg.loss.ccdc.enabled:

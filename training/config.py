@@ -43,6 +43,7 @@ __all__ = [
     "TrainSettings",
     "UAFRConfig",
     "config_from_dict",
+    "config_notices",
     "config_to_dict",
     "config_to_yaml",
     "diff_configs",
@@ -75,6 +76,11 @@ class UAFRConfig:
     hidden: int | None = None
     kernel_size: int | None = None
     norm: Literal["instance", "batch", "group"] | None = None
+    # Ablations (paper A): ``block`` "se" / "cbam" put those attention blocks at the same sites instead of
+    # UAFR (Table VIII, Fig. 6); ``use_f`` False drops F (Eq. 13), so U is the entropy of softmax(Q) over Q's
+    # own channels (Table IX a).
+    block: Literal["uafr", "se", "cbam"] = "uafr"
+    use_f: bool = True
 
 
 @dataclass(frozen=True)
@@ -114,12 +120,26 @@ class PDCRConfig:
 
     ``layers`` maps a model tap name to the number of positions N sampled on it (None: the model's middle
     encoder taps with N = 128/64/32 by depth); ``cross_pairs`` lists pairs of taps for the cross-layer term.
-    ``mode`` "h" uses the fixed ``patch_sizes``, "rf" each layer's receptive field.
+    ``mode`` "h" uses the fixed ``patch_sizes``, "rf" each layer's receptive field; ``layer_modes`` sets the
+    mode per tap (e.g. RF-PDCR in the encoder and H-PDCR in the decoder, Table VI b).
+
+    ``form`` "paper" is Eq. 9 as printed; "authors" the authors' code, which shifts s to (s - 1) / tau before
+    weighting (not equivalent: it re-weights the negatives, methods.md §1.4). ``reduction`` "mean" over
+    (b, i, j) is the 3D code's, "sum" the 2D code's (then ``weight`` must be much smaller for the same strength).
+    ``weight`` multiplies the single-layer terms, ``cross_weight`` (None: ``weight``) the cross-layer ones.
+    ``rf_includes_uafr`` False measures RF windows without UAFR's gate convolution (the authors' 3D code).
+
+    Ablations: ``affinity`` "ratio" (Eq. 3), "l1" / "l2" (1 - the L1 / L2 norm of the difference of the class
+    fractions, Table V a), "dice" (mean Dice of the two patches' masks, Eq. 16 read as the text describes it,
+    Table V d), "constant" (``constant_affinity``), "rigid" (1 where the Eq. 3 affinity >= ``rigid_threshold``,
+    else 0) and "center" (1 where the centre voxels share a label) (Fig. 5). ``series`` "loss" averages the
+    loss over the patch series (the paper's), "ratio" averages the class fractions first (Table V b).
     """
 
     enabled: bool = False
     layers: dict[str, int] | None = None
     mode: Literal["h", "rf"] = "h"
+    layer_modes: dict[str, Literal["h", "rf"]] | None = None
     patch_sizes: tuple[Any, ...] = (5, 7, 9)
     cross_pairs: tuple[tuple[str, str], ...] = ()
     cross_samples: int = 64
@@ -127,6 +147,14 @@ class PDCRConfig:
     position_encoding: bool = False
     temperature: float = 0.5
     weight: float = 0.01
+    cross_weight: float | None = None
+    form: Literal["paper", "authors"] = "paper"
+    reduction: Literal["mean", "sum"] = "mean"
+    rf_includes_uafr: bool = False
+    affinity: Literal["ratio", "l1", "l2", "dice", "constant", "rigid", "center"] = "ratio"
+    constant_affinity: float = 0.5
+    rigid_threshold: float = 0.5
+    series: Literal["loss", "ratio"] = "loss"
 
 
 @dataclass(frozen=True)
@@ -135,7 +163,8 @@ class CCDCConfig:
 
     The defaults are the paper's (weight 1, tau 0.5, t_h 0.97, 256 queries and 256 negatives per query,
     region-level queries of 4 pixels at stride 1, adaptive threshold and ratio, dynamic negatives); the
-    other switches reproduce its ablations (Tables 4-7), see ``training.losses.ccdc``.
+    other switches reproduce its ablations (Tables 4-7), see ``training.losses.ccdc``. ``region_size`` 4 is
+    the 2x2 region (2x2x2 in 3D), 2 the pixel and its neighbour along the last axis (Table 7's two pixels).
     """
 
     enabled: bool = False
@@ -146,6 +175,7 @@ class CCDCConfig:
     num_negatives: int = 256
     region: bool = True
     region_stride: int = 1
+    region_size: Literal[2, 4] = 4
     adaptive_threshold: bool = True
     fixed_threshold: float = 0.97
     adaptive_ratio: bool = True
@@ -284,9 +314,80 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
-    """The resolved config as YAML text, with a header line saying what it is."""
+    """The resolved config as YAML text, with a header line saying what it is and one comment line per
+    :func:`config_notices` entry (comments, so the file still reads back as the same config)."""
     body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
-    return "# napari-medcl resolved training config (every key, defaults included)\n" + body
+    notes = "".join(f"# notice: {line}\n" for line in config_notices(cfg))
+    return "# napari-medcl resolved training config (every key, defaults included)\n" + notes + body
+
+
+def config_notices(cfg: TrainConfig) -> list[str]:
+    """One line per setting that differs from its default but has no effect in the chosen mode.
+
+    A run warns with these at its start and writes them into ``config.yaml``; a setting left at its default
+    is never reported (it was not chosen). The rules follow what each module reads.
+    """
+    notes: list[str] = []
+
+    def unused(section: Any, prefix: str, names: Sequence[str], why: str) -> None:
+        defaults = type(section)()
+        for name in names:
+            if getattr(section, name) != getattr(defaults, name):
+                notes.append(f"{prefix}.{name} has no effect: {why}")
+
+    uafr = cfg.model.uafr
+    uafr_options = ("layers", "m", "hidden", "kernel_size", "norm", "block", "use_f")
+    if not uafr.enabled:
+        unused(uafr, "model.uafr", uafr_options, "model.uafr.enabled is false")
+    elif uafr.block != "uafr":
+        unused(uafr, "model.uafr", ("m", "hidden", "kernel_size", "norm", "use_f"), f"block is {uafr.block}")
+    elif not uafr.use_f:
+        unused(uafr, "model.uafr", ("m", "hidden", "kernel_size", "norm"), "use_f is false (no F to build)")
+
+    p = cfg.loss.pdcr
+    pdcr_options = [f.name for f in dataclasses.fields(p) if f.name != "enabled"]
+    if not p.enabled:
+        unused(p, "loss.pdcr", pdcr_options, "loss.pdcr.enabled is false")
+    else:
+        # modes of the taps named in the config; None layers means the model's defaults, all in ``mode``
+        named = list(p.layers or {}) + [n for pair in p.cross_pairs for n in pair]
+        modes = {(p.layer_modes or {}).get(n, p.mode) for n in named} or {p.mode}
+        if modes == {"rf"}:
+            unused(p, "loss.pdcr", ("patch_sizes",), "every tap is in RF mode (windows = receptive fields)")
+            unused(p, "loss.pdcr", ("series",), "RF mode has one window per tap, no series to average")
+        if "rf" not in modes:
+            unused(p, "loss.pdcr", ("rf_includes_uafr",), "no tap is in RF mode")
+        elif not uafr.enabled:
+            unused(p, "loss.pdcr", ("rf_includes_uafr",), "model.uafr is off, so no block to include")
+        if not p.cross_pairs:
+            unused(p, "loss.pdcr", ("cross_samples", "proj_channels", "cross_weight"), "cross_pairs is empty")
+        if p.affinity != "constant":
+            unused(p, "loss.pdcr", ("constant_affinity",), f"affinity is {p.affinity}, not constant")
+        if p.affinity != "rigid":
+            unused(p, "loss.pdcr", ("rigid_threshold",), f"affinity is {p.affinity}, not rigid")
+        if p.affinity in ("dice", "center", "constant"):
+            unused(p, "loss.pdcr", ("series",), f"affinity {p.affinity} is not computed from class fractions")
+        if p.layer_modes and all(m == p.mode for m in p.layer_modes.values()):
+            notes.append(f"loss.pdcr.layer_modes has no effect: every entry equals mode ({p.mode})")
+
+    c = cfg.loss.ccdc
+    ccdc_options = [f.name for f in dataclasses.fields(c) if f.name != "enabled"]
+    if not c.enabled:
+        unused(c, "loss.ccdc", ccdc_options, "loss.ccdc.enabled is false")
+    else:
+        if c.adaptive_threshold:
+            unused(c, "loss.ccdc", ("fixed_threshold",), "adaptive_threshold is on")
+        if c.query_mode != "adaptive":
+            unused(c, "loss.ccdc", ("adaptive_ratio",), f"query_mode is {c.query_mode}, not adaptive")
+        if c.adaptive_ratio or c.query_mode != "adaptive":
+            unused(
+                c, "loss.ccdc", ("fixed_easy_fraction",), "adaptive_ratio is on or query_mode is not adaptive"
+            )
+        if not c.region:
+            unused(c, "loss.ccdc", ("region_stride", "region_size"), "region is false (pixel-level queries)")
+        if c.core_fallback != "topk":
+            unused(c, "loss.ccdc", ("core_topk",), f"core_fallback is {c.core_fallback}, not topk")
+    return notes
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:

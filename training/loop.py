@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,10 +81,15 @@ def train_epoch(
     train_cases: Sequence[Any],
     *,
     last_checkpoint: Path,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Train ``parts`` for epoch ``epoch`` (0-based) on ``train_cases``;
     the mean of each loss term over the epoch's steps and all processes. A loss that is not finite is a
-    TrainingError pointing at ``last_checkpoint``."""
+    TrainingError pointing at ``last_checkpoint``.
+
+    With PDCR on, the epoch's first batch also gives ``pdcr_grad_ratio`` (training.diagnostics: PDCR's gradient
+    norm over the segmentation loss's on the shared parameters, measured before that step on this process's
+    batch, without changing the step), returned with the terms and passed to ``log``."""
     from tqdm import tqdm
 
     t = cfg.train
@@ -103,10 +108,18 @@ def train_epoch(
     )
     optimizer, scaler = parts.optimizer, runtime.scaler
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_ratio = math.nan
     for i, batch in enumerate(_epoch_loader(epoch, cfg, runtime, parts.patch_size, train_cases)):
         image = batch["image"].to(runtime.device, non_blocking=True)
         label = batch["label"].to(runtime.device, non_blocking=True)
         progress = (epoch * iterations + i) / max(1, total_steps)
+        if i == 0 and "pdcr" in parts.losses:
+            grad_ratio = _pdcr_grad_ratio(parts, runtime, image, label)
+            if log is not None:
+                log(
+                    f"epoch {epoch + 1}: PDCR / segmentation gradient-norm ratio {grad_ratio:.3g} on the shared "
+                    "parameters (first batch)"
+                )
         with runtime.autocast():
             loss, terms = parts.step(image, label, parts.generator, progress)
         optimizer.zero_grad(set_to_none=True)
@@ -128,12 +141,29 @@ def train_epoch(
     stacked = all_reduce(torch.stack([sums[k] for k in keys]), dist)
     means = (stacked / (iterations * dist.world_size)).tolist()
     train_terms = dict(zip(keys, means))
+    if "pdcr" in parts.losses:
+        train_terms["pdcr_grad_ratio"] = grad_ratio
     if not all(math.isfinite(v) for v in means):
         raise TrainingError(
             f"epoch {epoch + 1}: the training loss is not finite ({train_terms}); the last good checkpoint "
             f"is {last_checkpoint}. Lower train.lr, set train.amp_dtype to bf16, or lower loss weights"
         )
     return train_terms
+
+
+def _pdcr_grad_ratio(parts: TrainingParts, runtime: Runtime, image: Tensor, label: Tensor) -> float:
+    from training.diagnostics import pdcr_gradient_ratio
+
+    step = getattr(parts.step, "module", parts.step)  # under DDP, the TrainStep inside
+    return pdcr_gradient_ratio(
+        parts.model,
+        step.seg_loss,
+        parts.losses["pdcr"],
+        image,
+        label,
+        generator=parts.generator,
+        autocast=runtime.autocast,
+    )
 
 
 def _epoch_loader(

@@ -102,8 +102,10 @@ def run_spec(
 def method_name(cfg: TrainConfig) -> str:
     """The trained method in one word, e.g. ``unet3d+uafr+rf-pdcr+ccdc``."""
     parts = [f"{cfg.model.name}{cfg.model.spatial_dims}d"]
-    if cfg.model.uafr.enabled:
-        parts.append("uafr")
+    uafr = cfg.model.uafr
+    if uafr.enabled:
+        # SE / CBAM at the UAFR sites, or UAFR without F, are other methods (paper A, Tables VIII and IX a)
+        parts.append(uafr.block if uafr.block != "uafr" else "uafr" if uafr.use_f else "uafr-nof")
     if cfg.loss.pdcr.enabled:
         parts.append(f"{cfg.loss.pdcr.mode}-pdcr")
     if cfg.loss.ccdc.enabled:

@@ -57,7 +57,9 @@ def write_metrics(out: Path, history: Sequence[dict[str, Any]], class_names: Seq
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
     """The log line of one metrics record."""
     train = record["train"]
-    extra = ", ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "loss")
+    extra = ", ".join(
+        f"{k} {v:.3g}" if k.endswith("_ratio") else f"{k} {v:.4f}" for k, v in train.items() if k != "loss"
+    )
     line = f"epoch {record['epoch']}/{epochs}: loss {train['loss']:.4f} ({extra})"
     if record["val"] is not None:
         val = record["val"]
@@ -76,6 +78,8 @@ def _curves(history: Sequence[dict[str, Any]], class_names: Sequence[str]) -> An
     left, right = figure.subplots(1, 2)
     epochs = [r["epoch"] for r in history]
     for key in history[-1]["train"] if history else ():
+        if key.endswith("_ratio"):  # a diagnostic (pdcr_grad_ratio), not a loss term
+            continue
         left.plot(epochs, [r["train"].get(key, math.nan) for r in history], marker=".", label=key)
     left.set_xlabel("epoch")
     left.set_title("training loss terms")

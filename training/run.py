@@ -253,6 +253,8 @@ def _log_setup(
         log(rng_note)
     if parts.sync_note:
         log(parts.sync_note)
+    for note in parts.notes:
+        log(note)
     log(
         f"device {runtime.device}, {runtime.amp_text}, compile {'on' if cfg.train.compile else 'off'}, "
         f"global batch {cfg.train.batch_size} ({runtime.local_batch} per process), "
@@ -284,7 +286,9 @@ def _epoch(
     """Train one epoch, validate when due, checkpoint and report; the epoch's metrics record."""
     t = cfg.train
     started = time.perf_counter()
-    train_terms = train_epoch(epoch, cfg, runtime, parts, data.train_cases, last_checkpoint=out / LAST)
+    train_terms = train_epoch(
+        epoch, cfg, runtime, parts, data.train_cases, last_checkpoint=out / LAST, log=log
+    )
     val = None
     if (epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs:
         spec = run_spec(

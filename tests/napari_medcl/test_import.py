@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("torch", "onnxruntime", "SimpleITK", "onnx", "napari", "scipy", "highdicom", "pydicom")
+HEAVY = (
+    "torch", "onnxruntime", "SimpleITK", "onnx", "napari", "scipy", "highdicom", "pydicom",
+    "fastapi", "uvicorn", "httpx",
+)  # fmt: skip
 ROOT = Path(__file__).parents[2]
 
 PROBE = """
@@ -61,6 +64,30 @@ def test_inference_modules_import_without_torch():
     body = "import napari_medcl.prediction, napari_medcl.onnx_session, napari_medcl.tiling, napari_medcl.preprocess"
     report = _probe(body)
     assert "torch" not in report["loaded"] and "onnxruntime" not in report["loaded"]
+
+
+def test_remote_client_needs_no_server_package_or_engine():
+    report = _probe(
+        "import napari_medcl.remote, napari_medcl.transfer\nfrom napari_medcl import RemoteClient"
+    )
+    assert report["loaded"] == []
+
+
+def test_serve_help_is_light_and_fast():
+    body = (
+        "import contextlib, io\n"
+        "from napari_medcl.serve.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0\n"
+        "assert 'medcl-serve' in out.getvalue() and '--token-file' in out.getvalue()\n"
+    )
+    report = _probe(body)
+    assert report["loaded"] == []
+    assert report["seconds"] < 1.0, report
 
 
 def test_verdict_and_profile_need_numpy_only():

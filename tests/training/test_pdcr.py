@@ -149,19 +149,25 @@ def test_affinity_hand_values():
 
 
 def test_dragsaw_loss_hand_values():
-    # tau = 0.5, so S' = (sim - 1) / 0.5 = [[0, -1], [-1, 0]]
     sim = torch.tensor([[[1.0, 0.5], [0.5, 1.0]]])
     w = torch.tensor([[[1.0, 0.25], [0.25, 1.0]]])
+    # paper form (Eq. 9), tau = 0.5: s / tau = [[2, 1], [1, 2]]
+    # row 0: logsumexp_n s_0n (1 - w_0n) / tau = log(e^0 + e^0.75) = 1.1368710061
+    # l_00 = -2 + 1.1368710061, l_01 = -0.25 + 1.1368710061; rows symmetric -> mean 0.0118710061
+    torch.testing.assert_close(dragsaw_loss(sim, w, 0.5), torch.tensor(0.0118710061))
+    # authors' form: S' = (sim - 1) / 0.5 = [[0, -1], [-1, 0]]
     # row i: logsumexp_n S'_in (1 - w_in) = log(e^0 + e^(-0.75)) = 0.3868710061
     # l_00 = 0.3868710061, l_01 = 0.25 + 0.3868710061; rows symmetric -> mean 0.5118710061
-    torch.testing.assert_close(dragsaw_loss(sim, w, 0.5), torch.tensor(0.5118710061))
+    torch.testing.assert_close(dragsaw_loss(sim, w, 0.5, form="authors"), torch.tensor(0.5118710061))
     # asymmetric w pins that the softmax runs over the second index n of row i:
     # row 0 as above; row 1: log(e^(-0.25) + e^0) = 0.5759394199, l_10 = 0.75 + that, l_11 = that
     # mean = (2 * 0.3868710061 + 0.25 + 2 * 0.5759394199 + 0.75) / 4 = 0.7314052130
     w_asym = torch.tensor([[[1.0, 0.25], [0.75, 1.0]]])
-    torch.testing.assert_close(dragsaw_loss(sim, w_asym, 0.5), torch.tensor(0.7314052130))
+    torch.testing.assert_close(dragsaw_loss(sim, w_asym, 0.5, form="authors"), torch.tensor(0.7314052130))
     # the released 2D code's swapped weights would give 0.9509 on the first example
-    assert not math.isclose(float(dragsaw_loss(sim, w, 0.5)), 0.9509, abs_tol=1e-3)
+    assert not math.isclose(float(dragsaw_loss(sim, w, 0.5, form="authors")), 0.9509, abs_tol=1e-3)
+    # sum over (b, i, j) = 4 x the mean here
+    torch.testing.assert_close(dragsaw_loss(sim, w, 0.5, reduction="sum"), torch.tensor(4 * 0.0118710061))
     with pytest.raises(ValueError, match=r"\(1, 2, 2\).*\(1, 2, 3\)"):
         dragsaw_loss(sim, torch.zeros(1, 2, 3), 0.5)
     with pytest.raises(ValueError, match="tau"):

@@ -80,7 +80,7 @@ def test_killed_run_resumes_with_identical_losses(dataset, tmp_path):
         assert mine["train"] == theirs["train"]  # bit-identical floats, pdcr and ccdc included
         assert mine["val"] == theirs["val"]
         assert mine["lr"] == theirs["lr"]
-    assert set(records[1]["train"]) == {"loss", "ce", "dice", "pdcr", "ccdc"}
+    assert set(records[1]["train"]) == {"loss", "ce", "dice", "pdcr", "ccdc", "pdcr_grad_ratio"}
     a = torch.load(tmp_path / "a" / "checkpoint_last.pt", weights_only=True)
     b = torch.load(out / "checkpoint_last.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()

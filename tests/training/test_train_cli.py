@@ -53,7 +53,8 @@ def check_run_files(out: Path, epochs: int, class_names: list[str], terms: tuple
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
     for record in records:
-        assert set(record["train"]) == {"loss", "ce", "dice", *terms}
+        ratio = ("pdcr_grad_ratio",) if "pdcr" in terms else ()
+        assert set(record["train"]) == {"loss", "ce", "dice", *terms, *ratio}
         assert all(math.isfinite(v) for v in record["train"].values())
         assert set(record["val"]["dice"]) == set(class_names[1:])
         assert 0.0 <= record["val"]["mean_dice"] <= 1.0

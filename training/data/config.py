@@ -96,7 +96,10 @@ class DataConfig:
     ``fold`` of ``num_folds``: k-fold cross-validation over subjects (both ACDC frames of a patient stay in one
     fold) with the fixed ``split_seed``, so every training seed sees the same split; ``val_fraction`` set
     instead gives one random split with that share of subjects for validation; ``val_cases`` (case ids or
-    subjects) names the validation cases outright instead.
+    subjects) names the validation cases outright instead. Subjects come from the layout (see
+    ``training.data.layouts.discover``: dataset.json, or a subjects.json / subjects.csv mapping file);
+    ``require_subjects`` makes a dataset without such a mapping an error, for datasets whose cases share
+    patients (CHAOS: three MR sequences per patient), where one case per subject would leak across the split.
     ``target_spacing``: ``"median"`` of the dataset, explicit mm in array order (z, y, x) / (y, x), or None
     (keep each case's spacing). A 2D model on 3D volumes resamples in-plane only (two values when explicit).
     ``crop_nonzero``: crop each case to the box of its non-zero voxels, and take intensity statistics in that mask.
@@ -115,6 +118,7 @@ class DataConfig:
     val_fraction: float | None = None
     split_seed: int = 12345
     val_cases: tuple[str, ...] | None = None
+    require_subjects: bool = False
     target_spacing: tuple[float, ...] | Literal["median"] | None = "median"
     crop_nonzero: bool = True
     normalization: Literal["zscore", "rescale"] = "zscore"

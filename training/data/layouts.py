@@ -18,6 +18,7 @@ raised, so that :func:`training.data.check.scan_dataset` can report every proble
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import defaultdict
@@ -81,10 +82,23 @@ class Layout:
     problems: tuple[str, ...]
     binary_255: bool = False
     pixel_grid: bool = False
+    subjects_from: str | None = None
+
+
+SUBJECT_FILES = ("subjects.json", "subjects.csv")
 
 
 def discover(kind: str, root: str | Path) -> Layout:
-    """List the cases under ``root`` for layout ``kind``; raise DatasetError only when there is no folder."""
+    """List the cases under ``root`` for layout ``kind``; raise DatasetError only when there is no folder.
+
+    Subjects (cases that must stay on one side of every split, e.g. the MR sequences of one patient): each
+    case is its own subject unless the layout knows better (ACDC: the patient folder), and a mapping
+    overrides both: ``dataset.json`` (msd) with a ``"subjects": {case_id: subject}`` object or ``"subject"``
+    keys in its ``"training"`` entries, or a ``subjects.json`` ({case_id: subject}) or ``subjects.csv``
+    (``case_id,subject`` lines, an optional header) file in ``root``, for any layout. Cases the mapping does
+    not name keep their own subject; ids it names that are not cases are listed as problems.
+    ``Layout.subjects_from`` names the mapping used (None: none).
+    """
     if not str(root):
         raise DatasetError(["data.root is empty: set it to the dataset folder"])
     root = Path(root).expanduser()
@@ -93,7 +107,84 @@ def discover(kind: str, root: str | Path) -> Layout:
     finders = {"msd": _discover_msd, "folder2d": _discover_folder2d, "acdc": _discover_acdc}
     if kind not in finders:
         raise DatasetError([f"unknown layout {kind!r}; use one of {', '.join(finders)}"], root=root)
-    return finders[kind](root)
+    return _apply_subjects(finders[kind](root))
+
+
+def _apply_subjects(layout: Layout) -> Layout:
+    problems: list[str] = []
+    mapping, source = _subject_mapping(layout, problems)
+    if mapping is None:
+        return dataclasses.replace(layout, problems=layout.problems + tuple(problems))
+    known = {case.case_id for case in layout.cases}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        problems.append(f"{source}: names {len(unknown)} case(s) that are not in the dataset: {shown}")
+    cases = tuple(
+        dataclasses.replace(case, subject=mapping.get(case.case_id, case.subject)) for case in layout.cases
+    )
+    return dataclasses.replace(
+        layout, cases=cases, problems=layout.problems + tuple(problems), subjects_from=source
+    )
+
+
+def _subject_mapping(layout: Layout, problems: list[str]) -> tuple[dict[str, str] | None, str | None]:
+    """case id -> subject from the first source found (see discover), or (None, None)."""
+    root = layout.root
+    meta_path = root / "dataset.json"
+    if layout.kind == "msd" and meta_path.is_file():
+        data = _read_json(meta_path, [])  # its problems are already reported by the layout
+        if isinstance(data, dict) and ("subjects" in data or _training_subjects(data)):
+            where = f"{meta_path}"
+            raw = data.get("subjects")
+            mapping = _check_mapping(raw, where, problems) if raw is not None else {}
+            mapping.update(_training_subjects(data))
+            return mapping, where
+    json_path, csv_path = (root / name for name in SUBJECT_FILES)
+    if json_path.is_file():
+        data = _read_json(json_path, problems)
+        return (_check_mapping(data, str(json_path), problems) if data is not None else {}), str(json_path)
+    if csv_path.is_file():
+        return _read_subject_csv(csv_path, problems), str(csv_path)
+    return None, None
+
+
+def _training_subjects(data: dict[str, Any]) -> dict[str, str]:
+    """{case id: subject} from MSD-style ``training`` entries that carry a ``subject`` key."""
+    out: dict[str, str] = {}
+    entries = data.get("training")
+    if not isinstance(entries, list):
+        return out
+    for entry in entries:
+        if not isinstance(entry, dict) or "subject" not in entry:
+            continue
+        path = entry.get("label") or entry.get("image")
+        if isinstance(path, str):
+            stem, _ = split_suffix(Path(path).name)
+            out[stem] = str(entry["subject"])
+    return out
+
+
+def _check_mapping(data: Any, where: str, problems: list[str]) -> dict[str, str]:
+    if not isinstance(data, dict) or not all(isinstance(v, (str, int)) for v in data.values()):
+        problems.append(
+            f'{where}: subjects must map case ids to subject names, e.g. {{"case_001": "patient01"}}'
+        )
+        return {}
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _read_subject_csv(path: Path, problems: list[str]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = [f.strip() for f in line.split(",")]
+        if not line.strip() or (number == 1 and fields[:2] == ["case_id", "subject"]):
+            continue
+        if len(fields) != 2 or not all(fields):
+            problems.append(f"{path}: line {number} must be 'case_id,subject', got {line!r}")
+            continue
+        mapping[fields[0]] = fields[1]
+    return mapping
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -365,6 +365,15 @@ def prepare_dataset(
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     layout = discover(cfg.layout, cfg.root)
+    if cfg.require_subjects and layout.subjects_from is None:
+        raise DatasetError(
+            [
+                'data.require_subjects is true but the dataset names no subjects: add a "subjects" object '
+                "(case id -> patient) to dataset.json, or a subjects.json / subjects.csv file to the dataset "
+                "folder, so that one patient's cases never sit on both sides of the split"
+            ],
+            root=layout.root,
+        )
     cache = CaseCache(default_cache_dir(cfg, cache_dir))
     workers = max(1, cfg.num_workers)
     scan = scan_dataset(layout, cache, workers=workers)

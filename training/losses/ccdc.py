@@ -469,30 +469,37 @@ def _gather_detached(embedding: Tensor, flat_index: Tensor) -> Tensor:
 
 
 def region_embeddings(
-    embedding: Embedding, flat_index: Tensor, *, stride: int = 1, region: bool = True
+    embedding: Embedding, flat_index: Tensor, *, stride: int = 1, region: bool = True, size: int = 4
 ) -> Tensor:
     """Normalised (region-level) embeddings at chosen pixels, fp32, with gradient: (Q,) -> (Q, E).
 
     embedding (B, E, *S), a tensor or a ``ProjectedEmbedding`` (evaluated at the needed pixels only); flat_index
     (Q,) int64 indices into the flattened (B, *S) grid. With ``region`` the vector is the mean of the normalised
-    embeddings at ``x + o`` for o in {0, stride}^d (2x2 in 2D, 2x2x2 in 3D; coordinates past the last
-    row/column are clamped, i.e. replicate padding), re-normalised.
+    embeddings at ``x + o`` for o in {0, stride}^d (``size`` 4: 2x2 in 2D, 2x2x2 in 3D) or o in {0, stride * e}
+    with e the last axis (``size`` 2: the pixel and its horizontal neighbour, Table 7's two-pixel row);
+    coordinates past the last row/column are clamped (replicate padding); the mean is re-normalised.
     """
     if not region:
         return F.normalize(_lookup(embedding, flat_index).float(), dim=-1, eps=_NORM_EPS)
     if stride < 1:
         raise ValueError(f"region_stride must be >= 1, got {stride}")
+    if size not in (2, 4):
+        raise ValueError(f"region_size must be 2 or 4, got {size}")
     spatial = tuple(embedding.shape[2:])
     per_image = math.prod(spatial)
     b_index, s_index = flat_index // per_image, flat_index % per_image
     coords = torch.stack(torch.unravel_index(s_index, spatial), dim=-1)  # (Q, d)
-    corners = torch.cartesian_prod(*[torch.tensor([0, stride], device=coords.device)] * len(spatial))
-    corners = corners.view(-1, len(spatial))  # (2^d, d)
-    size = torch.tensor(spatial, device=coords.device)
-    shifted = torch.minimum(coords.unsqueeze(1) + corners.unsqueeze(0), size - 1)  # (Q, 2^d, d)
+    if size == 4:
+        corners = torch.cartesian_prod(*[torch.tensor([0, stride], device=coords.device)] * len(spatial))
+        corners = corners.view(-1, len(spatial))  # (2^d, d)
+    else:
+        corners = torch.zeros(2, len(spatial), dtype=torch.int64, device=coords.device)
+        corners[1, -1] = stride  # (2, d): the pixel and its neighbour along the last axis
+    extent = torch.tensor(spatial, device=coords.device)
+    shifted = torch.minimum(coords.unsqueeze(1) + corners.unsqueeze(0), extent - 1)  # (Q, R, d), R = 2^d or 2
     place = torch.tensor([math.prod(spatial[i + 1 :]) for i in range(len(spatial))], device=coords.device)
-    neighbours = b_index.unsqueeze(1) * per_image + (shifted * place).sum(-1)  # (Q, 2^d) flat indices
-    vectors = F.normalize(_lookup(embedding, neighbours).float(), dim=-1, eps=_NORM_EPS)  # (Q, 2^d, E)
+    neighbours = b_index.unsqueeze(1) * per_image + (shifted * place).sum(-1)  # (Q, R) flat indices
+    vectors = F.normalize(_lookup(embedding, neighbours).float(), dim=-1, eps=_NORM_EPS)  # (Q, R, E)
     return F.normalize(vectors.mean(1), dim=-1, eps=_NORM_EPS)
 
 
@@ -603,6 +610,7 @@ def ccdc_loss(
     num_negatives: int = 256,
     region: bool = True,
     region_stride: int = 1,
+    region_size: int = 4,
     adaptive_threshold: bool = True,
     fixed_threshold: float = 0.97,
     adaptive_ratio: bool = True,
@@ -626,7 +634,8 @@ def ccdc_loss(
     Ablation switches (paper B Tables 4-7): ``adaptive_threshold=False`` uses ``fixed_threshold`` for the
     easy/hard split; ``adaptive_ratio=False`` uses ``fixed_easy_fraction`` of easy queries; ``query_mode``
     "easy" / "hard" / "easy_to_hard" (with ``progress``) are the Table 5 baselines; ``region=False`` is the
-    pixel-level variant, ``region_stride=2`` the dilated region; ``negative_sampling`` "random" / "uniform" /
+    pixel-level variant, ``region_stride=2`` the dilated region, ``region_size=2`` the two-pixel region (Table 7);
+    ``negative_sampling`` "random" / "uniform" /
     "dynamic" are the Table 6 rows. All sampling uses ``generator`` (its device is where indices are drawn).
     """
     _check_inputs(embedding, probs, labels)
@@ -686,7 +695,9 @@ def ccdc_loss(
         query_pixel = sample.query_pixel.reshape(-1)
 
     with torch.autocast(device.type, enabled=False):
-        queries = region_embeddings(embedding, query_pixel, stride=region_stride, region=region)  # (P * Q, E)
+        queries = region_embeddings(
+            embedding, query_pixel, stride=region_stride, region=region, size=region_size
+        )  # (P * Q, E)
         pos_logit = (queries * positives).sum(-1, keepdim=True)  # (P * Q, 1)
         # q . e_k = q_h . hidden_k (+ offset): dot products in the hidden width, normalised afterwards, so
         # no (P * Q, N_neg, E) tensor is ever formed.

@@ -4,7 +4,7 @@ Every sampled feature vector v_i stands for a patch p_i of the label map around 
 The class fractions of the patch, phi_i (Eq. 4), give the soft affinity of a pair
 w_ij = 1 - mean_m |phi_i^m - phi_j^m| (Eq. 3), and the loss (Eq. 9)
 
-    l_ij = -log( exp(S'_ij * w_ij) / sum_n exp(S'_in * (1 - w_in)) ),   S' = (cos(v_i, v_j) - 1) / tau,
+    l_ij = -log( exp(s_ij * w_ij / tau) / sum_n exp(s_in * (1 - w_in) / tau) ),   s = cos(v_i, v_j),
 
 pulls pairs of similar composition together and pushes pairs of different composition apart.
 H-PDCR uses a fixed patch series (5, 7, 9) and averages the loss over it; RF-PDCR uses the tap's true
@@ -13,9 +13,11 @@ receptive field. Cross-layer terms compare two taps at the same image positions 
 Deliberate differences from the authors' released code (see docs/methods.md section 5 of the shared notes):
 the paper's sign (the 2D code swaps numerator and denominator weights); rows and columns are never swapped;
 each tap maps to the image with its own stride (also in cross-layer terms); a true d-dimensional grid (no
-flat-index striding that collapses onto one column); phi over all M classes including background; the mean,
-not the sum, over b, i, j. The fixed shift (cos - 1) / tau replaces the code's global max-shift: it equals it for
-single-layer terms and bounds exp() by 1 for cross-layer terms, so the loss is fp16/bf16 safe.
+flat-index striding that collapses onto one column); phi over all M classes including background. By default
+the loss is Eq. 9 as printed (``form="paper"``, no shift: |s w / tau| <= 1 / tau keeps exp() finite in fp32);
+``form="authors"`` reproduces the code's shifted similarity, which is not equivalent (see dragsaw_loss). The
+reduction over b, i, j is the mean (3D code) or the sum (2D code). Every ablation of the paper's Tables V-VI
+and Fig. 5 is an option of PDCRLoss (docs/methods.md maps them).
 
 Conventions: B batch, C channels, N sampled vectors, M classes, P window sizes, d spatial dims (2 or 3),
 S image spatial shape, S_l tap spatial shape. Coordinates are voxel indices in array order (row, col) or
@@ -45,12 +47,16 @@ __all__ = [
     "PDCRLoss",
     "PDCRTerms",
     "affinity",
+    "center_affinity",
+    "dice_affinity",
     "dragsaw_loss",
     "foreground_ratios",
     "nearest_cells",
+    "pair_affinity",
     "rf_window",
     "sample_grid_positions",
     "tap_centers",
+    "window_labels",
 ]
 
 
@@ -198,12 +204,26 @@ def affinity(phi_a: Tensor, phi_b: Tensor) -> Tensor:
     return 1.0 - diff.abs().mean(-1)
 
 
-def dragsaw_loss(sim: Tensor, w: Tensor, tau: float) -> Tensor:
-    """Patch-dragsaw loss (Eq. 9 in the paper's form), mean over b, i, j.
+FORMS = ("paper", "authors")
+REDUCTIONS = ("mean", "sum", "none")
+AFFINITIES = ("ratio", "l1", "l2", "dice", "constant", "rigid", "center")
 
-    sim (B, N, N') cosine similarities, w (B, N, N') affinities in [0, 1], tau > 0 -> scalar float32:
-    mean of l_ij = -S'_ij w_ij + logsumexp_n(S'_in (1 - w_in)) with S' = (sim - 1) / tau <= 0.
-    The numerator pair is not excluded from the denominator, exactly as in Eq. 9.
+
+def dragsaw_loss(
+    sim: Tensor, w: Tensor, tau: float, *, form: str = "paper", reduction: str = "mean"
+) -> Tensor:
+    """Patch-dragsaw loss (Eq. 9) of one term.
+
+    sim (B, N, N') cosine similarities, w (B, N, N') affinities, tau > 0 -> float32 scalar ("mean" over b, i, j,
+    or "sum") or (B, N, N') ("none"). The numerator pair is not excluded from the denominator, as in Eq. 9.
+
+    form "paper" (Eq. 9 as printed): l_ij = -s_ij w_ij / tau + logsumexp_n(s_in (1 - w_in) / tau). No shift is
+    needed for stability: |s w / tau| <= 1 / tau.
+    form "authors" (the released code): s is first shifted to S' = (s - 1) / tau, then
+    l_ij = -S'_ij w_ij + logsumexp_n(S'_in (1 - w_in)). The shift does not cancel: it adds -(1 - w_in) / tau
+    inside the denominator's exponents (and a constant w_ij / tau to the numerator's), so it re-weights the
+    negatives. (Their code subtracts the global max of s / tau, which is 1 / tau whenever self-pairs are present;
+    the fixed shift reproduces it for single-layer terms and bounds it for cross-layer terms.)
     """
     if sim.ndim != 3 or sim.shape != w.shape:
         raise ValueError(
@@ -211,11 +231,110 @@ def dragsaw_loss(sim: Tensor, w: Tensor, tau: float) -> Tensor:
         )
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
-    shifted = (sim.float() - 1.0) / tau
-    w = w.float()
-    pull = shifted * w
-    push = torch.logsumexp(shifted * (1.0 - w), dim=-1, keepdim=True)
-    return (push - pull).mean()
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    with torch.autocast(device_type=sim.device.type, enabled=False):
+        logits = (sim.float() - 1.0) / tau if form == "authors" else sim.float() / tau
+        w = w.float()
+        pull = logits * w
+        push = torch.logsumexp(logits * (1.0 - w), dim=-1, keepdim=True)
+        loss = push - pull  # (B, N, N')
+    if reduction == "none":
+        return loss
+    return loss.mean() if reduction == "mean" else loss.sum()
+
+
+def pair_affinity(
+    phi_a: Tensor, phi_b: Tensor, kind: str = "ratio", *, constant: float = 0.5, threshold: float = 0.5
+) -> Tensor:
+    """Affinity of every pair from class fractions: phi_a (B, N, M), phi_b (B, N', M) -> (B, N, N') float32.
+
+    kind "ratio": Eq. 3, 1 - (1/M) sum_m |dphi_m| in [0, 1]. "l1": 1 - ||dphi||_1 and "l2": 1 - ||dphi||_2, the
+    norms of the difference without the 1/M average (our reading of Table V a's "L1-norm" / "L2-norm"; in
+    [-1, 1], negative for very different patches, as the authors' 3D code's sum without 1/M). "constant": every
+    pair ``constant`` (Fig. 5). "rigid": 1 where the Eq. 3 affinity >= ``threshold``, else 0 (Fig. 5's rigid
+    positive/negative pairs, within one image). The Dice and centre-label variants need the masks themselves:
+    see :func:`dice_affinity` and :func:`center_affinity`.
+    """
+    if kind == "ratio":
+        return affinity(phi_a, phi_b)
+    if kind == "rigid":
+        return (affinity(phi_a, phi_b) >= threshold).float()
+    if kind == "constant":
+        w = affinity(phi_a, phi_b)  # for its shape checks
+        return torch.full_like(w, float(constant))
+    if kind in ("l1", "l2"):
+        affinity(phi_a, phi_b)  # shape checks
+        diff = phi_a.float().unsqueeze(2) - phi_b.float().unsqueeze(1)  # (B, N, N', M)
+        norm = diff.abs().sum(-1) if kind == "l1" else diff.pow(2).sum(-1).sqrt()
+        return 1.0 - norm
+    raise ValueError(f"affinity kind must be one of ratio, l1, l2, constant, rigid here, got {kind!r}")
+
+
+def window_labels(labels: Tensor, centers: Tensor, sizes: Sequence[int]) -> Tensor:
+    """The label window around each centre: labels (B, *S) int, centers (B, N, d) -> (B, N, V) int64 with
+    V = prod(sizes), in raster order; voxels outside the image get the value -1 (no class)."""
+    d = labels.ndim - 1
+    if centers.ndim != 3 or centers.shape[0] != labels.shape[0] or centers.shape[2] != d or len(sizes) != d:
+        raise ValueError(
+            f"window_labels needs centers (B, N, {d}) and {d} sizes for labels of shape {tuple(labels.shape)}, "
+            f"got centers {tuple(centers.shape)} and sizes {tuple(sizes)}"
+        )
+    half = [s // 2 for s in sizes]
+    padded = F.pad(labels.long() + 1, [p for h in reversed(half) for p in (h, h)]) - 1  # outside -> -1
+    offsets = torch.cartesian_prod(*[torch.arange(s, device=labels.device) for s in sizes]).view(-1, d)
+    positions = centers.to(labels.device).unsqueeze(2) + offsets  # (B, N, V, d), in padded coordinates
+    place = torch.tensor(
+        [math.prod(padded.shape[2 + a :]) for a in range(d)], dtype=torch.int64, device=labels.device
+    )
+    flat = (positions * place).sum(-1)  # (B, N, V)
+    return padded.flatten(1).gather(1, flat.flatten(1)).view(flat.shape)
+
+
+def dice_affinity(windows_a: Tensor, windows_b: Tensor, num_classes: int) -> Tensor:
+    """Dice affinity (Eq. 16): windows (B, N, V) / (B, N', V) class ids (-1 outside) -> (B, N, N') float32,
+    w_ij = (1/M) sum_m dice(p_i^m, p_j^m) with the two windows overlaid voxel by voxel.
+
+    A class absent from both windows counts as agreement (dice 1). Eq. 16 as printed reads 1 - mean dice, which
+    would give two identical patches affinity 0; the paper's text ("the second way will regard them as totally
+    dissimilar patches" when the masks do not overlap) describes the mean Dice itself, which is taken here.
+    Cost: (B, N, M, V) one-hot windows, so RF windows of 3D taps (V = 47^3) take memory in the 100 MB range.
+    """
+    if (
+        windows_a.ndim != 3
+        or windows_b.ndim != 3
+        or windows_a.shape[0] != windows_b.shape[0]
+        or windows_a.shape[2] != windows_b.shape[2]
+    ):
+        raise ValueError(
+            f"dice_affinity needs windows (B, N, V) and (B, N', V) with the same B and V, "
+            f"got {tuple(windows_a.shape)} and {tuple(windows_b.shape)}"
+        )
+    classes = torch.arange(num_classes, device=windows_a.device).view(1, 1, -1, 1)
+    a = (windows_a.unsqueeze(2) == classes).float()  # (B, N, M, V)
+    b = (windows_b.unsqueeze(2) == classes).float()  # (B, N', M, V)
+    inter = torch.einsum("bimv,bjmv->bijm", a, b)  # (B, N, N', M)
+    total = a.sum(-1).unsqueeze(2) + b.sum(-1).unsqueeze(1)  # (B, N, N', M)
+    dice = torch.where(total > 0, 2.0 * inter / total.clamp(min=1.0), torch.ones_like(total))
+    return dice.mean(-1)
+
+
+def center_affinity(labels: Tensor, centers_a: Tensor, centers_b: Tensor) -> Tensor:
+    """Centre-label affinity (Fig. 5): 1 where the voxels under the two centres share a class, else 0.
+
+    labels (B, *S), centers_a (B, N, d), centers_b (B, N', d) -> (B, N, N') float32.
+    """
+    for centers in (centers_a, centers_b):
+        if centers.ndim != 3 or centers.shape[0] != labels.shape[0] or centers.shape[2] != labels.ndim - 1:
+            raise ValueError(
+                f"centers must have shape (B, N, {labels.ndim - 1}) for labels of shape {tuple(labels.shape)}, "
+                f"got {tuple(centers.shape)}"
+            )
+    a = window_labels(labels, centers_a, (1,) * (labels.ndim - 1))[..., 0]  # (B, N)
+    b = window_labels(labels, centers_b, (1,) * (labels.ndim - 1))[..., 0]  # (B, N')
+    return (a.unsqueeze(2) == b.unsqueeze(1)).float()
 
 
 def _cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
@@ -432,7 +551,15 @@ class PDCRLoss(nn.Module):
             position_encoding: concatenate the normalised patch box (section III-B-1) to each vector; in H mode
                 the box, hence the similarity, is per patch size.
             temperature: tau (the paper gives none; 0.5 as in the authors' 3D code).
-            weight: lambda, the factor of the summed terms in ``PDCRTerms.loss`` (paper: 0.01).
+            weight: lambda, the factor of the summed single-layer terms in ``PDCRTerms.loss`` (paper: 0.01).
+            cross_weight: the factor of the cross-layer terms (None: ``weight``).
+            layer_modes: tap name -> "h" or "rf", overriding ``mode`` for that tap (a cross pair's two taps
+                must share a mode).
+            form: "paper" (Eq. 9) or "authors" (shifted similarity), see dragsaw_loss.
+            reduction: "mean" or "sum" over b, i, j (then averaged over the patch series).
+            affinity, constant_affinity, rigid_threshold: the affinity variant (pair_affinity, dice_affinity,
+                center_affinity).
+            series: "loss" (loss per patch size, then averaged) or "ratio" (fractions averaged first).
         num_classes: M, background included.
         spatial_dims: 2 or 3.
         center_offsets: optional tap name -> per-axis offset from i * stride to the centre of cell i (see
@@ -461,12 +588,25 @@ class PDCRLoss(nn.Module):
             config.proj_channels,
         )
         temperature, weight = config.temperature, config.weight
+        cross_weight = weight if config.cross_weight is None else config.cross_weight
+        layer_modes = dict(config.layer_modes or {})
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if mode not in ("h", "rf"):
-            raise ValueError(f"mode must be 'h' or 'rf', got {mode!r}")
+        if mode not in ("h", "rf") or any(m not in ("h", "rf") for m in layer_modes.values()):
+            raise ValueError(f"mode and layer_modes values must be 'h' or 'rf', got {mode!r}, {layer_modes}")
+        if config.form not in FORMS or config.reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"form must be one of {FORMS} and reduction 'mean' or 'sum', got {config.form!r}, {config.reduction!r}"
+            )
+        if config.affinity not in AFFINITIES or config.series not in ("loss", "ratio"):
+            raise ValueError(
+                f"affinity must be one of {AFFINITIES} and series 'loss' or 'ratio', "
+                f"got {config.affinity!r}, {config.series!r}"
+            )
+        if cross_weight < 0:
+            raise ValueError(f"cross_weight must be >= 0, got {cross_weight}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if weight < 0:
@@ -492,14 +632,23 @@ class PDCRLoss(nn.Module):
         for name, n in layers.items():
             if operator.index(n) < 1:
                 raise ValueError(f"layers[{name!r}] (samples) must be >= 1, got {n}")
+        unknown_modes = sorted(set(layer_modes) - set(tap_info))
+        if unknown_modes:
+            raise ValueError(f"layer_modes names taps {unknown_modes} that are not in tap_info")
+        self.modes = {name: layer_modes.get(name, mode) for name in tap_info}
         for pair in cross_pairs:
             if len(pair) != 2 or pair[0] == pair[1]:
                 raise ValueError(f"cross_pairs entries must be two different tap names, got {pair!r}")
+            if self.modes[pair[0]] != self.modes[pair[1]]:
+                # an RF window has no k-th partner in a patch series
+                raise ValueError(
+                    f"cross pair {pair!r} mixes modes {self.modes[pair[0]]!r} and {self.modes[pair[1]]!r}"
+                )
         if cross_pairs and (cross_samples < 2 or proj_channels < 1):
             raise ValueError(
                 f"cross_samples must be >= 2 and proj_channels >= 1, got {cross_samples} and {proj_channels}"
             )
-        if mode == "h":
+        if "h" in {self.modes[name] for name in used}:
             if not patch_sizes:
                 raise ValueError("patch_sizes must not be empty in mode 'h'")
             self.patch_sizes = tuple(_odd_sizes(k, spatial_dims, "patch_sizes entry") for k in patch_sizes)
@@ -514,6 +663,13 @@ class PDCRLoss(nn.Module):
         self.position_encoding = config.position_encoding
         self.temperature = float(temperature)
         self.weight = float(weight)
+        self.cross_weight = float(cross_weight)
+        self.form = config.form
+        self.reduction = config.reduction
+        self.affinity = config.affinity
+        self.constant_affinity = float(config.constant_affinity)
+        self.rigid_threshold = float(config.rigid_threshold)
+        self.series = config.series
         self.spatial_dims = spatial_dims
         center_offsets = dict(center_offsets or {})
         unknown = sorted(set(center_offsets) - set(tap_info))
@@ -541,13 +697,20 @@ class PDCRLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"mode={self.mode!r}, layers={self.layers}, cross_pairs={self.cross_pairs}, "
-            f"num_classes={self.num_classes}, tau={self.temperature}, weight={self.weight}"
+            f"num_classes={self.num_classes}, tau={self.temperature}, weight={self.weight}, "
+            f"cross_weight={self.cross_weight}, form={self.form!r}, reduction={self.reduction!r}, "
+            f"affinity={self.affinity!r}, series={self.series!r}"
         )
 
     def _windows(self, name: str, image_shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:
-        if self.mode == "h":
+        if self.modes[name] == "h":
             return self.patch_sizes
         return (rf_window(self.tap_info[name].receptive_field, image_shape),)
+
+    def windows(self, image_shape: Sequence[int]) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """The label windows each used tap gets for an image of ``image_shape`` (printed at a run's start)."""
+        used = list(dict.fromkeys(list(self.layers) + [n for pair in self.cross_pairs for n in pair]))
+        return {name: self._windows(name, image_shape) for name in used}
 
     def _check_inputs(self, taps: Mapping[str, Tensor], labels: Tensor) -> None:
         d = self.spatial_dims
@@ -586,21 +749,54 @@ class PDCRLoss(nn.Module):
         centers_b: Tensor,
         windows_b: Sequence[Sequence[int]],
         table: Tensor,
-        image_shape: Sequence[int],
+        labels: Tensor,
     ) -> Tensor:
-        """One PDCR term: vec (B, N, C) at image centres (N, d); loss per window pair, averaged over them."""
+        """One PDCR term: vec (B, N, C) at image centres (N, d), reduced over the window pairs.
+
+        Per window pair k: w_k from the chosen affinity, l_k (B, N, N') from dragsaw_loss; the term is the mean
+        over k of mean_{b,i,j} l_k ("mean") or of sum_{b,i,j} l_k ("sum"). With series "ratio" the class
+        fractions are averaged over the series first, so there is one w and one loss (Table V b).
+        """
         batch = vec_a.shape[0]
+        image_shape = tuple(labels.shape[1:])
         same = vec_a is vec_b and centers_a is centers_b
-        weights, sims = [], []
-        for size_a, size_b in zip(windows_a, windows_b):
-            with torch.no_grad():
-                phi_a = _window_fractions(table, centers_a.expand(batch, -1, -1), size_a)
-                phi_b = (
-                    phi_a
-                    if same and size_a == size_b
-                    else _window_fractions(table, centers_b.expand(batch, -1, -1), size_b)
-                )
-                weights.append(affinity(phi_a, phi_b))
+        full_a, full_b = centers_a.expand(batch, -1, -1), centers_b.expand(batch, -1, -1)
+        pairs = list(zip(windows_a, windows_b))
+        with torch.no_grad():
+            if self.affinity == "dice":
+                weights = [
+                    dice_affinity(
+                        window_labels(labels, full_a, size_a),
+                        window_labels(labels, full_b, size_b),
+                        self.num_classes,
+                    )
+                    for size_a, size_b in pairs
+                ]
+            elif self.affinity == "center":
+                weights = [center_affinity(labels, full_a, full_b)] * len(pairs)
+            else:
+                phis = []
+                for size_a, size_b in pairs:
+                    phi_a = _window_fractions(table, full_a, size_a)
+                    phi_b = phi_a if same and size_a == size_b else _window_fractions(table, full_b, size_b)
+                    phis.append((phi_a, phi_b))
+                if self.series == "ratio" and len(phis) > 1:
+                    phis = [tuple(torch.stack(side).mean(0) for side in zip(*phis))]
+                weights = [
+                    pair_affinity(
+                        phi_a,
+                        phi_b,
+                        self.affinity,
+                        constant=self.constant_affinity,
+                        threshold=self.rigid_threshold,
+                    )
+                    for phi_a, phi_b in phis
+                ]
+        if len(weights) < len(pairs):
+            # ratio-first: one contrast; its position encoding takes the largest window of the series
+            pairs = [max(pairs, key=lambda p: math.prod(p[0]))]
+        sims = []
+        for size_a, size_b in pairs:
             if self.position_encoding:
                 a = torch.cat(
                     [vec_a.float(), _box_encoding(centers_a, size_a, image_shape).expand(batch, -1, -1)], -1
@@ -613,8 +809,10 @@ class PDCRLoss(nn.Module):
                 sims.append(_cosine_matrix(vec_a, vec_b))
         w = torch.cat(weights)  # (P*B, N, N'), stacked by window then batch
         sim = torch.cat(sims) if len(sims) > 1 else sims[0].repeat(len(weights), 1, 1)
-        # equal-sized blocks, so the overall mean is the mean over windows of the per-window means
-        return dragsaw_loss(sim, w, self.temperature)
+        loss = dragsaw_loss(sim, w, self.temperature, form=self.form, reduction=self.reduction)
+        # equal-sized blocks: the mean is the mean over windows of the per-window means; the sum is divided by
+        # the number of windows, as the authors' 2D code averages its summed terms over the patch series
+        return loss if self.reduction == "mean" else loss / len(weights)
 
     def forward(
         self, taps: Mapping[str, Tensor], labels: Tensor, *, generator: torch.Generator | None = None
@@ -637,7 +835,7 @@ class PDCRLoss(nn.Module):
             vectors = _gather(tap, indices)
             centers = tap_centers(indices, info.stride, image_shape, self.center_offsets.get(name)).to(device)
             windows = self._windows(name, image_shape)
-            terms[name] = self._term(vectors, centers, windows, vectors, centers, windows, table, image_shape)
+            terms[name] = self._term(vectors, centers, windows, vectors, centers, windows, table, labels)
         for first, second in self.cross_pairs:
             stride_1, stride_2 = self.tap_info[first].stride, self.tap_info[second].stride
             coarse, fine = (first, second) if math.prod(stride_1) >= math.prod(stride_2) else (second, first)
@@ -667,7 +865,16 @@ class PDCRLoss(nn.Module):
                 sampled[second][1],
                 self._windows(second, image_shape),
                 table,
-                image_shape,
+                labels,
             )
-        total = torch.stack(list(terms.values())).sum()
-        return PDCRTerms(loss=self.weight * total, per_layer={k: v.detach() for k, v in terms.items()})
+        single = [v for k, v in terms.items() if "<->" not in k]
+        cross = [v for k, v in terms.items() if "<->" in k]
+        total = sum(
+            (
+                w * torch.stack(vs).sum()
+                for w, vs in ((self.weight, single), (self.cross_weight, cross))
+                if vs
+            ),
+            start=torch.zeros((), device=device),
+        )
+        return PDCRTerms(loss=total, per_layer={k: v.detach() for k, v in terms.items()})

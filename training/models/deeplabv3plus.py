@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.models.attention import create_attention
 from training.models.blocks import ConvNormAct, conv, crop_to_grid, dropout, max_pool, norm, pad_to_multiple
 from training.models.output import ProjectionInput, SegmentationOutput, TapInfo
 from training.models.receptive_field import Geometry, propagate_geometry
 from training.models.registry import register_model
-from training.models.uafr import UAFR
 from training.models.unet import ProjectionHead, init_conv_weights, resolve_uafr_sites
 
 __all__ = ["ASPP", "DeepLabV3Plus", "ResNetEncoder", "load_encoder_weights"]
@@ -247,7 +247,8 @@ class DeepLabV3Plus(nn.Module):
     default 50), encoder_width (64 = standard ResNet), encoder_weights (path of a local encoder state dict);
     aspp_channels (256), aspp_rates (6, 12, 18), lowlevel_channels (48), decoder_channels (256), norm ("batch"),
     dropout (0.1, after the ASPP projection and each decoder conv); uafr / uafr_layers / uafr_m / uafr_hidden /
-    uafr_kernel_size / uafr_norm as in the U-Net; projection_dim (CCDC head on ``decoder``, stride 4);
+    uafr_kernel_size / uafr_norm / uafr_block / uafr_use_f as in the U-Net; projection_dim (CCDC head on
+    ``decoder``, stride 4);
     return_features.
     """
 
@@ -272,6 +273,8 @@ class DeepLabV3Plus(nn.Module):
         uafr_hidden: int = 16,
         uafr_kernel_size: int = 3,
         uafr_norm: str = "batch",
+        uafr_block: str = "uafr",
+        uafr_use_f: bool = True,
         projection_dim: int | None = None,
         return_features: bool = True,
     ):
@@ -310,23 +313,36 @@ class DeepLabV3Plus(nn.Module):
         site_names = ["stem", "encoder1", "encoder2", "encoder3", "encoder4", "lowlevel", "concat"]
         sites = resolve_uafr_sites(uafr, uafr_layers, site_names)
         self.uafr = nn.ModuleDict(
-            {n: UAFR(self._channels[n], sd, uafr_m, uafr_hidden, uafr_kernel_size, uafr_norm) for n in sites}
+            {
+                n: create_attention(
+                    uafr_block,
+                    self._channels[n],
+                    sd,
+                    m=uafr_m,
+                    hidden=uafr_hidden,
+                    kernel_size=uafr_kernel_size,
+                    norm=uafr_norm,
+                    use_f=uafr_use_f,
+                )
+                for n in sites
+            }
         )
         init_conv_weights(self)
         # Loaded last so the initialisation above does not overwrite the weights.
         if encoder_weights is not None:
             load_encoder_weights(self.encoder, encoder_weights)
         self._geometry = self._compute_geometry()
+        self._geometry_without_uafr = self._compute_geometry(include_uafr=False)
 
     @property
     def uncertainty_names(self) -> list[str]:
-        return list(self.uafr.keys())
+        return [name for name, block in self.uafr.items() if block.gives_uncertainty]
 
     @property
     def uncertainty_strides(self) -> dict[str, tuple[int, ...]]:
         """Stride of each UAFR map (``concat`` lives on the ``decoder`` grid)."""
         strides = self._site_strides()
-        return {n: strides[n] for n in self.uafr}
+        return {n: strides[n] for n in self.uncertainty_names}
 
     def _site_strides(self) -> dict[str, tuple[int, ...]]:
         strides = {n: g.stride for n, g in self._geometry.items()}
@@ -341,20 +357,29 @@ class DeepLabV3Plus(nn.Module):
     def tap_info(self) -> dict[str, TapInfo]:
         return {n: TapInfo(self._channels[n], g.stride, g.receptive_field) for n, g in self._geometry.items()}
 
-    def _site_geometry(self, name: str, g: Geometry) -> Geometry:
-        return propagate_geometry(self.uafr[name], g) if name in self.uafr else g
+    @property
+    def tap_info_without_uafr(self) -> dict[str, TapInfo]:
+        """``tap_info`` with receptive fields measured as if the UAFR (or SE/CBAM) blocks were absent."""
+        return {
+            n: TapInfo(self._channels[n], g.stride, g.receptive_field)
+            for n, g in self._geometry_without_uafr.items()
+        }
 
-    def _compute_geometry(self) -> dict[str, Geometry]:
+    def _site_geometry(self, name: str, g: Geometry, include_uafr: bool = True) -> Geometry:
+        return propagate_geometry(self.uafr[name], g) if include_uafr and name in self.uafr else g
+
+    def _compute_geometry(self, include_uafr: bool = True) -> dict[str, Geometry]:
         out: dict[str, Geometry] = {}
-        g = self._site_geometry("stem", self.encoder.stem_geometry(Geometry.identity(self.spatial_dims)))
+        site = self._site_geometry
+        g = site("stem", self.encoder.stem_geometry(Geometry.identity(self.spatial_dims)), include_uafr)
         out["stem"] = g
         for i in range(1, 5):
-            g = self._site_geometry(f"encoder{i}", self.encoder.stage_geometry(i, g))
+            g = site(f"encoder{i}", self.encoder.stage_geometry(i, g), include_uafr)
             out[f"encoder{i}"] = g
-        low = self._site_geometry("lowlevel", propagate_geometry(self.lowlevel, out["encoder1"]))
+        low = site("lowlevel", propagate_geometry(self.lowlevel, out["encoder1"]), include_uafr)
         out["lowlevel"] = low
         up = propagate_geometry(self.aspp, out["encoder4"]).resize(4, "bilinear", align_corners=False)
-        g = self._site_geometry("concat", up.merge(low))
+        g = site("concat", up.merge(low), include_uafr)
         out["decoder"] = propagate_geometry(self.decoder, g)
         return out
 
@@ -372,7 +397,8 @@ class DeepLabV3Plus(nn.Module):
         def site(name: str, x: Tensor, stride: Sequence[int]) -> Tensor:
             if name in self.uafr:
                 x, u = self.uafr[name](x)
-                uncertainty[name] = crop_to_grid(u, spatial, stride)
+                if u is not None:
+                    uncertainty[name] = crop_to_grid(u, spatial, stride)
             if self.return_features and name in self._geometry:
                 taps[name] = crop_to_grid(x, spatial, stride)
             return x

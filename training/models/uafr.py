@@ -57,7 +57,11 @@ class UAFR(nn.Module):
     F = conv k (C -> hidden, no bias) -> norm -> ReLU -> conv 1 (hidden -> m, bias).
     ``forward(q)``: q (B, C, *S) -> (q * (2 - u) with shape (B, C, *S), u with shape (B, 1, *S)).
     m = 2 is the paper's default (its ablation, Table IX b); m = 1 makes u = 0, a plain x2 gain.
+    ``use_f=False`` is Table IX a's variant without F: A = softmax(Q) over Q's own C channels, so U is their
+    normalised entropy (m, hidden, kernel_size and norm are then unused) and the block has no parameters.
     """
+
+    gives_uncertainty = True
 
     def __init__(
         self,
@@ -67,23 +71,31 @@ class UAFR(nn.Module):
         hidden: int = 16,
         kernel_size: int = 3,
         norm: str = "batch",
+        use_f: bool = True,
     ):
         super().__init__()
         check_spatial_dims(spatial_dims)
         if m < 1 or hidden < 1 or channels < 1:
             raise ValueError(f"UAFR needs channels, m and hidden >= 1, got {channels=}, {m=}, {hidden=}")
-        self.m = m
-        self.attention = nn.Sequential(
-            conv(spatial_dims, channels, hidden, kernel_size, bias=False),
-            make_norm(norm, spatial_dims, hidden),
-            activation("relu"),
-            conv(spatial_dims, hidden, m, 1, bias=True),
+        self.m = m if use_f else channels
+        self.attention = (
+            nn.Sequential(
+                conv(spatial_dims, channels, hidden, kernel_size, bias=False),
+                make_norm(norm, spatial_dims, hidden),
+                activation("relu"),
+                conv(spatial_dims, hidden, m, 1, bias=True),
+            )
+            if use_f
+            else None
         )
 
     def forward(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        u = _entropy_of_logits(self.attention(q), self.m).to(q.dtype)  # (B, 1, *S)
+        logits = q if self.attention is None else self.attention(q)
+        u = _entropy_of_logits(logits, self.m).to(q.dtype)  # (B, 1, *S)
         return q * (2.0 - u), u
 
     def propagate_geometry(self, geometry: Geometry) -> Geometry:
         # The gate reads a k-neighbourhood of q, so the output's field is that of F (the identity path is inside).
+        if self.attention is None:
+            return geometry
         return geometry.merge(propagate_geometry(self.attention, geometry))

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from training.models.attention import create_attention
 from training.models.blocks import (
     ConvNormAct,
     as_tuple,
@@ -32,7 +33,6 @@ from training.models.blocks import (
 from training.models.output import ProjectionInput, SegmentationOutput, TapInfo
 from training.models.receptive_field import Geometry, propagate_geometry
 from training.models.registry import register_model
-from training.models.uafr import UAFR
 
 __all__ = ["ProjectionHead", "UNet", "init_conv_weights"]
 
@@ -156,6 +156,8 @@ class UNet(nn.Module):
         deep_supervision: 1x1 heads on decoder2 .. decoder{N-1}; their logits come finest first.
         uafr: UAFR after every encoder and decoder stage (paper default); ``uafr_layers`` picks sites by name.
         uafr_m, uafr_hidden, uafr_norm: UAFR hyper-parameters (paper: 2, 16, "batch").
+        uafr_block: "uafr" (default), or "se" / "cbam" at the same sites (paper A's Table VIII comparison).
+        uafr_use_f: False drops UAFR's F (Table IX a): the entropy of softmax over the feature's own channels.
         uafr_kernel_size: kernel of UAFR's first conv; default None = the stage's own kernel (3 by default, the
             paper's best; [1, 3, 3] at anisotropic stages so UAFR does not mix slices the stage keeps apart).
         projection_dim: CCDC projection head (``ProjectionHead``) with this many output channels.
@@ -187,6 +189,8 @@ class UNet(nn.Module):
         uafr_hidden: int = 16,
         uafr_kernel_size: int | Sequence[int] | None = None,
         uafr_norm: str = "batch",
+        uafr_block: str = "uafr",
+        uafr_use_f: bool = True,
         projection_dim: int | None = None,
         projection_level: int = 1,
         return_features: bool = True,
@@ -250,13 +254,15 @@ class UNet(nn.Module):
         sites = resolve_uafr_sites(uafr, uafr_layers, self._names)
         self.uafr = nn.ModuleDict(
             {
-                name: UAFR(
+                name: create_attention(
+                    uafr_block,
                     self._channels[name],
                     sd,
-                    uafr_m,
-                    uafr_hidden,
-                    kernel_t[level[name]] if uafr_kernel_size is None else uafr_kernel_size,
-                    uafr_norm,
+                    m=uafr_m,
+                    hidden=uafr_hidden,
+                    kernel_size=kernel_t[level[name]] if uafr_kernel_size is None else uafr_kernel_size,
+                    norm=uafr_norm,
+                    use_f=uafr_use_f,
                 )
                 for name in sites
             }
@@ -274,18 +280,19 @@ class UNet(nn.Module):
         )
         init_conv_weights(self)
         self._geometry = self._compute_geometry()
+        self._geometry_without_uafr = self._compute_geometry(include_uafr=False)
 
     # --- description -------------------------------------------------------------------------------------
 
     @property
     def uncertainty_names(self) -> list[str]:
-        """UAFR site names, in the order of ``output.uncertainty``."""
-        return list(self.uafr.keys())
+        """UAFR site names, in the order of ``output.uncertainty`` (SE/CBAM blocks give no map)."""
+        return [name for name, block in self.uafr.items() if block.gives_uncertainty]
 
     @property
     def uncertainty_strides(self) -> dict[str, tuple[int, ...]]:
         """Stride of each UAFR map (that of the stage it follows)."""
-        return {n: self._geometry[n].stride for n in self.uafr}
+        return {n: self._geometry[n].stride for n in self.uncertainty_names}
 
     @property
     def tap_geometry(self) -> dict[str, Geometry]:
@@ -299,20 +306,29 @@ class UNet(nn.Module):
             for name, g in self._geometry.items()
         }
 
-    def _compute_geometry(self) -> dict[str, Geometry]:
+    @property
+    def tap_info_without_uafr(self) -> dict[str, TapInfo]:
+        """``tap_info`` with receptive fields measured as if the UAFR (or SE/CBAM) blocks were absent, as the
+        authors' 3D code measures the RF-PDCR windows (23 / 47 for its stages 3 / 4)."""
+        return {
+            name: TapInfo(self._channels[name], g.stride, g.receptive_field)
+            for name, g in self._geometry_without_uafr.items()
+        }
+
+    def _compute_geometry(self, include_uafr: bool = True) -> dict[str, Geometry]:
         g = Geometry.identity(self.spatial_dims)
         out: dict[str, Geometry] = {}
         for i, stage in enumerate(self.encoder):
-            g = self._site_geometry(f"encoder{i + 1}", propagate_geometry(stage, g))
+            g = self._site_geometry(f"encoder{i + 1}", propagate_geometry(stage, g), include_uafr)
             out[f"encoder{i + 1}"] = g
         for i in reversed(range(len(self.decoder))):
             g = propagate_geometry(self.upsample[i], g).merge(out[f"encoder{i + 1}"])
-            g = self._site_geometry(f"decoder{i + 1}", propagate_geometry(self.decoder[i], g))
+            g = self._site_geometry(f"decoder{i + 1}", propagate_geometry(self.decoder[i], g), include_uafr)
             out[f"decoder{i + 1}"] = g
         return out
 
-    def _site_geometry(self, name: str, g: Geometry) -> Geometry:
-        return propagate_geometry(self.uafr[name], g) if name in self.uafr else g
+    def _site_geometry(self, name: str, g: Geometry, include_uafr: bool = True) -> Geometry:
+        return propagate_geometry(self.uafr[name], g) if include_uafr and name in self.uafr else g
 
     # --- forward -----------------------------------------------------------------------------------------
 
@@ -334,7 +350,8 @@ class UNet(nn.Module):
             stride = self._geometry[name].stride
             if name in self.uafr:
                 x, u = self.uafr[name](x)
-                uncertainty[name] = crop_to_grid(u, spatial, stride)
+                if u is not None:
+                    uncertainty[name] = crop_to_grid(u, spatial, stride)
             if self.return_features:
                 taps[name] = crop_to_grid(x, spatial, stride)
             return x

@@ -1,0 +1,276 @@
+"""Interactive correction with a simulated user: Dice after 0..N clicks, per clicker and engine.
+
+    PYTHONPATH=$PWD python benchmarks/interactive.py [--model brain-tissue-3d] [--clicks 20]
+        [--markdown docs/benchmarks.md] [--plots docs/interactive]
+
+Cases: the held-out block of the mni152-tissue dataset at 1 mm (fold 0, as the bundled models were trained:
+``mni152_block4``) and its perturbed copy (the accuracy benchmark's bias field, contrast and noise, seed 1000 +
+fold), through ``napari_medcl.interactive`` exactly as the widget and the API use it.
+
+Clickers, each giving one positive click per interaction with the true class at the clicked voxel:
+- ``oracle``: the voxel deepest inside the largest connected error component (3D, faces touching);
+- ``guided``: the product's proposal (``CaseSession.next_region``: the untouched window, about 23 mm wide for the
+  default refiner, with the most expected mistakes), and inside that window the deepest voxel of its largest
+  error component, as a user who goes where the product points and clicks the mistake they see there; a
+  proposal with no mistake in it is a click at its centre, wasted;
+- ``random``: a uniformly drawn brain voxel (seeded), most of which are already right.
+Engines: ``local`` (engine (a), ``napari_medcl.refinement.LocalRefiner``) and ``re-run``: running the model
+again without prompts, which changes nothing (the baseline every interactive tool is measured against).
+Mean Dice is over the foreground classes; seconds per interaction is ``add_prompt``'s own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+MARKERS = ("<!-- interactive:start -->", "<!-- interactive:end -->")
+CLICKERS = ("oracle", "guided", "random")
+
+
+def mean_dice(labels: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    scores = []
+    for c in range(1, num_classes):
+        both = np.count_nonzero((labels == c) & (truth == c))
+        total = np.count_nonzero(labels == c) + np.count_nonzero(truth == c)
+        scores.append(1.0 if total == 0 else 2.0 * both / total)
+    return float(np.mean(scores))
+
+
+def deepest_error(labels: np.ndarray, truth: np.ndarray, within: tuple[slice, ...] | None = None):
+    """The voxel deepest inside the largest connected error component (of the box ``within``), or None."""
+    from scipy import ndimage
+
+    box = within or tuple(slice(0, n) for n in labels.shape)
+    errors = labels[box] != truth[box]
+    if not errors.any():
+        return None
+    components, _ = ndimage.label(errors)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    largest = np.pad(components == sizes.argmax(), 1)
+    depth = ndimage.distance_transform_edt(largest)[1:-1, 1:-1, 1:-1]
+    local = np.unravel_index(int(depth.argmax()), depth.shape)
+    return tuple(int(i + s.start) for i, s in zip(local, box))
+
+
+def error_shape(labels: np.ndarray, truth: np.ndarray) -> dict:
+    """How the automatic result's mistakes lie: their count, the share on a true class boundary (a voxel
+    whose 3x3x3 neighbourhood holds two true classes) and the share at least 2 voxels inside their component."""
+    from scipy import ndimage
+
+    errors = labels != truth
+    boundary = ndimage.maximum_filter(truth, 3) != ndimage.minimum_filter(truth, 3)
+    depth = ndimage.distance_transform_edt(np.pad(errors, 1))[1:-1, 1:-1, 1:-1]
+    count = int(errors.sum())
+    return {
+        "errors": count,
+        "on_boundary": float(boundary[errors].mean()) if count else 0.0,
+        "deep": float((depth >= 2)[errors].mean()) if count else 0.0,
+    }
+
+
+def click_for(clicker: str, session, truth: np.ndarray, rng: np.random.Generator):
+    """(z, y, x) of the next click on the 3D grid, or None when the clicker has nowhere to click."""
+    labels = np.asarray(session._labels)
+    if clicker == "oracle":
+        return deepest_error(labels, truth)
+    if clicker == "guided":
+        region = session.next_region()
+        if region is None:
+            return None
+        at = deepest_error(labels, truth, region.box)
+        if at is None:  # nothing wrong where the product pointed: the user clicks its centre, to no effect
+            at = tuple(int(round(c)) for c in region.center)
+        return at
+    brain = np.argwhere(truth > 0)
+    return tuple(int(v) for v in brain[rng.integers(len(brain))])
+
+
+def run_case(image, truth_image, model, clicker: str, clicks: int, seed: int) -> dict:
+    from napari_medcl.interactive import open_session
+    from napari_medcl.prompts import point
+
+    session = open_session(image, model)
+    start = time.perf_counter()
+    session.predict()
+    predict_seconds = time.perf_counter() - start
+    truth = truth_image.array if truth_image.array.ndim == 3 else truth_image.array[None]
+    num_classes = session._probabilities.shape[0]
+    rng = np.random.default_rng(seed)
+    dice = [mean_dice(session._labels, truth, num_classes)]
+    shape = error_shape(np.asarray(session._labels), truth)
+    seconds = []
+    for _ in range(clicks):
+        at = click_for(clicker, session, truth, rng)
+        if at is None:
+            dice.append(dice[-1])
+            continue
+        update = session.add_prompt(point(*at, label=int(truth[at])))
+        seconds.append(update.seconds)
+        dice.append(mean_dice(session._labels, truth, num_classes))
+    return {"dice": dice, "seconds": seconds, "predict_seconds": predict_seconds, "error_shape": shape}
+
+
+def clicks_to(dice: Sequence[float], target: float) -> int | None:
+    return next((k for k, d in enumerate(dice) if d >= target), None)
+
+
+def report(results: dict, header: str, clicks: int) -> str:
+    lines = [header, ""]
+    marks = [k for k in (0, 1, 5, 10, 20) if k <= clicks]
+    lines.append(
+        "| model | case | clicker | "
+        + " | ".join(f"Dice @{k}" for k in marks)
+        + " | gain @5 | gain @10 | gain @20 | clicks to 0.90 | s / click (mean, max) |"
+    )
+    lines.append("|---" * (len(marks) + 9) + "|")
+    for model, cases in results.items():
+        for case, by_clicker in cases.items():
+            for clicker, r in by_clicker.items():
+                d = r["dice"]
+                gains = [f"{d[k] - d[0]:+.4f}" if k <= clicks else "–" for k in (5, 10, 20)]
+                reach = clicks_to(d, 0.90)
+                secs = r["seconds"]
+                timing = f"{np.mean(secs):.3f}, {np.max(secs):.3f}" if secs else "–"
+                lines.append(
+                    f"| {model} | {case} | {clicker} | "
+                    + " | ".join(f"{d[k]:.4f}" for k in marks)
+                    + f" | {' | '.join(gains)} | {reach if reach is not None else f'> {clicks}'} | {timing} |"
+                )
+    lines.append("")
+    lines.append(
+        "Re-running the model without prompts leaves every Dice at its `@0` value (it is deterministic)."
+    )
+    lines += ["", "Where the automatic result's mistakes lie (what one click can reach):", ""]
+    for model, cases in results.items():
+        for case, by_clicker in cases.items():
+            shape = next(iter(by_clicker.values()))["error_shape"]
+            lines.append(
+                f"- {model}, {case}: {shape['errors']:,} wrong voxels, {shape['on_boundary']:.0%} on a true "
+                f"class boundary, {shape['deep']:.0%} two or more voxels inside their error region."
+            )
+    lines += ["", "Guided against oracle:", ""]
+    for model, cases in results.items():
+        for case, by_clicker in cases.items():
+            if {"oracle", "guided"} <= set(by_clicker) and clicks >= 10:
+                oracle = by_clicker["oracle"]["dice"]
+                guided = by_clicker["guided"]["dice"]
+                gain = oracle[10] - oracle[0]
+                share = (guided[10] - guided[0]) / gain if gain > 0 else float("nan")
+                lines.append(
+                    f"- {model}, {case}: the guided clicker reaches {share:.0%} of the oracle's gain at 10 clicks."
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for model, cases in results.items():
+        fig, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 4), squeeze=False)
+        for ax, (case, by_clicker) in zip(axes[0], cases.items()):
+            for clicker, r in by_clicker.items():
+                ax.plot(range(len(r["dice"])), r["dice"], marker="o", markersize=3, label=clicker)
+            ax.axhline(by_clicker[next(iter(by_clicker))]["dice"][0], color="grey", ls="--", label="re-run")
+            ax.set_title(f"{model}: {case}")
+            ax.set_xlabel("clicks")
+            ax.set_ylabel("mean foreground Dice")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        path = folder / f"{model}-clicks.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    start, end = MARKERS
+    block = f"{start}\n{text}{end}"
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + block + rest.split(end, 1)[1]
+    else:
+        new = old + ("\n" if old else "") + block + "\n"
+    path.write_text(new, encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", nargs="+", default=["brain-tissue-3d"], help="bundled names or .onnx paths"
+    )
+    parser.add_argument("--data", default="data/mni152-tissue", help="the mni152-tissue dataset")
+    parser.add_argument("--fold", type=int, default=0, help="the fold the models held out (default 0)")
+    parser.add_argument("--clicks", type=int, default=20, help="interactions per run (default 20)")
+    parser.add_argument("--clickers", nargs="+", default=list(CLICKERS), choices=CLICKERS)
+    parser.add_argument("--seed", type=int, default=0, help="the random clicker's seed")
+    parser.add_argument("--markdown", help="write the report between its markers in this markdown file")
+    parser.add_argument("--plots", help="write one PNG of Dice against clicks per model to this folder")
+    parser.add_argument("--json", help="write every curve to this JSON file")
+    args = parser.parse_args(argv)
+
+    from uncertainty import tissue_cases
+
+    from napari_medcl.onnx_session import load_model
+
+    cases = tissue_cases(Path(args.data), args.fold)[:2]  # clean and perturbed
+    results: dict = {}
+    for model_name in args.model:
+        model = load_model(model_name, device="cpu", backend="onnxruntime")
+        name = model.spec.name
+        results[name] = {}
+        for case, image, truth in cases:
+            truth_volume = image.with_array(truth)
+            results[name][case] = {}
+            for clicker in args.clickers:
+                r = run_case(image, truth_volume, model, clicker, args.clicks, args.seed)
+                results[name][case][clicker] = r
+                d = r["dice"]
+                print(
+                    f"{name} {case} {clicker}: Dice {d[0]:.4f} -> {d[min(5, args.clicks)]:.4f} (5) -> "
+                    f"{d[-1]:.4f} ({args.clicks}); {np.mean(r['seconds']) if r['seconds'] else 0:.3f} s/click",
+                    flush=True,
+                )
+    command = "PYTHONPATH=$PWD python benchmarks/interactive.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    header = (
+        f"Measured {datetime.date.today().isoformat()} on {platform.machine()} "
+        f"({len(__import__('os').sched_getaffinity(0))} CPU cores, shared), ONNX Runtime CPU, with\n\n"
+        f"```bash\n{command.strip()}\n```"
+    )
+    text = report(results, header, args.clicks)
+    sys.stdout.write(text)
+    if args.markdown:
+        write_between_markers(Path(args.markdown), text)
+    if args.plots:
+        for path in plot(results, Path(args.plots)):
+            print(f"wrote {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

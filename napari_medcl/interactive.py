@@ -1,0 +1,329 @@
+"""One case, segmented and corrected with prompts: the interactive session behind the widget and the API.
+
+``open_session(volume, model)`` holds the image, the model and what the model said about the image (its
+class probabilities and error likelihood, kept from the last prediction), the labels as they stand, and the
+prompts so far. ``add_prompt`` re-segments a small box around the prompt with a refiner (engine (a), any
+exported model: ``napari_medcl.refinement.LocalRefiner``) and returns what changed as one ``Update``;
+``undo`` takes the last step back; ``predict`` re-runs the model and replays the prompts onto its new output,
+so a re-run never forgets a correction. ``next_region`` says where the model expects the most mistakes that no
+prompt has touched yet. No Qt and no torch: the widget and the inference server drive the same object.
+
+Coordinates are voxel indices of the image's grid; a 2D image is a depth-1 volume inside, and ``labels``
+has the image's own spatial shape.
+
+    >>> session = open_session(volume, "brain-tissue-3d")
+    >>> session.predict()
+    >>> update = session.add_prompt(point(12, 80, 64, label=3))
+    >>> session.labels[update.box]; session.undo()
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_medcl.errors import UsageError
+from napari_medcl.prediction import Progress, predict_iter
+from napari_medcl.prompts import Prompt, load_prompts, prompts_path, save_prompts
+from napari_medcl.refinement import LocalProblem, LocalRefiner
+from napari_medcl.review import RegionScore
+from napari_medcl.session import InferenceSession
+from napari_medcl.volume import Prediction, Volume
+
+Box = tuple[slice, slice, slice]
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one step changed: ``box`` (Z, Y, X slices of the 3D grid; None when nothing changed) holds every
+    changed voxel, ``labels`` the labels there now; ``changed`` voxels; ``seconds`` it took; ``prompt`` the
+    prompt answered (None for an undo)."""
+
+    box: Box | None
+    labels: np.ndarray | None
+    changed: int
+    seconds: float
+    prompt: Prompt | None = None
+
+    def image_box(self, spatial_dims: int) -> tuple[slice, ...] | None:
+        """``box`` on the image's own grid (the depth axis dropped for a 2D image)."""
+        if self.box is None:
+            return None
+        return self.box if spatial_dims == 3 else self.box[1:]
+
+
+@dataclass
+class _Step:
+    box: Box
+    before: np.ndarray
+    prompts_before: int
+
+
+class CaseSession:
+    """See the module's text. Build it with ``open_session``."""
+
+    def __init__(
+        self,
+        volume: Volume,
+        model: InferenceSession | str | Path | None = None,
+        *,
+        refiner: LocalRefiner | None = None,
+        **predict_options: Any,
+    ):
+        if not isinstance(volume, Volume):
+            raise TypeError(f"volume must be a Volume, got {type(volume).__name__}")
+        self.volume = volume
+        self.model = model
+        self.refiner = refiner or LocalRefiner()
+        self.predict_options = dict(predict_options)
+        self.predict_options.pop("return_probabilities", None)
+        image = volume.array if volume.channel_axis else volume.array[None]
+        self._image = np.asarray(image[:, None] if volume.spatial_dims == 2 else image, dtype=np.float32)
+        spacing = tuple(float(s) for s in volume.spacing)
+        self.spacing: tuple[float, float, float] = (1.0, *spacing) if volume.spatial_dims == 2 else spacing
+        self.grid: tuple[int, int, int] = tuple(self._image.shape[1:])  # type: ignore[assignment]
+        self.prediction: Prediction | None = None
+        self._probabilities: np.ndarray | None = None
+        self._error: np.ndarray | None = None
+        self._labels = np.zeros(self.grid, dtype=np.uint8)
+        self.prompts: list[Prompt] = []
+        self._steps: list[_Step] = []
+        self._last_changed = 0
+
+    # ------------------------------------------------------------------ the model
+
+    def predict_iter(self, *, cancel: Any = None, region: Any = None) -> Iterator[Progress | Prediction]:
+        """Run the model (whole image, or ``region`` as ``predict_iter`` takes it), yield its Progress and then
+        its Prediction; the session keeps its probabilities and error likelihood, takes its labels (inside the
+        region only) and replays every prompt onto them. The model's own labels stay in the Prediction."""
+        result: Any = None
+        for result in predict_iter(
+            self.volume, self.model, return_probabilities=True, cancel=cancel, region=region,
+            **self.predict_options,
+        ):  # fmt: skip
+            if isinstance(result, Progress):
+                yield result
+        self.take(result)
+        yield result
+
+    def take(self, prediction: Prediction) -> None:
+        """Adopt a prediction of this image made with ``return_probabilities=True`` (the widget's run makes
+        one): its probabilities and error likelihood, and its labels inside the region it covers (its
+        provenance's ``roi``; all of the image when none), then replay every prompt onto them."""
+        if prediction.probabilities is None:
+            raise UsageError(
+                "the prediction has no class probabilities: run it with return_probabilities=True"
+            )
+        probabilities = self._on_grid(prediction.probabilities.array, channels=True)
+        error = prediction.top_class_error if prediction.top_class_error is not None else prediction.entropy
+        labels = self._on_grid(prediction.labels.array)
+        if probabilities.shape[1:] != self.grid:
+            raise UsageError(
+                f"a prediction of shape {probabilities.shape[1:]} does not fit the image {self.grid}"
+            )
+        inside = self._region_box(prediction)
+        if self._probabilities is None:
+            self._probabilities = np.zeros_like(probabilities)
+            self._probabilities[0] = 1.0
+            self._error = np.zeros(self.grid, dtype=np.float32)
+            self._labels = np.zeros(self.grid, dtype=labels.dtype)
+        self._probabilities[(slice(None), *inside)] = probabilities[(slice(None), *inside)]
+        self._error[inside] = self._on_grid(error.array)[inside]
+        self._labels[inside] = labels[inside]
+        self.prediction = prediction
+        for prompt in self.prompts:
+            self._apply(prompt)
+        self._steps.clear()  # a re-run starts a new history: its replayed prompts are not steps to undo
+
+    def predict(self, **options: Any) -> Prediction:
+        """``predict_iter`` run to its end; returns the Prediction."""
+        result: Any = None
+        for result in self.predict_iter(**options):  # noqa: B007  (the last item is the result)
+            pass
+        return result
+
+    # ------------------------------------------------------------------ prompts
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels as they stand, on the image's spatial grid (a view: do not write; use ``set_labels``)."""
+        view = self._labels if self.volume.spatial_dims == 3 else self._labels[0]
+        view = view.view()
+        view.flags.writeable = False
+        return view
+
+    def set_labels(self, labels: np.ndarray) -> Update:
+        """Take the user's own edits (a brush, an eraser): ``labels`` on the image's spatial grid. One step
+        that ``undo`` takes back."""
+        labels = self._on_grid(np.asarray(labels))
+        if labels.shape != self.grid:
+            raise UsageError(f"labels of shape {labels.shape} do not fit the image's grid {self.grid}")
+        changed = labels != self._labels
+        box = _bounding_box(changed)
+        if box is None:
+            return Update(None, None, 0, 0.0)
+        self._steps.append(_Step(box, self._labels[box].copy(), len(self.prompts)))
+        self._labels[box] = labels[box].astype(self._labels.dtype)
+        return Update(box, self._labels[box].copy(), int(changed.sum()), 0.0)
+
+    def add_prompt(self, prompt: Prompt) -> Update:
+        """Answer one prompt (voxel indices of the image's grid: (z, y, x), z = 0 for a 2D image); one step."""
+        self._need_prediction()
+        prompt.check_inside(self.grid)
+        num_classes = self._probabilities.shape[0]
+        if prompt.label >= num_classes:
+            raise UsageError(f"class {prompt.label} is not one of the model's classes (0..{num_classes - 1})")
+        start = time.perf_counter()
+        steps_before = len(self._steps)
+        box, changed = self._apply(prompt)
+        self.prompts.append(prompt)
+        if len(self._steps) == steps_before:  # nothing changed: still a step, so undo removes the prompt
+            self._steps.append(_Step(box, self._labels[box].copy(), len(self.prompts) - 1))
+        seconds = time.perf_counter() - start
+        if changed is None:
+            return Update(None, None, 0, seconds, prompt)
+        return Update(changed, self._labels[changed].copy(), int(self._last_changed), seconds, prompt)
+
+    def undo(self) -> Update:
+        """Take the last step back (a prompt or a ``set_labels``); an Update with ``changed`` 0 when there is
+        nothing to undo."""
+        if not self._steps:
+            return Update(None, None, 0, 0.0)
+        step = self._steps.pop()
+        now = self._labels[step.box]
+        changed = int(np.count_nonzero(now != step.before))
+        self._labels[step.box] = step.before
+        del self.prompts[step.prompts_before :]
+        return Update(step.box, step.before.copy(), changed, 0.0)
+
+    def next_region(self, *, window_mm: float | None = None) -> RegionScore | None:
+        """Where the model expects the most mistakes that no prompt has touched: the window (a cube of
+        ``window_mm`` per side; default the size of a prompt's box) holding the largest sum of the error
+        likelihood, with the voxels of every prompt's box left out. Its ``box`` (the window, on the 3D grid),
+        ``center`` (the voxel in it most likely wrong, with its neighbours) and ``score`` (the expected number of wrong voxels in it). None
+        when nothing is left."""
+        from scipy import ndimage
+
+        self._need_prediction()
+        error = self._error.astype(np.float64)
+        for prompt in self.prompts:
+            error[self._box_for(prompt)] = 0.0
+        side = window_mm if window_mm is not None else 2.0 * self.refiner.margin_mm()
+        size = [max(1, min(n, int(round(side / s)) | 1)) for s, n in zip(self.spacing, self.grid)]
+        mean = ndimage.uniform_filter(error, size=size, mode="constant")
+        best = np.unravel_index(int(mean.argmax()), mean.shape)
+        score = float(mean[best]) * float(np.prod(size))
+        if score <= 0.0:
+            return None
+        box = tuple(
+            slice(max(0, c - k // 2), min(n, c + k // 2 + 1)) for c, k, n in zip(best, size, self.grid)
+        )
+        # the centre to show: the voxel of the window whose 3-voxel neighbourhood is the likeliest wrong
+        local = ndimage.uniform_filter(error[box], size=[min(3, k) for k in size], mode="constant")
+        peak = np.unravel_index(int(local.argmax()), local.shape)
+        return RegionScore(
+            box=box,
+            center=tuple(float(b.start + p) for b, p in zip(box, peak)),
+            score=score,
+            expected_wrong_mm=score * float(np.prod(self.spacing)),
+            voxels=int(np.prod([b.stop - b.start for b in box])),
+            labelled_voxels=int(np.count_nonzero(self._labels[box])),
+        )
+
+    # ------------------------------------------------------------------ files
+
+    def save_prompts(self, labels_path: str | Path) -> Path:
+        """Write the prompts beside the labels file (``prompts_path``), atomically."""
+        provenance = self.prediction.provenance if self.prediction is not None else None
+        model = provenance.model.name if provenance is not None else None
+        return save_prompts(prompts_path(labels_path), self.prompts, shape=self.grid, model=model)
+
+    def load_prompts(self, path: str | Path) -> int:
+        """Replay the prompts saved at ``path`` (a prompts file, or the labels file they sit beside) after those
+        already here; returns how many."""
+        path = Path(path)
+        if not path.name.endswith(".prompts.json"):
+            path = prompts_path(path)
+        prompts = load_prompts(path, shape=self.grid)
+        for prompt in prompts:
+            self.add_prompt(prompt)
+        return len(prompts)
+
+    # ------------------------------------------------------------------ inside
+
+    def _need_prediction(self) -> None:
+        if self._probabilities is None:
+            raise UsageError(
+                "run the model on this case first (session.predict()); prompts refine its result"
+            )
+
+    def _apply(self, prompt: Prompt) -> tuple[Box, Box | None]:
+        """Solve ``prompt`` in its box and write the result: (the box solved, the box of changed voxels)."""
+        box = self._box_for(prompt)
+        origin = np.array([s.start for s in box])
+        local = Prompt(prompt.kind, prompt.label, prompt.voxels - origin, prompt.positive)
+        problem = LocalProblem(
+            image=self._image[(slice(None), *box)],
+            probabilities=self._probabilities[(slice(None), *box)],
+            labels=self._labels[box],
+            spacing=self.spacing,
+            prompts=[local],
+        )
+        new = self.refiner.refine(problem).astype(self._labels.dtype)
+        changed_mask = new != self._labels[box]
+        self._last_changed = int(changed_mask.sum())
+        inner = _bounding_box(changed_mask)
+        if inner is None:
+            return box, None
+        changed = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
+        self._steps.append(_Step(changed, self._labels[changed].copy(), len(self.prompts)))
+        self._labels[box] = new
+        return box, changed  # type: ignore[return-value]
+
+    def _box_for(self, prompt: Prompt) -> Box:
+        low, high = prompt.bounds()
+        reach = [math.ceil(self.refiner.margin_mm() / s) for s in self.spacing]
+        return tuple(  # type: ignore[return-value]
+            slice(max(0, int(lo) - r), min(n, int(hi) + r + 1))
+            for lo, hi, r, n in zip(low, high, reach, self.grid)
+        )
+
+    def _on_grid(self, array: np.ndarray, *, channels: bool = False) -> np.ndarray:
+        """An output on the image's grid as the 3D grid (a depth axis added for a 2D image)."""
+        if self.volume.spatial_dims == 3:
+            return array
+        return array[:, None] if channels else array[None]
+
+    def _region_box(self, prediction: Prediction) -> Box:
+        roi = prediction.provenance.roi if prediction.provenance is not None else None
+        if roi is None:
+            return (slice(None),) * 3  # type: ignore[return-value]
+        box = tuple(slice(int(a), int(b)) for a, b in roi)
+        return box if self.volume.spatial_dims == 3 else (slice(0, 1), *box)  # type: ignore[return-value]
+
+
+def open_session(
+    volume: Volume, model: InferenceSession | str | Path | None = None, **options: Any
+) -> CaseSession:
+    """An interactive session on ``volume`` with ``model`` (an InferenceSession, bundled name, .onnx path or
+    None for the default); ``options``: ``refiner`` and ``predict_iter``'s options (device, backend, overlap,
+    tta, ...). Call ``predict()`` before the first prompt."""
+    return CaseSession(volume, model, **options)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of ``mask``; None when there is none."""
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)

@@ -1,0 +1,70 @@
+"""The simulated user of benchmarks/interactive.py: where its clicks land and how it scores."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "interactive_benchmark", ROOT / "benchmarks" / "interactive.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_the_oracle_clicks_the_centre_of_the_largest_error_region(bench):
+    truth = np.zeros((9, 20, 20), dtype=np.uint8)
+    labels = truth.copy()
+    labels[1:8, 3:10, 3:10] = 1  # 7 x 7 x 7 wrong voxels: the largest error region
+    labels[0, 15, 15] = 2  # one stray wrong voxel
+    at = bench.deepest_error(labels, truth)
+    assert at == (4, 6, 6)
+    assert labels[at] != truth[at]
+
+
+def test_the_oracle_inside_a_box_looks_only_there(bench):
+    truth = np.zeros((9, 20, 20), dtype=np.uint8)
+    labels = truth.copy()
+    labels[2:7, 3:10, 3:10] = 1
+    labels[1:4, 14:18, 14:18] = 1
+    box = (slice(0, 9), slice(12, 20), slice(12, 20))
+    at = bench.deepest_error(labels, truth, box)
+    assert 14 <= at[1] < 18 and 14 <= at[2] < 18
+    assert bench.deepest_error(truth, truth) is None
+
+
+def test_mean_dice_and_clicks_to_a_target(bench):
+    truth = np.zeros((1, 4, 4), dtype=np.uint8)
+    truth[0, :2] = 1
+    labels = truth.copy()
+    assert bench.mean_dice(labels, truth, 2) == 1.0
+    labels[0, 0, 0] = 0
+    assert bench.mean_dice(labels, truth, 2) == pytest.approx(2 * 7 / 15)
+    assert bench.clicks_to([0.5, 0.85, 0.91, 0.95], 0.90) == 2
+    assert bench.clicks_to([0.5, 0.6], 0.90) is None
+
+
+def test_error_shape_tells_boundary_slivers_from_blobs(bench):
+    truth = np.zeros((12, 12, 12), dtype=np.uint8)
+    truth[:, :, 6:] = 1
+    sliver = truth.copy()
+    sliver[:, :, 6] = 0  # the boundary moved by one voxel
+    shape = bench.error_shape(sliver, truth)
+    assert shape["errors"] == 144 and shape["on_boundary"] == 1.0 and shape["deep"] == 0.0
+    blob = truth.copy()
+    blob[3:9, 3:9, 0:5] = 1  # a blob deep in class 0
+    assert bench.error_shape(blob, truth)["deep"] > 0.2
