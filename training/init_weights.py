@@ -2,7 +2,8 @@
 
 The source is a training checkpoint (``checkpoint_best.pt``: :data:`training.checkpoint.CHECKPOINT_FORMAT`),
 a weights file (:data:`WEIGHTS_FORMAT`: a small dict with the network's ``state_dict``, the resolved config
-and the ModelSpec, as shipped beside each bundled ONNX model), or a bundled model's name, resolved through
+and the ModelSpec, as shipped beside each bundled ONNX model), a bare ``state_dict`` (``training.pretrain``'s
+``network.pt``; without a spec, the heads' shapes say whether the classes differ), or a bundled model's name, resolved through
 ``napari_medcl/models/manifest.json`` (its ``weights`` entry, SHA-256 checked). Every file is read with
 ``torch.load(weights_only=True)``.
 
@@ -129,10 +130,15 @@ def load_initial_weights(source: str | Path, *, models_dir: Path | None = None) 
         raise InitError(
             f"{path}: not a readable checkpoint (torch.load, weights only: {first[:160]})"
         ) from None
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        # A bare state dict, such as training.pretrain's network.pt: weights without a config or spec.
+        return InitialWeights(
+            source=str(source), path=path, sha256=sha, state_dict=state, config=None, spec=None
+        )
     if not isinstance(state, dict) or state.get("format") not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
         raise InitError(
-            f"{path}: not a napari-medcl checkpoint or weights file (no 'format' marker); "
-            "start from checkpoint_best.pt of a run or a bundled model's name"
+            f"{path}: not a napari-medcl checkpoint, weights file or network state dict; "
+            "start from checkpoint_best.pt of a run, a network state dict or a bundled model's name"
         )
     weights = state.get("model")
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):

@@ -57,7 +57,9 @@ def test_noisier_cases_rank_first_with_their_expected_errors(tmp_path, cases):
 
 def test_out_of_distribution_first_empty_scan_and_bad_file_last(tmp_path, cases, capsys):
     spec = make_spec(maps=())
-    training = [Volume(blob(n, 10 + i), (1.0,) * 3, (0.0,) * 3, np.eye(3)) for i, n in enumerate(NOISE.values())]
+    training = [
+        Volume(blob(n, 10 + i), (1.0,) * 3, (0.0,) * 3, np.eye(3)) for i, n in enumerate(NOISE.values())
+    ]
     spec = dataclasses.replace(spec, training_profile=profile_cases(training, spec.normalization))
     model = save(pointwise_model(k=10.0, spec=spec), tmp_path / "profiled.onnx")
     # bright: four times the intensities, so the model is sure of itself there, but it never saw such a scan

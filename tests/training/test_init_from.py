@@ -125,10 +125,12 @@ def test_unknown_name_and_foreign_file_are_one_line(trained, tmp_path, capsys):
     assert train(three, tmp_path / "a", init_from="no-such-model") == 1
     assert "no bundled model named 'no-such-model'" in capsys.readouterr().err
     foreign = tmp_path / "other.pt"
-    torch.save({"weights": torch.zeros(2)}, foreign)
+    torch.save({"weights": [torch.zeros(2)]}, foreign)
     assert train(three, tmp_path / "b", init_from=str(foreign)) == 1
     err = capsys.readouterr().err
-    assert "not a napari-medcl checkpoint or weights file" in err and "Traceback" not in err
+    assert (
+        "not a napari-medcl checkpoint, weights file or network state dict" in err and "Traceback" not in err
+    )
 
 
 @pytest.mark.slow
@@ -171,3 +173,14 @@ def test_finetune_preset_builds_the_network_the_bundled_weights_fit(one_torch_th
     model = build_model(cfg, 1, len(weights.class_names))
     lines = apply_initial_weights(model, weights, class_names=weights.class_names, reinit_heads=False)
     assert "brain-tissue-3d.pt" in lines[0]
+
+
+def test_a_bare_state_dict_starts_a_run_too(trained, tmp_path, one_torch_thread):
+    """training.pretrain writes network.pt, a plain state dict: a run fine-tunes from it the same way."""
+    base, three, _, checkpoint = trained
+    network = tmp_path / "network.pt"
+    torch.save(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"], network)
+    out = tmp_path / "from-state-dict"
+    assert train(three, out, *FROZEN, init_from=str(network)) == 0
+    start, tuned = model_weights(checkpoint), model_weights(out / "checkpoint_last.pt")
+    assert all(torch.allclose(start[k].float(), tuned[k].float(), atol=1e-6) for k in start)
