@@ -95,7 +95,8 @@ def add_correction(
     diff against (one of the two is needed). case_id: default the image file's name (``scan`` for
     ``scan.nii.gz``); characters other than letters, digits, ``._-`` become ``_``. class_names: index order,
     background first; default the model's classes, then the dataset's. channel_names: default ``image``
-    (``image0``, ``image1``... for several channels), or the dataset's.
+    (``image0``, ``image1``... for several channels), or the dataset's; name a CT channel ``CT`` (nnU-Net's
+    convention), since training chooses each channel's normalisation by its name.
 
     Raises CorrectionError for a user mistake (nothing written) and OutputError when a file cannot be written
     (the previous version of the case, if any, is left intact up to the renames)."""

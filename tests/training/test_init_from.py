@@ -184,3 +184,19 @@ def test_a_bare_state_dict_starts_a_run_too(trained, tmp_path, one_torch_thread)
     assert train(three, out, *FROZEN, init_from=str(network)) == 0
     start, tuned = model_weights(checkpoint), model_weights(out / "checkpoint_last.pt")
     assert all(torch.allclose(start[k].float(), tuned[k].float(), atol=1e-6) for k in start)
+
+
+def test_bundled_weights_are_checked_against_the_manifest(tmp_path):
+    from training.init_weights import InitError, load_initial_weights
+
+    manifest = json.loads((MODELS_DIR / "manifest.json").read_text())
+    entry = next(m for m in manifest["models"] if m["name"] == "brain-tissue-2d")
+    (tmp_path / entry["weights"]["file"]).write_bytes((MODELS_DIR / entry["weights"]["file"]).read_bytes())
+    entry["weights"]["sha256"] = "0" * 64
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InitError, match="does not match the manifest"):
+        load_initial_weights("brain-tissue-2d", models_dir=tmp_path)
+    del entry["weights"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InitError, match="ships no training weights"):
+        load_initial_weights("brain-tissue-2d", models_dir=tmp_path)
