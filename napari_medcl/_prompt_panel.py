@@ -44,14 +44,25 @@ class PromptPanel(Container):
         self._place = PushButton(text="Place prompts (click in the view)")
         self._next = PushButton(text="Go to next likely mistake")
         self._undo = PushButton(text="Undo last prompt")
+        self._load = PushButton(text="Load saved prompts...")
         self._info = Label(value="Run the model first; then click where it is wrong.")
         self._info.native.setWordWrap(True)
         super().__init__(
-            widgets=[self._class, self._polarity, self._tool, self._place, self._next, self._undo, self._info]
+            widgets=[
+                self._class,
+                self._polarity,
+                self._tool,
+                self._place,
+                self._next,
+                self._undo,
+                self._load,
+                self._info,
+            ]
         )
         self._place.changed.connect(lambda: self.place_prompts())
         self._next.changed.connect(lambda: self.go_to_next())
         self._undo.changed.connect(lambda: self.undo())
+        self._load.changed.connect(self._on_load_clicked)
 
     # -- what the segment widget calls
 
@@ -174,15 +185,46 @@ class PromptPanel(Container):
         self._info.value = f"Undone: {update.changed:,} voxel(s) restored."
         return update.changed
 
-    def save_beside(self, labels_path: str | Path) -> Path | None:
-        """Save the prompts of the image whose labels were just saved at ``labels_path``, when it has any."""
-        for key in self._targets:
-            session = self.sessions.get(key)
-            if session is not None and session.prompts:
-                return session.save_prompts(labels_path)
-        return None
+    def save_beside(self, labels: Any, labels_path: str | Path) -> Path | None:
+        """Save the prompts behind the labels layer ``labels`` (just saved at ``labels_path``) beside it, when
+        it has any."""
+        key, _ = layer_data.derived_from(labels)
+        session = self.sessions.get(key) if key is not None else None
+        if session is None or not session.prompts:
+            return None
+        return session.save_prompts(labels_path)
+
+    def load_prompts(self, path: str | Path, image: Any = None) -> int:
+        """Replay the prompts saved at ``path`` (a ``.prompts.json`` file, or the labels file it sits beside)
+        on ``image``'s current result (the last run's image when None); how many were replayed."""
+        image = image or self._last_image()
+        if image is None:
+            self._info.value = "Run the model first: saved prompts are replayed on its result."
+            return 0
+        key = layer_data.image_id(image)
+        session = self.sessions[key]
+        _image, labels = self._targets[key]
+        try:
+            session.set_labels(np.asarray(labels.data))
+            before = len(session.prompts)
+            count = session.load_prompts(path)
+        except MedclError as error:
+            self._info.value = str(error)
+            return 0
+        self._write_all(key)
+        self._info.value = f"Replayed {count} prompt(s) from {Path(path).name} ({before + count} in all)."
+        return count
 
     # -- inside
+
+    def _on_load_clicked(self, *_: Any) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _filter = QFileDialog.getOpenFileName(
+            self.native, "Load saved prompts", str(Path.home()), "Prompts (*.prompts.json)"
+        )
+        if path:
+            self.load_prompts(path)
 
     def _mark(self, image: Any, entry: Any) -> None:
         """Outline the proposed window on its slice (one Shapes layer per image, replaced each time)."""
@@ -293,6 +335,14 @@ class PromptPanel(Container):
             f"Prompt {len(session.prompts)}: {update.changed:,} voxel(s) changed in {update.seconds:.2f} s."
         )
         return update
+
+    def _write_all(self, key: str) -> None:
+        """The session's labels into the labels layer where they differ, as one undoable step."""
+        from napari_medcl.interactive import Update
+
+        session = self.sessions[key]
+        box = tuple(slice(0, n) for n in session.grid)
+        self._write(key, Update(box, np.asarray(session._labels).copy(), 0, 0.0))
 
     def _write(self, key: str, update: Any) -> None:
         """The update's box into the labels layer, as one undoable step."""

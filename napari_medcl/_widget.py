@@ -107,8 +107,8 @@ class ReviewWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         self.viewer = viewer
         self.scores: list[Any] = []
-        # called with the saved labels file; returns the prompts file it wrote beside it, or None
-        self.after_save: Callable[[Path], Path | None] | None = None
+        # called with the saved labels layer and file; returns the prompts file it wrote beside it, or None
+        self.after_save: Callable[[Any, Path], Path | None] | None = None
         self._entries: list[str] = []
         self._labels_combo = _combo("Labels", "labels", self)
         self._uncertainty = _combo("Uncertainty", "image", self)
@@ -360,7 +360,7 @@ class ReviewWidget(Container):
         written = write_layer_data(layer, path)
         self._summary.value = f"Saved {layer.name!r} to {written}"
         if self.after_save is not None:
-            prompts = self.after_save(written)
+            prompts = self.after_save(layer, written)
             if prompts is not None:
                 self._summary.value += f" and its prompts to {prompts.name}"
         return written

@@ -89,3 +89,10 @@ def test_a_negative_click_removes_the_label_there_and_nowhere_else(make_napari_v
     saved = review.save_labels(tmp_path / "planted-labels.nii.gz")
     prompts = load_prompts(tmp_path / "planted-labels.prompts.json", shape=(12, 32, 32))
     assert saved.exists() and len(prompts) == 1 and not prompts[0].positive  # the undone ones are gone
+    assert "prompts" in review._summary.value
+
+    # reopen: a new run on the same scan, then the saved prompts replayed onto it
+    panel.sessions.clear()
+    run_and_wait(qtbot, widget)
+    assert panel.load_prompts(tmp_path / "planted-labels.nii.gz") == 1
+    assert not np.asarray(labels.data)[EXTRA].any()
