@@ -201,18 +201,6 @@ def plot(results: dict, folder: Path) -> list[Path]:
     return written
 
 
-def write_between_markers(path: Path, text: str) -> None:
-    start, end = MARKERS
-    block = f"{start}\n{text}{end}"
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if start in old and end in old:
-        head, rest = old.split(start, 1)
-        new = head + block + rest.split(end, 1)[1]
-    else:
-        new = old + ("\n" if old else "") + block + "\n"
-    path.write_text(new, encoding="utf-8")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -230,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", help="write every curve to this JSON file")
     args = parser.parse_args(argv)
 
-    from uncertainty import tissue_cases
+    from uncertainty import tissue_cases, write_between_markers
 
     from napari_medcl.onnx_session import load_model
 
@@ -263,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report(results, header, args.clicks)
     sys.stdout.write(text)
     if args.markdown:
-        write_between_markers(Path(args.markdown), text)
+        write_between_markers(Path(args.markdown), text, MARKERS)
     if args.plots:
         for path in plot(results, Path(args.plots)):
             print(f"wrote {path}")

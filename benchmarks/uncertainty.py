@@ -592,10 +592,10 @@ def report(results: dict, header: str) -> str:
 MARKERS = ("<!-- uncertainty-benchmark results: start -->", "<!-- uncertainty-benchmark results: end -->")
 
 
-def write_between_markers(path: Path, text: str) -> None:
-    """Put ``text`` between the two MARKERS lines of ``path`` (the prose around them stays), or write a new
+def write_between_markers(path: Path, text: str, markers: tuple[str, str] = MARKERS) -> None:
+    """Put ``text`` between the two ``markers`` lines of ``path`` (the prose around them stays), or write a new
     file with the markers when there is none."""
-    start, end = MARKERS
+    start, end = markers
     block = f"{start}\n{text}{end}"
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     if start in old and end in old:

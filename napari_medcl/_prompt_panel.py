@@ -11,18 +11,21 @@ interface): the prompts are answered there, and only the box each one changed co
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, PushButton
 
 from napari_medcl import layer_data
+from napari_medcl._view import show_box
 from napari_medcl.errors import MedclError
 
 ADDS, REMOVES = "adds the class", "removes the class"
 CLICK, SCRIBBLE, BOX = "Click", "Scribble", "Box"
 TOOL_OUTPUTS = {CLICK: "prompts", SCRIBBLE: "scribbles", BOX: "box_prompts"}
-POSITIVE_COLOR, NEGATIVE_COLOR = "#40ff40", "#ff4040"
+POSITIVE_COLOR, NEGATIVE_COLOR, NEXT_COLOR = "#40ff40", "#ff4040", "#ffe000"
+NEXT_OUTPUT = "next_mistake"
 
 
 class PromptPanel(Container):
@@ -43,14 +46,25 @@ class PromptPanel(Container):
         self._place = PushButton(text="Place prompts (click in the view)")
         self._next = PushButton(text="Go to next likely mistake")
         self._undo = PushButton(text="Undo last prompt")
+        self._load = PushButton(text="Load saved prompts...")
         self._info = Label(value="Run the model first; then click where it is wrong.")
         self._info.native.setWordWrap(True)
         super().__init__(
-            widgets=[self._class, self._polarity, self._place, self._next, self._undo, self._info]
+            widgets=[
+                self._class,
+                self._polarity,
+                self._tool,
+                self._place,
+                self._next,
+                self._undo,
+                self._load,
+                self._info,
+            ]
         )
         self._place.changed.connect(lambda: self.place_prompts())
         self._next.changed.connect(lambda: self.go_to_next())
         self._undo.changed.connect(lambda: self.undo())
+        self._load.changed.connect(self._on_load_clicked)
 
     # -- what the segment widget calls
 
@@ -110,7 +124,7 @@ class PromptPanel(Container):
             layer = self.viewer.add_points(
                 np.empty((0, volume.spatial_dims)),
                 name=name,
-                size=max(2.0, 3.0 * float(min(volume.spacing))),
+                size=2.5,  # data units (voxels): a marker, not a brush; it must not hide what the click changed
                 face_color=POSITIVE_COLOR,
                 **kwargs,
             )
@@ -157,11 +171,14 @@ class PromptPanel(Container):
         if region is None:
             self._info.value = "No region left where the model expects mistakes."
             return None
-        centre = region.center if session.volume.spatial_dims == 3 else region.center[1:]
-        world = image.data_to_world(centre)
-        if session.volume.spatial_dims == 3:
-            self.viewer.dims.set_point(0, world[0])
-        self.viewer.camera.center = tuple(world[-2:])
+        three_d = session.volume.spatial_dims == 3
+        entry = SimpleNamespace(
+            box=region.box if three_d else region.box[1:],
+            center=region.center if three_d else region.center[1:],
+        )
+        show_box(self.viewer, image, entry, axis=0)
+        self._mark(image, entry)
+        centre = entry.center
         self._info.value = (
             f"Next likely mistake: about {region.score:,.0f} wrong voxel(s) expected around voxel "
             f"{tuple(int(round(c)) for c in centre)}."
@@ -183,15 +200,76 @@ class PromptPanel(Container):
         self._info.value = f"Undone: {update.changed:,} voxel(s) restored."
         return update.changed
 
-    def save_beside(self, labels_path: str | Path) -> Path | None:
-        """Save the prompts of the image whose labels were just saved at ``labels_path``, when it has any."""
-        for key in self._targets:
-            session = self.sessions.get(key)
-            if session is not None and session.prompts:
-                return session.save_prompts(labels_path)
-        return None
+    def save_beside(self, labels: Any, labels_path: str | Path) -> Path | None:
+        """Save the prompts behind the labels layer ``labels`` (just saved at ``labels_path``) beside it, when
+        it has any."""
+        key, _ = layer_data.derived_from(labels)
+        session = self.sessions.get(key) if key is not None else None
+        if session is None or not session.prompts:
+            return None
+        return session.save_prompts(labels_path)
+
+    def load_prompts(self, path: str | Path, image: Any = None) -> int:
+        """Replay the prompts saved at ``path`` (a ``.prompts.json`` file, or the labels file it sits beside)
+        on ``image``'s current result (the last run's image when None); how many were replayed."""
+        image = image or self._last_image()
+        if image is None:
+            self._info.value = "Run the model first: saved prompts are replayed on its result."
+            return 0
+        key = layer_data.image_id(image)
+        session = self.sessions[key]
+        _image, labels = self._targets[key]
+        try:
+            session.set_labels(np.asarray(labels.data))
+            before = len(session.prompts)
+            count = session.load_prompts(path)
+        except MedclError as error:
+            self._info.value = str(error)
+            return 0
+        self._write_all(key)
+        self._info.value = f"Replayed {count} prompt(s) from {Path(path).name} ({before + count} in all)."
+        return count
 
     # -- inside
+
+    def _on_load_clicked(self, *_: Any) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _filter = QFileDialog.getOpenFileName(
+            self.native, "Load saved prompts", str(Path.home()), "Prompts (*.prompts.json)"
+        )
+        if path:
+            self.load_prompts(path)
+
+    def _mark(self, image: Any, entry: Any) -> None:
+        """Outline the proposed window on its slice (one Shapes layer per image, replaced each time)."""
+        key = layer_data.image_id(image)
+        layer = next(
+            (la for la in self.viewer.layers if layer_data.derived_from(la) == (key, NEXT_OUTPUT)), None
+        )
+        (y0, y1), (x0, x1) = [(s.start - 0.5, s.stop - 0.5) for s in entry.box[-2:]]
+        corners = [(y0, x0), (y0, x1), (y1, x1), (y1, x0)]
+        if len(entry.box) == 3:
+            corners = [(float(entry.center[0]), y, x) for y, x in corners]
+        if layer is None:
+            kwargs = layer_data.spatial_kwargs(self.sessions[key].volume)
+            kwargs["metadata"] = {
+                **kwargs["metadata"],
+                layer_data.DERIVED_KEY: {"image_id": key, "output": NEXT_OUTPUT},
+            }
+            layer = self.viewer.add_shapes(
+                [np.asarray(corners)],
+                shape_type="rectangle",
+                ndim=len(entry.box),
+                name=f"{image.name} next likely mistake",
+                edge_color=NEXT_COLOR,
+                face_color="transparent",
+                edge_width=0.5,
+                **kwargs,
+            )
+        else:
+            layer.data = [np.asarray(corners)]
+            layer.shape_type = ["rectangle"]
 
     def _last_image(self) -> Any:
         return next(reversed(self._targets.values()))[0] if self._targets else None
@@ -275,6 +353,14 @@ class PromptPanel(Container):
         if getattr(session, "restores", 0) != restores and session.notice:
             self._info.value += f" ({session.notice}.)"
         return update
+
+    def _write_all(self, key: str) -> None:
+        """The session's labels into the labels layer where they differ, as one undoable step."""
+        from napari_medcl.interactive import Update
+
+        session = self.sessions[key]
+        box = tuple(slice(0, n) for n in session.grid)
+        self._write(key, Update(box, np.asarray(session._labels).copy(), 0, 0.0))
 
     def _write(self, key: str, update: Any) -> None:
         """The update's box into the labels layer, as one undoable step."""

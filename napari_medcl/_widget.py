@@ -34,6 +34,7 @@ from magicgui.widgets import (
 from napari_medcl import layer_data, region_merge
 from napari_medcl._prompt_panel import PromptPanel
 from napari_medcl._server_panel import ServerPanel
+from napari_medcl._view import camera_of, show_box
 from napari_medcl.crash_log import internal_error_message
 from napari_medcl.errors import Cancelled, MedclError, UsageError
 
@@ -106,8 +107,8 @@ class ReviewWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         self.viewer = viewer
         self.scores: list[Any] = []
-        # called with the saved labels file; returns the prompts file it wrote beside it, or None
-        self.after_save: Callable[[Path], Path | None] | None = None
+        # called with the saved labels layer and file; returns the prompts file it wrote beside it, or None
+        self.after_save: Callable[[Any, Path], Path | None] | None = None
         self._entries: list[str] = []
         self._labels_combo = _combo("Labels", "labels", self)
         self._uncertainty = _combo("Uncertainty", "image", self)
@@ -266,7 +267,7 @@ class ReviewWidget(Container):
         axis = self._axis.value if uncertainty.ndim == 3 else 0
         entry = self.scores[row]
         if hasattr(entry, "box"):  # a 3D region: its centre, on the slice through it, zoomed to its box
-            self._show_box(layer, entry, axis)
+            show_box(self.viewer, layer, entry, axis)
             return
         threshold = self._threshold.value if self._mode.value == "volume_above" else None
         center = region_center(uncertainty, labels, axis, entry.index, threshold=threshold)
@@ -279,7 +280,7 @@ class ReviewWidget(Container):
             if dims.ndisplay == 2 and world_axis in dims.displayed:
                 dims.order = (world_axis, *(a for a in dims.order if a != world_axis))
             dims.set_point(world_axis, world[world_axis])
-        _camera(self.viewer).center = tuple(world[a] for a in dims.displayed)
+        camera_of(self.viewer).center = tuple(world[a] for a in dims.displayed)
 
     def update_overlay(self, *_: Any) -> None:
         """Show (or update) the "<image> uncertain > t" outline layer for the current threshold.
@@ -359,7 +360,7 @@ class ReviewWidget(Container):
         written = write_layer_data(layer, path)
         self._summary.value = f"Saved {layer.name!r} to {written}"
         if self.after_save is not None:
-            prompts = self.after_save(written)
+            prompts = self.after_save(layer, written)
             if prompts is not None:
                 self._summary.value += f" and its prompts to {prompts.name}"
         return written
@@ -382,32 +383,6 @@ class ReviewWidget(Container):
         units = getattr(self._uncertainty.value, "units", None) or ()
         metric = bool(units) and str(units[-1]) in ("millimeter", "mm")
         return ("mm" if metric else "px") + ("³" if ndim == 3 else "²")
-
-    def _show_box(self, layer: Any, entry: Any, axis: int) -> None:
-        """Centre the view on a region, on the slice through its centre, zoomed so that its box fills most
-        of the canvas (relative to the zoom that frames the whole scene, so no canvas size is needed)."""
-        dims = self.viewer.dims
-        offset = dims.ndim - layer.ndim
-        world = list(dims.point)
-        world[offset:] = list(layer.data_to_world(entry.center))
-        if len(entry.box) == 3:
-            world_axis = offset + axis
-            if dims.ndisplay == 2 and world_axis in dims.displayed:
-                dims.order = (world_axis, *(a for a in dims.order if a != world_axis))
-            dims.set_point(world_axis, world[world_axis])
-        self.viewer.reset_view()
-        camera = _camera(self.viewer)
-        scene = np.asarray(self.viewer.layers.extent.world, dtype=np.float64)  # (2, ndim): min, max
-        low = np.asarray(layer.data_to_world([s.start - 0.5 for s in entry.box]), dtype=np.float64)
-        high = np.asarray(layer.data_to_world([s.stop - 0.5 for s in entry.box]), dtype=np.float64)
-        ratios = []
-        for a in dims.displayed:
-            if a >= offset:
-                box = abs(high[a - offset] - low[a - offset])
-                ratios.append((scene[1, a] - scene[0, a]) / max(box, 1e-6))
-        if ratios:
-            camera.zoom = camera.zoom * max(1.0, 0.6 * min(ratios))
-        camera.center = tuple(world[a] for a in dims.displayed)
 
     @staticmethod
     def _describe(rank: int, score: Any, ndim: int, unit: str, mode: str) -> str:
@@ -1386,11 +1361,6 @@ def _raise_dock(widget: Container) -> None:
     if dock is not None:
         dock.show()
         dock.raise_()
-
-
-def _camera(viewer: Any) -> Any:
-    scene = getattr(viewer, "scene", None)  # napari >= 0.9 moved the camera to viewer.scene
-    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
 def _base_name(name: str) -> str:

@@ -203,6 +203,32 @@ def bundled_models(models_dir: Path | None = None) -> list[dict[str, Any]]:
     return models
 
 
+def bundled_weights(name: str, models_dir: Path | None = None) -> tuple[Path, str]:
+    """(file, SHA-256) of the training weights shipped beside bundled model ``name`` (its manifest entry's
+    ``weights``: a torch ``state_dict`` file that ``medcl-train --init-from NAME`` fine-tunes); ModelError when
+    there is no such model or it ships none. Nothing is read here: the caller checks the hash as it loads."""
+    models_dir = MODELS_DIR if models_dir is None else models_dir
+    models = bundled_models(models_dir)
+    for entry in models:
+        if entry["name"] != name:
+            continue
+        weights = entry.get("weights")
+        if not isinstance(weights, dict) or "file" not in weights or "sha256" not in weights:
+            raise ModelError(
+                models_dir / "manifest.json", f"bundled model {name!r} ships no training weights"
+            )
+        path = models_dir / str(weights["file"])
+        if not path.is_file():
+            raise ModelError(
+                path, f"the weights of bundled model {name!r} are listed in the manifest but missing"
+            )
+        return path, str(weights["sha256"])
+    available = ", ".join(m["name"] for m in models) or "none"
+    raise ModelError(
+        None, f"no bundled model named {name!r} (available: {available}); pass a checkpoint file"
+    )
+
+
 def default_model_name(models_dir: Path | None = None) -> str:
     """The bundled model used when none is named: the manifest's ``default`` entry, else its first model."""
     models_dir = MODELS_DIR if models_dir is None else models_dir

@@ -153,6 +153,13 @@ def walk(args: argparse.Namespace) -> None:
         tour.shot("review", review._summary.value)
 
         panel = widget.prompts
+        from qtpy.QtWidgets import QScrollArea
+
+        area = panel.native.parent()
+        while area is not None and not isinstance(area, QScrollArea):
+            area = area.parent()
+        if area is not None:  # the dock scrolls: bring the prompt panel into view, as a user would
+            area.ensureWidgetVisible(panel.native)
         region = panel.go_to_next()
         tour.shot("next_mistake", panel._info.value)
         if region is not None:

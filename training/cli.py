@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -45,6 +46,13 @@ def _train_parser() -> argparse.ArgumentParser:
         help="override one key, value parsed as YAML (repeatable), e.g. --set train.patch_size=[64,64,32]",
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint_last.pt")
+    parser.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT_OR_NAME",
+        help="start from a trained model's weights and fine-tune: a checkpoint (checkpoint_best.pt), a weights "
+        "file, or a bundled model's name (brain-tissue-3d); same as --set init.from_checkpoint=...; recorded "
+        "in the run's config.yaml. Add --set init.reinit_heads=true for a dataset with other classes",
+    )
     parser.add_argument("--check", action="store_true", help="only check the dataset and print a summary")
     return parser
 
@@ -65,7 +73,8 @@ def _dist_from_env(environ: dict[str, str]) -> Any:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """``medcl-train CONFIG.yaml [--set key=value ...] [--resume] [--check]``; returns the exit code."""
+    """``medcl-train CONFIG.yaml [--set key=value ...] [--init-from CHECKPOINT_OR_NAME] [--resume] [--check]``;
+    returns the exit code."""
     args = _train_parser().parse_args(argv)
     from training.config import ConfigError, load_config
     from training.data import check_dataset
@@ -76,7 +85,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         dist = _dist_from_env(dict(os.environ))
         if dist.world_size > 1:
             prefix = f"medcl-train [rank {dist.rank}]"
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.init_from is not None:
+            # Quoted as a YAML string, so that a name like "2024" or "yes" stays a name.
+            overrides.append(f"init.from_checkpoint={json.dumps(args.init_from)}")
+        cfg = load_config(args.config, overrides)
         if args.check:
             for line in check_dataset(cfg.data):
                 print(line)

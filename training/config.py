@@ -34,6 +34,7 @@ __all__ = [
     "CONFIG_VERSION",
     "CCDCConfig",
     "ConfigError",
+    "InitConfig",
     "LossConfig",
     "ModelConfig",
     "OutputConfig",
@@ -258,6 +259,18 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class InitConfig:
+    """Where the network's weights start: ``from_checkpoint`` None trains from scratch; otherwise a training
+    checkpoint (``checkpoint_best.pt``), a weights file (``<name>.pt`` beside a bundled model) or a bundled
+    model's name, loaded weights-only (``training.init_weights``). Every layer's shape must match this config's
+    network. ``reinit_heads`` lets a dataset with another set of classes start only the output heads (the
+    1x1 segmentation and deep-supervision heads) afresh; without it a change of classes is an error."""
+
+    from_checkpoint: str | None = None
+    reinit_heads: bool = False
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where the run writes: ``config.yaml``, ``train.log``, ``metrics.jsonl``, ``curves.png`` and checkpoints."""
 
@@ -273,6 +286,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     output: OutputConfig = field(default_factory=OutputConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     name: str | None = None
     config_version: int = CONFIG_VERSION
 

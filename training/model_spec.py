@@ -65,10 +65,12 @@ def run_spec(
     best: dict[str, Any],
     epochs: int,
     profile: dict[str, Any] | None = None,
+    init: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """The spec of the network a run trains on the dataset ``info`` describes (training.data's DatasetInfo):
     ``best`` is the run's best validation so far ({"epoch", "mean_dice"}), ``epochs`` the epochs done,
-    ``profile`` the training cases' training-data profile (``training.data.profile.dataset_profile``)."""
+    ``profile`` the training cases' training-data profile (``training.data.profile.dataset_profile``),
+    ``init`` the weights the run started from (``training.init_weights``; kept under ``training.init_from``)."""
     import napari_medcl
 
     d = cfg.model.spatial_dims
@@ -91,6 +93,7 @@ def run_spec(
             "dataset": getattr(info, "name", str(cfg.data.root)),
             "metrics": {"val_mean_dice": best["mean_dice"], "best_epoch": best["epoch"], "epochs": epochs},
             "code_version": napari_medcl.__version__,
+            **({"init_from": dict(init)} if init else {}),
         },
         training_profile=profile,
     )

@@ -18,6 +18,7 @@ patches and of the validation cases; only rank 0 writes.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig, config_to_yaml, diff_configs
 from training.errors import RunError, TrainingError
+from training.init_weights import InitialWeights, apply_initial_weights, load_initial_weights
 from training.loop import train_epoch
 from training.model_spec import method_name, run_spec
 from training.reporting import RunLog, epoch_line, write_metrics
@@ -67,12 +69,13 @@ class TrainResult:
 class RunData:
     """The prepared dataset: its description (training.data's DatasetInfo), the cases of each split, and the
     training-data profile of the training cases (``ModelSpec.training_profile``; None on ranks other than 0,
-    which never write a spec)."""
+    which never write a spec); ``init`` says which weights the network started from, for the spec."""
 
     info: Any
     train_cases: list[Any]
     val_cases: list[Any]
     profile: dict[str, Any] | None = None
+    init: dict[str, Any] | None = None  # the weights the run started from (InitialWeights.record())
 
 
 def train(
@@ -96,6 +99,12 @@ def train(
         log = RunLog(out / "train.log", dist.is_main, append=state is not None)
         try:
             log.first(f"world size {dist.world_size}")
+            # Read before the data are prepared, so that a wrong name or file stops the run at once.
+            init_weights = (
+                load_initial_weights(cfg.init.from_checkpoint)
+                if state is None and cfg.init.from_checkpoint is not None
+                else None
+            )
             data = _prepare_data(cfg, dist)
             parts = build_training(cfg, data.info, runtime)
             progress, rng_note = (
@@ -103,9 +112,13 @@ def train(
                 if state is not None
                 else (RunProgress(), None)
             )
+            # A resumed run's weights come from its own last checkpoint; the start it had is in its config.
+            init_lines, data = _initialise(cfg, parts, data, init_weights)
             _log_setup(
                 log, cfg, runtime, data, parts, progress, out, resumed=state is not None, rng_note=rng_note
             )
+            for line in init_lines:
+                log(line)
             for epoch in range(progress.epochs_done, cfg.train.epochs):
                 record = _epoch(epoch, cfg, runtime, data, parts, progress, out, log)
                 if on_epoch_end is not None:
@@ -189,6 +202,19 @@ def _prepare_data(cfg: TrainConfig, dist: DistInfo) -> RunData:
     return RunData(info=info, train_cases=train_cases, val_cases=val_cases, profile=profile)
 
 
+def _initialise(
+    cfg: TrainConfig, parts: TrainingParts, data: RunData, weights: InitialWeights | None
+) -> tuple[list[str], RunData]:
+    """Load ``weights`` (``init.from_checkpoint``) into the network (every rank read the same file, so the
+    processes agree without a broadcast); the log lines, and ``data`` with the source recorded for the spec."""
+    if weights is None:
+        return [], data
+    lines = apply_initial_weights(
+        parts.model, weights, class_names=list(data.info.class_names), reinit_heads=cfg.init.reinit_heads
+    )
+    return lines, dataclasses.replace(data, init=weights.record())
+
+
 def _training_profile(cfg: TrainConfig, info: Any, train_cases: list[Any]) -> dict[str, Any]:
     """The profile of the training cases as their files hold them (at most ``MAX_PROFILE_CASES`` read),
     under the normalisation the model will carry: stored in every spec the run writes."""
@@ -267,7 +293,7 @@ def _epoch(
     if (epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs:
         spec = run_spec(
             cfg, data.info, parts.model, parts.patch_size, best=progress.best, epochs=len(progress.history),
-            profile=data.profile,
+            profile=data.profile, init=data.init,
         )  # fmt: skip
         session = validation_session(parts.model, spec, runtime.device, runtime.autocast)
         val = validate(
@@ -297,6 +323,6 @@ def _epoch(
 def _spec(cfg: TrainConfig, data: RunData, parts: TrainingParts, progress: RunProgress) -> dict[str, Any]:
     spec = run_spec(
         cfg, data.info, parts.model, parts.patch_size, best=progress.best, epochs=len(progress.history),
-        profile=data.profile,
+        profile=data.profile, init=data.init,
     )  # fmt: skip
     return spec.to_dict()

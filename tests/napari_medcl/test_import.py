@@ -139,3 +139,20 @@ def test_public_predict_stays_the_function_after_submodules_are_imported():
 
     assert callable(napari_medcl.predict) and napari_medcl.predict.__name__ == "predict"
     assert callable(napari_medcl.predict_iter)
+
+
+def test_rank_help_and_corrections_are_torch_free():
+    body = (
+        "import contextlib, io\n"
+        "import napari_medcl.corrections\n"
+        "from napari_medcl.rank_cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0\n"
+        "assert 'medcl-rank' in out.getvalue()\n"
+    )
+    report = _probe(body)
+    assert report["loaded"] == []

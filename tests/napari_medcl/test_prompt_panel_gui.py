@@ -51,7 +51,10 @@ def test_a_negative_click_removes_the_label_there_and_nowhere_else(make_napari_v
     from napari_medcl._prompt_panel import ADDS, BOX, SCRIBBLE
 
     panel._polarity.value = ADDS
-    strokes = panel.place_prompts(tool=SCRIBBLE)
+    assert panel._tool in list(panel)  # the tool choice is on the panel, not only in the API
+    panel._tool.value = SCRIBBLE
+    panel._place.changed.emit(True)  # the button, as a user presses it
+    strokes = viewer.layers.selection.active
     assert strokes.mode == "paint"
     strokes.brush_size = 1
     strokes.paint((6, 6, 6), 1)
@@ -61,7 +64,10 @@ def test_a_negative_click_removes_the_label_there_and_nowhere_else(make_napari_v
     assert not np.asarray(labels.data)[MISSED].any()
 
     # a rectangle on slice 6 around the same blob labels it on that slice
-    rectangles = panel.place_prompts(tool=BOX)
+    panel._tool.value = BOX
+    panel._place.changed.emit(True)
+    rectangles = viewer.layers.selection.active
+    assert rectangles.mode == "add_rectangle"
     rectangles.add(np.array([[6, 3, 3], [6, 3, 10], [6, 10, 10], [6, 10, 3]]), shape_type="rectangle")
     assert panel._info.value.startswith("Prompt 2"), panel._info.value
     assert (np.asarray(labels.data)[6, 4:9, 4:10] == 1).all()
@@ -72,9 +78,21 @@ def test_a_negative_click_removes_the_label_there_and_nowhere_else(make_napari_v
     assert 1 <= centre[0] < 4 and 14 <= centre[1] < 18 and 26 <= centre[2] < 30  # the doubtful patch
     assert viewer.dims.point[0] == pytest.approx(centre[0])
     assert tuple(viewer.camera.center[-2:]) == pytest.approx(centre[1:])
+    outline = viewer.layers["planted next likely mistake"]
+    (corners,) = outline.data
+    low, high = np.asarray(corners)[:, 1:].min(axis=0) + 0.5, np.asarray(corners)[:, 1:].max(axis=0) + 0.5
+    assert (low <= np.array(centre[1:])).all() and (np.array(centre[1:]) < high).all()
+    assert tuple(high - low) == tuple(b.stop - b.start for b in region.box[1:])
 
     review = widget.show_review()
     review._labels_combo.value = labels
     saved = review.save_labels(tmp_path / "planted-labels.nii.gz")
     prompts = load_prompts(tmp_path / "planted-labels.prompts.json", shape=(12, 32, 32))
     assert saved.exists() and len(prompts) == 1 and not prompts[0].positive  # the undone ones are gone
+    assert "prompts" in review._summary.value
+
+    # reopen: a new run on the same scan, then the saved prompts replayed onto it
+    panel.sessions.clear()
+    run_and_wait(qtbot, widget)
+    assert panel.load_prompts(tmp_path / "planted-labels.nii.gz") == 1
+    assert not np.asarray(labels.data)[EXTRA].any()

@@ -164,7 +164,9 @@ def test_preset_loads_states_its_source_and_holds_only_deltas(path):
     cfg = load_config(path)
     text = path.read_text(encoding="utf-8")
     assert text.startswith("#")
-    if not path.stem.startswith(("quickstart", "default-")):  # recipes of ours, not paper settings
+    if not path.stem.startswith(
+        ("quickstart", "default-", "finetune-")
+    ):  # recipes of ours, not paper settings
         assert "Source: paper" in text and "Table" in text
     defaults = config_to_dict(TrainConfig())
     delta = yaml.safe_load(text)

@@ -1,0 +1,202 @@
+"""medcl-train --init-from: start from a checkpoint or a bundled model's weights and fine-tune.
+
+Covers: a matching network loads every weight (the run's first step barely moves them at lr 1e-12) and the
+run records where it started (config.yaml, train.log, the spec); a network of another shape is refused with
+one line per layer that differs; a dataset with other classes is refused unless init.reinit_heads, which
+restarts only the output heads; the bundled weights files load under their manifest SHA-256 and reproduce
+their ONNX models in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medcl.onnx_session import MODELS_DIR, bundled_models
+from tests.dataset_factory import make_msd_dataset
+from training.cli import train_main
+from training.config import load_config
+
+pytestmark = pytest.mark.torch
+
+FAST = [
+    "data.num_workers=0",
+    "data.augmentation.enabled=false",
+    "data.val_fraction=0.34",
+    "data.crop_nonzero=false",
+    "train.device=cpu",
+    "train.epochs=1",
+    "train.iterations_per_epoch=1",
+    "train.batch_size=1",
+    "train.patch_size=[8,16,16]",
+    "model.features=[8,16,32]",
+    "model.uafr.enabled=true",
+]
+# So small a step that every weight of a fine-tuned run stays where it started (to 1e-6).
+FROZEN = ["train.optimizer=sgd", "train.lr=1e-12", "train.momentum=0.0"]
+
+
+def train(root: Path, out: Path, *extra: str, init_from: str | None = None) -> int:
+    argv = [str(root / "run.yaml")]
+    for item in (*FAST, f"data.root={root}", f"output.dir={out}", *extra):
+        argv += ["--set", item]
+    if init_from is not None:
+        argv += ["--init-from", init_from]
+    return train_main(argv)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-class dataset, a 2-class one, and a finished tiny run on the first (its checkpoint_best.pt)."""
+    base = tmp_path_factory.mktemp("init")
+    three = make_msd_dataset(base / "three", n_cases=3, shape=(8, 16, 16), num_classes=3)
+    two = make_msd_dataset(base / "two", n_cases=3, shape=(8, 16, 16), num_classes=2, seed=1)
+    for root in (three, two):
+        (root / "run.yaml").write_text("{}\n")
+    assert train(three, base / "first") == 0
+    return base, three, two, base / "first" / "checkpoint_best.pt"
+
+
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The learned tensors of a checkpoint (BatchNorm statistics move with every training step)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return {
+        k: v
+        for k, v in state.items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
+
+
+def test_matching_network_starts_from_the_checkpoint_and_records_it(trained, one_torch_thread):
+    base, three, _, checkpoint = trained
+    out = base / "tuned"
+    assert train(three, out, *FROZEN, init_from=str(checkpoint)) == 0
+    start, tuned = model_weights(checkpoint), model_weights(out / "checkpoint_last.pt")
+    assert start.keys() == tuned.keys()
+    for key in start:
+        assert torch.allclose(start[key].float(), tuned[key].float(), atol=1e-6), key
+    assert load_config(out / "config.yaml").init.from_checkpoint == str(checkpoint)
+    state = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert state["config"]["init"] == {"from_checkpoint": str(checkpoint), "reinit_heads": False}
+    import hashlib
+
+    record = state["spec"]["training"]["init_from"]
+    assert record["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert record["file"] == "checkpoint_best.pt"
+    log = (out / "train.log").read_text(encoding="utf-8")
+    assert "init: weights from" in log and "tensors loaded" in log
+
+
+def test_a_network_of_another_shape_names_each_layer_that_differs(trained, capsys):
+    base, three, _, checkpoint = trained
+    code = train(three, base / "wide", "model.features=[8,16,24]", init_from=str(checkpoint))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "layer(s) differ from this config's network" in err
+    # one plain line per layer, each with both shapes
+    assert "encoder.2.0.0.weight: checkpoint [32, 16, 3, 3, 3], this network [24, 16, 3, 3, 3]" in err
+    assert "Traceback" not in err
+    assert not (base / "wide" / "checkpoint_last.pt").exists()
+
+
+def test_other_classes_need_reinit_heads_which_restarts_only_the_heads(trained, capsys, one_torch_thread):
+    base, _, two, checkpoint = trained
+    assert train(two, base / "refused", init_from=str(checkpoint)) == 1
+    err = capsys.readouterr().err
+    assert "differ from the dataset's (background, class1)" in err and "init.reinit_heads: true" in err
+
+    out = base / "new-classes"
+    assert train(two, out, *FROZEN, "init.reinit_heads=true", init_from=str(checkpoint)) == 0
+    start, tuned = model_weights(checkpoint), model_weights(out / "checkpoint_last.pt")
+    heads = [k for k in tuned if k.startswith(("head.", "deep_supervision_heads."))]
+    assert heads and all(tuned[k].shape[0] == 2 and start[k].shape[0] == 3 for k in heads)
+    for key in tuned:
+        if key not in heads:
+            assert torch.allclose(start[key].float(), tuned[key].float(), atol=1e-6), key
+    assert "output heads started afresh" in (out / "train.log").read_text(encoding="utf-8")
+
+
+def test_unknown_name_and_foreign_file_are_one_line(trained, tmp_path, capsys):
+    _, three, _, _ = trained
+    assert train(three, tmp_path / "a", init_from="no-such-model") == 1
+    assert "no bundled model named 'no-such-model'" in capsys.readouterr().err
+    foreign = tmp_path / "other.pt"
+    torch.save({"weights": [torch.zeros(2)]}, foreign)
+    assert train(three, tmp_path / "b", init_from=str(foreign)) == 1
+    err = capsys.readouterr().err
+    assert (
+        "not a napari-medcl checkpoint, weights file or network state dict" in err and "Traceback" not in err
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [m["name"] for m in bundled_models()])
+def test_bundled_weights_load_by_name_and_reproduce_the_onnx_model(name, one_torch_thread):
+    """The shipped weights are the shipped model: under the manifest's SHA-256, on the recipe's network, in
+    eval mode they give the ONNX file's probabilities."""
+    import onnxruntime as ort
+
+    from training.building import build_model
+    from training.config import config_from_dict
+    from training.init_weights import apply_initial_weights, load_initial_weights
+    from training.models.inference_wrapper import InferenceWrapper
+
+    entry = next(m for m in bundled_models() if m["name"] == name)
+    weights = load_initial_weights(name)
+    assert weights.sha256 == entry["weights"]["sha256"]
+    assert weights.path.stat().st_size == entry["weights"]["bytes"] < 8 * 1024 * 1024
+    cfg = config_from_dict(weights.config)
+    assert cfg.init.from_checkpoint is None
+    torch.manual_seed(0)
+    model = build_model(cfg, 1, len(weights.class_names))
+    apply_initial_weights(model, weights, class_names=weights.class_names, reinit_heads=False)
+    shape = (1, 1, 16, 48, 40) if cfg.model.spatial_dims == 3 else (2, 1, 64, 48)
+    image = torch.from_numpy(np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32))
+    with torch.no_grad():
+        ours = InferenceWrapper(model.eval())(image)[0].numpy()
+    session = ort.InferenceSession(str(MODELS_DIR / entry["file"]), providers=["CPUExecutionProvider"])
+    theirs = session.run(["probabilities"], {"image": image.numpy()})[0]
+    assert np.abs(ours - theirs).max() < 1e-4
+    assert json.loads((MODELS_DIR / "manifest.json").read_text())["models"]
+
+
+def test_finetune_preset_builds_the_network_the_bundled_weights_fit(one_torch_thread):
+    from training.building import build_model
+    from training.init_weights import apply_initial_weights, load_initial_weights
+
+    cfg = load_config(Path(__file__).parents[2] / "training" / "configs" / "finetune-brain-tissue-3d.yaml")
+    weights = load_initial_weights(cfg.init.from_checkpoint)
+    model = build_model(cfg, 1, len(weights.class_names))
+    lines = apply_initial_weights(model, weights, class_names=weights.class_names, reinit_heads=False)
+    assert "brain-tissue-3d.pt" in lines[0]
+
+
+def test_a_bare_state_dict_starts_a_run_too(trained, tmp_path, one_torch_thread):
+    """training.pretrain writes network.pt, a plain state dict: a run fine-tunes from it the same way."""
+    base, three, _, checkpoint = trained
+    network = tmp_path / "network.pt"
+    torch.save(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"], network)
+    out = tmp_path / "from-state-dict"
+    assert train(three, out, *FROZEN, init_from=str(network)) == 0
+    start, tuned = model_weights(checkpoint), model_weights(out / "checkpoint_last.pt")
+    assert all(torch.allclose(start[k].float(), tuned[k].float(), atol=1e-6) for k in start)
+
+
+def test_bundled_weights_are_checked_against_the_manifest(tmp_path):
+    from training.init_weights import InitError, load_initial_weights
+
+    manifest = json.loads((MODELS_DIR / "manifest.json").read_text())
+    entry = next(m for m in manifest["models"] if m["name"] == "brain-tissue-2d")
+    (tmp_path / entry["weights"]["file"]).write_bytes((MODELS_DIR / entry["weights"]["file"]).read_bytes())
+    entry["weights"]["sha256"] = "0" * 64
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InitError, match="does not match the manifest"):
+        load_initial_weights("brain-tissue-2d", models_dir=tmp_path)
+    del entry["weights"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InitError, match="ships no training weights"):
+        load_initial_weights("brain-tissue-2d", models_dir=tmp_path)
