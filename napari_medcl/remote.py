@@ -28,6 +28,7 @@ import http.client
 import http.cookiejar
 import ipaddress
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -70,7 +71,9 @@ SERVER_CHOICES = ("device", "backend", "precision")
 SESSION_GONE = ("session_expired", "session_unknown")
 # Codes of refusals that are the user's mistake (a prompt outside the image, no prediction yet): raised as the
 # UsageError a local session raises, with the server's line.
-USER_MISTAKES = ("bad_prompt", "bad_labels", "no_prediction")
+USER_MISTAKES = ("bad_prompt", "bad_labels", "no_prediction", "bad_correction")
+# What medcl-serve takes as a corrected case's name (app.CASE_ID_PATTERN).
+_CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Seconds to wait for the server when closing a session; closing is a courtesy (sessions also expire).
 CLOSE_TIMEOUT = 5.0
 
@@ -406,6 +409,29 @@ class RemoteCaseSession:
         for prompt in prompts:
             self.add_prompt(prompt)
         return len(prompts)
+
+    def add_correction(
+        self,
+        labels: np.ndarray | None = None,
+        *,
+        case_id: str | None = None,
+        channel_names: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Add the labels as they stand (after ``set_labels(labels)`` when given: the user's last edits) to
+        the server's corrections dataset (``medcl-serve --corrections-dir``; ``napari_medcl.corrections``) as
+        the case ``case_id`` (a name: letters, digits, ``._-``; the server picks a dated one when None; a name
+        used before replaces that case). Only the name travels: the server has the image, the model's labels
+        and the corrected ones. Returns ``{"case_id", "replaced", "added_at", "changed_voxels"}``."""
+        if case_id is not None and not _CASE_ID.fullmatch(str(case_id)):
+            raise UsageError(f"case_id must be 1 to 100 letters, digits, '.', '_' or '-', got {case_id!r}")
+        if labels is not None:
+            self.set_labels(labels)
+        self._catch_up()
+        request: dict[str, Any] = {} if case_id is None else {"case_id": case_id}
+        if channel_names is not None:
+            request["channel_names"] = list(channel_names)
+        body = json.dumps(request).encode("utf-8")
+        return json.loads(self._call("POST", "/corrections", body, "application/json"))
 
     def close(self) -> None:
         """Close the session on the server (best effort: a server that is gone has dropped it anyway)."""

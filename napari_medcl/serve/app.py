@@ -20,6 +20,11 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer <token>`` when the s
   which the client has); ``GET /sessions/{id}/labels`` sends the whole labels map as one update (a client
   catching up); ``GET /sessions/{id}/next-region?window_mm=`` says where the model expects the most
   mistakes no prompt has touched (JSON, null when none). They run on the device queue like predictions.
+- ``POST /sessions/{id}/corrections`` with JSON ``{"case_id": ..., "channel_names": [...]}`` (both optional):
+  the session's labels as they stand become a case of the corrections dataset (``napari_medcl.corrections``)
+  in the server's ``--corrections-dir``, compared with the model's own labels to record what the user
+  changed; answers the case id, whether it replaced one, and the changed voxels. The client names a case,
+  never a path; without ``--corrections-dir`` it is refused (403 corrections_off).
 - ``DELETE /sessions/{id}``: close the session.
 
 Every refusal is ``{"error": one line, "code": ...}`` with a fitting status (400 bad request, 401 token,
@@ -36,12 +41,14 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 import secrets
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,6 +91,7 @@ MAX_JSON_BYTES = 64 * 1024
 MAX_PROMPT_VOXELS = 100_000
 MAX_PROMPT_BYTES = 4 * 1024**2
 PROMPT_KEYS = frozenset({"kind", "label", "voxels", "positive"})
+CASE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Seconds between lines of a prediction's answer at most (a "waiting" line when nothing else was sent):
 # proxies close connections that stay silent (nginx after 60 s), and the client notices a dead server.
 HEARTBEAT_SECONDS = 5.0
@@ -95,7 +103,8 @@ PROGRESS_HZ = 10.0
 class ServerSettings:
     """What ``medcl-serve``'s options set. ``token``: the bearer token clients must send (None: no token,
     loopback only; the command checks that). ``max_upload_bytes`` bounds a request body as sent;
-    ``max_voxel_bytes`` an uploaded image once unpacked. ``idle_timeout`` in seconds."""
+    ``max_voxel_bytes`` an uploaded image once unpacked. ``idle_timeout`` in seconds. ``corrections_dir``:
+    the corrections dataset clients add corrected cases to (None: they cannot)."""
 
     device: str = "auto"
     token: str | None = None
@@ -103,6 +112,7 @@ class ServerSettings:
     max_upload_bytes: int = 512 * 1024**2
     max_voxel_bytes: int = 2 * 1024**3
     idle_timeout: float = 600.0
+    corrections_dir: Path | None = None
 
 
 def create_app(models: ServedModels, settings: ServerSettings) -> FastAPI:
@@ -284,6 +294,59 @@ def create_app(models: ServedModels, settings: ServerSettings) -> FastAPI:
             }
         }
 
+    @router.post("/sessions/{session_id}/corrections", status_code=201)
+    async def add_corrected_case(session_id: str, request: Request) -> dict[str, Any]:
+        session = store.get(session_id)
+        if settings.corrections_dir is None:
+            raise Refused(
+                403,
+                "corrections_off",
+                "this server keeps no corrections dataset (start it with medcl-serve --corrections-dir DIR)",
+            )
+        case_id, channel_names = _parse_correction(await _read_body(request, MAX_JSON_BYTES))
+
+        def snapshot() -> tuple[np.ndarray, np.ndarray, Any]:
+            _need_prediction(session)
+            assert session.model_labels is not None  # set with the first prediction
+            provenance = session.case.prediction.provenance
+            # The record names the served model as clients know it, not the server's folders.
+            provenance = dataclasses.replace(
+                provenance, model=dataclasses.replace(provenance.model, path=session.model_name)
+            )
+            return session.case.labels.copy(), session.model_labels.copy(), provenance
+
+        labels, model_labels, provenance = await _on_session(session, store, queue, snapshot)
+        from napari_medcl.corrections import CorrectionError, add_correction
+        from napari_medcl.errors import OutputError
+
+        try:
+            # Written off the device queue (disk, not GPU), under the dataset's own lock.
+            added = await asyncio.to_thread(
+                add_correction,
+                settings.corrections_dir,
+                session.volume,
+                labels,
+                model=provenance,
+                model_labels=model_labels,
+                case_id=case_id,
+                channel_names=channel_names,
+            )
+        except CorrectionError as error:
+            raise Refused(400, "bad_correction", str(error)) from None
+        except OutputError as error:
+            logger.error("cannot add a corrected case: %s", error)  # the path is for the server's log only
+            raise Refused(
+                500,
+                "corrections_write_failed",
+                f"the server could not write the corrected case ({error.problem})",
+            ) from None
+        return {
+            "case_id": added.case_id,
+            "replaced": added.replaced,
+            "added_at": added.record["added_at"],
+            "changed_voxels": added.record["changed"]["voxels"],
+        }
+
     @router.delete("/sessions/{session_id}", status_code=204)
     async def close(session_id: str) -> Response:
         store.close(session_id)
@@ -428,6 +491,37 @@ def _prompt_from_json(body: bytes, session: ServerSession) -> Prompt:
     except MedclError as error:
         raise Refused(400, "bad_prompt", str(error)) from None
     return prompt
+
+
+def _parse_correction(body: bytes) -> tuple[str, list[str] | None]:
+    """(case id, channel names or None) of an add-correction request; Refused for anything else. A case id
+    is a name (letters, digits, ``._-``), never a path; none given: a new one, dated."""
+    try:
+        data = json.loads(body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Refused(400, "bad_request", "the correction request is not JSON") from None
+    if not isinstance(data, dict):
+        raise Refused(400, "bad_request", 'a correction request is {"case_id": ..., "channel_names": [...]}')
+    if any(isinstance(v, str) and ("/" in v or "\\" in v or ".." in v) for v in [*data, *_flatten(data)]):
+        raise Refused(400, "path_refused", "the server writes where it was told to; name a case, not a path")
+    if set(data) - {"case_id", "channel_names"}:
+        raise Refused(
+            400, "bad_request", f"a correction request has case_id and channel_names, got {sorted(data)}"
+        )
+    case_id = data.get("case_id")
+    if case_id is None:
+        case_id = f"case-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    if not isinstance(case_id, str) or not CASE_ID_PATTERN.fullmatch(case_id):
+        raise Refused(
+            400, "bad_request", f"case_id must be 1 to 100 letters, digits, '.', '_' or '-', got {case_id!r}"
+        )
+    names = data.get("channel_names")
+    if names is not None and (
+        not isinstance(names, list)
+        or not all(isinstance(n, str) and CASE_ID_PATTERN.fullmatch(n) for n in names)
+    ):
+        raise Refused(400, "bad_request", "channel_names must be a list of names (letters, digits, '._-')")
+    return case_id, names
 
 
 def _whole_number(value: Any) -> bool:

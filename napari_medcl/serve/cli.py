@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="close a session after S seconds without a request; its client then uploads again (default: 600)",
     )
+    parser.add_argument(
+        "--corrections-dir",
+        type=Path,
+        metavar="DIR",
+        help="corrections dataset (napari_medcl.corrections, the layout medcl-train reads) where clients add "
+        "their corrected cases (POST /sessions/{id}/corrections); created when missing. Default: none, and "
+        "the server refuses corrected cases",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -131,6 +139,7 @@ def _serve(args: argparse.Namespace, token: str | None, sock: socket.socket) -> 
         max_sessions=args.max_sessions,
         max_upload_bytes=args.max_upload_bytes,
         idle_timeout=args.idle_timeout,
+        corrections_dir=None if args.corrections_dir is None else args.corrections_dir.expanduser().resolve(),
     )
     app = create_app(models, settings)
     host, port = sock.getsockname()[:2]

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from napari_medcl.interactive import CaseSession
 from napari_medcl.prediction import Progress
 from napari_medcl.session import InferenceSession
@@ -74,6 +76,9 @@ class ServerSession:
     result: StoredResult | None = None
     case: CaseSession = field(init=False)
     lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    # The model's own labels, each prediction's pasted over the last inside its region as ``case`` takes
+    # them: what a corrected case is compared with to tell what the user changed.
+    model_labels: np.ndarray | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.case = CaseSession(self.volume, self.model, device=self.device)
@@ -87,9 +92,19 @@ class ServerSession:
         probabilities are dropped from the Prediction unless ``return_probabilities`` asks for them."""
         keep_probabilities = bool(options.pop("return_probabilities", False))
         for item in self.case.predict_iter(region=region, cancel=cancel, **options):
-            if isinstance(item, Prediction) and not keep_probabilities:
-                item = dataclasses.replace(item, probabilities=None)
+            if isinstance(item, Prediction):
+                self._keep_model_labels(item)
+                if not keep_probabilities:
+                    item = dataclasses.replace(item, probabilities=None)
             yield item
+
+    def _keep_model_labels(self, prediction: Prediction) -> None:
+        labels = prediction.labels.array
+        roi = prediction.provenance.roi if prediction.provenance is not None else None
+        inside = (slice(None),) * labels.ndim if roi is None else tuple(slice(int(a), int(b)) for a, b in roi)
+        if self.model_labels is None or self.model_labels.dtype != labels.dtype:
+            self.model_labels = np.zeros_like(labels)
+        self.model_labels[inside] = labels[inside]
 
 
 class SessionStore:

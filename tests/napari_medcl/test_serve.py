@@ -18,8 +18,10 @@ import warnings
 import numpy as np
 import pytest
 
+from napari_medcl.corrections import read_record
 from napari_medcl.errors import Cancelled, PredictionError, ServerError, UsageError
 from napari_medcl.interactive import open_session as open_interactive
+from napari_medcl.io import read_image
 from napari_medcl.layer_data import segment_volume_iter
 from napari_medcl.onnx_session import load_model
 from napari_medcl.prediction import Progress, predict_iter
@@ -578,6 +580,7 @@ def test_a_click_sends_back_only_the_box_it_changed(server, client):
         assert answer == {"prompts": [point(6, 7, 7, label=1).to_dict()]}
 
 
+MISSED_SIZE = 5 * 6 * 6
 PROMPT = {"kind": "point", "label": 1, "voxels": [[6, 7, 7]], "positive": True}
 
 
@@ -763,3 +766,85 @@ def _raw_bytes(url, method, path, *, body=None, token=None):
         return response.status, response.read()
     finally:
         connection.close()
+
+
+# -- a corrected case into the server's corrections dataset
+
+
+@pytest.fixture(scope="module")
+def corrections_server(model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corrections") / "dataset"
+    args = ("--models", str(model_dir), "--device", "cpu", "--backend", "onnxruntime")
+    args += ("--corrections-dir", str(folder))
+    with running_server(*args, token=TOKEN, token_dir=tmp_path_factory.mktemp("token")) as running:
+        yield running, folder
+
+
+def test_a_corrected_case_goes_into_the_servers_corrections_dataset(corrections_server):
+    running, folder = corrections_server
+    client = RemoteClient(running.url, TOKEN)
+    volume, _ = planted_case()
+    with client.open_session(volume, "point3d") as session:
+        session.predict(region=((0, 12), (0, 16), (0, 32)))
+        session.predict(region=((0, 12), (16, 32), (0, 32)))  # the model's labels: both halves
+        model_labels = session.labels.copy()
+        session.add_prompt(point(6, 7, 7, label=1))
+        edited = session.labels.copy()
+        edited[0, 0, :4] = 1  # a brush stroke not yet sent: add_correction sends it first
+        answer = session.add_correction(edited, case_id="planted-1")
+        assert answer["case_id"] == "planted-1" and answer["replaced"] is False
+        assert answer["changed_voxels"] == int((edited != model_labels).sum()) == MISSED_SIZE + 4
+        np.testing.assert_array_equal(session.labels, edited)
+
+        written = read_image(folder / "labelsTr" / "planted-1.nii.gz")
+        np.testing.assert_array_equal(written.array, edited)
+        assert written.same_geometry(volume)
+        image = read_image(folder / "imagesTr" / "planted-1_0000.nii.gz")
+        np.testing.assert_allclose(image.array, volume.array)
+        record = read_record(folder, "planted-1")
+        assert record["model"]["name"] and record["model"]["path"] == "point3d"  # no server folder in it
+        assert record["changed"]["voxels"] == answer["changed_voxels"]
+        assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 1
+
+        again = session.add_correction(case_id="planted-1")  # the same name replaces the case
+        assert again["replaced"] is True
+        named = session.add_correction()  # no name: a new dated one
+        assert named["case_id"].startswith("case-") and named["case_id"] != "planted-1"
+        assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 2
+        with pytest.raises(UsageError, match="case_id must be"):
+            session.add_correction(case_id="../planted")
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"case_id": "../../etc/cron.d/x"}, "path_refused"),
+        ({"case_id": "/tmp/x"}, "path_refused"),
+        ({"case_id": "a\\b"}, "path_refused"),
+        ({"path": "/data/corrections"}, "path_refused"),
+        ({"folder": "corrections"}, "bad_request"),
+        ({"case_id": "with space"}, "bad_request"),
+        ({"case_id": 7}, "bad_request"),
+        ({"channel_names": ["T1", "../x"]}, "path_refused"),
+        ({"channel_names": "T1"}, "bad_request"),
+    ],
+)
+def test_a_correction_request_names_a_case_never_a_path(corrections_server, body, code):
+    running, folder = corrections_server
+    with RemoteClient(running.url, TOKEN).open_session(planted_case()[0], "point3d") as session:
+        session.predict()
+        path = f"/sessions/{session.session_id}/corrections"
+        status, answer, _ = _raw(running.url, "POST", path, body=json.dumps(body).encode(), token=TOKEN)
+    assert status == 400 and answer["code"] == code, answer
+    assert "\n" not in answer["error"]
+
+
+def test_without_corrections_dir_a_corrected_case_is_refused(client):
+    with client.open_session(planted_case()[0], "point3d") as session:
+        with pytest.raises(UsageError, match="run the model"):
+            session.next_region()
+        session.predict()
+        with pytest.raises(
+            ServerError, match=r"keeps no corrections dataset \(start it with .*--corrections-dir"
+        ):
+            session.add_correction(case_id="x")
