@@ -28,6 +28,7 @@ import http.client
 import http.cookiejar
 import ipaddress
 import json
+import math
 import re
 import socket
 import time
@@ -551,7 +552,8 @@ class RemoteCaseSession:
 
     def _read_update(self, answer: bytes) -> tuple[Any, Any, dict[str, float]]:
         try:
-            return labels_from_npz(answer, self.grid)
+            # uint16 labels of the whole grid at most: a broken server cannot make this side allocate more
+            return labels_from_npz(answer, self.grid, max_bytes=2 * math.prod(self.grid))
         except errors.MedclError as error:
             raise ServerError(
                 f"server {self.client.url} sent an update this client cannot use ({error})"
@@ -708,7 +710,9 @@ class RemoteModel:
 
     def session_for(self, volume: Volume) -> RemoteCaseSession:
         """The open session holding ``volume`` (same voxels and geometry), opened now if there is none."""
-        key = volume_fingerprint(volume)
+        # The very Volume of a session (the widget's run, then its prompt panel) needs no hashing.
+        key = next((k for k, s in self._sessions.items() if s.volume is volume), None)
+        key = key or volume_fingerprint(volume)
         session = self._sessions.pop(key, None)
         if session is None:
             session = self.client.open_session(volume, self.name)

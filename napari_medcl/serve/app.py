@@ -41,6 +41,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import sys
@@ -244,8 +245,9 @@ def create_app(models: ServedModels, settings: ServerSettings) -> FastAPI:
         session = store.get(session_id)
         body = await _read_body(request, settings.max_upload_bytes)
         try:
+            # uint16 labels of the whole grid at most: no upload unpacks into more than that
             box, labels, _numbers = await asyncio.to_thread(
-                labels_from_npz, body, session.case.grid, max_bytes=settings.max_voxel_bytes
+                labels_from_npz, body, session.case.grid, max_bytes=2 * math.prod(session.case.grid)
             )
         except MedclError as error:
             raise Refused(400, "bad_labels", f"labels refused: {error}") from None
