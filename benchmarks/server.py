@@ -22,7 +22,7 @@ real volume: ``--slices`` axial slices from the middle of the bundled sample sca
    in-process step, the bytes an answer holds, and whether the labels stayed identical.
 
 Bounded: the clients stop starting requests after ``--max-seconds`` (default 60), and the report says how many
-ran; the in-process pass repeats only those, so the whole run stays under 3 minutes. Writes ``benchmarks/results/server.json`` (``--out``). Loopback only.
+ran; the in-process pass repeats only those, so the whole run stays under 4 minutes. Writes ``benchmarks/results/server.json`` (``--out``). Loopback only.
 """
 
 from __future__ import annotations
