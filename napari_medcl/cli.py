@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_medcl import __version__
+from napari_medcl.arg_types import real_number, whole_number
 from napari_medcl.crash_log import internal_error_message
 from napari_medcl.errors import InputError, MedclError, OutputError
 from napari_medcl.predict_case import PROG, process_case, wanted_from
@@ -84,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         "of the held-out voxels); auto: bf16 where it can run, else fp32 (default: auto)",
     )
     parser.add_argument(
-        "--overlap", type=_overlap, default=0.5, help="fraction of window overlap in [0, 1) (default: 0.5)"
+        "--overlap",
+        type=real_number(0.0, 1.0),
+        default=0.5,
+        help="fraction of window overlap in [0, 1) (default: 0.5)",
     )
     parser.add_argument("--tta", action="store_true", help="average over mirrored copies (2^d times slower)")
     parser.add_argument(
@@ -108,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-voxels",
-        type=_limit,
+        type=whole_number(1, none=True),
         default=MAX_VOXELS,
         metavar="N",
         help="refuse an image whose header declares more than N values (voxels x channels), or that "
@@ -116,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-bytes",
-        type=_limit,
+        type=whole_number(1, none=True),
         default=MAX_BYTES,
         metavar="N",
         help="refuse an image whose voxel data takes more than N bytes (in the file, or as float32 once "
@@ -124,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--num-parts",
-        type=_positive,
+        type=whole_number(1),
         default=None,
         metavar="N",
         help="split the inputs into N parts and segment only part --part-id (for array jobs on several "
@@ -133,14 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--part-id",
-        type=_whole,
+        type=whole_number(0),
         default=None,
         metavar="I",
         help="the part this run segments, 0 <= I < N (with --num-parts)",
     )
     parser.add_argument(
         "--jobs",
-        type=_positive,
+        type=whole_number(1),
         default=1,
         metavar="K",
         help="segment K cases at once in K worker processes, each with the model loaded once and its own "
@@ -178,45 +182,6 @@ def _other_outputs(formats: Any) -> str:
             f"{fmt.title} -> {labels}" if labels == maps else f"{fmt.title} -> {labels} labels, {maps} maps"
         )
     return "; ".join(out)
-
-
-def _limit(text: str) -> int | None:
-    if text.strip().lower() == "none":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number or 'none': {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _whole(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _whole(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _overlap(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from napari_medcl import __version__
+from napari_medcl.arg_types import real_number, whole_number
 from napari_medcl.crash_log import internal_error_message
 from napari_medcl.errors import MedclError, UsageError
 
@@ -40,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
-    parser.add_argument("--port", type=_port, default=8765, help="port (0: any free port; default: 8765)")
+    parser.add_argument(
+        "--port",
+        type=whole_number(0, 65535, what="a port number"),
+        default=8765,
+        help="port (0: any free port; default: 8765)",
+    )
     parser.add_argument(
         "--models",
         nargs="+",
@@ -75,18 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
         "is a loopback address)",
     )
     parser.add_argument(
-        "--max-sessions", type=_positive, default=16, metavar="N", help="open sessions at most (default: 16)"
+        "--max-sessions",
+        type=whole_number(1),
+        default=16,
+        metavar="N",
+        help="open sessions at most (default: 16)",
     )
     parser.add_argument(
         "--max-upload-bytes",
-        type=_positive,
+        type=whole_number(1),
         default=512 * 1024**2,
         metavar="N",
         help="largest request body accepted, compressed as sent (default: 536870912, 512 MiB)",
     )
     parser.add_argument(
         "--idle-timeout",
-        type=_seconds,
+        type=real_number(0.0, what="a number of seconds", low_open=True),
         default=600.0,
         metavar="S",
         help="close a session after S seconds without a request; its client then uploads again (default: 600)",
@@ -213,33 +223,3 @@ def _bind(host: str, port: int) -> socket.socket:
         raise UsageError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
     sock.set_inheritable(True)
     return sock
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
-    return value
