@@ -238,7 +238,7 @@ def plan_fine_tune(
     folder = corrections / FINETUNED
     taken = [p.name.removesuffix(".onnx") for p in folder.glob("*.onnx")]
     taken += [p.name for p in (folder / "runs").glob("*") if p.is_dir()]  # cancelled runs keep their name
-    name = versioned_name(source_name, taken)
+    name = versioned_name(source_name, [*taken, source_name])  # always a newer version than the source
     val_cases, note = held_out_cases(cases)
     return FineTunePlan(
         source=model,
