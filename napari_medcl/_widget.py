@@ -626,7 +626,8 @@ class SegmentWidget(Container):
             self._extra_models.append(path)
             chosen = self._model.value
             self._model.reset_choices()
-            self._model.value = chosen
+            if chosen is not None and chosen in self._model.choices:
+                self._model.value = chosen
 
     def current_image(self) -> Any:
         return self._image.value

@@ -94,3 +94,17 @@ def test_which_case_next_lists_the_ranking_and_a_click_opens_the_case(segment, t
     before = len(viewer.layers)
     panel.list.setCurrentRow(row)
     assert len(viewer.layers) == before + 1 and viewer.layers.selection.active.name == "plain"
+
+
+def test_models_fine_tuned_in_the_remembered_folder_are_in_the_picker(make_napari_viewer, tmp_path):
+    folder = tmp_path / "corrections"
+    (folder / "finetuned").mkdir(parents=True)
+    model = save(
+        pointwise_model(threshold=1.0, name="x-ft1", spatial_dims=3), folder / "finetuned" / "x-ft1.onnx"
+    )
+    learning.remember_corrections_folder(folder)
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medcl", "Segment with uncertainty")
+    assert str(model.resolve()) in widget._model.choices
+    assert widget._model.value == "brain-tissue-3d"  # offered, not chosen
+    assert widget.learning._folder_info.value == f"Corrections folder: {folder}"
