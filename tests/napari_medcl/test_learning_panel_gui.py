@@ -108,3 +108,37 @@ def test_models_fine_tuned_in_the_remembered_folder_are_in_the_picker(make_napar
     assert str(model.resolve()) in widget._model.choices
     assert widget._model.value == "brain-tissue-3d"  # offered, not chosen
     assert widget.learning._folder_info.value == f"Corrections folder: {folder}"
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_fine_tune_from_the_panel_adds_the_new_model_and_cancel_adds_none(
+    make_napari_viewer, qtbot, tmp_path
+):
+    from tests.finetune_factory import corrections_with_tiny_model
+
+    folder, source = corrections_with_tiny_model(tmp_path)
+    save(pointwise_model(threshold=1.0, name="tiny-ft1", spatial_dims=3), source)  # what the picker shows
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medcl", "Segment with uncertainty")
+    widget.add_model_file(source)
+    panel = widget.learning
+    panel.set_corrections_folder(folder)
+
+    panel._finetune.changed.emit(True)  # the button
+    assert panel._finetune.text == "Cancel fine-tuning"
+    assert "Holding out case2 (not trained on)" in panel._ft_info.value
+    qtbot.waitUntil(lambda: not panel.running, timeout=180_000)
+    new = folder / "finetuned" / "tiny-ft2.onnx"
+    assert panel._ft_info.value.startswith(
+        "tiny-ft2 is in the model picker. Held-out corrected case(s) case2"
+    )
+    assert str(new.resolve()) in widget._model.choices and panel._progress.value == 100
+    assert "epoch 1/" in panel.log_text()
+
+    panel._finetune.changed.emit(True)  # again: tiny-ft3, cancelled at once with the same button
+    assert panel.running
+    panel._finetune.changed.emit(True)
+    assert panel._ft_info.value == "Fine-tuning cancelled; no model was added."
+    assert panel._finetune.text == "Fine-tune on the corrections" and panel._progress.value == 0
+    assert not (folder / "finetuned" / "tiny-ft3.onnx").exists()

@@ -7,68 +7,19 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from napari_medcl import learning
-from napari_medcl.corrections import add_correction
-from napari_medcl.volume import Volume
-from tests.dataset_factory import blob_labels
-from training.cli import train_main
+from tests.finetune_factory import corrections_with_tiny_model
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
-
-TINY = [
-    "data.num_workers=0",
-    "data.augmentation.enabled=false",
-    "data.crop_nonzero=false",
-    "data.target_spacing=null",
-    "train.device=cpu",
-    "train.iterations_per_epoch=1",
-    "train.batch_size=1",
-    "train.patch_size=[8,16,16]",
-    "model.features=[8,16,32]",
-]
 
 
 @pytest.fixture(scope="module")
 def started(tmp_path_factory):
-    """A corrections folder of 3 cases (added as the widget adds them) and a tiny model "fine-tuned here"
-    earlier: its checkpoint, config and the record beside its .onnx."""
-    base = tmp_path_factory.mktemp("ft")
-    folder = base / "corrections"
-    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    for i in range(3):
-        rng = np.random.default_rng(i)
-        labels = blob_labels((8, 16, 16), 3, rng)
-        image = (labels * 80.0 + rng.normal(20, 5, labels.shape)).astype(np.float32)
-        model_labels = labels.copy()
-        model_labels[labels == 2] = 1  # the "model" confused the classes; the user fixed it
-        add_correction(
-            folder, Volume(image, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3)), labels,
-            model_labels=model_labels, case_id=f"case{i}", class_names=["background", "a", "b"],
-            now=start + timedelta(minutes=i),
-        )  # fmt: skip
-    config = base / "tiny.yaml"
-    config.write_text("{}\n")
-    argv = [str(config)]
-    for item in (
-        *TINY,
-        f"data.root={folder}",
-        "data.val_fraction=0.34",
-        "train.epochs=1",
-        f"output.dir={base / 'r'}",
-    ):
-        argv += ["--set", item]
-    assert train_main(argv) == 0
-    models = base / "models"
-    models.mkdir()
-    record = {"checkpoint": str(base / "r" / "checkpoint_best.pt"), "config": str(base / "r" / "config.yaml")}
-    (models / "tiny-ft1.finetune.json").write_text(json.dumps(record))
-    return folder, models / "tiny-ft1.onnx"
+    return corrections_with_tiny_model(tmp_path_factory.mktemp("ft"))
 
 
 def plan(started, *overrides: str) -> learning.FineTunePlan:
