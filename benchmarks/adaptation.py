@@ -133,7 +133,9 @@ def random_choice(candidates: Sequence[str], k: int, seed: int) -> list[str]:
 # ------------------------------------------------------------------------------------ training, scoring
 
 
-def fine_tune(data: Path, out: Path, *, seed: int, replay: Path, quick: bool) -> tuple[Path, float]:
+def fine_tune(
+    data: Path, out: Path, *, seed: int, replay: Path, replay_fraction: float, quick: bool
+) -> tuple[Path, float]:
     """Fine-tune the bundled model on ``data`` (its last checkpoint, wall seconds)."""
     from training.cli import train_main
 
@@ -143,7 +145,8 @@ def fine_tune(data: Path, out: Path, *, seed: int, replay: Path, quick: bool) ->
         "data.val_cases=[]",
         "data.num_workers=0",
         f"train.seed={seed}",
-        f"init.replay={replay}",
+        f"init.replay={replay}" if replay_fraction > 0 else "init.replay=null",
+        f"init.replay_fraction={replay_fraction if replay_fraction > 0 else 0.25}",
         "train.device=cpu",
     ]
     if quick:
@@ -197,6 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--k", type=int, nargs="+", help="numbers of corrected blocks (default 1 2 4)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--replay-fraction",
+        type=float,
+        default=0.25,
+        help="init.replay_fraction; 0: no replay (default 0.25)",
+    )
+    parser.add_argument("--choices", nargs="+", default=["ranked", "random"], choices=["ranked", "random"])
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
     ks = args.k or ([2] if args.quick else [1, 2, 4])
@@ -228,17 +238,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "random": random_choice(candidates, k, seed),
             }
             for how, blocks in choices.items():
+                if how not in args.choices:
+                    continue
                 key = (tuple(blocks), seed)
                 if key not in runs:
                     data = corrections_dataset(perturbed, blocks, args.work)
-                    out = args.work / "runs" / f"{'+'.join(blocks)}-seed{seed}"
-                    checkpoint, seconds = fine_tune(data, out, seed=seed, replay=args.data, quick=args.quick)
+                    out = args.work / "runs" / f"{'+'.join(blocks)}-seed{seed}-replay{args.replay_fraction:g}"
+                    checkpoint, seconds = fine_tune(
+                        data,
+                        out,
+                        seed=seed,
+                        replay=args.data,
+                        replay_fraction=args.replay_fraction,
+                        quick=args.quick,
+                    )
                     session, _ = load_checkpoint_session(checkpoint, "cpu")
                     runs[key] = {
                         "seconds": seconds,
                         **held_out_scores(session, args.data, perturbed, held_out),
                     }
-                row = {"k": k, "seed": seed, "choice": how, "blocks": blocks, **runs[key]}
+                row = {
+                    "k": k,
+                    "seed": seed,
+                    "choice": how,
+                    "blocks": blocks,
+                    "replay": args.replay_fraction,
+                    **runs[key],
+                }
                 rows.append(row)
                 print(
                     f"k={k} seed={seed} {how} {'+'.join(blocks)}: perturbed {row['perturbed']:.4f} "
@@ -270,20 +296,20 @@ def report(
         f"Held-out {held_out}, bundled {MODEL} before fine-tuning: perturbed {before['perturbed']:.4f}, "
         f"clean {before['clean']:.4f}.",
         "",
-        "| corrected blocks | choice | seeds | mean Dice perturbed | Δ | recovered share of the loss | "
+        "| corrected blocks | choice | replay | seeds | mean Dice perturbed | Δ | recovered share of the loss | "
         "mean Dice clean | Δ | fine-tune s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[int, str, float], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["k"], row["choice"]), []).append(row)
-    for (k, how), group in groups.items():
+        groups.setdefault((row["k"], row["choice"], row["replay"]), []).append(row)
+    for (k, how, replay), group in groups.items():
         p = float(np.mean([r["perturbed"] for r in group]))
         c = float(np.mean([r["clean"] for r in group]))
         loss = before["clean"] - before["perturbed"]
         share = (p - before["perturbed"]) / loss if loss > 0 else float("nan")
         lines.append(
-            f"| {k} | {how} | {len(group)} | {p:.4f} | {p - before['perturbed']:+.4f} | {share:.0%} | {c:.4f} | "
+            f"| {k} | {how} | {replay:g} | {len(group)} | {p:.4f} | {p - before['perturbed']:+.4f} | {share:.0%} | {c:.4f} | "
             f"{c - before['clean']:+.4f} | {np.mean([r['seconds'] for r in group]):.0f} |"
         )
     return "\n".join(lines) + "\n"
