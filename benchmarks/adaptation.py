@@ -146,7 +146,7 @@ def fine_tune(
         "data.num_workers=0",
         f"train.seed={seed}",
         f"init.replay={replay}" if replay_fraction > 0 else "init.replay=null",
-        f"init.replay_fraction={replay_fraction if replay_fraction > 0 else 0.25}",
+        f"init.replay_fraction={replay_fraction if replay_fraction > 0 else 0.5}",
         "train.device=cpu",
     ]
     if quick:
@@ -203,8 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--replay-fraction",
         type=float,
-        default=0.25,
-        help="init.replay_fraction; 0: no replay (default 0.25)",
+        default=0.5,
+        help="init.replay_fraction; 0: no replay (default 0.5)",
     )
     parser.add_argument("--choices", nargs="+", default=["ranked", "random"], choices=["ranked", "random"])
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")

@@ -275,7 +275,9 @@ class InitConfig:
     from_checkpoint: str | None = None
     reinit_heads: bool = False
     replay: str | None = "auto"
-    replay_fraction: float = 0.25
+    # Half: in benchmarks/adaptation.py --quick (one seed) 0.5 kept more of the clean held-out block than 0.25
+    # (-0.074 vs -0.094 mean Dice; none: -0.192) at the same gain on the new scanner's block.
+    replay_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 < self.replay_fraction < 1.0:

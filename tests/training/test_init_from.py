@@ -85,7 +85,7 @@ def test_matching_network_starts_from_the_checkpoint_and_records_it(trained, one
         "from_checkpoint": str(checkpoint),
         "reinit_heads": False,
         "replay": "auto",
-        "replay_fraction": 0.25,
+        "replay_fraction": 0.5,
     }
     # auto replays the training data of bundled models only: a checkpoint file starts without replay
     assert "replay: off (auto replays only for bundled models" in (out / "train.log").read_text()
