@@ -32,6 +32,7 @@ from magicgui.widgets import (
 )
 
 from napari_medcl import layer_data, region_merge
+from napari_medcl._learning_panel import LearningPanel
 from napari_medcl._prompt_panel import PromptPanel
 from napari_medcl._server_panel import ServerPanel
 from napari_medcl._view import camera_of, show_box
@@ -553,6 +554,7 @@ class SegmentWidget(Container):
         self._cursor = _wrap(Label(value=""))
         self._review_button = PushButton(text="Open uncertainty review")
         self.prompts = PromptPanel(viewer)
+        self.learning = LearningPanel(viewer, self)
         super().__init__()
         self._body = _scrolling_body(
             self,
@@ -580,6 +582,7 @@ class SegmentWidget(Container):
                 self._cursor,
                 self._review_button,
                 self.prompts,
+                self.learning,
             ],
         )
         self._model.changed.connect(self._on_model_changed)
@@ -615,6 +618,33 @@ class SegmentWidget(Container):
             self._extra_models.append(path)
         self._model.reset_choices()
         self._model.value = path
+
+    def offer_model_file(self, path: str | Path) -> None:
+        """Add an .onnx file to the model picker, leaving the selection as it is."""
+        path = str(Path(path).expanduser().resolve())
+        if path not in self._extra_models:
+            self._extra_models.append(path)
+            chosen = self._model.value
+            self._model.reset_choices()
+            if chosen is not None and chosen in self._model.choices:
+                self._model.value = chosen
+
+    def current_image(self) -> Any:
+        return self._image.value
+
+    def select_image(self, layer: Any) -> None:
+        self._image.value = layer
+
+    def current_model(self) -> str:
+        choice = self._model.value
+        if not choice or choice == OPEN_FILE:
+            raise UsageError("Choose a model: a bundled one, or 'Open file...' for an .onnx file.")
+        return str(choice)
+
+    def model_labels_of(self, labels: Any) -> np.ndarray | None:
+        """What the model last wrote into the labels layer ``labels`` (None: no run of this widget made it)."""
+        written = self._model_written.get(_layer_id(labels))
+        return None if written is None or written.shape != np.shape(labels.data) else written
 
     def run(self, *, sync: bool = False) -> Any:
         """Start a segmentation (in a thread worker, or on this thread when ``sync``); returns the worker."""

@@ -82,10 +82,12 @@ def train_epoch(
     *,
     last_checkpoint: Path,
     log: Callable[[str], None] | None = None,
+    replay: tuple[Sequence[Any], float] | None = None,
 ) -> dict[str, float]:
     """Train ``parts`` for epoch ``epoch`` (0-based) on ``train_cases``;
     the mean of each loss term over the epoch's steps and all processes. A loss that is not finite is a
-    TrainingError pointing at ``last_checkpoint``.
+    TrainingError pointing at ``last_checkpoint``. ``replay`` (cases, fraction): that share of every batch
+    is drawn from those cases instead (training.replay, the forgetting guard of fine-tuning).
 
     With PDCR on, the epoch's first batch also gives ``pdcr_grad_ratio`` (training.diagnostics: PDCR's gradient
     norm over the segmentation loss's on the shared parameters, measured before that step on this process's
@@ -109,7 +111,7 @@ def train_epoch(
     optimizer, scaler = parts.optimizer, runtime.scaler
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_ratio = math.nan
-    for i, batch in enumerate(_epoch_loader(epoch, cfg, runtime, parts.patch_size, train_cases)):
+    for i, batch in enumerate(_epoch_loader(epoch, cfg, runtime, parts.patch_size, train_cases, replay)):
         image = batch["image"].to(runtime.device, non_blocking=True)
         label = batch["label"].to(runtime.device, non_blocking=True)
         progress = (epoch * iterations + i) / max(1, total_steps)
@@ -167,20 +169,33 @@ def _pdcr_grad_ratio(parts: TrainingParts, runtime: Runtime, image: Tensor, labe
 
 
 def _epoch_loader(
-    epoch: int, cfg: TrainConfig, runtime: Runtime, patch_size: Sequence[int], train_cases: Sequence[Any]
+    epoch: int,
+    cfg: TrainConfig,
+    runtime: Runtime,
+    patch_size: Sequence[int],
+    train_cases: Sequence[Any],
+    replay: tuple[Sequence[Any], float] | None = None,
 ) -> torch.utils.data.DataLoader:
     from training.data import PatchDataset
 
     t, dist = cfg.train, runtime.dist
-    dataset = PatchDataset(
-        train_cases,
-        patch_size,
-        spatial_dims=cfg.model.spatial_dims,
-        samples_per_epoch=t.iterations_per_epoch * t.batch_size,
-        foreground_fraction=cfg.data.foreground_fraction,
-        augmentation=cfg.data.augmentation,
-        seed=t.seed,
-    )
+
+    def patches(cases: Sequence[Any], seed: int) -> PatchDataset:
+        return PatchDataset(
+            cases,
+            patch_size,
+            spatial_dims=cfg.model.spatial_dims,
+            samples_per_epoch=t.iterations_per_epoch * t.batch_size,
+            foreground_fraction=cfg.data.foreground_fraction,
+            augmentation=cfg.data.augmentation,
+            seed=seed,
+        )
+
+    dataset = patches(train_cases, t.seed)
+    if replay is not None:
+        from training.replay import REPLAY_SEED_OFFSET, ReplayMix
+
+        dataset = ReplayMix(dataset, patches(replay[0], t.seed + REPLAY_SEED_OFFSET), replay[1])
     dataset.set_epoch(epoch)
     # Strided shards of the epoch's indices (DistributedSampler without shuffling: the dataset's
     # samples are already random per (seed, epoch, index)).

@@ -9,6 +9,8 @@ describes and writes into ``cfg.output.dir``::
     curves.png           loss terms and validation Dice per epoch, refreshed every epoch
     checkpoint_last.pt   after every epoch (see training/checkpoint.py for its content)
     checkpoint_best.pt   the epoch with the best mean validation Dice
+    summary.json         when the run starts from trained weights (init.from_checkpoint): mean Dice before and
+                         after on the held-out cases and on the original validation cases (training.replay)
 
 The parts, in the order a run uses them: ``runtime`` (processes, device, precision), ``building`` (network,
 losses, optimizer, schedule, seeded), ``checkpoint`` (resume and save), ``loop`` (an epoch of training),
@@ -39,6 +41,15 @@ from training.errors import RunError, TrainingError
 from training.init_weights import InitialWeights, apply_initial_weights, load_initial_weights
 from training.loop import train_epoch
 from training.model_spec import method_name, run_spec
+from training.replay import (
+    SUMMARY,
+    Replay,
+    find_replay_root,
+    prepare_replay,
+    summary_from,
+    summary_line,
+    write_summary,
+)
 from training.reporting import RunLog, epoch_line, write_metrics
 from training.runtime import DistInfo, Runtime, barrier, process_group, resolve_runtime
 from training.validation import read_validation_cases, validate, validation_session
@@ -114,13 +125,27 @@ def train(
             )
             # A resumed run's weights come from its own last checkpoint; the start it had is in its config.
             init_lines, data = _initialise(cfg, parts, data, init_weights)
+            replay, replay_line = _replay(cfg, init_weights, data, dist)
             _log_setup(
                 log, cfg, runtime, data, parts, progress, out, resumed=state is not None, rng_note=rng_note
             )
             for line in init_lines:
                 log(line)
+            if replay_line:
+                log(replay_line)
+            start = _start_scores(
+                cfg, runtime, data, parts, progress, out, replay, log, resumed=state is not None
+            )
             for epoch in range(progress.epochs_done, cfg.train.epochs):
-                record = _epoch(epoch, cfg, runtime, data, parts, progress, out, log)
+                record = _epoch(epoch, cfg, runtime, data, parts, progress, out, log, replay)
+                if start is not None and dist.is_main:
+                    summary = {
+                        **summary_from(start, progress.history, progress.best["epoch"]),
+                        "start": start,
+                    }
+                    write_summary(out, summary)
+                    if epoch + 1 == cfg.train.epochs:
+                        log(summary_line(summary))
                 if on_epoch_end is not None:
                     on_epoch_end(record)
         finally:
@@ -215,6 +240,95 @@ def _initialise(
     return lines, dataclasses.replace(data, init=weights.record())
 
 
+def _replay(
+    cfg: TrainConfig, weights: InitialWeights | None, data: RunData, dist: DistInfo
+) -> tuple[Replay | None, str | None]:
+    """The replay of the original training data (init.replay) and the log line saying which, or why none."""
+    if cfg.init.from_checkpoint is None and cfg.init.replay in (None, "auto"):
+        return None, None
+    if weights is None and cfg.init.from_checkpoint is not None and cfg.init.replay == "auto":
+        weights = load_initial_weights(cfg.init.from_checkpoint)  # a resumed run: only its recorded recipe
+    original = dict(weights.config) if weights is not None and weights.config is not None else None
+    recipe_root = (original or {}).get("data", {}).get("root")
+    root, line = find_replay_root(cfg.init.replay, cfg.init.from_checkpoint, recipe_root)
+    if root is None:
+        return None, line
+    # Rank 0 fills the replay dataset's preprocessing cache first, as for the run's own data.
+    replay = None
+    if dist.is_main:
+        replay = prepare_replay(cfg, root, original, seed=cfg.train.seed, class_names=data.info.class_names)
+    barrier(dist)
+    if not dist.is_main:
+        replay = prepare_replay(cfg, root, original, seed=cfg.train.seed, class_names=data.info.class_names)
+    line += (
+        f"; {100 * replay.fraction:.0f}% of every batch from its {len(replay.train_cases)} training case(s), "
+        f"{len(replay.val_cases)} original validation case(s) scored before and after"
+    )
+    return replay, line
+
+
+def _start_scores(
+    cfg: TrainConfig,
+    runtime: Runtime,
+    data: RunData,
+    parts: TrainingParts,
+    progress: RunProgress,
+    out: Path,
+    replay: Replay | None,
+    log: RunLog,
+    *,
+    resumed: bool,
+) -> dict[str, Any] | None:
+    """Mean Dice of the starting weights on the held-out cases and the original validation cases (what
+    summary.json compares the fine-tuned model with); a resumed run reads them back from summary.json."""
+    if cfg.init.from_checkpoint is None:
+        return None
+    if resumed:
+        import json
+
+        try:
+            return json.loads((out / SUMMARY).read_text(encoding="utf-8"))["start"]
+        except (OSError, ValueError, KeyError):
+            return None  # stopped before its first summary: no "before" to compare with
+    session = _session(cfg, runtime, data, parts, progress)
+    start: dict[str, Any] = {
+        "replay": None if replay is None else {"root": str(replay.root), "fraction": replay.fraction}
+    }
+    for key, cases, what in (
+        ("held_out", data.val_cases, "held-out cases"),
+        ("original", replay.val_cases if replay is not None else [], "original validation cases"),
+    ):
+        start[key] = _scores(cfg, runtime, session, cases)
+        if start[key] is not None:
+            log(f"before fine-tuning: {what} ({len(cases)}): mean Dice {start[key]['mean_dice']:.4f}")
+    if runtime.dist.is_main:
+        write_summary(out, {**summary_from(start, [], None), "start": start})
+    return start
+
+
+def _session(
+    cfg: TrainConfig, runtime: Runtime, data: RunData, parts: TrainingParts, progress: RunProgress
+) -> Any:
+    spec = run_spec(
+        cfg, data.info, parts.model, parts.patch_size, best=progress.best, epochs=len(progress.history),
+        profile=data.profile, init=data.init,
+    )  # fmt: skip
+    return validation_session(parts.model, spec, runtime.device, runtime.autocast)
+
+
+def _scores(cfg: TrainConfig, runtime: Runtime, session: Any, cases: list[Any]) -> dict[str, Any] | None:
+    """Validation Dice on ``cases`` with their ids (None when there are none)."""
+    if not cases:
+        return None
+    t = cfg.train
+    scores = validate(
+        session, cases, overlap=t.val_overlap, batch_size=t.val_batch_size, max_cases=t.val_max_cases,
+        dist=runtime.dist,
+    )  # fmt: skip
+    shown = cases if t.val_max_cases is None else cases[: t.val_max_cases]
+    return {**scores, "case_ids": [case.case_id for case in shown]}
+
+
 def _training_profile(cfg: TrainConfig, info: Any, train_cases: list[Any]) -> dict[str, Any]:
     """The profile of the training cases as their files hold them (at most ``MAX_PROFILE_CASES`` read),
     under the normalisation the model will carry: stored in every spec the run writes."""
@@ -282,28 +396,21 @@ def _epoch(
     progress: RunProgress,
     out: Path,
     log: RunLog,
+    replay: Replay | None = None,
 ) -> dict[str, Any]:
     """Train one epoch, validate when due, checkpoint and report; the epoch's metrics record."""
     t = cfg.train
     started = time.perf_counter()
     train_terms = train_epoch(
-        epoch, cfg, runtime, parts, data.train_cases, last_checkpoint=out / LAST, log=log
-    )
-    val = None
+        epoch, cfg, runtime, parts, data.train_cases, last_checkpoint=out / LAST, log=log,
+        replay=None if replay is None else (replay.train_cases, replay.fraction),
+    )  # fmt: skip
+    val = original = None
     if (epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs:
-        spec = run_spec(
-            cfg, data.info, parts.model, parts.patch_size, best=progress.best, epochs=len(progress.history),
-            profile=data.profile, init=data.init,
-        )  # fmt: skip
-        session = validation_session(parts.model, spec, runtime.device, runtime.autocast)
-        val = validate(
-            session,
-            data.val_cases,
-            overlap=t.val_overlap,
-            batch_size=t.val_batch_size,
-            max_cases=t.val_max_cases,
-            dist=runtime.dist,
-        )
+        session = _session(cfg, runtime, data, parts, progress)
+        # No held-out cases (data.val_cases: []): no validation Dice, and no checkpoint_best.pt.
+        val = _scores(cfg, runtime, session, data.val_cases)
+        original = _scores(cfg, runtime, session, replay.val_cases) if replay is not None else None
     record = {
         "epoch": epoch + 1,
         "train": train_terms,
@@ -311,12 +418,16 @@ def _epoch(
         "lr": parts.optimizer.param_groups[0]["lr"],
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if replay is not None:
+        record["original_val"] = original
     improved = progress.add(record)
     spec = _spec(cfg, data, parts, progress)
     save_run_checkpoint(out, cfg, parts, runtime, progress, spec, last=LAST, best=BEST if improved else None)
     if runtime.dist.is_main:
         write_metrics(out, progress.history, list(data.info.class_names)[1:])
         log(epoch_line(record, t.epochs))
+        if original is not None:
+            log(f"epoch {epoch + 1}: original validation cases: mean Dice {original['mean_dice']:.4f}")
     return record
 
 

@@ -81,7 +81,14 @@ def test_matching_network_starts_from_the_checkpoint_and_records_it(trained, one
         assert torch.allclose(start[key].float(), tuned[key].float(), atol=1e-6), key
     assert load_config(out / "config.yaml").init.from_checkpoint == str(checkpoint)
     state = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
-    assert state["config"]["init"] == {"from_checkpoint": str(checkpoint), "reinit_heads": False}
+    assert state["config"]["init"] == {
+        "from_checkpoint": str(checkpoint),
+        "reinit_heads": False,
+        "replay": "auto",
+        "replay_fraction": 0.5,
+    }
+    # auto replays the training data of bundled models only: a checkpoint file starts without replay
+    assert "replay: off (auto replays only for bundled models" in (out / "train.log").read_text()
     import hashlib
 
     record = state["spec"]["training"]["init_from"]

@@ -96,7 +96,7 @@ class DataConfig:
     ``fold`` of ``num_folds``: k-fold cross-validation over subjects (both ACDC frames of a patient stay in one
     fold) with the fixed ``split_seed``, so every training seed sees the same split; ``val_fraction`` set
     instead gives one random split with that share of subjects for validation; ``val_cases`` (case ids or
-    subjects) names the validation cases outright instead. Subjects come from the layout (see
+    subjects) names the validation cases outright instead (an empty list: no validation, every case trains). Subjects come from the layout (see
     ``training.data.layouts.discover``: dataset.json, or a subjects.json / subjects.csv mapping file);
     ``require_subjects`` makes a dataset without such a mapping an error, for datasets whose cases share
     patients (CHAOS: three MR sequences per patient), where one case per subject would leak across the split.
@@ -139,10 +139,9 @@ class DataConfig:
         if not 0 <= self.fold < self.num_folds:
             raise ValueError(f"fold must be in 0..{self.num_folds - 1}, got {self.fold!r}")
         if self.val_cases is not None:
-            if isinstance(self.val_cases, str) or not self.val_cases:
-                raise ValueError(
-                    f"val_cases must be a non-empty list of case ids or null, got {self.val_cases!r}"
-                )
+            # An empty list holds no case out: every case trains (fine-tuning on too few corrected cases).
+            if isinstance(self.val_cases, str):
+                raise ValueError(f"val_cases must be a list of case ids or null, got {self.val_cases!r}")
             object.__setattr__(self, "val_cases", tuple(str(c) for c in self.val_cases))
         if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1) or null, got {self.val_fraction!r}")

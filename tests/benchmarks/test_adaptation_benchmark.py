@@ -1,0 +1,63 @@
+"""benchmarks/adaptation.py's parts that need no training: the new-scanner copy (each block its own
+perturbation, labels untouched, the held-out block out of the candidates), the corrections sets, the seeded
+random choice and the report's recovered share."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.dataset_factory import make_msd_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "adaptation_benchmark", ROOT / "benchmarks" / "adaptation.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_every_block_gets_its_own_perturbation_and_keeps_its_labels(bench, tmp_path):
+    from napari_medcl.io import read_image
+
+    source = make_msd_dataset(tmp_path / "src", n_cases=5, shape=(8, 16, 16), num_classes=4)
+    perturbed, held_out, candidates = bench.perturbed_dataset(source, tmp_path / "work")
+    assert len(candidates) == 4 and held_out not in candidates
+    ratios = []
+    for case in sorted([*candidates, held_out]):
+        clean = read_image(source / "imagesTr" / f"{case}_0000.nii.gz").array
+        new = read_image(perturbed / "imagesTr" / f"{case}_0000.nii.gz").array
+        assert new.shape == clean.shape and not np.allclose(new, clean)
+        ratios.append(float(np.median(new[clean > 0] / clean[clean > 0])))
+        label = perturbed / "labelsTr" / f"{case}.nii.gz"
+        assert label.read_bytes() == (source / "labelsTr" / f"{case}.nii.gz").read_bytes()
+    assert len({round(r, 4) for r in ratios}) == 5  # five different perturbations
+    chosen = bench.corrections_dataset(perturbed, candidates[:2], tmp_path / "work")
+    assert sorted(p.name for p in (chosen / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in candidates[:2]]
+    assert json.loads((chosen / "dataset.json").read_text())["numTraining"] == 2
+
+
+def test_random_choice_is_seeded_and_the_report_gives_the_recovered_share(bench):
+    blocks = ["b0", "b1", "b2", "b3"]
+    assert bench.random_choice(blocks, 2, 0) == bench.random_choice(blocks, 2, 0)
+    assert len(set(bench.random_choice(blocks, 4, 1))) == 4
+    rows = [
+        {"k": 2, "seed": s, "choice": "ranked", "replay": 0.25, "perturbed": p, "clean": 0.89, "seconds": 600}
+        for s, p in ((0, 0.76), (1, 0.80))
+    ]
+    text = bench.report({"perturbed": 0.68, "clean": 0.90}, rows, "b4", "cmd", threads=1)
+    assert "| 2 | ranked | 0.25 | 2 | 0.7800 | +0.1000 | 45% | 0.8900 | -0.0100 | 600 |" in text

@@ -1,0 +1,88 @@
+"""Fine-tuning as the widget runs it: a real medcl-train subprocess, then medcl-export --verify, driven by
+``napari_medcl.learning.FineTuneRun`` (tiny network and cases: seconds). Progress comes from the run's log;
+the verified model appears in finetuned/ under its versioned name with its record; Cancel, during training or
+during the export, ends the subprocess and leaves no model (and no record) behind."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from napari_medcl import learning
+from tests.finetune_factory import corrections_with_tiny_model
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    return corrections_with_tiny_model(tmp_path_factory.mktemp("ft"))
+
+
+def plan(started, *overrides: str) -> learning.FineTunePlan:
+    folder, model = started
+    return learning.plan_fine_tune(str(model), folder, overrides=("data.num_workers=0", *overrides))
+
+
+def test_a_finished_run_places_the_verified_model_under_a_versioned_name(started):
+    p = plan(started, "train.epochs=3")
+    assert p.name == "tiny-ft2" and p.val_cases == ("case2",)
+    run = learning.FineTuneRun(p)
+    run.start()
+    fractions, epochs = [], set()
+    while not run.finished:
+        run.poll()
+        progress = run.progress()
+        fractions.append(progress.fraction)
+        if progress.epochs == 3:
+            epochs.add(progress.epoch)
+        time.sleep(0.05)
+    assert run.state == "done", run.message
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and epochs >= {3}
+    assert p.output.is_file() and not (p.run_dir / "tiny-ft2.onnx").exists()
+    record = json.loads(p.sidecar.read_text())
+    assert record["fine_tuned_from"] == str(started[1]) and record["held_out"] == ["case2"]
+    assert Path(record["checkpoint"]).is_file() and record["replay"] is None
+    from napari_medcl.onnx_session import load_model
+
+    assert load_model(p.output, device="cpu").spec.name == "tiny-ft2"
+    assert run.message.startswith(
+        "tiny-ft2 is in the model picker. Held-out corrected case(s) case2: mean Dice "
+    )
+    assert "(replay off)" in run.message
+    log = run.console_log.read_text()
+    assert "epoch 3/3" in log and "-m export.cli" in log
+    # the new model can itself be fine-tuned, and the next version is ft3
+    again = learning.plan_fine_tune(str(p.output), started[0])
+    assert again.name == "tiny-ft3" and again.init_from == record["checkpoint"]
+
+
+@pytest.mark.parametrize("when", ["training", "exporting"])
+def test_cancel_ends_the_subprocess_and_leaves_no_model(started, when):
+    p = plan(started, "train.epochs=40")
+    models_before = sorted(p.output.parent.glob("*"))
+    run = learning.FineTuneRun(p)
+    run.start()
+    deadline = time.monotonic() + 240
+    if when == "training":
+        ready = lambda: run.progress().epoch >= 1  # noqa: E731
+    else:
+        p = plan(started, "train.epochs=1")
+        run.cancel()
+        run = learning.FineTuneRun(p)
+        run.start()
+        ready = lambda: run.state == "exporting"  # noqa: E731
+    while not ready() and time.monotonic() < deadline:
+        run.poll()
+        time.sleep(0.02)
+    assert ready(), run.message
+    process = run._process
+    run.cancel()
+    assert run.state == "cancelled" and run.message == "Fine-tuning cancelled; no model was added."
+    assert process.poll() is not None
+    assert not p.output.exists() and not p.sidecar.exists()
+    assert sorted(p.output.parent.glob("*")) == models_before
+    assert run.poll() == "cancelled"
