@@ -79,7 +79,7 @@ class NetworkRefiner:
 
         spec = self.model.spec
         grid = tuple(labels.shape)
-        region = self.region(prompts[-1], grid, spacing)
+        region = self.region(prompts[-1], grid, spacing, holding=box)
         normalised = self._normalised_image(image)
         origin = np.array([s.start for s in region])
         shape = tuple(s.stop - s.start for s in region)
@@ -118,9 +118,12 @@ class NetworkRefiner:
         inner = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))
         return new[inner].astype(labels.dtype)
 
-    def region(self, prompt: Prompt, grid: Sequence[int], spacing: Sequence[float]) -> Box:
+    def region(
+        self, prompt: Prompt, grid: Sequence[int], spacing: Sequence[float], *, holding: Box | None = None
+    ) -> Box:
         """The region the network sees for ``prompt``: its patch's extent (at the model's spacing, else the
-        image's) around the prompt's centre, moved inside the grid where it can be, cut by it where not."""
+        image's) around the prompt's centre, grown to hold the box ``holding`` (the box its answer is
+        written in), moved inside the grid where it can be, cut by it where not."""
         spec = self.model.spec
         patch = tuple(spec.patch_size)
         model_spacing = tuple(spec.spacing) if spec.spacing is not None else None
@@ -129,10 +132,13 @@ class NetworkRefiner:
             model_spacing = None if model_spacing is None else (spacing[0], *model_spacing)
         low, high = prompt.bounds()
         centre = (low + high) // 2
+        holding = holding or tuple(slice(int(c), int(c) + 1) for c in centre)
         box = []
-        for c, p, s, n, m in zip(centre, patch, spacing, grid, model_spacing or spacing):
-            size = min(n, max(1, int(round(p * m / s))))
+        for c, p, s, n, m, h in zip(centre, patch, spacing, grid, model_spacing or spacing, holding):
+            size = min(n, max(1, int(round(p * m / s)), h.stop - h.start))
             start = min(max(0, int(c) - size // 2), n - size)
+            start = min(start, h.start)
+            start = max(start, h.stop - size)
             box.append(slice(start, start + size))
         return tuple(box)  # type: ignore[return-value]
 
