@@ -290,7 +290,8 @@ class PromptPanel(Container):
             return None
         self._write(key, update)
         self._info.value = (
-            f"Prompt {len(session.prompts)}: {update.changed:,} voxel(s) changed in {update.seconds:.2f} s."
+            f"Prompt {len(session.prompts)}: {update.changed:,} voxel(s) changed in {update.seconds:.2f} s "
+            f"({'the network' if update.engine == 'network' else 'local refinement'})."
         )
         return update
 
