@@ -2,8 +2,11 @@
 
 ``open_session(volume, model)`` holds the image, the model and what the model said about the image (its
 class probabilities and error likelihood, kept from the last prediction), the labels as they stand, and the
-prompts so far. ``add_prompt`` re-segments a small box around the prompt with a refiner (engine (a), any
-exported model: ``napari_medcl.refinement.LocalRefiner``) and returns what changed as one ``Update``;
+prompts so far. ``add_prompt`` re-segments a small box around the prompt with an engine and returns what
+changed as one ``Update``: engine (a), any exported model, ``napari_medcl.refinement.LocalRefiner``; engine
+(b), a model with prompt channels, ``napari_medcl.network_refiner.NetworkRefiner`` (the network is given
+every point and scribble so far and the labels as they stand). ``engine`` "auto" takes (b) when the model
+offers it; box prompts always go to (a);
 ``undo`` takes the last step back; ``predict`` re-runs the model and replays the prompts onto its new output,
 so a re-run never forgets a correction. ``next_region`` says where the model expects the most mistakes that no
 prompt has touched yet. No Qt and no torch: the widget and the inference server drive the same object.
@@ -78,6 +81,7 @@ class CaseSession:
         *,
         refiner: LocalRefiner | None = None,
         engine: str = "auto",
+        network_options: dict[str, Any] | None = None,
         **predict_options: Any,
     ):
         if not isinstance(volume, Volume):
@@ -88,6 +92,7 @@ class CaseSession:
         self.model = model
         self.refiner = refiner or LocalRefiner()
         self.engine_choice = engine
+        self.network_options = dict(network_options or {})  # NetworkRefiner's margin_mm and keep
         self._network: Any = None  # NetworkRefiner, made when the model is first needed (_resolve_engine)
         self.predict_options = dict(predict_options)
         self.predict_options.pop("return_probabilities", None)

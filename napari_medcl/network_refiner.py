@@ -28,6 +28,8 @@ from napari_medcl.session import InferenceSession
 from napari_medcl.spec import ModelSpec
 
 Box = tuple[slice, slice, slice]
+# What of the network's answer is written: all of the box, or only the changes connected to the prompt
+KEEP = ("box", "connected")
 
 
 class NetworkRefiner:
@@ -39,7 +41,14 @@ class NetworkRefiner:
 
     name = "network"
 
-    def __init__(self, model: InferenceSession, *, margin_mm: float = 10.0, **predict_options: Any):
+    def __init__(
+        self,
+        model: InferenceSession,
+        *,
+        margin_mm: float = 10.0,
+        keep: str = "box",
+        **predict_options: Any,
+    ):
         encoding = model.spec.prompt_encoding
         if encoding is None:
             raise UsageError(
@@ -47,6 +56,9 @@ class NetworkRefiner:
             )
         if margin_mm <= 0:
             raise ValueError(f"margin_mm must be > 0, got {margin_mm}")
+        if keep not in KEEP:
+            raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+        self.keep = keep
         self.model = model
         self.encoding: PromptEncoding = encoding
         self._margin_mm = float(margin_mm)
@@ -116,7 +128,10 @@ class NetworkRefiner:
             foreground = probabilities[1:].argmax(axis=0) + 1
             new = np.where(inside, foreground, 0)
         inner = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))
-        return new[inner].astype(labels.dtype)
+        new = new[inner].astype(labels.dtype)
+        if self.keep == "connected":
+            new = _connected_changes(new, labels[box], prompts[-1], box)
+        return new
 
     def region(
         self, prompt: Prompt, grid: Sequence[int], spacing: Sequence[float], *, holding: Box | None = None
@@ -187,6 +202,21 @@ class _PromptedSession:
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         probabilities, _ = self.model.run(batch[:, : self.channels], batch[:, self.channels :])
         return probabilities, None
+
+
+def _connected_changes(new: np.ndarray, old: np.ndarray, prompt: Prompt, box: Box) -> np.ndarray:
+    """``new`` where its changes from ``old`` are connected (faces touching) to a voxel of ``prompt``, else
+    ``old``: the network's answer to this prompt, without the far disagreements it has with the labels."""
+    from scipy import ndimage
+
+    changed = new != old
+    components, _ = ndimage.label(changed)
+    origin = np.array([b.start for b in box])
+    voxels = [
+        tuple(v - origin) for v in prompt.voxels if all(0 <= i < n for i, n in zip(v - origin, new.shape))
+    ]
+    touched = {int(components[v]) for v in voxels} - {0}
+    return np.where(np.isin(components, list(touched)), new, old)
 
 
 def _uses_mask(spec: ModelSpec) -> bool:

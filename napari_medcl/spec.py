@@ -211,6 +211,7 @@ class ModelSpec:
             f"{self.name}: {self.spatial_dims}D, {self.in_channels} channel(s), classes "
             f"{', '.join(self.class_names)}, patch {'x'.join(map(str, self.patch_size))}, spacing {spacing}, "
             f"{len(self.uncertainty_maps)} UAFR map(s)"
+            + (f", {len(self.prompts['channels'])} prompt channel(s)" if self.prompts is not None else "")
         )
 
 

@@ -107,3 +107,18 @@ def test_a_box_prompt_goes_to_the_local_engine():
     session = open_session(case(), ExactPromptModel())
     session.predict()
     assert session.add_prompt(box((3, 25, 25), (6, 35, 35), label=2)).engine == "local"
+
+
+def test_keep_connected_writes_only_the_changes_that_touch_the_prompt():
+    from napari_medcl.network_refiner import _connected_changes
+
+    old = np.zeros((3, 10, 10), dtype=np.uint8)
+    new = old.copy()
+    new[1, 2:5, 2:5] = 2  # the click's region
+    new[1, 8, 8] = 1  # a far disagreement with the labels
+    box = (slice(10, 13), slice(20, 30), slice(20, 30))
+    kept = _connected_changes(new, old, point(11, 23, 23, label=2), box)
+    assert (kept[1, 2:5, 2:5] == 2).all() and kept[1, 8, 8] == 0
+    assert not _connected_changes(new, old, point(10, 20, 20, label=2), box).any()
+    with pytest.raises(ValueError, match="keep must be one of"):
+        NetworkRefiner(ExactPromptModel(), keep="all")
