@@ -105,7 +105,7 @@ def test_the_config_section_and_its_notices():
 
 def networks(extra: int):
     torch.manual_seed(0)
-    options = dict(spatial_dims=3, num_classes=4, features=[8, 16], uafr=True)
+    options = {"spatial_dims": 3, "num_classes": 4, "features": [8, 16], "uafr": True}
     automatic = create_model("unet", in_channels=1, **options).eval()
     torch.manual_seed(1)
     prompted = create_model("unet", in_channels=1 + extra, **options).eval()
