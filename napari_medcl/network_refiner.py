@@ -6,7 +6,8 @@ beside the image, per foreground class a positive and a negative click map and t
 far and the labels as they stand, runs the network on one patch-sized region around the prompt through
 ``napari_medcl.predict`` (its windows, resampling and label rules), and returns the network's labels for the
 session's box around the prompt; ``CaseSession`` writes them as one Update, with engine (a)'s undo and
-replay. Box prompts, which the network was not trained with, go to engine (a).
+replay. The prompts' own voxels are hard seeds (a clicked voxel ends with what the click said, whatever the
+network answers there). Box prompts, which the network was not trained with, go to engine (a).
 
 Normalisation is the model's, computed once on the whole image (its statistics then do not depend on where
 the user clicks) and applied to the image channels only; prompt channels are never normalised. Numpy only.
@@ -127,6 +128,7 @@ class NetworkRefiner:
             # the model's rule (architecture.md 4.4): a masked scan's non-zero voxels are never background
             foreground = probabilities[1:].argmax(axis=0) + 1
             new = np.where(inside, foreground, 0)
+        _seed(new, probabilities, prompts, origin)
         inner = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))
         new = new[inner].astype(labels.dtype)
         if self.keep == "connected":
@@ -202,6 +204,30 @@ class _PromptedSession:
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         probabilities, _ = self.model.run(batch[:, : self.channels], batch[:, self.channels :])
         return probabilities, None
+
+
+def _seed(
+    labels: np.ndarray, probabilities: np.ndarray, prompts: Sequence[Prompt], origin: np.ndarray
+) -> None:
+    """Hard seeds, in place: every point's and scribble's own voxels (inside ``labels``, a region whose first
+    voxel is ``origin``) end with what the user said there, later prompts last: a positive prompt's class, or
+    for a negative one the network's likeliest other class where it still says that class. The network is
+    asked to follow the clicks, not forced; a voxel the user clicked must not stay wrong (and a simulated or
+    real user would otherwise click it again)."""
+    for prompt in prompts:
+        if prompt.kind == "box":
+            continue
+        local = prompt.voxels - origin
+        inside = np.all((local >= 0) & (local < np.asarray(labels.shape)), axis=1)
+        at = tuple(local[inside].T)
+        if not inside.any():
+            continue
+        if prompt.positive:
+            labels[at] = prompt.label
+        else:
+            others = probabilities[(slice(None), *at)].copy()
+            others[prompt.label] = -1.0
+            labels[at] = np.where(labels[at] == prompt.label, others.argmax(axis=0), labels[at])
 
 
 def _connected_changes(new: np.ndarray, old: np.ndarray, prompt: Prompt, box: Box) -> np.ndarray:

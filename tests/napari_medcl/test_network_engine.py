@@ -122,3 +122,25 @@ def test_keep_connected_writes_only_the_changes_that_touch_the_prompt():
     assert not _connected_changes(new, old, point(10, 20, 20, label=2), box).any()
     with pytest.raises(ValueError, match="keep must be one of"):
         NetworkRefiner(ExactPromptModel(), keep="all")
+
+
+class DeafPromptModel(ExactPromptModel):
+    """Ignores the click maps: answers with the previous segmentation alone."""
+
+    def run(self, batch, prompts=None):
+        if prompts is not None:
+            prompts = prompts.copy()
+            prompts[:, :4] = 0
+        return super().run(batch, prompts)
+
+
+def test_the_clicked_voxels_are_hard_seeds_even_when_the_network_ignores_the_click():
+    session = open_session(case(), DeafPromptModel())
+    session.predict()
+    before = session.labels.copy()
+    update = session.add_prompt(point(5, 30, 30, label=2))
+    assert update.changed == 1 and session.labels[5, 30, 30] == 2
+    session.add_prompt(point(5, 10, 10, label=1, positive=False))
+    assert session.labels[5, 10, 10] in (0, 2)  # the likeliest other class
+    changed = session.labels != before
+    assert changed.sum() == 2 and changed[5, 30, 30] and changed[5, 10, 10]
