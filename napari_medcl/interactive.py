@@ -188,7 +188,7 @@ class CaseSession:
                 options = {
                     k: v for k, v in self.predict_options.items() if k in ("overlap", "tta", "batch_size")
                 }
-                self._network = NetworkRefiner(self.model, **options)
+                self._network = NetworkRefiner(self.model, **options, **self.network_options)
         return self._network or None
 
     def predict(self, **options: Any) -> Prediction:

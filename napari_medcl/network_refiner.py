@@ -37,7 +37,11 @@ class NetworkRefiner:
     """Engine (b) (see the module's text) for ``model``, an InferenceSession whose spec has prompt channels.
 
     ``margin_mm``: how far around a prompt the network's answer is written (the session's box); the network
-    itself sees a region of its own patch's extent around the prompt. ``predict_options``: options of
+    itself sees a region of its own patch's extent around the prompt. ``keep``: "connected" writes only the
+    changes connected to the prompt's voxels, "box" every change in the box. Why connected and 6 mm by
+    default: the region is one window, and near a window's edge its answer differs from the stitched
+    prediction the labels came from; on the perturbed held-out block, writing the whole 10 mm box lowered
+    Dice with every click (the changes away from the click were those differences, not the click's answer). ``predict_options``: options of
     ``predict_iter`` (overlap, tta, batch_size)."""
 
     name = "network"
@@ -46,8 +50,8 @@ class NetworkRefiner:
         self,
         model: InferenceSession,
         *,
-        margin_mm: float = 10.0,
-        keep: str = "box",
+        margin_mm: float = 6.0,
+        keep: str = "connected",
         **predict_options: Any,
     ):
         encoding = model.spec.prompt_encoding

@@ -95,12 +95,12 @@ def test_every_earlier_prompt_is_fed_again_and_a_rerun_replays_them():
     session.predict()
     session.add_prompt(point(5, 20, 20, label=2))
     first = len(model.seen)
-    session.add_prompt(point(5, 12, 12, label=1, positive=False))  # inside the class-1 square
-    assert session.labels[5, 12, 12] == 0 and session.labels[5, 20, 20] == 2
+    session.add_prompt(point(5, 14, 14, label=1, positive=False))  # inside the class-1 square
+    assert session.labels[5, 14, 14] == 0 and session.labels[5, 20, 20] == 2
     second = np.concatenate(model.seen[first:])
     assert second[:, 1].any() and second[:, 2].any()  # the earlier click is in the second answer's input too
     session.predict()
-    assert session.labels[5, 12, 12] == 0 and session.labels[5, 20, 20] == 2
+    assert session.labels[5, 14, 14] == 0 and session.labels[5, 20, 20] == 2
 
 
 def test_a_box_prompt_goes_to_the_local_engine():
