@@ -306,7 +306,7 @@ def _provenance(opset: int, precision: str, sample: tuple[int, ...], checkpoint:
     record: dict[str, Any] = {
         "tool": "napari-medcl medcl-export",
         "code_version": napari_medcl.__version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a TorchVersion would not load weights-only
         "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False)",
         "opset": opset,
         "precision": precision,
