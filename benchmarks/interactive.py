@@ -1,7 +1,7 @@
 """Interactive correction with a simulated user: Dice after 0..N clicks, per clicker and engine.
 
     PYTHONPATH=$PWD python benchmarks/interactive.py [--model brain-tissue-3d] [--clicks 20]
-        [--markdown docs/benchmarks.md] [--plots docs/interactive]
+        [--engines local network] [--markdown docs/benchmarks.md] [--plots docs/interactive]
 
 Cases: the held-out block of the mni152-tissue dataset at 1 mm (fold 0, as the bundled models were trained:
 ``mni152_block4``) and its perturbed copy (the accuracy benchmark's bias field, contrast and noise, seed 1000 +
@@ -14,8 +14,10 @@ Clickers, each giving one positive click per interaction with the true class at 
   error component, as a user who goes where the product points and clicks the mistake they see there; a
   proposal with no mistake in it is a click at its centre, wasted;
 - ``random``: a uniformly drawn brain voxel (seeded), most of which are already right.
-Engines: ``local`` (engine (a), ``napari_medcl.refinement.LocalRefiner``) and ``re-run``: running the model
-again without prompts, which changes nothing (the baseline every interactive tool is measured against).
+Engines: ``local`` (engine (a), ``napari_medcl.refinement.LocalRefiner``), ``network`` (engine (b),
+``napari_medcl.network_refiner.NetworkRefiner``: only for a model with prompt channels, skipped for the others)
+and ``re-run``: running the model again without prompts, which changes nothing (the baseline every
+interactive tool is measured against).
 Mean Dice is over the foreground classes; seconds per interaction is ``add_prompt``'s own time.
 """
 
@@ -36,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 MARKERS = ("<!-- interactive:start -->", "<!-- interactive:end -->")
 CLICKERS = ("oracle", "guided", "random")
+ENGINES = ("local", "network")
 
 
 def mean_dice(labels: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
@@ -97,11 +100,11 @@ def click_for(clicker: str, session, truth: np.ndarray, rng: np.random.Generator
     return tuple(int(v) for v in brain[rng.integers(len(brain))])
 
 
-def run_case(image, truth_image, model, clicker: str, clicks: int, seed: int) -> dict:
+def run_case(image, truth_image, model, clicker: str, clicks: int, seed: int, engine: str = "local") -> dict:
     from napari_medcl.interactive import open_session
     from napari_medcl.prompts import point
 
-    session = open_session(image, model)
+    session = open_session(image, model, engine=engine)
     start = time.perf_counter()
     session.predict()
     predict_seconds = time.perf_counter() - start
@@ -130,21 +133,21 @@ def report(results: dict, header: str, clicks: int) -> str:
     lines = [header, ""]
     marks = [k for k in (0, 1, 5, 10, 20) if k <= clicks]
     lines.append(
-        "| model | case | clicker | "
+        "| model | case | engine | clicker | "
         + " | ".join(f"Dice @{k}" for k in marks)
         + " | gain @5 | gain @10 | gain @20 | clicks to 0.90 | s / click (mean, max) |"
     )
-    lines.append("|---" * (len(marks) + 9) + "|")
+    lines.append("|---" * (len(marks) + 10) + "|")
     for model, cases in results.items():
-        for case, by_clicker in cases.items():
-            for clicker, r in by_clicker.items():
+        for case, by_engine in cases.items():
+            for (engine, clicker), r in _runs(by_engine):
                 d = r["dice"]
                 gains = [f"{d[k] - d[0]:+.4f}" if k <= clicks else "–" for k in (5, 10, 20)]
                 reach = clicks_to(d, 0.90)
                 secs = r["seconds"]
                 timing = f"{np.mean(secs):.3f}, {np.max(secs):.3f}" if secs else "–"
                 lines.append(
-                    f"| {model} | {case} | {clicker} | "
+                    f"| {model} | {case} | {engine} | {clicker} | "
                     + " | ".join(f"{d[k]:.4f}" for k in marks)
                     + f" | {' | '.join(gains)} | {reach if reach is not None else f'> {clicks}'} | {timing} |"
                 )
@@ -154,24 +157,31 @@ def report(results: dict, header: str, clicks: int) -> str:
     )
     lines += ["", "Where the automatic result's mistakes lie (what one click can reach):", ""]
     for model, cases in results.items():
-        for case, by_clicker in cases.items():
-            shape = next(iter(by_clicker.values()))["error_shape"]
+        for case, by_engine in cases.items():
+            shape = next(r for _, r in _runs(by_engine))["error_shape"]
             lines.append(
                 f"- {model}, {case}: {shape['errors']:,} wrong voxels, {shape['on_boundary']:.0%} on a true "
                 f"class boundary, {shape['deep']:.0%} two or more voxels inside their error region."
             )
     lines += ["", "Guided against oracle:", ""]
     for model, cases in results.items():
-        for case, by_clicker in cases.items():
-            if {"oracle", "guided"} <= set(by_clicker) and clicks >= 10:
-                oracle = by_clicker["oracle"]["dice"]
-                guided = by_clicker["guided"]["dice"]
-                gain = oracle[10] - oracle[0]
-                share = (guided[10] - guided[0]) / gain if gain > 0 else float("nan")
-                lines.append(
-                    f"- {model}, {case}: the guided clicker reaches {share:.0%} of the oracle's gain at 10 clicks."
-                )
+        for case, by_engine in cases.items():
+            for engine, by_clicker in by_engine.items():
+                if {"oracle", "guided"} <= set(by_clicker) and clicks >= 10:
+                    oracle = by_clicker["oracle"]["dice"]
+                    guided = by_clicker["guided"]["dice"]
+                    gain = oracle[10] - oracle[0]
+                    share = (guided[10] - guided[0]) / gain if gain > 0 else float("nan")
+                    lines.append(
+                        f"- {model}, {case}, engine {engine}: the guided clicker reaches {share:.0%} of the "
+                        "oracle's gain at 10 clicks."
+                    )
     return "\n".join(lines) + "\n"
+
+
+def _runs(by_engine: dict):
+    """((engine, clicker), run) for every run of one case, engines in order."""
+    return [((e, c), r) for e, by_clicker in by_engine.items() for c, r in by_clicker.items()]
 
 
 def plot(results: dict, folder: Path) -> list[Path]:
@@ -184,10 +194,19 @@ def plot(results: dict, folder: Path) -> list[Path]:
     written = []
     for model, cases in results.items():
         fig, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 4), squeeze=False)
-        for ax, (case, by_clicker) in zip(axes[0], cases.items()):
-            for clicker, r in by_clicker.items():
-                ax.plot(range(len(r["dice"])), r["dice"], marker="o", markersize=3, label=clicker)
-            ax.axhline(by_clicker[next(iter(by_clicker))]["dice"][0], color="grey", ls="--", label="re-run")
+        for ax, (case, by_engine) in zip(axes[0], cases.items()):
+            runs = _runs(by_engine)
+            for (engine, clicker), r in runs:
+                style = "-" if engine == "network" else ":"
+                ax.plot(
+                    range(len(r["dice"])),
+                    r["dice"],
+                    style,
+                    marker="o",
+                    markersize=3,
+                    label=f"{clicker} ({engine})",
+                )
+            ax.axhline(runs[0][1]["dice"][0], color="grey", ls="--", label="re-run")
             ax.set_title(f"{model}: {case}")
             ax.set_xlabel("clicks")
             ax.set_ylabel("mean foreground Dice")
@@ -212,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fold", type=int, default=0, help="the fold the models held out (default 0)")
     parser.add_argument("--clicks", type=int, default=20, help="interactions per run (default 20)")
     parser.add_argument("--clickers", nargs="+", default=list(CLICKERS), choices=CLICKERS)
+    parser.add_argument(
+        "--engines", nargs="+", default=["local"], choices=ENGINES,
+        help="engines to compare (network: models with prompt channels only)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="the random clicker's seed")
     parser.add_argument("--markdown", help="write the report between its markers in this markdown file")
     parser.add_argument("--plots", help="write one PNG of Dice against clicks per model to this folder")
@@ -228,15 +251,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_model(model_name, device="cpu", backend="onnxruntime")
         name = model.spec.name
         results[name] = {}
+        engines = [e for e in args.engines if e != "network" or model.spec.prompts is not None]
         for case, image, truth in cases:
             truth_volume = image.with_array(truth)
-            results[name][case] = {}
-            for clicker in args.clickers:
-                r = run_case(image, truth_volume, model, clicker, args.clicks, args.seed)
-                results[name][case][clicker] = r
+            results[name][case] = {engine: {} for engine in engines}
+            for engine, clicker in ((e, c) for e in engines for c in args.clickers):
+                r = run_case(image, truth_volume, model, clicker, args.clicks, args.seed, engine)
+                results[name][case][engine][clicker] = r
                 d = r["dice"]
                 print(
-                    f"{name} {case} {clicker}: Dice {d[0]:.4f} -> {d[min(5, args.clicks)]:.4f} (5) -> "
+                    f"{name} {case} {engine} {clicker}: Dice {d[0]:.4f} -> {d[min(5, args.clicks)]:.4f} (5) -> "
                     f"{d[-1]:.4f} ({args.clicks}); {np.mean(r['seconds']) if r['seconds'] else 0:.3f} s/click",
                     flush=True,
                 )

@@ -5,7 +5,9 @@ exporter (``torch.onnx.export(..., dynamo=False)``: single file, eval-mode Batch
 sub-second on small nets) and writes a graph that follows architecture.md §4.3:
 
 - input ``image`` float32 (N, C_in, *S) with N and S dynamic; outputs ``probabilities`` (N, K, *S) and, for
-  UAFR networks, ``uafr_uncertainty`` (N, U, *S) with K and U fixed in the graph;
+  UAFR networks, ``uafr_uncertainty`` (N, U, *S) with K and U fixed in the graph; a prompt-conditioned
+  network (``spec.prompts``) has a second input ``prompts`` float32 (N, P, *S): its prompt channels, kept
+  apart from the image so that only the image is normalised and an automatic prediction feeds zeros;
 - opset >= 17, weights inside the file, no BatchNormalization node, standard op domains only;
 - InstanceNorm/GroupNorm traced as :class:`AxiswiseNorm` (ORT's own kernels lose ~2e-4 on 128^3 maps);
 - the ModelSpec JSON under the metadata key ``medcl.spec``, with the export's own provenance added under
@@ -227,7 +229,9 @@ def to_onnx(
     reference = _detached_copy(model)
     traced = _with_axiswise_norms(copy.deepcopy(reference))
     traced = traced.half() if fp16 else traced
-    wrapper = InferenceWrapper(traced, dtype=torch.float16 if fp16 else torch.float32)
+    wrapper = InferenceWrapper(
+        traced, dtype=torch.float16 if fp16 else torch.float32, prompt_channels=_prompt_channels(spec)
+    )
     proto = _trace(wrapper, spec, sample, opset, path)
     data = _finish(proto, spec, path)
     report_verify = None
@@ -302,7 +306,7 @@ def _provenance(opset: int, precision: str, sample: tuple[int, ...], checkpoint:
     record: dict[str, Any] = {
         "tool": "napari-medcl medcl-export",
         "code_version": napari_medcl.__version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a TorchVersion would not load weights-only
         "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False)",
         "opset": opset,
         "precision": precision,
@@ -373,15 +377,34 @@ def _with_axiswise_norms(model: nn.Module) -> nn.Module:
     return model
 
 
+def _prompt_channels(spec: ModelSpec) -> int:
+    """P, the prompt channels a prompt model's graph takes as its second input (0 for other models)."""
+    return len(spec.prompts["channels"]) if spec.prompts is not None else 0
+
+
+def _sample_inputs(spec: ModelSpec, batch: int, spatial: Sequence[int], generator: Any = None) -> tuple:
+    """(image,) or (image, prompts) for the graph: random (seeded by ``generator``) or zeros when None.
+    Random prompts are drawn in [0, 1), the range of click maps and one-hot segmentations."""
+    if generator is None:
+        image = torch.zeros(batch, spec.in_channels, *spatial)
+        prompts = torch.zeros(batch, _prompt_channels(spec), *spatial)
+    else:
+        image = torch.randn(batch, spec.in_channels, *spatial, generator=generator)
+        prompts = torch.rand(batch, _prompt_channels(spec), *spatial, generator=generator)
+    return (image, prompts) if spec.prompts is not None else (image,)
+
+
 def _trace(
     wrapper: InferenceWrapper, spec: ModelSpec, sample: tuple[int, ...], opset: int, path: Path
 ) -> Any:
-    """Trace the wrapper on a (1, C, *sample) input -> ModelProto with dynamic N and spatial dims."""
+    """Trace the wrapper on a (1, C, *sample) input (and (1, P, *sample) prompts for a prompt model) ->
+    ModelProto with dynamic N and spatial dims."""
     import onnx
 
     axes = {0: "N", **{2 + i: a for i, a in enumerate("DHW"[-spec.spatial_dims :])}}
     names = list(wrapper.output_names)
-    image = torch.zeros(1, spec.in_channels, *sample)
+    inputs = _sample_inputs(spec, 1, sample)
+    input_names = list(wrapper.input_names)
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -391,13 +414,13 @@ def _trace(
                 warnings.simplefilter("ignore", category)
             torch.onnx.export(
                 wrapper,
-                (image,),
+                inputs,
                 buffer,
                 dynamo=False,
                 opset_version=opset,
-                input_names=[INPUT_NAME],
+                input_names=input_names,
                 output_names=names,
-                dynamic_axes={n: dict(axes) for n in [INPUT_NAME, *names]},
+                dynamic_axes={n: dict(axes) for n in [*input_names, *names]},
                 do_constant_folding=True,
             )
     except Exception as error:  # the exporter raises many types (RuntimeError, OnnxExporterError, ...)
@@ -416,9 +439,10 @@ def _finish(proto: Any, spec: ModelSpec, path: Path) -> bytes:
         dim = output.type.tensor_type.shape.dim[1]
         dim.Clear()
         dim.dim_value = channels[output.name]
-    dim = proto.graph.input[0].type.tensor_type.shape.dim[1]
-    dim.Clear()
-    dim.dim_value = spec.in_channels
+    for graph_input, channels in zip(proto.graph.input, (spec.in_channels, _prompt_channels(spec))):
+        dim = graph_input.type.tensor_type.shape.dim[1]
+        dim.Clear()
+        dim.dim_value = channels
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, spec.to_json()
@@ -526,17 +550,18 @@ def _verify(
     # Spinning ORT workers would steal the cores torch uses next (onnxruntime#13808).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
-    wrapper = InferenceWrapper(reference)
+    wrapper = InferenceWrapper(reference, prompt_channels=_prompt_channels(spec))
     names = list(wrapper.output_names)
     generator = torch.Generator().manual_seed(0)
 
     checks = []
     for batch, spatial in [(2, main)] + ([(1, odd)] if odd is not None else []):
-        image = torch.randn(batch, spec.in_channels, *spatial, generator=generator)
+        inputs = _sample_inputs(spec, batch, spatial, generator)
+        image = inputs[0]
         with torch.inference_mode():
-            expected = [t.numpy() for t in wrapper(image)]
+            expected = [t.numpy() for t in wrapper(*inputs)]
         try:
-            got = session.run(names, {INPUT_NAME: image.numpy()})
+            got = session.run(names, {n: t.numpy() for n, t in zip(wrapper.input_names, inputs)})
         except Exception as error:  # onnxruntime's own exception classes
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ExportError(
@@ -637,8 +662,8 @@ def _time_window(
     session: Any, wrapper: InferenceWrapper, spec: ModelSpec, window: tuple[int, ...], repeats: int
 ) -> tuple[float, float]:
     """Minimum seconds of ``repeats`` runs (after a warm-up) of ORT and of torch on one window."""
-    image = torch.randn(1, spec.in_channels, *window, generator=torch.Generator().manual_seed(1))
-    array = image.numpy()
+    inputs = _sample_inputs(spec, 1, window, torch.Generator().manual_seed(1))
+    feed = {n: t.numpy() for n, t in zip(wrapper.input_names, inputs)}
 
     def best(run) -> float:
         run()
@@ -649,9 +674,9 @@ def _time_window(
             times.append(time.perf_counter() - start)
         return min(times)
 
-    ort_seconds = best(lambda: session.run(None, {INPUT_NAME: array}))
+    ort_seconds = best(lambda: session.run(None, feed))
     with torch.inference_mode():
-        torch_seconds = best(lambda: wrapper(image))
+        torch_seconds = best(lambda: wrapper(*inputs))
     return ort_seconds, torch_seconds
 
 

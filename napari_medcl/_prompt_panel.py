@@ -40,6 +40,11 @@ class PromptPanel(Container):
         self._class = ComboBox(label="Prompt class", choices=lambda _widget: self._classes)
         self._polarity = ComboBox(label="A prompt", choices=[ADDS, REMOVES], value=ADDS)
         self._tool = ComboBox(label="Prompt tool", choices=[CLICK, SCRIBBLE, BOX], value=CLICK)
+        self._engine = ComboBox(label="Prompt engine", choices=["auto", "local", "network"], value="auto")
+        self._engine.tooltip = (
+            "auto: local refinement (it measured better per click); network: a model trained with prompt "
+            "channels answers itself"
+        )
         self._tool.tooltip = (
             "Click: points; Scribble: paint strokes; Box: a rectangle on a slice (the class inside)"
         )
@@ -54,6 +59,7 @@ class PromptPanel(Container):
                 self._class,
                 self._polarity,
                 self._tool,
+                self._engine,
                 self._place,
                 self._next,
                 self._undo,
@@ -65,6 +71,7 @@ class PromptPanel(Container):
         self._next.changed.connect(lambda: self.go_to_next())
         self._undo.changed.connect(lambda: self.undo())
         self._load.changed.connect(self._on_load_clicked)
+        self._engine.changed.connect(self._on_engine_changed)
 
     # -- what the segment widget calls
 
@@ -81,7 +88,7 @@ class PromptPanel(Container):
             self.sessions[key] = model.session_for(volume)
         else:
             if session is None or not isinstance(session, CaseSession) or session.grid != _grid(volume):
-                session = self.sessions[key] = CaseSession(volume, model)
+                session = self.sessions[key] = CaseSession(volume, model, engine=self._engine.value)
             session.take(prediction)
         self._targets[key] = (image, labels)
         classes = list(prediction.provenance.model.classes) if prediction.provenance is not None else []
@@ -232,6 +239,15 @@ class PromptPanel(Container):
 
     # -- inside
 
+    def _on_engine_changed(self, engine: str) -> None:
+        """The next prompt of every image on this computer goes to ``engine``; one that the model cannot
+        answer with says so then, as one line."""
+        from napari_medcl.interactive import CaseSession
+
+        for session in self.sessions.values():
+            if isinstance(session, CaseSession):
+                session.set_engine(engine)
+
     def _on_load_clicked(self, *_: Any) -> None:
         from qtpy.QtWidgets import QFileDialog
 
@@ -348,7 +364,8 @@ class PromptPanel(Container):
             return None
         self._write(key, update)
         self._info.value = (
-            f"Prompt {len(session.prompts)}: {update.changed:,} voxel(s) changed in {update.seconds:.2f} s."
+            f"Prompt {len(session.prompts)}: {update.changed:,} voxel(s) changed in {update.seconds:.2f} s "
+            f"({'the network' if update.engine == 'network' else 'local refinement'})."
         )
         if getattr(session, "restores", 0) != restores and session.notice:
             self._info.value += f" ({session.notice}.)"

@@ -59,11 +59,14 @@ class LoadedModel:
     def name(self) -> str:
         return self.spec.name
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(
+        self, batch: np.ndarray, prompts: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Run the graph on ``batch`` float32 (N, C, *S) -> probabilities (N, K, *S), maps (N, U, *S) or None.
+        ``prompts`` (N, P, *S): a prompt model's prompt channels (None: zero, an automatic prediction).
 
         Raises PredictionError when the outputs do not have the shapes the spec promises."""
-        return run_checked(self, batch, lambda want, image: self.session.run(want, {"image": image}))
+        return run_checked(self, batch, lambda want, inputs: self.session.run(want, inputs), prompts)
 
 
 def load_model(
@@ -325,8 +328,18 @@ def _check_graph(graph: Any, spec: ModelSpec, path: Path) -> None:
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
     rank = 2 + spec.spatial_dims
-    if [i.name for i in inputs] != ["image"]:
-        raise ModelError(path, f"must have one input named 'image', has {[i.name for i in inputs]}")
+    names = ["image", "prompts"] if spec.prompts is not None else ["image"]
+    if [i.name for i in inputs] != names:
+        raise ModelError(
+            path,
+            f"must have the input(s) {names} (the spec {'declares' if spec.prompts else 'has no'} prompt "
+            f"channels), has {[i.name for i in inputs]}",
+        )
+    if spec.prompts is not None:
+        prompts = _tensor_shape(inputs[1], onnx, path)
+        p = len(spec.prompts["channels"])
+        if prompts is None or len(prompts) != 2 + spec.spatial_dims or prompts[1] not in (None, p):
+            raise ModelError(path, f"input 'prompts' must be (N, {p}, *S) as the spec's prompts say")
     image = _tensor_shape(inputs[0], onnx, path)
     if image is None or len(image) != rank:
         raise ModelError(

@@ -59,18 +59,20 @@ class OpenVINOSession:
     def name(self) -> str:
         return self.spec.name
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(
+        self, batch: np.ndarray, prompts: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Run the graph on ``batch`` float32 (N, C, *S) -> probabilities (N, K, *S), maps (N, U, *S) or None.
 
         Raises PredictionError when the outputs do not have the shapes the spec promises."""
         from napari_medcl.session import run_checked
 
-        def infer(want: list[str], image: np.ndarray) -> list[np.ndarray]:
+        def infer(want: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
             # A request per call: the session may be shared between threads (the widget's workers).
-            results = self.compiled.create_infer_request().infer({"image": image})
+            results = self.compiled.create_infer_request().infer(inputs)
             return [results[self.compiled.output(name)] for name in want]
 
-        return run_checked(self, batch, infer)
+        return run_checked(self, batch, infer, prompts)
 
 
 def open_openvino(

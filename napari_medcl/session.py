@@ -39,7 +39,8 @@ class InferenceSession(Protocol):
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """batch float32 (N, C, *S) -> probabilities (N, K, *S) float32 and the UAFR maps (N, U, *S) float32
-        in network order, or None when ``spec.uncertainty_maps`` is empty."""
+        in network order, or None when ``spec.uncertainty_maps`` is empty. The product's sessions also take
+        ``run(batch, prompts)`` for a model with prompt channels (``spec.prompts``; ``graph_inputs``)."""
         ...
 
 
@@ -63,16 +64,44 @@ def checked_outputs(
     return probs, maps
 
 
+def graph_inputs(
+    spec: ModelSpec, batch: np.ndarray, prompts: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The graph's inputs by name: ``image`` = ``batch`` (N, C, *S) and, for a model with prompt channels
+    (``spec.prompts``), ``prompts`` (N, P, *S): as given, or all zero (an automatic prediction) when None.
+    PredictionError when prompts are given to a model without them or have the wrong shape."""
+    inputs = {"image": np.ascontiguousarray(batch, dtype=np.float32)}
+    if spec.prompts is None:
+        if prompts is not None:
+            raise PredictionError(f"model {spec.name!r} takes no prompt channels")
+        return inputs
+    expected = (batch.shape[0], len(spec.prompts["channels"]), *batch.shape[2:])
+    if prompts is None:
+        prompts = np.zeros(expected, dtype=np.float32)
+    if tuple(prompts.shape) != expected:
+        raise PredictionError(
+            f"model {spec.name!r}: prompts of shape {tuple(prompts.shape)} for an image batch of shape "
+            f"{tuple(batch.shape)}; expected {expected}"
+        )
+    inputs["prompts"] = np.ascontiguousarray(prompts, dtype=np.float32)
+    return inputs
+
+
 def run_checked(
-    session: InferenceSession, batch: np.ndarray, infer: Callable[[list[str], np.ndarray], list[np.ndarray]]
+    session: InferenceSession,
+    batch: np.ndarray,
+    infer: Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]],
+    prompts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """One run of a session's graph: ``infer(output names, batch float32 (N, C, *S))`` gives the outputs;
-    a failure of the engine becomes one PredictionError line naming the model, and the outputs are checked
-    (``checked_outputs``). The ONNX Runtime and OpenVINO sessions differ only in ``infer``."""
+    """One run of a session's graph: ``infer(output names, inputs by name)`` gives the outputs (inputs:
+    ``graph_inputs``: the batch float32 (N, C, *S) and a prompt model's ``prompts``); a failure of the engine
+    becomes one PredictionError line naming the model, and the outputs are checked (``checked_outputs``). The
+    ONNX Runtime and OpenVINO sessions differ only in ``infer``."""
     spec = session.spec
     want = ["probabilities"] + (["uafr_uncertainty"] if spec.uncertainty_maps else [])
+    inputs = graph_inputs(spec, batch, prompts)
     try:
-        outputs = infer(want, np.ascontiguousarray(batch, dtype=np.float32))
+        outputs = infer(want, inputs)
     except Exception as error:  # the engines' own error classes, often with multi-line messages
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PredictionError(

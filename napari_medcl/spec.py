@@ -78,6 +78,9 @@ class ModelSpec:
     intended_use: str = DEFAULT_INTENDED_USE
     format_version: int = FORMAT_VERSION
     training_profile: dict[str, Any] | None = None
+    # A prompt-conditioned network's prompt channels (napari_medcl.prompt_channels.PromptEncoding.to_dict):
+    # the graph's second input; None for a model that takes the image alone.
+    prompts: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name.strip(), "name must be a non-empty string")
@@ -122,6 +125,26 @@ class ModelSpec:
             f"nonzero_is_foreground must be true or false, got {self.nonzero_is_foreground!r}",
         )
         _check_profile(self.training_profile)
+        if self.prompts is not None:
+            from napari_medcl.prompt_channels import PromptEncoding, PromptEncodingError
+
+            try:
+                encoding = PromptEncoding.from_dict(self.prompts)
+            except PromptEncodingError as error:
+                raise SpecError(str(error)) from None
+            _check(
+                encoding.num_classes == len(classes),
+                f"prompts are for {encoding.num_classes} classes, the model has {len(classes)}",
+            )
+
+    @property
+    def prompt_encoding(self):  # -> PromptEncoding | None (imported lazily: the spec module stays small)
+        """The prompt channels' encoding, None for a model without prompt channels."""
+        if self.prompts is None:
+            return None
+        from napari_medcl.prompt_channels import PromptEncoding
+
+        return PromptEncoding.from_dict(self.prompts)
 
     @property
     def num_classes(self) -> int:
@@ -140,6 +163,8 @@ class ModelSpec:
             data["spacing"] = list(self.spacing)
         if self.training_profile is None:
             del data["training_profile"]  # a spec without one reads exactly as before the field existed
+        if self.prompts is None:
+            del data["prompts"]  # likewise for a model without prompt channels
         return data
 
     def to_json(self) -> str:
@@ -186,6 +211,7 @@ class ModelSpec:
             f"{self.name}: {self.spatial_dims}D, {self.in_channels} channel(s), classes "
             f"{', '.join(self.class_names)}, patch {'x'.join(map(str, self.patch_size))}, spacing {spacing}, "
             f"{len(self.uncertainty_maps)} UAFR map(s)"
+            + (f", {len(self.prompts['channels'])} prompt channel(s)" if self.prompts is not None else "")
         )
 
 

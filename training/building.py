@@ -150,6 +150,11 @@ def build_model(cfg: TrainConfig, in_channels: int, num_classes: int) -> nn.Modu
             uafr_block=None if m.uafr.block == "uafr" else m.uafr.block,
             uafr_use_f=None if m.uafr.use_f else False,
         )
+    if m.prompts.enabled:
+        # prompt channels after the image's (training.prompt_training); the network still takes one tensor
+        from training.prompt_training import prompt_encoding
+
+        in_channels += prompt_encoding(m.prompts, num_classes).num_channels
     try:
         return create_model(
             m.name, spatial_dims=m.spatial_dims, in_channels=in_channels, num_classes=num_classes, **kwargs

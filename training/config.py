@@ -39,6 +39,7 @@ __all__ = [
     "ModelConfig",
     "OutputConfig",
     "PDCRConfig",
+    "PromptsConfig",
     "TrainConfig",
     "TrainSettings",
     "UAFRConfig",
@@ -84,6 +85,40 @@ class UAFRConfig:
 
 
 @dataclass(frozen=True)
+class PromptsConfig:
+    """Prompt channels (engine (b) of interactive correction): clicks and the previous segmentation as extra
+    input channels after the image's, trained with simulated interactions (``training.prompt_training``).
+
+    Encoding (``napari_medcl.prompt_channels``): per foreground class a positive and a negative click map, each
+    click a ``click_shape`` (disk or gaussian) of ``click_radius_mm``; with ``previous_segmentation`` the
+    previous labels one-hot over the foreground classes. Simulation, per training sample: with probability
+    ``no_prompt_fraction`` every prompt channel stays zero (the network keeps segmenting on its own);
+    otherwise 1..``max_rounds`` rounds (uniform), each running the network without gradients, clicking the
+    voxel deepest inside the largest error component of its prediction (a distance transform; the class
+    from the ground truth: a positive click on the true class, or with ``negative_click_prob`` a negative
+    click on the wrongly predicted foreground class) and taking the prediction as the previous segmentation;
+    then the training pass with gradients sees every click so far. Randomness from the run's generator.
+    """
+
+    enabled: bool = False
+    click_radius_mm: float = 2.0
+    click_shape: Literal["disk", "gaussian"] = "disk"
+    previous_segmentation: bool = True
+    max_rounds: int = 3
+    no_prompt_fraction: float = 0.25
+    negative_click_prob: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds!r}")
+        if not self.click_radius_mm > 0:
+            raise ValueError(f"click_radius_mm must be > 0, got {self.click_radius_mm!r}")
+        for name in ("no_prompt_fraction", "negative_click_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which network and how it is built. ``None`` means "the architecture's default"; options an
     architecture does not have must stay None (``features`` for DeepLabV3+, ``encoder_depth`` for the U-Net).
@@ -112,6 +147,7 @@ class ModelConfig:
     dropout: float | None = None
     uafr: UAFRConfig = field(default_factory=UAFRConfig)
     projection_dim: int | None = None
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
 
 
 @dataclass(frozen=True)
@@ -383,6 +419,11 @@ def config_notices(cfg: TrainConfig) -> list[str]:
             unused(p, "loss.pdcr", ("series",), f"affinity {p.affinity} is not computed from class fractions")
         if p.layer_modes and all(m == p.mode for m in p.layer_modes.values()):
             notes.append(f"loss.pdcr.layer_modes has no effect: every entry equals mode ({p.mode})")
+
+    pr = cfg.model.prompts
+    if not pr.enabled:
+        unused(pr, "model.prompts", [f.name for f in dataclasses.fields(pr) if f.name != "enabled"],
+               "model.prompts.enabled is false")  # fmt: skip
 
     c = cfg.loss.ccdc
     ccdc_options = [f.name for f in dataclasses.fields(c) if f.name != "enabled"]

@@ -159,8 +159,15 @@ def apply_initial_weights(
     *,
     class_names: Sequence[str],
     reinit_heads: bool,
+    extra_input_channels: int = 0,
 ) -> list[str]:
     """Copy ``weights`` into ``model`` (the bare network, in place); returns lines for the run's log.
+
+    ``extra_input_channels``: this network takes that many more input channels than the checkpoint's (the
+    prompt channels of ``model.prompts``, after the image's). The layers that read the input (a weight of
+    the checkpoint's shape but for that many more input channels on axis 1) are expanded: the checkpoint's
+    weights for the image channels, zero for the new ones, so the network starts out computing exactly what
+    the checkpoint's did whatever the new channels hold; the log names them.
 
     ``class_names``: the dataset's classes. InitError when they differ from the checkpoint's and
     ``reinit_heads`` is false, or when any layer (heads excepted when they are re-initialised) is missing,
@@ -184,6 +191,9 @@ def apply_initial_weights(
     if skip_heads:
         own = {k: v for k, v in own.items() if not k.startswith(HEAD_PREFIXES)}
         given = {k: v for k, v in given.items() if not k.startswith(HEAD_PREFIXES)}
+    expanded = []
+    if extra_input_channels:
+        given, expanded = _expand_inputs(own, given, extra_input_channels)
     problems = layer_differences(own, given)
     if problems:
         shown = problems[:MAX_LISTED_LAYERS]
@@ -199,6 +209,11 @@ def apply_initial_weights(
         f"init: weights from {weights.source} ({weights.path.name}, sha256 {weights.sha256[:12]}): "
         f"{len(given)} tensors loaded"
     ]
+    if expanded:
+        lines.append(
+            f"init: {extra_input_channels} input channel(s) added to {', '.join(expanded)}: their weights "
+            "start at zero, so the network starts equal to the checkpoint's"
+        )
     if skip_heads:
         heads = sorted({k.rsplit(".", 1)[0] for k in missing})
         lines.append(
@@ -206,6 +221,33 @@ def apply_initial_weights(
             f"output heads started afresh ({', '.join(heads)})"
         )
     return lines
+
+
+def _expand_inputs(
+    own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], extra: int
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``given`` with every input-reading weight widened by ``extra`` zero input channels (see
+    ``apply_initial_weights``), and the names of the layers widened."""
+    out = dict(given)
+    names = []
+    for key, theirs in given.items():
+        mine = own.get(key)
+        if mine is None or theirs.ndim < 3 or mine.ndim != theirs.ndim:
+            continue
+        if (
+            mine.shape[1] - theirs.shape[1] == extra
+            and mine.shape[:1] + mine.shape[2:] == theirs.shape[:1] + theirs.shape[2:]
+        ):
+            wide = torch.zeros(mine.shape, dtype=theirs.dtype)
+            wide[:, : theirs.shape[1]] = theirs
+            out[key] = wide
+            names.append(key.rsplit(".", 1)[0])
+    if not names:
+        raise InitError(
+            f"no layer of the checkpoint reads the input with {extra} fewer channels than this network's; "
+            "model.prompts expects a checkpoint of the same network without prompt channels"
+        )
+    return out, names
 
 
 def layer_differences(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:

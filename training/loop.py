@@ -111,10 +111,13 @@ def train_epoch(
     optimizer, scaler = parts.optimizer, runtime.scaler
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_ratio = math.nan
+    prompting = _prompting(cfg, parts.model)
     for i, batch in enumerate(_epoch_loader(epoch, cfg, runtime, parts.patch_size, train_cases, replay)):
         image = batch["image"].to(runtime.device, non_blocking=True)
         label = batch["label"].to(runtime.device, non_blocking=True)
         progress = (epoch * iterations + i) / max(1, total_steps)
+        if prompting is not None:
+            image = torch.cat([image, prompting(image, label, parts.generator)], dim=1)
         if i == 0 and "pdcr" in parts.losses:
             grad_ratio = _pdcr_grad_ratio(parts, runtime, image, label)
             if log is not None:
@@ -151,6 +154,25 @@ def train_epoch(
             f"is {last_checkpoint}. Lower train.lr, set train.amp_dtype to bf16, or lower loss weights"
         )
     return train_terms
+
+
+def _prompting(cfg: TrainConfig, model: nn.Module) -> Callable[..., Tensor] | None:
+    """``(image, label, generator) -> prompt channels`` for a network with ``model.prompts`` (simulated
+    interactions, training.prompt_training); None without."""
+    if not cfg.model.prompts.enabled:
+        return None
+    from training.prompt_training import prompt_encoding, simulate_prompts
+
+    encoding = prompt_encoding(cfg.model.prompts, int(model.num_classes))
+    d = cfg.model.spatial_dims
+    target = cfg.data.target_spacing
+    # the patch's spacing in mm when the config fixes it; a "median" or native grid counts as 1 mm a voxel
+    spacing = tuple(target)[-d:] if isinstance(target, tuple) else (1.0,) * d
+
+    def prompting(image: Tensor, label: Tensor, generator: torch.Generator) -> Tensor:
+        return simulate_prompts(model, image, label, encoding, cfg.model.prompts, spacing, generator)
+
+    return prompting
 
 
 def _pdcr_grad_ratio(parts: TrainingParts, runtime: Runtime, image: Tensor, label: Tensor) -> float:

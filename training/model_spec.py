@@ -30,20 +30,25 @@ def spec_for_model(
     nonzero_is_foreground: bool = False,
     training: dict[str, Any] | None = None,
     training_profile: dict[str, Any] | None = None,
+    prompts: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """A ModelSpec for ``model``: channels, classes, divisor and UAFR map names from the network; the rest
     as given (class names default to background, class1, ...; normalisation to z-score; no training-data
-    profile)."""
+    profile). ``prompts``: the prompt channels' encoding (``PromptEncoding.to_dict``) of a network whose last
+    input channels are prompt channels; ``in_channels`` then counts the image's channels only."""
     k = int(model.num_classes)
     names = (
         list(class_names) if class_names is not None else ["background", *(f"class{i}" for i in range(1, k))]
     )
     if len(names) != k:
         raise SpecError(f"{len(names)} class names given for a network with {k} classes")
+    prompt_channels = len(prompts["channels"]) if prompts else 0
+    if prompt_channels >= int(model.in_channels):
+        raise SpecError(f"{prompt_channels} prompt channels for a network with {model.in_channels} inputs")
     return ModelSpec(
         name=name,
         spatial_dims=int(model.spatial_dims),
-        in_channels=int(model.in_channels),
+        in_channels=int(model.in_channels) - prompt_channels,
         classes=default_classes(names, None if class_colors is None else list(class_colors)),
         patch_size=tuple(int(p) for p in patch_size),
         divisor=tuple(int(d) for d in model.divisor),
@@ -53,6 +58,7 @@ def spec_for_model(
         nonzero_is_foreground=nonzero_is_foreground,
         training=dict(training or {}),
         training_profile=training_profile,
+        prompts=prompts,
     )
 
 
@@ -72,8 +78,10 @@ def run_spec(
     ``profile`` the training cases' training-data profile (``training.data.profile.dataset_profile``),
     ``init`` the weights the run started from (``training.init_weights``; kept under ``training.init_from``)."""
     import napari_medcl
+    from training.prompt_training import prompt_encoding
 
     d = cfg.model.spatial_dims
+    encoding = prompt_encoding(cfg.model.prompts, len(info.class_names))
     spacing = getattr(info, "spacing", None)
     if spacing is not None:
         spacing = list(spacing)[-d:]
@@ -94,8 +102,10 @@ def run_spec(
             "metrics": {"val_mean_dice": best["mean_dice"], "best_epoch": best["epoch"], "epochs": epochs},
             "code_version": napari_medcl.__version__,
             **({"init_from": dict(init)} if init else {}),
+            **({"prompts": config_to_dict(cfg.model.prompts)} if encoding is not None else {}),
         },
         training_profile=profile,
+        prompts=None if encoding is None else encoding.to_dict(),
     )
 
 
@@ -110,4 +120,6 @@ def method_name(cfg: TrainConfig) -> str:
         parts.append(f"{cfg.loss.pdcr.mode}-pdcr")
     if cfg.loss.ccdc.enabled:
         parts.append("ccdc")
+    if cfg.model.prompts.enabled:
+        parts.append("prompts")
     return "+".join(parts)

@@ -234,9 +234,14 @@ def _initialise(
     processes agree without a broadcast); the log lines, and ``data`` with the source recorded for the spec."""
     if weights is None:
         return [], data
+    extra = int(parts.model.in_channels) - int(data.info.in_channels)  # prompt channels (model.prompts)
+    theirs = (weights.spec or {}).get("prompts")
+    if theirs is not None:  # already a prompt network: its input layer has them
+        extra = 0
     lines = apply_initial_weights(
-        parts.model, weights, class_names=list(data.info.class_names), reinit_heads=cfg.init.reinit_heads
-    )
+        parts.model, weights, class_names=list(data.info.class_names), reinit_heads=cfg.init.reinit_heads,
+        extra_input_channels=extra,
+    )  # fmt: skip
     return lines, dataclasses.replace(data, init=weights.record())
 
 

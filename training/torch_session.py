@@ -57,15 +57,27 @@ class TorchSession:
         self.sha256 = sha256
         self.provider = f"torch ({self.device})"
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """batch float32 (N, C, *S) -> probabilities (N, K, *S), UAFR maps (N, U, *S) or None."""
+    def run(
+        self, batch: np.ndarray, prompts: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """batch float32 (N, C, *S) -> probabilities (N, K, *S), UAFR maps (N, U, *S) or None. ``prompts``
+        (N, P, *S): the prompt channels of a model with ``spec.prompts`` (None: all zero, an automatic
+        prediction)."""
         was_training = self.model.training
         try:
-            wrapper = InferenceWrapper(self.model)  # puts the network in eval mode
-            with torch.no_grad(), self.autocast():
-                outputs = wrapper(
-                    torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+            channels = len(self.spec.prompts["channels"]) if self.spec.prompts is not None else 0
+            wrapper = InferenceWrapper(self.model, prompt_channels=channels)  # puts the network in eval mode
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+            extra = (wrapper.prompt_channels,) if self.spec.prompts is not None else ()
+            if extra:
+                p = (
+                    torch.zeros((x.shape[0], extra[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
+                    if prompts is None
+                    else torch.from_numpy(np.ascontiguousarray(prompts, dtype=np.float32)).to(self.device)
                 )
+                extra = (p,)
+            with torch.no_grad(), self.autocast():
+                outputs = wrapper(x, *extra)
         except RuntimeError as error:  # e.g. CUDA out of memory, a shape the network cannot take
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise PredictionError(

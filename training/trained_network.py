@@ -109,8 +109,12 @@ def check_spec_matches_model(spec: ModelSpec, model: nn.Module, path: str | Path
     problems = []
     if spec.spatial_dims != model.spatial_dims:
         problems.append(f"spatial_dims {spec.spatial_dims} vs the network's {model.spatial_dims}")
-    if spec.in_channels != model.in_channels:
-        problems.append(f"in_channels {spec.in_channels} vs the network's {model.in_channels}")
+    prompt_channels = len(spec.prompts["channels"]) if spec.prompts is not None else 0
+    if spec.in_channels + prompt_channels != model.in_channels:
+        problems.append(
+            f"in_channels {spec.in_channels} (+ {prompt_channels} prompt channels) vs the network's "
+            f"{model.in_channels}"
+        )
     if spec.num_classes != model.num_classes:
         problems.append(f"{spec.num_classes} classes vs the network's {model.num_classes}")
     if tuple(spec.uncertainty_maps) != tuple(model.uncertainty_names):

@@ -165,7 +165,7 @@ def test_preset_loads_states_its_source_and_holds_only_deltas(path):
     text = path.read_text(encoding="utf-8")
     assert text.startswith("#")
     if not path.stem.startswith(
-        ("quickstart", "default-", "finetune-")
+        ("quickstart", "default-", "finetune-", "brain-tissue-3d-prompts")
     ):  # recipes of ours, not paper settings
         assert "Source: paper" in text and "Table" in text
     defaults = config_to_dict(TrainConfig())

@@ -162,11 +162,18 @@ def test_bundled_weights_load_by_name_and_reproduce_the_onnx_model(name, one_tor
     model = build_model(cfg, 1, len(weights.class_names))
     apply_initial_weights(model, weights, class_names=weights.class_names, reinit_heads=False)
     shape = (1, 1, 16, 48, 40) if cfg.model.spatial_dims == 3 else (2, 1, 64, 48)
-    image = torch.from_numpy(np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32))
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.uniform(0, 1, shape).astype(np.float32))
+    inputs = {"image": image}
+    channels = len((weights.spec or {}).get("prompts", {}).get("channels", []))
+    if channels:  # a prompt model: its prompt channels as the graph's second input (random clicks will do)
+        inputs["prompts"] = torch.from_numpy(
+            (rng.uniform(0, 1, (shape[0], channels, *shape[2:])) > 0.9).astype(np.float32)
+        )
     with torch.no_grad():
-        ours = InferenceWrapper(model.eval())(image)[0].numpy()
+        ours = InferenceWrapper(model.eval(), prompt_channels=channels)(*inputs.values())[0].numpy()
     session = ort.InferenceSession(str(MODELS_DIR / entry["file"]), providers=["CPUExecutionProvider"])
-    theirs = session.run(["probabilities"], {"image": image.numpy()})[0]
+    theirs = session.run(["probabilities"], {k: v.numpy() for k, v in inputs.items()})[0]
     assert np.abs(ours - theirs).max() < 1e-4
     assert json.loads((MODELS_DIR / "manifest.json").read_text())["models"]
 

@@ -45,8 +45,16 @@ class InferenceWrapper(nn.Module):
     because a wrapper in training mode would export batch statistics instead of folded running statistics.
     """
 
-    def __init__(self, model: nn.Module, *, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype = torch.float32, prompt_channels: int = 0):
         super().__init__()
+        if not 0 <= prompt_channels < getattr(model, "in_channels", prompt_channels + 1):
+            raise ValueError(
+                f"prompt_channels {prompt_channels} for a network with {model.in_channels} inputs"
+            )
+        # A prompt-conditioned network (model.prompts) takes the image and its prompt channels as one tensor;
+        # the graph takes them as two inputs, so that only the image is normalised and a product that has
+        # no prompts can feed zeros without knowing their layout (napari_medcl.prompt_channels).
+        self.prompt_channels = int(prompt_channels)
         for attribute in ("spatial_dims", "uncertainty_names", "uncertainty_strides"):
             if not hasattr(model, attribute):
                 raise TypeError(
@@ -75,8 +83,25 @@ class InferenceWrapper(nn.Module):
             raise RuntimeError("InferenceWrapper is for inference only; it cannot be put in training mode")
         return super().train(False)
 
-    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        """image (N, C_in, *S) -> (probabilities (N, K, *S),) [+ (uafr_uncertainty (N, U, *S),)]."""
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Names of the forward inputs, in order (the ONNX input names)."""
+        return ("image", "prompts") if self.prompt_channels else ("image",)
+
+    def forward(self, image: Tensor, prompts: Tensor | None = None) -> tuple[Tensor, ...]:
+        """image (N, C, *S) [, prompts (N, P, *S) when ``prompt_channels`` P > 0] -> (probabilities
+        (N, K, *S),) [+ (uafr_uncertainty (N, U, *S),)], with C + P the network's inputs."""
+        if self.prompt_channels:
+            if not torch.jit.is_tracing() and (
+                prompts is None
+                or prompts.shape[1] != self.prompt_channels
+                or prompts.shape[2:] != image.shape[2:]
+            ):
+                got = None if prompts is None else tuple(prompts.shape)
+                raise ValueError(
+                    f"image of shape {tuple(image.shape)} needs prompts (N, {self.prompt_channels}, *S), got {got}"
+                )
+            image = torch.cat([image, prompts.to(image.dtype)], dim=1)
         with _features_off(self.model):
             out = self.model(image.to(self.dtype))
         probabilities = torch.softmax(out.logits.float(), dim=1)
