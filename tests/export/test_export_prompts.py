@@ -76,7 +76,7 @@ def test_a_click_through_the_network_engine_changes_only_its_box_and_undo_restor
     rng = np.random.default_rng(1)
     image = rng.normal(size=(16, 40, 40)).astype(np.float32)
     volume = Volume(image, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
-    session = open_session(volume, load_model(path, device="cpu", backend="onnxruntime"))
+    session = open_session(volume, load_model(path, device="cpu", backend="onnxruntime"), engine="network")
     assert session.engine == "network"
     session.predict()
     before = session.labels.copy()
