@@ -148,3 +148,43 @@ def test_lesion_report_has_one_class_column(accuracy):
     rows = [line for line in table.splitlines() if line.startswith("| CE+Dice")]
     # Fold 0 finds nothing (HD95 infinite): the HD95 cell averages only the seeds' finite means, none here.
     assert rows and "| 0.100 ± 0.000 | 0.100 ± 0.000 |" in rows[0] and "n/a" in rows[0]
+
+
+def test_series_runs_have_their_own_names_and_tables_with_the_median_grad_ratio(accuracy, tmp_path):
+    classes = accuracy.TASKS["tissue"].classes
+    key = accuracy.RunKey(2, "limited", 3, 0, "+PDCR-sum0.1", series="pdcr-sweep")
+    assert key.name() == "pdcr-sweep/2d/limited/fold3/plus-pdcr-sum0.1/seed0"
+    assert accuracy.RunKey(2, "limited", 3, 0, "+PDCR").name() == "2d/limited/fold3/plus-pdcr/seed0"
+
+    def record(arm, fold, seed, dice, series=None, ratios=()):
+        scores = {"dice": dict.fromkeys(classes, dice), "hd95": dict.fromkeys(classes, 2.0)}
+        r = {
+            "dims": 2, "regime": "limited", "arm": arm, "fold": fold, "seed": seed, "train_seconds": 10.0,
+            "clean": scores, "perturbed": scores, "pdcr_grad_ratio": list(ratios),
+        }  # fmt: skip
+        return r | ({"series": series} if series else {})
+
+    records = []
+    for fold in range(3):
+        for seed in (0, 1, 2):  # the six-arm runs: three seeds, their own CE+Dice
+            records += [record("CE+Dice", fold, seed, 0.9), record("+PDCR", fold, seed, 0.9)]
+        # the sweep: one seed; its CE+Dice is 0.5 lower, so pairing with the six-arm baseline would show
+        records += [
+            record("CE+Dice", fold, 0, 0.4, "pdcr-sweep"),
+            record("+PDCR", fold, 0, 0.4, "pdcr-sweep", [0.01, 0.02, 0.03]),
+            record("+PDCR-sum0.1", fold, 0, 0.3, "pdcr-sweep", [1e4, 2e4, 5e4 + fold]),
+        ]
+    table = accuracy.report(records, 2)
+    six, sweep = table.split("PDCR strength sweep")
+    assert "#### 2D, limited labels (folds 0, 1, 2; seeds 0, 1, 2)" in six and "grad ratio" not in six
+    assert "(folds 0, 1, 2; seeds 0)" in sweep and "PDCR/seg grad ratio (median)" in sweep
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in sweep.splitlines() if line.startswith("| ")}
+    assert rows["CE+Dice"].endswith("| — |") and rows["+PDCR"].endswith("| 0.02 |")
+    assert rows["+PDCR-sum0.1"].endswith("| 2e+04 |")  # median of 9 epoch values
+    assert "-0.1000 (p=0.25, n=3)" in rows["+PDCR-sum0.1"]  # paired with the sweep's own CE+Dice
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(
+        '{"epoch": 1, "train": {"loss": 1.0, "pdcr_grad_ratio": 0.5}}\n{"epoch": 2, "train": {"loss": 0.9}}\n'
+    )
+    assert accuracy.grad_ratios(metrics) == [0.5] and accuracy.grad_ratios(tmp_path / "none") == []
