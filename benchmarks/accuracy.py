@@ -342,8 +342,12 @@ def run_one(key: RunKey, source: Path, work: Path) -> dict:
     }
 
 
+RESULTS_PATHSPEC = ":(top,exclude)benchmarks/results"
+
+
 def _revision() -> str | None:
-    """The checkout's commit (with ``+dirty`` for local changes), recorded with every result."""
+    """The checkout's commit (with ``+dirty`` for local changes), recorded with every result. The results files
+    under benchmarks/results/ do not count: a run appends to them, and the runs after it ran the same code."""
     import subprocess
 
     try:
@@ -351,7 +355,10 @@ def _revision() -> str | None:
             ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", RESULTS_PATHSPEC],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
         )
     except OSError:
         return None

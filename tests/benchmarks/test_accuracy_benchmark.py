@@ -188,3 +188,24 @@ def test_series_runs_have_their_own_names_and_tables_with_the_median_grad_ratio(
         '{"epoch": 1, "train": {"loss": 1.0, "pdcr_grad_ratio": 0.5}}\n{"epoch": 2, "train": {"loss": 0.9}}\n'
     )
     assert accuracy.grad_ratios(metrics) == [0.5] and accuracy.grad_ratios(tmp_path / "none") == []
+
+
+def test_revision_is_dirty_for_code_changes_not_for_appended_results(accuracy, tmp_path, monkeypatch):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "benchmarks" / "accuracy.py").write_text("x = 1\n")
+    (repo / "benchmarks" / "results" / "accuracy-2d.jsonl").write_text("{}\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    monkeypatch.setattr(accuracy, "HERE", repo / "benchmarks")
+    clean = accuracy._revision()
+    assert clean and not clean.endswith("+dirty")
+    with open(repo / "benchmarks" / "results" / "accuracy-2d.jsonl", "a") as f:
+        f.write("{}\n")  # a run's record
+    assert accuracy._revision() == clean
+    (repo / "benchmarks" / "accuracy.py").write_text("x = 2\n")
+    assert accuracy._revision() == clean + "+dirty"
