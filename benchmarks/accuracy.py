@@ -459,6 +459,8 @@ def _report_series(records: Sequence[dict], dims: int, task: Task, series: str) 
         base = {(r["fold"], r["seed"]): r for r in by_arm["CE+Dice"]}
         left_out = [f for f in started if f not in folds]
         note = f"; fold(s) {', '.join(map(str, left_out))} incomplete, left out" if left_out else ""
+        if len(seeds) == 1:
+            note += "; one seed: ± is the sd over folds"
         lines.append(
             f"\n#### {title}, {regime} labels (folds {', '.join(map(str, folds))}; "
             f"seeds {', '.join(map(str, seeds))}{note})\n"
@@ -476,7 +478,9 @@ def _report_series(records: Sequence[dict], dims: int, task: Task, series: str) 
                 continue
 
             def per_seed(fn, runs=runs, seeds=seeds) -> list[float]:
-                """fn averaged over the folds of each seed: one value per seed."""
+                """fn averaged over the folds of each seed: one value per seed (with one seed: per fold)."""
+                if len(seeds) == 1:
+                    return [float(fn(r)) for r in runs]
                 groups = [[fn(r) for r in runs if r["seed"] == s] for s in seeds]
                 return [float(np.mean(g)) for g in groups if g]
 

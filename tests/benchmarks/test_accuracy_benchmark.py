@@ -168,20 +168,23 @@ def test_series_runs_have_their_own_names_and_tables_with_the_median_grad_ratio(
     for fold in range(3):
         for seed in (0, 1, 2):  # the six-arm runs: three seeds, their own CE+Dice
             records += [record("CE+Dice", fold, seed, 0.9), record("+PDCR", fold, seed, 0.9)]
-        # the sweep: one seed; its CE+Dice is 0.5 lower, so pairing with the six-arm baseline would show
+        # the sweep: one seed; its CE+Dice is lower, so pairing with the six-arm baseline would show
         records += [
-            record("CE+Dice", fold, 0, 0.4, "pdcr-sweep"),
-            record("+PDCR", fold, 0, 0.4, "pdcr-sweep", [0.01, 0.02, 0.03]),
-            record("+PDCR-sum0.1", fold, 0, 0.3, "pdcr-sweep", [1e4, 2e4, 5e4 + fold]),
+            record("CE+Dice", fold, 0, 0.3 + 0.1 * fold, "pdcr-sweep"),
+            record("+PDCR", fold, 0, 0.3 + 0.1 * fold, "pdcr-sweep", [0.01, 0.02, 0.03]),
+            record("+PDCR-sum0.1", fold, 0, 0.2 + 0.1 * fold, "pdcr-sweep", [1e4, 2e4, 5e4 + fold]),
         ]
     table = accuracy.report(records, 2)
     six, sweep = table.split("PDCR strength sweep")
     assert "#### 2D, limited labels (folds 0, 1, 2; seeds 0, 1, 2)" in six and "grad ratio" not in six
-    assert "(folds 0, 1, 2; seeds 0)" in sweep and "PDCR/seg grad ratio (median)" in sweep
+    assert "(folds 0, 1, 2; seeds 0; one seed: ± is the sd over folds)" in sweep
+    assert "PDCR/seg grad ratio (median)" in sweep
     rows = {line.split(" | ")[0].lstrip("| "): line for line in sweep.splitlines() if line.startswith("| ")}
     assert rows["CE+Dice"].endswith("| — |") and rows["+PDCR"].endswith("| 0.02 |")
     assert rows["+PDCR-sum0.1"].endswith("| 2e+04 |")  # median of 9 epoch values
     assert "-0.1000 (p=0.25, n=3)" in rows["+PDCR-sum0.1"]  # paired with the sweep's own CE+Dice
+    assert "| 0.400 ± 0.100 |" in rows["CE+Dice"]  # one seed: folds 0.3, 0.4, 0.5
+    assert "| 0.300 ± 0.100 |" in rows["+PDCR-sum0.1"]
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(
