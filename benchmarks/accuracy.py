@@ -431,7 +431,9 @@ def report(records: Sequence[dict], dims: int, task: Task = TASKS["tissue"]) -> 
     """Markdown tables: per series (the six-arm runs first, then e.g. the PDCR sweep) and regime, one row per
     arm (mean ± sd over seeds of the fold-averaged scores); Δ is paired with the same series' CE + Dice."""
     series = sorted({r.get("series", "") for r in records}, key=lambda x: (x != "", x))
-    return "".join(_report_series([r for r in records if r.get("series", "") == x], dims, task, x) for x in series)
+    return "".join(
+        _report_series([r for r in records if r.get("series", "") == x], dims, task, x) for x in series
+    )
 
 
 def _report_series(records: Sequence[dict], dims: int, task: Task, series: str) -> str:
