@@ -223,11 +223,13 @@ class RunKey:
     seed: int
     arm: str
     task: str = "tissue"
+    series: str = ""  # "" for the six-arm runs; a series (e.g. "pdcr-sweep") has its own names and tables
 
     def name(self) -> str:
         arm = self.arm.replace("+", "plus-").strip("-").lower()
         prefix = "" if self.task == "tissue" else f"{self.task}/"
-        return f"{prefix}{self.dims}d/{self.regime}/fold{self.fold}/{arm}/seed{self.seed}"
+        series = f"{self.series}/" if self.series else ""
+        return f"{series}{prefix}{self.dims}d/{self.regime}/fold{self.fold}/{arm}/seed{self.seed}"
 
 
 def plan(
@@ -237,10 +239,11 @@ def plan(
     regimes: Sequence[str],
     arms: Sequence[str],
     task: str = "tissue",
+    series: str = "",
 ):
     """Runs in the order that fills every table cell evenly: fold and seed outermost, arms innermost."""
     return [
-        RunKey(dims, regime, fold, seed, arm, task)
+        RunKey(dims, regime, fold, seed, arm, task, series)
         for fold in folds
         for seed in seeds
         for regime in regimes
@@ -252,8 +255,13 @@ def _results_path(work: Path, dims: int, task: str = "tissue") -> Path:
     return work / (f"results-{dims}d.jsonl" if task == "tissue" else f"results-{task}.jsonl")
 
 
-def load_results(work: Path, dims: int, task: str = "tissue") -> list[dict]:
-    path = _results_path(work, dims, task)
+def committed_results_path(dims: int, task: str = "tissue") -> Path:
+    """The results kept in the repository (what docs/benchmarks.md's tables are printed from)."""
+    return HERE / "results" / (f"accuracy-{dims}d.jsonl" if task == "tissue" else f"accuracy-{task}.jsonl")
+
+
+def load_results(work: Path, dims: int, task: str = "tissue", path: Path | None = None) -> list[dict]:
+    path = path or _results_path(work, dims, task)
     if not path.is_file():
         return []
     out = []
@@ -263,8 +271,21 @@ def load_results(work: Path, dims: int, task: str = "tissue") -> list[dict]:
     return out
 
 
-def _done(work: Path, dims: int, task: str) -> set[str]:
-    return {r["run"] for r in load_results(work, dims, task)}
+def _done(work: Path, dims: int, task: str, path: Path | None = None) -> set[str]:
+    return {r["run"] for r in load_results(work, dims, task, path)}
+
+
+def grad_ratios(metrics: Path) -> list[float]:
+    """``train.pdcr_grad_ratio`` of every epoch in a run's metrics.jsonl (none without PDCR)."""
+    if not metrics.is_file():
+        return []
+    out = []
+    for line in metrics.read_text().splitlines():
+        if line.strip():
+            value = (json.loads(line).get("train") or {}).get("pdcr_grad_ratio")
+            if value is not None:
+                out.append(float(value))
+    return out
 
 
 def score(model_path: Path, image_path: Path, label, classes: Sequence[str]) -> dict:
@@ -305,9 +326,14 @@ def run_one(key: RunKey, source: Path, work: Path) -> dict:
     noisy = score(result.last_checkpoint, root / "perturbed" / f"{test}_0000.nii.gz", label, task.classes)
     for checkpoint in out.glob("checkpoint_*.pt"):
         checkpoint.unlink()  # kept out of the way: the figures are in the results file
+    record = dataclasses.asdict(key)
+    if not key.series:
+        del record["series"]  # six-arm records keep their old form
     return {
         "run": key.name(),
-        **dataclasses.asdict(key),
+        **record,
+        "overrides": list(ARMS[key.arm]),
+        "pdcr_grad_ratio": grad_ratios(out / "metrics.jsonl"),
         "test_block": test,
         "train_seconds": round(seconds, 1),
         "iterations": cfg.train.epochs * cfg.train.iterations_per_epoch,
@@ -316,8 +342,12 @@ def run_one(key: RunKey, source: Path, work: Path) -> dict:
     }
 
 
+RESULTS_PATHSPEC = ":(top,exclude)benchmarks/results"
+
+
 def _revision() -> str | None:
-    """The checkout's commit (with ``+dirty`` for local changes), recorded with every result."""
+    """The checkout's commit (with ``+dirty`` for local changes), recorded with every result. The results files
+    under benchmarks/results/ do not count: a run appends to them, and the runs after it ran the same code."""
     import subprocess
 
     try:
@@ -325,7 +355,10 @@ def _revision() -> str | None:
             ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", RESULTS_PATHSPEC],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
         )
     except OSError:
         return None
@@ -348,17 +381,19 @@ def command_run(args: argparse.Namespace) -> int:
         return 1
     folds = range(task.num_folds) if args.folds is None else args.folds
     regimes = task.regimes if args.regimes is None else args.regimes
-    keys = plan(args.dims, folds, args.seeds, regimes, args.arms, task.name)
+    keys = plan(args.dims, folds, args.seeds, regimes, args.arms, task.name, args.series)
     index, count = (int(x) for x in args.shard.split("/"))
     keys = keys[index::count]
-    done = _done(work, args.dims, task.name)
+    results = Path(args.results) if args.results else _results_path(work, args.dims, task.name)
+    done = _done(work, args.dims, task.name, results)
     todo = [k for k in keys if k.name() not in done]
     print(f"{len(keys)} run(s) in this shard, {len(keys) - len(todo)} done already", flush=True)
     revision = _revision()  # the code this process loaded, whatever is committed while it runs
     for i, key in enumerate(todo, 1):
         record = run_one(key, source, work) | {"revision": revision, "threads": args.threads}
         line = json.dumps(record, sort_keys=True) + "\n"
-        with open(_results_path(work, args.dims, task.name), "a", encoding="utf-8") as f:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        with open(results, "a", encoding="utf-8") as f:
             f.write(line)  # one short O_APPEND write per run: shards never interleave inside a line
         clean = _mean_dice(record, "clean", task.classes)
         print(
@@ -383,12 +418,33 @@ def _pm(values: Sequence[float], digits: int = 3) -> str:
     return f"{np.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
+SERIES_TITLES = {"pdcr-sweep": "PDCR strength sweep"}
+
+
+def _median_ratio(runs: Sequence[dict]) -> str:
+    """The median PDCR / segmentation gradient-norm ratio over every epoch of ``runs`` (— without PDCR)."""
+    values = [v for r in runs for v in r.get("pdcr_grad_ratio") or () if math.isfinite(v)]
+    return f"{float(np.median(values)):.3g}" if values else "—"
+
+
 def report(records: Sequence[dict], dims: int, task: Task = TASKS["tissue"]) -> str:
-    """Markdown tables: per regime, one row per arm (mean ± sd over seeds of the fold-averaged scores)."""
+    """Markdown tables: per series (the six-arm runs first, then e.g. the PDCR sweep) and regime, one row per
+    arm (mean ± sd over seeds of the fold-averaged scores); Δ is paired with the same series' CE + Dice."""
+    series = sorted({r.get("series", "") for r in records}, key=lambda x: (x != "", x))
+    return "".join(
+        _report_series([r for r in records if r.get("series", "") == x], dims, task, x) for x in series
+    )
+
+
+def _report_series(records: Sequence[dict], dims: int, task: Task, series: str) -> str:
     from scipy.stats import wilcoxon
 
     classes = task.classes
     title = f"{dims}D" if task.name == "tissue" else f"{task.name.capitalize()}, {dims}D, leave-one-case-out"
+    if series:
+        title += f", {SERIES_TITLES.get(series, series)}"
+    # The gradient-ratio column appears where runs logged it (the six-arm runs predate the diagnostic).
+    with_ratio = any(r.get("pdcr_grad_ratio") for r in records)
     lines = []
     for regime in task.regimes:
         rows = [r for r in records if r["regime"] == regime and r["dims"] == dims]
@@ -405,6 +461,8 @@ def report(records: Sequence[dict], dims: int, task: Task = TASKS["tissue"]) -> 
         base = {(r["fold"], r["seed"]): r for r in by_arm["CE+Dice"]}
         left_out = [f for f in started if f not in folds]
         note = f"; fold(s) {', '.join(map(str, left_out))} incomplete, left out" if left_out else ""
+        if len(seeds) == 1:
+            note += "; one seed: ± is the sd over folds"
         lines.append(
             f"\n#### {title}, {regime} labels (folds {', '.join(map(str, folds))}; "
             f"seeds {', '.join(map(str, seeds))}{note})\n"
@@ -414,14 +472,17 @@ def report(records: Sequence[dict], dims: int, task: Task = TASKS["tissue"]) -> 
             + " | ".join(f"Dice {c}" for c in classes)
             + " | mean Dice | Δ mean vs CE+Dice (p) | HD95 mean (mm) "
             "| mean Dice, perturbed | Δ perturbed (p) | train s/run |"
+            + (" PDCR/seg grad ratio (median) |" if with_ratio else "")
         )
-        lines += [header, "|---" * (8 + len(classes)) + "|"]
+        lines += [header, "|---" * (8 + len(classes) + with_ratio) + "|"]
         for arm, runs in by_arm.items():
             if not runs:
                 continue
 
             def per_seed(fn, runs=runs, seeds=seeds) -> list[float]:
-                """fn averaged over the folds of each seed: one value per seed."""
+                """fn averaged over the folds of each seed: one value per seed (with one seed: per fold)."""
+                if len(seeds) == 1:
+                    return [float(fn(r)) for r in runs]
                 groups = [[fn(r) for r in runs if r["seed"] == s] for s in seeds]
                 return [float(np.mean(g)) for g in groups if g]
 
@@ -451,14 +512,21 @@ def report(records: Sequence[dict], dims: int, task: Task = TASKS["tissue"]) -> 
                 f"| {arm} | {len(runs)} | "
                 + " | ".join(cells)
                 + f" | {deltas[0]} | {_pm(hd, 2)} | {perturbed} | {deltas[1]} | {seconds:.0f} |"
+                + (f" {_median_ratio(runs)} |" if with_ratio else "")
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def command_report(args: argparse.Namespace) -> int:
-    records = load_results(Path(args.work), args.dims, args.task)
+    if args.results:
+        path = Path(args.results)
+    elif args.work:
+        path = _results_path(Path(args.work), args.dims, args.task)
+    else:
+        path = committed_results_path(args.dims, args.task)
+    records = load_results(Path(), args.dims, args.task, path)
     if not records:
-        print(f"no {args.task} results for {args.dims}D under {args.work}", file=sys.stderr)
+        print(f"no {args.task} results for {args.dims}D in {path}", file=sys.stderr)
         return 1
     sys.stdout.write(report(records, args.dims, TASKS[args.task]))
     return 0
@@ -473,8 +541,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--task", choices=list(TASKS), default="tissue")
         p.add_argument("--dims", type=int, choices=(2, 3), default=2)
-        p.add_argument("--work", default="runs/accuracy", help="where datasets, runs and results go")
+        p.add_argument(
+            "--work",
+            default="runs/accuracy" if name == "run" else None,
+            help="where datasets, runs and results go (report: read WORK/results-*.jsonl)",
+        )
+        p.add_argument(
+            "--results",
+            help="the results file (run: default WORK/results-2d.jsonl and so on; "
+            "report: default benchmarks/results/accuracy-2d.jsonl and so on, unless --work is given)",
+        )
         if name == "run":
+            p.add_argument(
+                "--series",
+                default="",
+                help="a name for runs that form their own tables (e.g. pdcr-sweep): run names and folders "
+                "start with it, and report pairs its arms with its own CE+Dice",
+            )
             p.add_argument("--data", help="the task's dataset (default: data/<builder name>)")
             p.add_argument("--folds", type=int, nargs="+", help="default: every fold of the task")
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -148,3 +148,67 @@ def test_lesion_report_has_one_class_column(accuracy):
     rows = [line for line in table.splitlines() if line.startswith("| CE+Dice")]
     # Fold 0 finds nothing (HD95 infinite): the HD95 cell averages only the seeds' finite means, none here.
     assert rows and "| 0.100 ± 0.000 | 0.100 ± 0.000 |" in rows[0] and "n/a" in rows[0]
+
+
+def test_series_runs_have_their_own_names_and_tables_with_the_median_grad_ratio(accuracy, tmp_path):
+    classes = accuracy.TASKS["tissue"].classes
+    key = accuracy.RunKey(2, "limited", 3, 0, "+PDCR-sum0.1", series="pdcr-sweep")
+    assert key.name() == "pdcr-sweep/2d/limited/fold3/plus-pdcr-sum0.1/seed0"
+    assert accuracy.RunKey(2, "limited", 3, 0, "+PDCR").name() == "2d/limited/fold3/plus-pdcr/seed0"
+
+    def record(arm, fold, seed, dice, series=None, ratios=()):
+        scores = {"dice": dict.fromkeys(classes, dice), "hd95": dict.fromkeys(classes, 2.0)}
+        r = {
+            "dims": 2, "regime": "limited", "arm": arm, "fold": fold, "seed": seed, "train_seconds": 10.0,
+            "clean": scores, "perturbed": scores, "pdcr_grad_ratio": list(ratios),
+        }  # fmt: skip
+        return r | ({"series": series} if series else {})
+
+    records = []
+    for fold in range(3):
+        for seed in (0, 1, 2):  # the six-arm runs: three seeds, their own CE+Dice
+            records += [record("CE+Dice", fold, seed, 0.9), record("+PDCR", fold, seed, 0.9)]
+        # the sweep: one seed; its CE+Dice is lower, so pairing with the six-arm baseline would show
+        records += [
+            record("CE+Dice", fold, 0, 0.3 + 0.1 * fold, "pdcr-sweep"),
+            record("+PDCR", fold, 0, 0.3 + 0.1 * fold, "pdcr-sweep", [0.01, 0.02, 0.03]),
+            record("+PDCR-sum0.1", fold, 0, 0.2 + 0.1 * fold, "pdcr-sweep", [1e4, 2e4, 5e4 + fold]),
+        ]
+    table = accuracy.report(records, 2)
+    six, sweep = table.split("PDCR strength sweep")
+    assert "#### 2D, limited labels (folds 0, 1, 2; seeds 0, 1, 2)" in six and "grad ratio" not in six
+    assert "(folds 0, 1, 2; seeds 0; one seed: ± is the sd over folds)" in sweep
+    assert "PDCR/seg grad ratio (median)" in sweep
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in sweep.splitlines() if line.startswith("| ")}
+    assert rows["CE+Dice"].endswith("| — |") and rows["+PDCR"].endswith("| 0.02 |")
+    assert rows["+PDCR-sum0.1"].endswith("| 2e+04 |")  # median of 9 epoch values
+    assert "-0.1000 (p=0.25, n=3)" in rows["+PDCR-sum0.1"]  # paired with the sweep's own CE+Dice
+    assert "| 0.400 ± 0.100 |" in rows["CE+Dice"]  # one seed: folds 0.3, 0.4, 0.5
+    assert "| 0.300 ± 0.100 |" in rows["+PDCR-sum0.1"]
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(
+        '{"epoch": 1, "train": {"loss": 1.0, "pdcr_grad_ratio": 0.5}}\n{"epoch": 2, "train": {"loss": 0.9}}\n'
+    )
+    assert accuracy.grad_ratios(metrics) == [0.5] and accuracy.grad_ratios(tmp_path / "none") == []
+
+
+def test_revision_is_dirty_for_code_changes_not_for_appended_results(accuracy, tmp_path, monkeypatch):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "benchmarks" / "accuracy.py").write_text("x = 1\n")
+    (repo / "benchmarks" / "results" / "accuracy-2d.jsonl").write_text("{}\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    monkeypatch.setattr(accuracy, "HERE", repo / "benchmarks")
+    clean = accuracy._revision()
+    assert clean and not clean.endswith("+dirty")
+    with open(repo / "benchmarks" / "results" / "accuracy-2d.jsonl", "a") as f:
+        f.write("{}\n")  # a run's record
+    assert accuracy._revision() == clean
+    (repo / "benchmarks" / "accuracy.py").write_text("x = 2\n")
+    assert accuracy._revision() == clean + "+dirty"
