@@ -349,7 +349,7 @@ def _record(
             "voxels": count,
             amount_key: count * scale,
             "fraction_of_image": count / max(1, changed.size),
-            "bounding_box": _bounding_box(changed),
+            "bounding_box": bounding_box(changed),
             "by_class": None if model_labels is None else _by_class(labels, model_labels, changed, names),
             "compared_with": "the model's labels"
             if model_labels is not None
@@ -368,7 +368,7 @@ def _record(
     return record
 
 
-def _bounding_box(mask: np.ndarray) -> list[list[int]] | None:
+def bounding_box(mask: np.ndarray) -> list[list[int]] | None:
     """[[start, stop], ...] per axis (array order, stop exclusive) of the true voxels; None when none."""
     if not mask.any():
         return None

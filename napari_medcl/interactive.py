@@ -218,10 +218,7 @@ class CaseSession:
     @property
     def labels(self) -> np.ndarray:
         """The labels as they stand, on the image's spatial grid (a view: do not write; use ``set_labels``)."""
-        view = self._labels if self.volume.spatial_dims == 3 else self._labels[0]
-        view = view.view()
-        view.flags.writeable = False
-        return view
+        return labels_view(self._labels, self.volume.spatial_dims)
 
     def set_labels(self, labels: np.ndarray) -> Update:
         """Take the user's own edits (a brush, an eraser): ``labels`` on the image's spatial grid. One step
@@ -239,7 +236,7 @@ class CaseSession:
         if labels.shape != tuple(s.stop - s.start for s in box):
             raise UsageError(f"labels of shape {labels.shape} do not fill the box {_describe(box)}")
         changed = labels != self._labels[box]
-        inner = _bounding_box(changed)
+        inner = bounding_box(changed)
         if inner is None:
             return Update(None, None, 0, 0.0)
         tight = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
@@ -356,7 +353,7 @@ class CaseSession:
             new = self._refine_locally(prompt, box)
         changed_mask = new != self._labels[box]
         self._last_changed = int(changed_mask.sum())
-        inner = _bounding_box(changed_mask)
+        inner = bounding_box(changed_mask)
         if inner is None:
             return box, None
         changed = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
@@ -420,7 +417,15 @@ def _describe(box: Box) -> str:
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in box) + "]"
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+def labels_view(labels: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """A read-only view of labels kept on the 3D grid (Z, Y, X), on the image's own grid (the depth axis
+    dropped for a 2D image)."""
+    view = (labels if spatial_dims == 3 else labels[0]).view()
+    view.flags.writeable = False
+    return view
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """The smallest box holding every True voxel of ``mask``; None when there is none."""
     if not mask.any():
         return None

@@ -46,7 +46,7 @@ import numpy as np
 
 from napari_medcl import errors
 from napari_medcl.errors import Cancelled, ServerError, UsageError
-from napari_medcl.interactive import Update, _bounding_box
+from napari_medcl.interactive import Update, bounding_box, labels_view
 from napari_medcl.prediction import Progress, _cancel_check
 from napari_medcl.prompts import Prompt, load_prompts, prompts_path, save_prompts
 from napari_medcl.provenance import Provenance
@@ -318,10 +318,7 @@ class RemoteCaseSession:
     @property
     def labels(self) -> np.ndarray:
         """The labels as they stand, on the image's spatial grid (a view: do not write; use ``set_labels``)."""
-        view = self._labels if self.volume.spatial_dims == 3 else self._labels[0]
-        view = view.view()
-        view.flags.writeable = False
-        return view
+        return labels_view(self._labels, self.volume.spatial_dims)
 
     def add_prompt(self, prompt: Prompt) -> Update:
         """Send one prompt (voxel indices (z, y, x) of the image's grid, z = 0 for a 2D image); the server
@@ -359,7 +356,7 @@ class RemoteCaseSession:
             raise UsageError(f"labels of shape {on_grid.shape} do not fit the image's grid {self.grid}")
         self._catch_up()
         on_grid = on_grid.astype(self._labels.dtype, copy=False)
-        box = _bounding_box(on_grid != self._labels)
+        box = bounding_box(on_grid != self._labels)
         if box is None:
             return Update(None, None, 0, 0.0)
         part = np.ascontiguousarray(on_grid[box])

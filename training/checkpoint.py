@@ -84,6 +84,21 @@ __all__ = [
     "save_run_checkpoint",
 ]
 
+# Arbitrary bytes make torch's weights-only unpickler fail in many ways (KeyError, IndexError, ...): each means
+# "not a file of ours", never a reason to fall back to full unpickling. training.init_weights catches the same.
+WEIGHTS_ONLY_FAILURES = (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    OSError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+)
+
 
 # How the validation Dice in a checkpoint's "best" was measured: through napari_medcl.predict on the cases' own
 # files (training.validation). Checkpoints without it measured on the preprocessed grid.
@@ -146,20 +161,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         raise CheckpointError(path, "no such checkpoint file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    # Arbitrary bytes make the weights-only unpickler fail in many ways (KeyError, IndexError, ...): all mean
-    # "not a checkpoint", never a reason to fall back to full unpickling.
-    except (
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        EOFError,
-        RuntimeError,
-        ValueError,
-        OSError,
-        KeyError,
-        IndexError,
-        TypeError,
-        AttributeError,
-    ) as error:
+    except WEIGHTS_ONLY_FAILURES as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             path, f"not a readable napari-medcl checkpoint (torch.load, weights only: {first[:160]})"

@@ -17,8 +17,6 @@ keep the fresh, seeded initialisation if ``init.reinit_heads`` is true; without 
 from __future__ import annotations
 
 import hashlib
-import pickle
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from napari_medcl.errors import MedclError
+from training.checkpoint import WEIGHTS_ONLY_FAILURES
 
 __all__ = [
     "HEAD_PREFIXES",
@@ -112,20 +111,7 @@ def load_initial_weights(source: str | Path, *, models_dir: Path | None = None) 
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    # As training.checkpoint.load_checkpoint: any failure of the weights-only unpickler means "not ours",
-    # never a reason to unpickle arbitrary objects.
-    except (
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        EOFError,
-        RuntimeError,
-        ValueError,
-        OSError,
-        KeyError,
-        IndexError,
-        TypeError,
-        AttributeError,
-    ) as error:
+    except WEIGHTS_ONLY_FAILURES as error:  # not ours; never a reason to unpickle arbitrary objects
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InitError(
             f"{path}: not a readable checkpoint (torch.load, weights only: {first[:160]})"
