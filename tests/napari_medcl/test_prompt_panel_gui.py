@@ -96,3 +96,11 @@ def test_a_negative_click_removes_the_label_there_and_nowhere_else(make_napari_v
     run_and_wait(qtbot, widget)
     assert panel.load_prompts(tmp_path / "planted-labels.nii.gz") == 1
     assert not np.asarray(labels.data)[EXTRA].any()
+
+    # the network engine, asked of a model without prompt channels, says so in one line and changes nothing
+    assert panel._engine in list(panel) and panel._engine.value == "auto"
+    panel._engine.value = "network"
+    kept = np.asarray(labels.data).copy()
+    assert panel.add_click(image, (6, 7, 7), label=1, positive=True) is None
+    assert "needs a model with prompt channels" in panel._info.value
+    np.testing.assert_array_equal(np.asarray(labels.data), kept)
