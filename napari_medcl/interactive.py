@@ -95,6 +95,7 @@ class CaseSession:
         self.engine_choice = engine
         self.network_options = dict(network_options or {})  # NetworkRefiner's margin_mm and keep
         self._network: Any = None  # NetworkRefiner, made when the model is first needed (_resolve_engine)
+        self._whole: np.ndarray | None = None  # the image as float32, for the network engine only
         self.predict_options = dict(predict_options)
         self.predict_options.pop("return_probabilities", None)
         spacing = tuple(float(s) for s in volume.spacing)
@@ -346,7 +347,7 @@ class CaseSession:
             # every earlier prompt too: the network is told all the user said, as in its training
             earlier = self.prompts[: self.prompts.index(prompt)] if prompt in self.prompts else self.prompts
             new = self._network.answer(
-                self._image_in(tuple(slice(0, n) for n in self.grid)), self.spacing, self._labels, [*earlier, prompt], box,
+                self._whole_image(), self.spacing, self._labels, [*earlier, prompt], box,
                 spatial_dims=self.volume.spatial_dims,
             )  # fmt: skip
         else:
@@ -381,6 +382,13 @@ class CaseSession:
             slice(max(0, int(lo) - r), min(n, int(hi) + r + 1))
             for lo, hi, r, n in zip(low, high, reach, self.grid)
         )
+
+    def _whole_image(self) -> np.ndarray:
+        """The whole image as float32 (C, Z, Y, X), made on the network engine's first prompt and kept: the
+        network normalises it once per image (``NetworkRefiner`` caches by this array), not once per click."""
+        if self._whole is None:
+            self._whole = self._image_in(tuple(slice(0, n) for n in self.grid))  # type: ignore[arg-type]
+        return self._whole
 
     def _image_in(self, box: Box) -> np.ndarray:
         """The image's channels inside ``box`` as float32 (C, Z, Y, X): converted box by box, so a session
