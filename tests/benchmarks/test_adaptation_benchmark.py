@@ -4,14 +4,13 @@ random choice and the report's recovered share."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.benchmark_modules import benchmark_module
 from tests.dataset_factory import make_msd_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,16 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "adaptation_benchmark", ROOT / "benchmarks" / "adaptation.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("adaptation") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_every_block_gets_its_own_perturbation_and_keeps_its_labels(bench, tmp_path):

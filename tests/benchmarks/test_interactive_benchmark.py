@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.benchmark_modules import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "interactive_benchmark", ROOT / "benchmarks" / "interactive.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("interactive") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_the_oracle_clicks_the_centre_of_the_largest_error_region(bench):

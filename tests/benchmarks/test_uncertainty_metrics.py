@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.benchmark_modules import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def unc():
-    spec = importlib.util.spec_from_file_location(
-        "uncertainty_benchmark", ROOT / "benchmarks" / "uncertainty.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("uncertainty") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def _brute_auroc(scores, errors) -> float:
