@@ -10,8 +10,6 @@ import pytest
 from napari_medcl.volume import Volume
 from tests.benchmark_modules import benchmark_module
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def accuracy():

@@ -5,15 +5,12 @@ random choice and the report's recovered share."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.benchmark_modules import benchmark_module
 from tests.dataset_factory import make_msd_dataset
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
