@@ -171,6 +171,7 @@ def walk(args: argparse.Namespace) -> None:
             changed = int((labels.data != before_prompt).sum())
             tour.shot("prompt_click", f"{panel._info.value} (labels changed: {changed} voxel(s))")
             panel.undo()
+            viewer.reset_view()  # back to the whole scan, as a user zooms out after a correction
             print(
                 f"  undo prompt: labels back as before it: {bool(np.array_equal(labels.data, before_prompt))}"
             )
