@@ -9,6 +9,12 @@ atomically (an existing file at ``-o`` is replaced whole or left as it was).
 
 Which cases: ``--cases`` names them; ``--fold K`` takes the training part of fold K of the same k-fold split
 ``medcl-train`` uses (``--num-folds``, ``--split-seed``); otherwise every labelled case of the dataset.
+
+``--error-case FOLD_MODEL DATASET CASE`` (repeatable) also fits the model's calibrated error map
+(``export.error_fit``): each fold model, the same network trained without that case, predicts it, and a
+logistic model of P(label wrong) is fitted on those out-of-fold predictions and stored in the spec
+(``ModelSpec.error_model``) with the figures measured on them. Never name a case the figures will later be
+reported on.
 """
 
 from __future__ import annotations
@@ -41,12 +47,21 @@ class CalibrationResult:
     def summary(self) -> str:
         from napari_medcl.training_profile import profile_summary
 
-        return (
+        lines = [
             f"wrote {self.path} ({self.model_bytes} bytes): {self.spec.name} with the "
-            f"{profile_summary(self.spec.training_profile)}\n"
-            f"cases: {', '.join(self.cases)}\n"
-            f"graph and weights unchanged (graph sha256 {self.graph_sha256})"
-        )
+            f"{profile_summary(self.spec.training_profile)}",
+            f"cases: {', '.join(self.cases)}",
+        ]
+        error_model = self.spec.error_map_model
+        if error_model is not None:
+            lines.append(error_model.summary())
+            signals = error_model.figures.get("signals", {})
+            lines += [f"  AUROC of {name} alone: {value:.3f}" for name, value in signals.items()]
+            for key in ("auroc_other_folds", "ece_other_folds"):
+                if key in error_model.figures:
+                    lines.append(f"  {key.replace('_', ' ')}: {error_model.figures[key]:.3f}")
+        lines.append(f"graph and weights unchanged (graph sha256 {self.graph_sha256})")
+        return "\n".join(lines)
 
 
 def select_cases(
@@ -90,9 +105,14 @@ def calibrate(
     num_folds: int = 5,
     split_seed: int = 12345,
     max_cases: int | None = None,
+    error_cases: Sequence[Any] = (),
+    error_voxels: int | None = None,
+    progress: Any = None,
 ) -> CalibrationResult:
     """Write ``output``: ``model`` (an .onnx file or a bundled model name) with the training-data profile of
-    the chosen cases of ``dataset`` in its spec. Raises ModelError (unusable model), DatasetError (unusable
+    the chosen cases of ``dataset`` in its spec, and with ``error_cases`` (``export.error_fit.ErrorCase``) its
+    calibrated error map fitted on them (``error_voxels`` sampled per case; ``progress`` receives a line per
+    step). Raises ModelError (unusable model), DatasetError (unusable
     dataset, or the cases' channels differ from each other), OutputError (cannot write)."""
     import onnx
 
@@ -124,6 +144,18 @@ def calibrate(
         source=f"{found.name}: {how}: {', '.join(c.case_id for c in chosen)}",
     )
     new_spec = dataclasses.replace(spec, training_profile=profile)
+    if error_cases:
+        from export.error_fit import DEFAULT_VOXELS_PER_CASE, collect_samples, fit_error_model
+
+        names, samples = collect_samples(
+            spec,
+            list(error_cases),
+            layout=layout,
+            voxels_per_case=DEFAULT_VOXELS_PER_CASE if error_voxels is None else error_voxels,
+            progress=progress or (lambda _: None),
+        )
+        error_model = fit_error_model(names, samples, list(error_cases))
+        new_spec = dataclasses.replace(new_spec, error_model=error_model.to_dict())
 
     proto = onnx.load_model_from_string(data)
     graph_before = proto.graph.SerializeToString()
@@ -158,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
             "profile. medcl-predict, the Python API and the napari plugin then give every case a verdict: "
             "ok, caution or out-of-distribution with its reasons (without a profile: unknown). The graph "
             "and weights are copied byte for byte. This command is also where a calibrated error map (a "
-            "measured error probability per voxel) will be fitted and stored; it is not computed yet."
+            "With --error-case it also fits the calibrated error map (the probability that each voxel's label is "
+            "wrong) on fold models' predictions of cases they did not train on, and stores it with its measured "
+            "figures; predictions of the written model then carry it as the 'error likelihood'."
         ),
     )
     parser.add_argument("model", help="the .onnx model file (or a bundled model name)")
@@ -180,11 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-cases", type=int, help="read at most N cases, evenly spread (default: 64)", metavar="N"
     )
+    parser.add_argument(
+        "--error-case",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("FOLD_MODEL", "DATASET", "CASE"),
+        help="fit the calibrated error map on this case of DATASET predicted by FOLD_MODEL, the same network "
+        "trained without it (repeatable; never a case you will report figures on)",
+    )
+    parser.add_argument(
+        "--error-voxels",
+        type=int,
+        metavar="N",
+        help="voxels sampled per error case for the fit (default: 200000)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.error_voxels is not None and args.error_voxels < 100:
+        parser.error(f"--error-voxels must be at least 100, got {args.error_voxels}")
+    from export.error_fit import parse_error_case
     from napari_medcl.errors import MedclError
 
     try:
@@ -198,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_folds=args.num_folds,
             split_seed=args.split_seed,
             max_cases=args.max_cases,
+            error_cases=[parse_error_case(values) for values in args.error_case],
+            error_voxels=args.error_voxels,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
     except MedclError as error:  # a DatasetError lists every problem, one per line
         print(f"{PROG}: error: {str(error).strip() or type(error).__name__}", file=sys.stderr)

@@ -154,7 +154,7 @@ def predict_iter(
     spec = session.spec
     t = time.perf_counter()
     plan = plan_for_model(region, volume, spec)
-    masked_normalisation = _normalises_over_mask(spec)
+    masked_normalisation = normalises_over_mask(spec)
     nonzero = volume.nonzero_mask() if masked_normalisation or spec.nonzero_is_foreground else None
     if scan_is_masked is None and nonzero is not None and not plan.whole:
         # A region inside the anatomy has no zero voxel; whether the scan is masked is a property of all of it.
@@ -189,9 +189,16 @@ def predict_iter(
         prediction.set_background(outside)
     if box is not None:
         prediction = prediction.pasted(part, box)
+    timings["postprocess"] = time.perf_counter() - t
+    if spec.error_model is not None:
+        t = time.perf_counter()
+        eligible = nonzero if masked_normalisation else None
+        prediction = with_error_likelihood(prediction, spec, eligible, cancelled)
+        timings["error_map"] = time.perf_counter() - t
+        t = time.perf_counter()
     if not plan.whole:
         prediction = prediction.crop(plan.inner).pasted(volume, plan.paste)
-    timings["postprocess"] = time.perf_counter() - t
+    timings["postprocess"] = timings["postprocess"] + time.perf_counter() - t
     timings["total"] = elapsed()
     provenance = _provenance(
         volume, session, prepared, device=device, overlap=overlap, tta=tta, batch_size=batch_size,
@@ -255,6 +262,33 @@ def _infer(
     return accumulator.finish(), len(boxes), ort_seconds
 
 
+def with_error_likelihood(
+    prediction: Prediction,
+    spec: ModelSpec,
+    eligible: np.ndarray | None,
+    cancelled: Callable[[], bool] | None = None,
+) -> Prediction:
+    """``prediction`` with its ``error_likelihood`` from the spec's error model (``napari_medcl.error_model``),
+    computed on its own grid from its labels, top-class error, entropy and UAFR maps. ``eligible`` (spatial
+    bool): the voxels whose label can be wrong (None: all); the map is 0 elsewhere."""
+    error_model = spec.error_map_model
+    if error_model is None or prediction.top_class_error is None:
+        return prediction
+    if cancelled is not None and cancelled():
+        raise Cancelled("prediction cancelled before the error map")
+    likelihood = error_model.apply(
+        prediction.labels.array,
+        prediction.top_class_error.array,
+        prediction.entropy.array,
+        {name: m.array for name, m in prediction.uncertainty_maps.items()},
+        prediction.labels.spacing,
+        eligible,
+    )
+    return dataclasses.replace(
+        prediction, error_likelihood=prediction.labels.with_array(likelihood, channel_axis=False, metadata={})
+    )
+
+
 def _cancel_check(cancel: Any) -> Callable[[], bool]:
     if cancel is None:
         return lambda: False
@@ -265,7 +299,9 @@ def _cancel_check(cancel: Any) -> Callable[[], bool]:
     raise TypeError(f"cancel must be a threading.Event or a callable, got {type(cancel).__name__}")
 
 
-def _normalises_over_mask(spec: ModelSpec) -> bool:
+def normalises_over_mask(spec: ModelSpec) -> bool:
+    """Whether the model normalises over the non-zero mask: it then runs on the box of the non-zero voxels
+    and labels every zero voxel background (architecture.md 4.4)."""
     norm = spec.normalization
     masks = (
         [c.get("use_nonzero_mask", False) for c in norm["channels"]]

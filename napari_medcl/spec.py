@@ -81,6 +81,9 @@ class ModelSpec:
     # A prompt-conditioned network's prompt channels (napari_medcl.prompt_channels.PromptEncoding.to_dict):
     # the graph's second input; None for a model that takes the image alone.
     prompts: dict[str, Any] | None = None
+    # The calibrated error map's logistic model (napari_medcl.error_model.ErrorModel.to_dict), fitted out of
+    # fold by medcl-calibrate; None for a model without one (its viewer shows the uncalibrated map).
+    error_model: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name.strip(), "name must be a non-empty string")
@@ -137,6 +140,23 @@ class ModelSpec:
                 f"prompts are for {encoding.num_classes} classes, the model has {len(classes)}",
             )
 
+        if self.error_model is not None:
+            from napari_medcl.error_model import ErrorModel, ErrorModelError
+
+            try:
+                ErrorModel.from_dict(self.error_model).check_maps(maps)
+            except ErrorModelError as error:
+                raise SpecError(str(error)) from None
+
+    @property
+    def error_map_model(self):  # -> ErrorModel | None (imported lazily, as prompt_encoding)
+        """The calibrated error map's model, None for a model without one."""
+        if self.error_model is None:
+            return None
+        from napari_medcl.error_model import ErrorModel
+
+        return ErrorModel.from_dict(self.error_model)
+
     @property
     def prompt_encoding(self):  # -> PromptEncoding | None (imported lazily: the spec module stays small)
         """The prompt channels' encoding, None for a model without prompt channels."""
@@ -165,6 +185,8 @@ class ModelSpec:
             del data["training_profile"]  # a spec without one reads exactly as before the field existed
         if self.prompts is None:
             del data["prompts"]  # likewise for a model without prompt channels
+        if self.error_model is None:
+            del data["error_model"]  # and without a calibrated error map
         return data
 
     def to_json(self) -> str:

@@ -142,6 +142,9 @@ class Prediction:
     ``1 - p(label)`` for the class chosen (with a ``nonzero_is_foreground`` model, the likeliest foreground
     class where the rule applies); uncalibrated. Computed in the same pass as the labels, without the
     probabilities; None only for a Prediction built without it.
+    ``error_likelihood``: float32 in [0, 1], the calibrated probability that each voxel's label is wrong,
+    from the model's error model (``napari_medcl.error_model``, fitted out of fold); None for a model
+    without one.
     ``probabilities``: float32 (K, *S) when asked for, else None.
     ``provenance``: tool version, model name and SHA-256, execution provider used, tiling, timings
     (``Provenance``; its ``to_dict()`` is the case's JSON sidecar).
@@ -158,6 +161,7 @@ class Prediction:
     provenance: Provenance | None = None
     top_class_error: Volume | None = None
     verdict: Verdict | None = None
+    error_likelihood: Volume | None = None
 
     def crop(self, box: tuple[slice, ...]) -> Prediction:
         """Every output cut to ``box`` (spatial slices; see ``Volume.crop``)."""
@@ -190,6 +194,8 @@ class Prediction:
         outputs = [(self.labels, zero), (self.entropy, zero)]
         if self.top_class_error is not None:
             outputs.append((self.top_class_error, zero))
+        if self.error_likelihood is not None:
+            outputs.append((self.error_likelihood, zero))
         if self.uafr_uncertainty is not None:
             outputs.append((self.uafr_uncertainty, zero))
         outputs += [(m, zero) for m in self.uncertainty_maps.values()]
@@ -210,6 +216,7 @@ class Prediction:
             labels=new(self.labels),
             entropy=new(self.entropy),
             top_class_error=new(self.top_class_error),
+            error_likelihood=new(self.error_likelihood),
             uafr_uncertainty=new(self.uafr_uncertainty),
             uncertainty_maps={name: new(m) for name, m in self.uncertainty_maps.items()},
             probabilities=new(self.probabilities),

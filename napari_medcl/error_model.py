@@ -1,0 +1,270 @@
+"""The calibrated error map: the probability that each voxel's label is wrong, learned out of fold.
+
+A model's own signals (the top-class error ``1 - p(label)``, the predictive entropy, the UAFR maps) rank
+voxels by doubt but are not probabilities of error, and they miss context a reviewer uses: a voxel whose
+neighbours are all uncertain, or one on the border between two labels, is more often wrong. The error model
+is a logistic regression over a fixed list of per-voxel features computed from a Prediction (the signals,
+their local means and maxima in millimetres, and the distance structure of the labels' borders). It is fitted
+after training by ``medcl-calibrate --error-case`` on predictions of cases the predicting network never
+trained on (fold models' held-out cases), and travels in the model's spec (``ModelSpec.error_model``) with the
+figures measured on those cases. Applying it needs numpy and scipy only: ``predict`` adds the map to every
+Prediction of such a model as ``Prediction.error_likelihood``.
+
+Memory: the linear predictor is summed one feature plane at a time, so the map costs a few float32 planes on
+the prediction's grid whatever the number of features.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BASE_FEATURES",
+    "VERSION",
+    "ErrorModel",
+    "ErrorModelError",
+    "eligible_voxels",
+    "feature_names",
+    "feature_planes",
+]
+
+VERSION = 1
+MAP_PREFIX = "map:"
+# Natural-log odds are clipped here: a probability of error closer to 0 or 1 than 1e-4 says nothing more.
+_LOGIT_FLOOR = 1e-4
+
+# name -> what it is; the order is the order of the design matrix's columns.
+BASE_FEATURES: dict[str, str] = {
+    "top_error": "1 - p(label), the model's own probability that the label is wrong",
+    "top_error_logit": "log-odds of top_error",
+    "entropy": "normalised predictive entropy",
+    "top_error_mean_2mm": "top_error averaged with a Gaussian of sigma 2 mm",
+    "top_error_max_3": "the largest top_error in the voxel's 3-voxel neighbourhood",
+    "border": "1 where a face neighbour has another label",
+    "border_near_2mm": "the share of border voxels nearby (Gaussian of sigma 2 mm)",
+}
+
+
+class ErrorModelError(ValueError):
+    """An error model that cannot be read or applied (named in the message)."""
+
+
+def feature_names(uncertainty_maps: Sequence[str]) -> tuple[str, ...]:
+    """Every feature available for a model with these UAFR map names: the base features, then one
+    ``map:<name>`` per map."""
+    return (*BASE_FEATURES, *(f"{MAP_PREFIX}{name}" for name in uncertainty_maps))
+
+
+def eligible_voxels(image: Any, nonzero_rule: bool) -> np.ndarray | None:
+    """Voxels whose label can be wrong (spatial bool), or None for all of them: with the non-zero rule (a
+    model normalising over the non-zero mask, or trained with ``nonzero_is_foreground``) every zero voxel
+    is background by construction, so only the non-zero voxels of ``image`` (a Volume) are eligible."""
+    return image.nonzero_mask() if nonzero_rule else None
+
+
+def _mm_sigma(sigma_mm: float, spacing: Sequence[float]) -> tuple[float, ...]:
+    return tuple(sigma_mm / max(float(s), 1e-6) for s in spacing)
+
+
+def feature_planes(
+    names: Sequence[str],
+    labels: np.ndarray,
+    top_error: np.ndarray,
+    entropy: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    spacing: Sequence[float],
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, plane)`` for each feature in ``names``, in order: float32 arrays of the labels'
+    spatial shape ``S``. ``labels`` (S) int, ``top_error`` and ``entropy`` (S) float in [0, 1], ``maps``
+    UAFR map name -> (S) float, ``spacing`` in mm per axis of ``S``. Each plane is new and may be
+    modified; only one is alive at a time when the caller drops it before the next."""
+    from scipy import ndimage
+
+    shapes = {np.shape(labels), np.shape(top_error), np.shape(entropy), *(np.shape(m) for m in maps.values())}
+    if len(shapes) != 1:
+        raise ValueError(f"labels, top_error, entropy and maps must share one shape, got {sorted(shapes)}")
+    if len(spacing) != np.ndim(labels):
+        raise ValueError(f"spacing {tuple(spacing)} does not match a {np.ndim(labels)}D labels array")
+    top_error = np.asarray(top_error, dtype=np.float32)
+    border: np.ndarray | None = None
+
+    def border_plane() -> np.ndarray:
+        nonlocal border
+        if border is None:
+            border = np.zeros(np.shape(labels), dtype=bool)
+            for axis in range(np.ndim(labels)):
+                if np.shape(labels)[axis] < 2:
+                    continue
+                a = [slice(None)] * np.ndim(labels)
+                b = [slice(None)] * np.ndim(labels)
+                a[axis], b[axis] = slice(1, None), slice(None, -1)
+                differs = labels[tuple(a)] != labels[tuple(b)]
+                border[tuple(a)] |= differs
+                border[tuple(b)] |= differs
+        return border
+
+    for name in names:
+        if name == "top_error":
+            plane = top_error.copy()
+        elif name == "top_error_logit":
+            plane = np.clip(top_error, _LOGIT_FLOOR, 1.0 - _LOGIT_FLOOR)
+            np.divide(plane, 1.0 - plane, out=plane)
+            np.log(plane, out=plane)
+        elif name == "entropy":
+            plane = np.asarray(entropy, dtype=np.float32).copy()
+        elif name == "top_error_mean_2mm":
+            plane = ndimage.gaussian_filter(top_error, _mm_sigma(2.0, spacing), mode="nearest", truncate=3.0)
+        elif name == "top_error_max_3":
+            plane = ndimage.maximum_filter(top_error, size=3, mode="nearest")
+        elif name == "border":
+            plane = border_plane().astype(np.float32)
+        elif name == "border_near_2mm":
+            plane = ndimage.gaussian_filter(
+                border_plane().astype(np.float32), _mm_sigma(2.0, spacing), mode="nearest", truncate=3.0
+            )
+        elif name.startswith(MAP_PREFIX) and name[len(MAP_PREFIX) :] in maps:
+            plane = np.asarray(maps[name[len(MAP_PREFIX) :]], dtype=np.float32).copy()
+        else:
+            raise ErrorModelError(
+                f"unknown error-model feature {name!r} (available: {', '.join(BASE_FEATURES)}, map:<name>)"
+            )
+        yield name, np.asarray(plane, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ErrorModel:
+    """A logistic error model: P(wrong) = sigmoid(intercept + sum_i coefficients[i] * feature_i).
+
+    ``features``: names from ``feature_names``; ``coefficients``: one per feature, on the raw features (any
+    standardisation of the fit is folded in); ``figures``: what was measured on the out-of-fold cases it
+    was fitted on (each signal's AUROC, the map's own AUROC and calibration error, the cases), kept as
+    plain JSON; ``version``: the format (a newer one than this module reads is refused when applied)."""
+
+    features: tuple[str, ...]
+    coefficients: tuple[float, ...]
+    intercept: float
+    figures: dict[str, Any] = field(default_factory=dict)
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(str(f) for f in self.features))
+        object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
+        object.__setattr__(self, "intercept", float(self.intercept))
+        if not self.features:
+            raise ErrorModelError("error_model.features is empty")
+        if len(self.features) != len(self.coefficients):
+            raise ErrorModelError(
+                f"error_model has {len(self.features)} features but {len(self.coefficients)} coefficients"
+            )
+        if len(set(self.features)) != len(self.features):
+            raise ErrorModelError(f"error_model.features has duplicates: {list(self.features)}")
+        if not all(math.isfinite(c) for c in (*self.coefficients, self.intercept)):
+            raise ErrorModelError("error_model coefficients must be finite numbers")
+        for name in self.features:
+            if name not in BASE_FEATURES and not (
+                name.startswith(MAP_PREFIX) and len(name) > len(MAP_PREFIX)
+            ):
+                raise ErrorModelError(f"unknown error-model feature {name!r}")
+        try:
+            json.dumps(self.figures, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise ErrorModelError(f"error_model.figures must hold plain JSON values ({error})") from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ErrorModel:
+        if not isinstance(data, Mapping):
+            raise ErrorModelError(f"error_model must be an object, got {type(data).__name__}")
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ErrorModelError(f"error_model.version must be a positive integer, got {version!r}")
+        if data.get("kind", "logistic") != "logistic":
+            raise ErrorModelError(f"error_model.kind {data.get('kind')!r} is not known (expected 'logistic')")
+        try:
+            return cls(
+                features=tuple(data["features"]),
+                coefficients=tuple(data["coefficients"]),
+                intercept=data["intercept"],
+                figures=dict(data.get("figures", {})),
+                version=version,
+            )
+        except KeyError as error:
+            raise ErrorModelError(f"error_model lacks {error.args[0]!r}") from None
+        except (TypeError, ValueError) as error:
+            if isinstance(error, ErrorModelError):
+                raise
+            raise ErrorModelError(f"error_model is malformed ({error})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "kind": "logistic",
+            "features": list(self.features),
+            "coefficients": list(self.coefficients),
+            "intercept": self.intercept,
+            "figures": self.figures,
+        }
+
+    def check_maps(self, uncertainty_maps: Sequence[str]) -> None:
+        """ErrorModelError when a ``map:`` feature names a UAFR map the model does not output."""
+        missing = [
+            f
+            for f in self.features
+            if f.startswith(MAP_PREFIX) and f[len(MAP_PREFIX) :] not in uncertainty_maps
+        ]
+        if missing:
+            raise ErrorModelError(
+                f"error_model uses map(s) the model does not output: {', '.join(missing)} "
+                f"(the model's maps: {', '.join(uncertainty_maps) or 'none'})"
+            )
+
+    def apply(
+        self,
+        labels: np.ndarray,
+        top_error: np.ndarray,
+        entropy: np.ndarray,
+        maps: Mapping[str, np.ndarray],
+        spacing: Sequence[float],
+        eligible: np.ndarray | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> np.ndarray:
+        """The error likelihood (S) float32 in [0, 1]; 0 outside ``eligible`` (S bool; None: everywhere).
+        Arguments as ``feature_planes``'s."""
+        if self.version > VERSION:
+            raise ErrorModelError(
+                f"error_model version {self.version} is newer than this napari-medcl reads ({VERSION})"
+            )
+        logit = np.full(np.shape(labels), self.intercept, dtype=np.float32)
+        weights = dict(zip(self.features, self.coefficients))
+        for name, plane in feature_planes(self.features, labels, top_error, entropy, maps, spacing):
+            plane *= np.float32(weights[name])
+            logit += plane
+            del plane
+        # sigmoid, written to stay finite for any logit
+        np.negative(logit, out=logit)
+        np.clip(logit, -60.0, 60.0, out=logit)
+        np.exp(logit, out=logit)
+        logit += 1.0
+        np.reciprocal(logit, out=logit)
+        if eligible is not None:
+            if eligible.shape != logit.shape:
+                raise ValueError(f"eligible mask shape {eligible.shape} != labels shape {logit.shape}")
+            logit[~eligible] = 0.0
+        return logit
+
+    def summary(self) -> str:
+        """One line: what the map is and how well it was measured to find errors out of fold."""
+        fig = self.figures
+        auroc, ece = fig.get("auroc"), fig.get("ece")
+        cases = fig.get("cases", [])
+        measured = (
+            f"AUROC {auroc:.3f}, ECE {ece:.3f} on its {len(cases)} error case(s)"
+            if isinstance(auroc, (int, float)) and isinstance(ece, (int, float))
+            else "no figures recorded"
+        )
+        return f"calibrated error map ({len(self.features)} features, logistic): {measured}"
