@@ -11,7 +11,9 @@ pyradiomics brain cases (``brain1_image.nrrd`` + ``brain1_label.nrrd``, ...), wh
 tissue: for them only the share of the image labelled tissue and whether each map is higher in the lesion.
 
 Candidate maps, all from what ``napari_medcl.predict`` returns: every UAFR block's map (``uafr:<name>``),
-the normalised ``entropy``, ``top_class_error`` (1 - p(label)), the top-two ``margin`` 1 - (p1 - p2) from the
+the normalised ``entropy``, ``top_class_error`` (1 - p(label)), ``error_likelihood`` (the calibrated error
+map, for a model that carries one: ``medcl-calibrate --error-case``, fitted on fold models' predictions of
+other blocks, never on the blocks scored here), the top-two ``margin`` 1 - (p1 - p2) from the
 probabilities, and two mirroring maps. The mirrors are the product's test-time augmentation taken apart: a
 session wrapper (``MirroredSession``) flips every window before the model and the outputs back after it, for
 every non-empty set of spatial axes (7 for a 3D model, 3 for a 2D one), so the windows are the plain run's and
@@ -47,7 +49,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODELS = ("brain-tissue-3d", "brain-tissue-2d")
-PROBABILITY_MAPS = ("top_class_error", "mirror_error")  # maps that claim to be P(label wrong)
+CALIBRATED = "error_likelihood"  # Prediction.error_likelihood: the calibrated map, fitted out of fold
+PROBABILITY_MAPS = ("top_class_error", "mirror_error", CALIBRATED)  # maps that claim to be P(label wrong)
 TOP_FRACTIONS = (0.05, 0.10, 0.20)
 ECE_BINS = 15
 STRONG_GAMMA = 1.5
@@ -299,6 +302,8 @@ def candidate_maps(image, session, *, mirrors: bool = True) -> CaseResult:
     maps |= {f"uafr:{name}": m.array for name, m in plain.uncertainty_maps.items()}
     maps["entropy"] = plain.entropy.array
     maps["top_class_error"] = plain.top_class_error.array
+    if plain.error_likelihood is not None:  # the model carries a calibrated error map (medcl-calibrate)
+        maps[CALIBRATED] = plain.error_likelihood.array
     top2 = np.sort(probs, axis=0)[-2:]  # (2, *S): p2, p1
     maps["margin"] = 1.0 - (top2[1] - top2[0])
     if mirrors:
@@ -451,6 +456,7 @@ REVIEW_LINES = (
     "sum top_class_error",
     "sum margin",
     "sum mirror_error",
+    f"sum {CALIBRATED}",
 )
 
 
@@ -644,7 +650,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"{name} {case}: {scored['errors']} errors ({scored['error_rate']:.4f}), "
                 + ", ".join(
-                    f"{m} {row[m]['auroc']:.3f}" for m in ("uafr:decoder1", "entropy", "top_class_error")
+                    f"{m} {row[m]['auroc']:.3f}"
+                    for m in ("uafr:decoder1", "entropy", "top_class_error", CALIBRATED)
+                    if m in row
                 )
                 + f" [{result.seconds:.0f} s]",
                 flush=True,
