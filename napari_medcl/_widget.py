@@ -8,6 +8,7 @@ previous run's layers in place unless "keep previous" is ticked). Layers are onl
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import os
@@ -60,6 +61,7 @@ OUTLINE_KIND = "review_outline"
 LAYER_ID_KEY = "medcl_layer_id"
 # The maps the cursor line reads, by output kind, with their short names.
 _MAP_NAMES = {
+    "error_likelihood": "error likelihood",
     "top_class_error": "error likelihood (uncalibrated)",
     "uafr_uncertainty": "UAFR",
     "entropy": "entropy",
@@ -213,9 +215,10 @@ class ReviewWidget(Container):
 
     def case_report(self) -> Any:
         """The CaseReport of the labels under review as they are now (the user's edits included), with the
-        error map of the same image: the model's top-class error when the run produced it, else the entropy
-        (named as such, without expected wrong volume). Raises UsageError without a labels layer."""
-        from napari_medcl.case_report import ENTROPY_NAME, TOP_CLASS_ERROR_NAME, case_report
+        error map of the same image: the calibrated error likelihood when the run produced it, else the
+        model's top-class error (uncalibrated), else the entropy (named as such, without expected wrong
+        volume). Raises UsageError without a labels layer."""
+        from napari_medcl.case_report import ENTROPY_NAME, ERROR_MAP_NAMES, case_report
 
         labels = self._labels_combo.value
         if labels is None:
@@ -225,7 +228,7 @@ class ReviewWidget(Container):
         data = np.asarray(labels.data)
         error, name, is_probability = None, None, True
         for kind, map_name, probability in (
-            ("top_class_error", TOP_CLASS_ERROR_NAME, True),
+            *((k, ERROR_MAP_NAMES[k], True) for k in layer_data.ERROR_MAP_KINDS),
             ("entropy", ENTROPY_NAME, False),
         ):
             layer = maps.get(kind)
@@ -308,7 +311,12 @@ class ReviewWidget(Container):
         threshold = self._threshold.value
         mask = uncertain_mask(np.asarray(layer.data), threshold)
         kind = layer_data.derived_from(layer)[1]
-        what = {"top_class_error": "error likelihood", "uafr_uncertainty": "UAFR", "entropy": "entropy"}
+        what = {
+            "error_likelihood": "error likelihood",
+            "top_class_error": "error likelihood",
+            "uafr_uncertainty": "UAFR",
+            "entropy": "entropy",
+        }
         name = f"{_base_name(layer.name)} {what.get(kind, 'uncertain')} > {threshold:.2f}"
         geometry = {
             "scale": layer.scale,
@@ -921,9 +929,8 @@ class SegmentWidget(Container):
             self._device_note.native.setStyleSheet(WARNING_STYLE)
         self._show_verdict()
         by_kind = {layer_data.derived_from(layer)[1]: layer for layer in self.last_layers}
-        uncertainty = (
-            by_kind.get("top_class_error") or by_kind.get("uafr_uncertainty") or by_kind.get("entropy")
-        )
+        preferred = (*layer_data.ERROR_MAP_KINDS, "uafr_uncertainty", "entropy")
+        uncertainty = next((by_kind[k] for k in preferred if by_kind.get(k) is not None), None)
         if by_kind.get("labels") is not None and uncertainty is not None:
             self.show_review().set_layers(by_kind["labels"], uncertainty)
         if by_kind.get("labels") is not None and result.prediction is not None:
@@ -1005,6 +1012,14 @@ class SegmentWidget(Container):
         from napari.layers import Layer
 
         existing_by_kind = {} if self._keep.value else self.results_of(job.image)
+        produced = {kwargs["metadata"][layer_data.DERIVED_KEY]["output"] for _, kwargs, _ in layer_tuples}
+        # Which error map is shown changes when the calibrated one comes or goes (a model with or without an
+        # error model): the maps then take this run's visibility instead of keeping the earlier choice.
+        calibrated = "error_likelihood"
+        swapped = (calibrated in produced) != (calibrated in existing_by_kind)
+        stale = existing_by_kind.pop(calibrated, None) if calibrated not in produced else None
+        if stale is not None:  # an earlier model's calibrated map no longer describes these labels
+            self.viewer.layers.remove(stale)
         shown, kept = [], 0
         for data, kwargs, layer_type in layer_tuples:
             kind = kwargs["metadata"][layer_data.DERIVED_KEY]["output"]
@@ -1014,6 +1029,8 @@ class SegmentWidget(Container):
                 and layer_data.layer_kind(existing) == layer_type
                 and np.shape(existing.data) == np.shape(data)
             ):
+                if swapped and layer_type == "image" and kind in layer_data.MAP_LAYER_NAMES:
+                    existing.visible = bool(kwargs.get("visible", True))
                 if layer_type == "labels":
                     kept += self._write_labels(existing, np.asarray(data), job)
                 else:
@@ -1175,7 +1192,9 @@ class SegmentWidget(Container):
             self._model_info.value = ""
             self._set_status(str(error), ERROR_STYLE)
             return
-        self._model_info.value = spec.summary()
+        self._model_info.value = "<br>".join(
+            html.escape(line) for line in (spec.summary(), *spec.error_map_summary().splitlines())
+        )
         self._notice.value = f"<i>{spec.intended_use}</i>"
 
     # -- messages
@@ -1394,7 +1413,7 @@ def _raise_dock(widget: Container) -> None:
 
 
 def _base_name(name: str) -> str:
-    for suffix in (" error likelihood (uncalibrated)", " UAFR uncertainty", " entropy", " labels"):
+    for suffix in (*(f" {name}" for name in layer_data.MAP_LAYER_NAMES.values()), " labels"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name

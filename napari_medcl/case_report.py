@@ -10,11 +10,14 @@ Sizes: a 3D image reports volumes in mL (voxel volume in mm^3 / 1000); a 2D imag
 (pixel area in mm^2 / 100), and says so in ``measure`` and ``unit``.
 
 Expected wrong volume of a class: the sum, over the voxels labelled with that class, of the probability that
-the label is wrong, times the voxel volume. It needs a map that *is* a probability of error. Today that is the
+the label is wrong, times the voxel volume. It needs a map that *is* a probability of error. For a model that
+carries a calibrated error map (``ModelSpec.error_model``, fitted out of fold by ``medcl-calibrate
+--error-case``) that is ``Prediction.error_likelihood``, named ``ERROR_LIKELIHOOD_NAME``. Otherwise it is the
 model's own top-class complement, 1 - p(label) (``Prediction.top_class_error``, computed by every prediction
 while it reduces the probabilities; ``top_class_error`` here computes 1 - max_k p_k from a probability array):
-uncalibrated, the model's belief, not a measured error rate. Normalised predictive entropy is in [0, 1] but is
-not a probability, so a report made from it names it and leaves the expected wrong volume out (None).
+uncalibrated, the model's belief, not a measured error rate, and named so (``TOP_CLASS_ERROR_NAME``).
+Normalised predictive entropy is in [0, 1] but is not a probability, so a report made from it names it and
+leaves the expected wrong volume out (None).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENTROPY_NAME",
+    "ERROR_LIKELIHOOD_NAME",
+    "ERROR_MAP_NAMES",
     "NOT_ASSESSED",
     "TOP_CLASS_ERROR_NAME",
     "VERDICT_LEVELS",
@@ -45,6 +50,9 @@ __all__ = [
 ]
 
 TOP_CLASS_ERROR_NAME = "1 - probability of the label (uncalibrated)"
+ERROR_LIKELIHOOD_NAME = "error likelihood"
+# A probability-of-error map's name in a report, by its output kind (``Prediction.error_map``).
+ERROR_MAP_NAMES = {"error_likelihood": ERROR_LIKELIHOOD_NAME, "top_class_error": TOP_CLASS_ERROR_NAME}
 ENTROPY_NAME = "normalised predictive entropy (not a probability)"
 NOT_ASSESSED = "not assessed: this model file carries no training-data profile"
 VERDICT_LEVELS = ("ok", "caution", "out-of-distribution", "unknown")
@@ -267,15 +275,15 @@ def case_report(
 ) -> CaseReport:
     """Build the report of one case.
 
-    labels: (*S) integer, S = (H, W) or (D, H, W). spacing: mm per axis of ``labels``, array order.
-    classes: the model's classes: objects with ``.index`` and ``.name`` (``spec.ClassInfo``), a mapping
-    index -> name, or names in index order; index 0 is background. error_likelihood: (*S) float in [0, 1],
-    the probability that each voxel's label is wrong (``top_class_error``), named ``error_likelihood_name``;
-    None: no expected wrong amounts. ``error_is_probability=False`` for a map in [0, 1] that is not a
-    probability (normalised entropy): it is named in the report, and the expected wrong amounts are None.
-    provenance: ``Provenance`` or its ``to_dict()`` (model name and SHA-256, tool version, execution
-    provider, roi, timings are read from it). verdict: None (not assessed), or an object with ``.level`` and
-    ``.reasons``, or a dict with those keys; level one of ``VERDICT_LEVELS``.
+    labels: (*S) integer, S = (H, W) or (D, H, W). spacing: mm per axis of ``labels``, array order. classes:
+    the model's classes: objects with ``.index`` and ``.name`` (``spec.ClassInfo``), a mapping index -> name,
+    or names in index order; index 0 is background. error_likelihood: (*S) float in [0, 1], the probability
+    that each voxel's label is wrong (``Prediction.error_map``), named ``error_likelihood_name``; None: no
+    expected wrong amounts. ``error_is_probability=False`` for a map in [0, 1] that is not a probability
+    (normalised entropy): it is named in the report, and the expected wrong amounts are None. provenance:
+    ``Provenance`` or its ``to_dict()`` (model name and SHA-256, tool version, execution provider, roi,
+    timings are read from it). verdict: None (not assessed), or an object with ``.level`` and ``.reasons``, or
+    a dict with those keys; level one of ``VERDICT_LEVELS``.
 
     Raises ValueError on shapes that disagree (both shapes in the message), negative or non-integer labels,
     an error likelihood outside [0, 1] or not finite, an unknown verdict level.
@@ -359,10 +367,12 @@ def prediction_report(
     prediction: Prediction, *, case: str | None = None, classes: Any = None, verdict: Any = None
 ) -> CaseReport:
     """The report of ``prediction``: its labels and spacing, its provenance, and as error likelihood its
-    ``top_class_error`` (1 - the probability of each voxel's label); for a Prediction built without one,
-    ``top_class_error`` of its probabilities when it holds them, else its normalised entropy, named as such
-    and without expected wrong amounts. ``classes`` (see ``case_report``) defaults to the provenance's;
-    ``verdict`` to the prediction's own (``Prediction.verdict``; None: not assessed)."""
+    calibrated ``error_likelihood`` when the model has one (``ERROR_LIKELIHOOD_NAME``), else its
+    ``top_class_error`` (1 - the probability of each voxel's label, ``TOP_CLASS_ERROR_NAME``); for a
+    Prediction built without either, ``top_class_error`` of its probabilities when it holds them, else its
+    normalised entropy, named as such and without expected wrong amounts. ``classes`` (see ``case_report``)
+    defaults to the provenance's; ``verdict`` to the prediction's own (``Prediction.verdict``; None: not
+    assessed)."""
     provenance = prediction.provenance
     if verdict is None:
         verdict = getattr(prediction, "verdict", None)
@@ -370,8 +380,10 @@ def prediction_report(
         if provenance is None:
             raise ValueError("name the classes: the prediction has no provenance to read them from")
         classes = provenance.model.classes
-    if prediction.top_class_error is not None:
-        error, name, is_probability = prediction.top_class_error.array, TOP_CLASS_ERROR_NAME, True
+    error_map = prediction.error_map
+    if error_map is not None:
+        kind, output = error_map
+        error, name, is_probability = output.array, ERROR_MAP_NAMES[kind], True
     elif prediction.probabilities is not None:
         error, name, is_probability = (
             top_class_error(prediction.probabilities.array),

@@ -1,15 +1,17 @@
 """Write a Prediction as a case: its images under the case's names, then its provenance sidecar, all or nothing.
 
-A case ``<case>`` in folder ``outdir`` is ``<case>_labels<ext>``, ``<case>_uncertainty<ext>`` (when the model has
-UAFR maps), ``<case>_entropy<ext>``, ``<case>_top_class_error<ext>`` (1 - the probability of each voxel's label;
-when the Prediction has it), one ``<case>_probabilities_<k><ext>`` per class when the Prediction holds
-probabilities (one file per class works in every output format, PNG/TIFF included; the sidecar maps files to
-class names), with ``report_csv=True`` ``<case>_report.csv`` (``case_report.CaseReport.to_csv``), for a DICOM
-series when asked ``<case>_seg.dcm`` (a DICOM Segmentation of the labels that references the series,
-``io.dicom_seg``), and last ``<case>.json``, so a sidecar marks a complete case. The sidecar holds the
-provenance (``Provenance.to_dict()``) and, under ``"report"``, the case report (``case_report.prediction_report``:
-size of each class, expected wrong volume, verdict). Extensions follow the input's format
-(``io.output_extension``); a Prediction made from an array with no file is written as NIfTI.
+A case ``<case>`` in folder ``outdir`` is ``<case>_labels<ext>``, ``<case>_uncertainty<ext>`` (when the model
+has UAFR maps), ``<case>_entropy<ext>``, ``<case>_top_class_error<ext>`` (1 - the probability of each voxel's
+label; when the Prediction has it), ``<case>_error_likelihood<ext>`` (the calibrated probability that each
+voxel's label is wrong; for a model that carries a calibrated error map), one
+``<case>_probabilities_<k><ext>`` per class when the Prediction holds probabilities (one file per class works
+in every output format, PNG/TIFF included; the sidecar maps files to class names), with ``report_csv=True``
+``<case>_report.csv`` (``case_report.CaseReport.to_csv``), for a DICOM series when asked ``<case>_seg.dcm`` (a
+DICOM Segmentation of the labels that references the series, ``io.dicom_seg``), and last ``<case>.json``, so a
+sidecar marks a complete case. The sidecar holds the provenance (``Provenance.to_dict()``) and, under
+``"report"``, the case report (``case_report.prediction_report``: size of each class, expected wrong volume,
+verdict). Extensions follow the input's format (``io.output_extension``); a Prediction made from an array with
+no file is written as NIfTI.
 
 Every file is first written whole under a temporary name beside its final one and read back; only when all of
 them are there are they renamed onto their final names, the sidecar last. A failure while writing (a full disk
@@ -44,6 +46,7 @@ class WrittenCase:
     provenance: Provenance
     uncertainty: Path | None = None
     top_class_error: Path | None = None
+    error_likelihood: Path | None = None
     probabilities: dict[str, Path] = field(default_factory=dict)  # class name -> file
     report: CaseReport | None = None
     report_csv: Path | None = None
@@ -106,6 +109,10 @@ def write_prediction(
     if prediction.top_class_error is not None:
         top_error = outdir / f"{case}_top_class_error{map_ext}"
         images.append((top_error, prediction.top_class_error))
+    likelihood = None
+    if prediction.error_likelihood is not None:
+        likelihood = outdir / f"{case}_error_likelihood{map_ext}"
+        images.append((likelihood, prediction.error_likelihood))
     probabilities: dict[str, Path] = {}
     if prediction.probabilities is not None:
         planes = prediction.probabilities
@@ -141,6 +148,7 @@ def write_prediction(
                 report_csv=None if csv_path is None else csv_path.name,
                 dicom_seg=None if seg_path is None else seg_path.name,
                 top_class_error=None if top_error is None else top_error.name,
+                error_likelihood=None if likelihood is None else likelihood.name,
             ),
             timings={**provenance.timings, "write": round(time.perf_counter() - start, 4)},
         )
@@ -164,6 +172,7 @@ def write_prediction(
         provenance=recorded,
         uncertainty=uncertainty,
         top_class_error=top_error,
+        error_likelihood=likelihood,
         probabilities=probabilities,
         report=report,
         report_csv=csv_path,

@@ -2,7 +2,8 @@
 
 Arguments, the output folder's lock and the messages only: the work is
 ``napari_medcl.prediction.predict_iter``, and ``napari_medcl.case_writer.write_prediction`` writes each case
-(``<case>_labels``, ``<case>_uncertainty``, ``<case>_entropy``, ``<case>_top_class_error``, with
+(``<case>_labels``, ``<case>_uncertainty``, ``<case>_entropy``, ``<case>_top_class_error``, for a model with a
+calibrated error map ``<case>_error_likelihood``, with
 ``--save-probabilities`` ``<case>_probabilities_<k>``, with ``--report-csv`` ``<case>_report.csv``, with
 ``--dicom-seg`` ``<case>_seg.dcm``, and last ``<case>.json`` with the case report under ``"report"``), all or
 nothing. Exit status: 0 all cases done, 1 some failed, 2 usage error, 130 interrupted.
@@ -45,12 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
         "case.",
         epilog=f"Outputs per case, in the input's format ({_other_outputs(FORMATS)}): "
         "<case>_labels, <case>_uncertainty (the UAFR map of the block nearest the output, when the model has "
-        "UAFR maps), <case>_entropy, <case>_top_class_error (1 - the probability of each voxel's label), "
+        "UAFR maps), <case>_entropy, <case>_top_class_error (1 - the probability of each voxel's label, "
+        "uncalibrated), <case>_error_likelihood (for a model that carries a calibrated error map, fitted by "
+        "medcl-calibrate --error-case: the probability that each voxel's label is wrong), "
         "with --save-probabilities <case>_probabilities_<k> (one file per class k), with --report-csv "
         '<case>_report.csv, and <case>.json written last; its "report" holds the size of each class (mL, or '
-        "cm2 for 2D images) and the expected wrong volume; with --dicom-seg <case>_seg.dcm (DICOM series "
-        "inputs only). A failed case writes nothing. Inputs with the same case name (scan.nii and scan.nii.gz, or a "
-        "DICOM folder 'scan') would overwrite each other's outputs: the later ones are refused before anything "
+        "cm2 for 2D images) and the expected wrong volume (from the error likelihood when the model has one, "
+        "else from the uncalibrated 1 - probability of the label); with --dicom-seg <case>_seg.dcm (DICOM "
+        "series inputs only). A failed case writes nothing. Inputs with the same case name (scan.nii and "
+        "scan.nii.gz, or a DICOM folder 'scan') would overwrite each other's outputs: the later ones are refused before anything "
         "runs, the others are segmented. A case whose outputs are already complete in OUTDIR, made from the same "
         "input (SHA-256), model (SHA-256), napari-medcl version, overlap and --tta, with at least the optional "
         "outputs asked for, is skipped (--overwrite redoes it). Several runs may write into one OUTDIR at once "
@@ -98,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-csv",
         action="store_true",
         help="also write <case>_report.csv: one row per class with its voxels, volume (mL; area in cm2 for 2D) "
-        "and expected wrong volume (from 1 - probability of the label, uncalibrated; always computed), plus the "
-        "model and verdict",
+        "and expected wrong volume (from the calibrated error likelihood when the model carries one, else "
+        "from 1 - probability of the label, uncalibrated; always computed), plus the model and verdict",
     )
     parser.add_argument(
         "--dicom-seg",
@@ -253,6 +257,7 @@ def _run_cases(args: argparse.Namespace, held: dict[str, Any]) -> int:
     spec = model.spec
     print(
         f"{PROG} {__version__}: model {spec.name} (sha256 {model.sha256[:12]}) on {model.provider}\n"
+        f"{'; '.join(spec.error_map_summary().splitlines())}\n"
         f"note: {spec.intended_use}",
         file=sys.stderr,
     )

@@ -141,7 +141,8 @@ class CaseSession:
                 "the prediction has no class probabilities: run it with return_probabilities=True"
             )
         probabilities = self._on_grid(prediction.probabilities.array, channels=True)
-        error = prediction.top_class_error if prediction.top_class_error is not None else prediction.entropy
+        error_map = prediction.error_map  # the calibrated error likelihood when the model has one
+        error = prediction.entropy if error_map is None else error_map[1]
         labels = self._on_grid(prediction.labels.array)
         if probabilities.shape[1:] != self.grid:
             raise UsageError(

@@ -61,6 +61,17 @@ UNCERTAINTY_DISPLAY = {
 }
 
 
+# What each map layer of a result is called after its image's name, by output kind (``DERIVED_KEY``).
+MAP_LAYER_NAMES = {
+    "error_likelihood": "error likelihood",
+    "top_class_error": "error likelihood (uncalibrated)",
+    "uafr_uncertainty": "UAFR uncertainty",
+    "entropy": "entropy",
+}
+# The probability-of-error maps, the one a review prefers first (``Prediction.error_map``).
+ERROR_MAP_KINDS = ("error_likelihood", "top_class_error")
+
+
 class ObliqueGeometryWarning(UserWarning):
     """The scan's axes are not aligned with the patient axes; napari shows it de-obliqued."""
 
@@ -297,10 +308,13 @@ def segment_layer(
 
     Returns, in order: Labels ``"<image> labels"`` (class colours, class names in ``features``), Image
     ``"<image> UAFR uncertainty"`` (when the model has UAFR maps), Image ``"<image> entropy"`` (hidden), Image
-    ``"<image> error likelihood (uncalibrated)"`` (1 - the probability of each voxel's label, hidden) and,
-    when ``uncertainty_maps`` is True, one Image ``"<image> UAFR <map>"`` per named map. All carry the image's
-    scale/translate/units/axis_labels and its geometry in metadata, plus the model's name, SHA-256, the
-    execution provider actually used and the intended-use notice under ``metadata["medcl_prediction"]``.
+    ``"<image> error likelihood (uncalibrated)"`` (1 - the probability of each voxel's label), Image
+    ``"<image> error likelihood"`` (the calibrated map, when the model carries an error model) and, when
+    ``uncertainty_maps`` is True, one Image ``"<image> UAFR <map>"`` per named map (hidden). One map is shown:
+    the calibrated error likelihood when there is one, else the uncalibrated one, else the UAFR map. All carry
+    the image's scale/translate/units/axis_labels and its geometry in metadata, plus the model's name,
+    SHA-256, the execution provider actually used and the intended-use notice under
+    ``metadata["medcl_prediction"]``.
     ``roi``: see ``plan_region``; outside it labels and uncertainties are 0. ``progress`` is called with each
     ``Progress``; ``cancel`` (threading.Event or callable) raises ``errors.Cancelled`` between windows.
     ``device``, ``backend``, ``precision``: how a model that is not a session yet is opened (``load_model``;
@@ -468,25 +482,29 @@ def prediction_layers(
         )
 
     # The map shown is the one measured to find the model's mistakes best (docs/uncertainty.md): the
-    # model's own error likelihood; the UAFR map stays one click away (for the default 3D model it ranks
-    # wrong voxels below right ones).
-    error_shown = prediction.top_class_error is not None
+    # calibrated error likelihood when the model carries an error model, else the model's own (uncalibrated)
+    # one; the others stay one click away (the default 3D model's UAFR map ranks wrong voxels below right
+    # ones).
+    error_map = prediction.error_map
+    shown = None if error_map is None else error_map[0]
     if prediction.uafr_uncertainty is not None:
         layers.append(
             uncertainty_layer(
                 prediction.uafr_uncertainty.array,
                 "uafr_uncertainty",
-                "UAFR uncertainty",
-                visible=not error_shown,
+                MAP_LAYER_NAMES["uafr_uncertainty"],
+                visible=shown is None,
             )
         )
-    layers.append(uncertainty_layer(prediction.entropy.array, "entropy", "entropy", visible=False))
-    if error_shown:
-        layers.append(
-            uncertainty_layer(
-                prediction.top_class_error.array, "top_class_error", "error likelihood (uncalibrated)"
-            )
-        )
+    layers.append(
+        uncertainty_layer(prediction.entropy.array, "entropy", MAP_LAYER_NAMES["entropy"], visible=False)
+    )
+    for kind, output in (
+        ("top_class_error", prediction.top_class_error),
+        ("error_likelihood", prediction.error_likelihood),
+    ):
+        if output is not None:
+            layers.append(uncertainty_layer(output.array, kind, MAP_LAYER_NAMES[kind], visible=kind == shown))
     if uncertainty_maps:
         for map_name, map_volume in prediction.uncertainty_maps.items():
             layers.append(

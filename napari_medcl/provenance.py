@@ -111,8 +111,9 @@ class OutputNames:
     """The file names of a written case, relative to its folder; ``probabilities`` maps class name to file;
     ``report_csv`` is the case report as CSV (``medcl-predict --report-csv``); ``dicom_seg`` is the DICOM
     Segmentation of the labels (DICOM-series inputs, when asked for); ``top_class_error`` the map of 1 - the
-    probability of each voxel's label. Fields that are None are left out of the dict, so a case written before
-    a field existed reads the same."""
+    probability of each voxel's label; ``error_likelihood`` the calibrated map of the probability that each
+    voxel's label is wrong (a model with a calibrated error map). Fields that are None are left out of the
+    dict, so a case written before a field existed reads the same."""
 
     labels: str
     entropy: str
@@ -121,6 +122,7 @@ class OutputNames:
     report_csv: str | None = None
     dicom_seg: str | None = None
     top_class_error: str | None = None
+    error_likelihood: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         names: dict[str, Any] = {"labels": self.labels}
@@ -129,6 +131,8 @@ class OutputNames:
         names["entropy"] = self.entropy
         if self.top_class_error is not None:
             names["top_class_error"] = self.top_class_error
+        if self.error_likelihood is not None:
+            names["error_likelihood"] = self.error_likelihood
         if self.probabilities is not None:
             names["probabilities"] = dict(self.probabilities)
         if self.report_csv is not None:

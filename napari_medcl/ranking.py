@@ -3,17 +3,19 @@ and by how unlike its training data they are (``medcl-rank``; pure numpy + ONNX 
 
 Each case is segmented once (``napari_medcl.predict``); two measurements come out of the prediction:
 
-- the expected errors: the model's own probability that each voxel's label is wrong, 1 - p(label)
-  (``Prediction.top_class_error``, the map the case report sums), averaged over the voxels it labels as
+- the expected errors: the probability that each voxel's label is wrong (``Prediction.error_map``, the map
+  the case report sums: the calibrated ``error_likelihood`` when the model carries an error model, else the
+  model's own 1 - p(label), ``top_class_error``, uncalibrated), averaged over the voxels it labels as
   foreground (``expected_wrong_fraction``: the expected share of foreground voxels that are wrong) and summed
   into a volume (``expected_wrong``, mL, or cm2 for 2D images);
 - the out-of-distribution verdict (``napari_medcl.verdict.assess``): level and severity score.
 
 Order, most informative first: out-of-distribution, then caution, then the rest (ok, or unknown for a
 model without a training-data profile); within a level, the larger expected share of wrong foreground first.
-The verdict leads because the model's error estimate is its own belief and understates its errors on
-shifted scans (docs/uncertainty.md: calibration error 0.014 on the held-out block, 0.085 on a perturbed
-copy), so a low estimate on an out-of-distribution scan is no reason to skip it. A scan that is empty or
+The verdict leads because the error estimate understates the errors on shifted scans (docs/uncertainty.md:
+the uncalibrated map's calibration error is 0.014 on the held-out block, 0.085 on a perturbed copy; a
+calibrated map is calibrated on the cases it was fitted on, not on shifted ones), so a low estimate on an
+out-of-distribution scan is no reason to skip it. A scan that is empty or
 constant is ranked last (nothing to label); a file that cannot be read or segmented is listed after it with
 the reason, never stopping the others.
 """
@@ -57,9 +59,10 @@ _FAILED = 4
 @dataclass(frozen=True)
 class CaseRank:
     """One case's place in the ranking. ``rank`` starts at 1; ``status`` is ``ranked`` or ``failed``
-    (``reason`` then says why). ``expected_wrong_fraction``: mean of 1 - p(label) over the predicted
-    foreground (over the whole image when there is none); ``expected_wrong``: its sum times the voxel size,
-    in ``unit`` (mL, or cm2 for 2D images)."""
+    (``reason`` then says why). ``expected_wrong_fraction``: mean of the error map (``Prediction.error_map``:
+    the calibrated error likelihood, else 1 - p(label)) over the predicted foreground (over the whole image
+    when there is none); ``expected_wrong``: its sum times the voxel size, in ``unit`` (mL, or cm2 for 2D
+    images)."""
 
     rank: int
     case: str
@@ -129,7 +132,8 @@ def rank_cases(
 
 def _measure(case: str, path: Path, prediction: Any, session: Any) -> _Measured:
     labels = prediction.labels.array
-    error = prediction.top_class_error.array
+    kind, error_map = prediction.error_map
+    error = error_map.array
     foreground = labels > 0
     count = int(foreground.sum())
     region = foreground if count else np.ones(labels.shape, dtype=bool)
@@ -148,6 +152,8 @@ def _measure(case: str, path: Path, prediction: Any, session: Any) -> _Measured:
         if count
         else f"the model labels no foreground; expected {100 * fraction:.1f}% of voxels wrong"
     )
+    if kind == "error_likelihood":
+        expected += " by the calibrated error map"
     if constant:
         why = f"nothing to label: {'; '.join(verdict.reasons)}"
     elif level in ("out-of-distribution", "caution"):

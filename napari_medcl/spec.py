@@ -236,6 +236,44 @@ class ModelSpec:
             + (f", {len(self.prompts['channels'])} prompt channel(s)" if self.prompts is not None else "")
         )
 
+    def error_map_summary(self) -> str:
+        """Which error map this model's results show, in words, for the model summaries (the widget's model
+        info, ``medcl-predict``'s first lines). With a calibrated error map: the error model's own line
+        (``ErrorModel.summary``), its figures fitted without each fold model's cases when recorded, and a
+        line with each signal's AUROC alone on the same out-of-fold cases (every UAFR map the error model uses
+        among them, as ``UAFR <name>``); without one: that the map shown is uncalibrated."""
+        error_model = self.error_map_model
+        if error_model is None:
+            return (
+                "error likelihood: uncalibrated, 1 - p(label) (this model carries no calibrated error map; "
+                "medcl-calibrate --error-case fits one)"
+            )
+        figures = error_model.figures
+        line = f"error likelihood: {error_model.summary()}"
+        held_auroc, held_ece = figures.get("auroc_other_folds"), figures.get("ece_other_folds")
+        if _is_number(held_auroc) and _is_number(held_ece):
+            line += f"; fitted without each fold model's cases: AUROC {held_auroc:.3f}, ECE {held_ece:.3f}"
+        signals = figures.get("signals") if isinstance(figures.get("signals"), dict) else {}
+        # in the order of the error model's features (a stored spec's JSON may have sorted the keys)
+        order = [
+            *(f for f in error_model.features if f in signals),
+            *sorted(set(signals) - set(error_model.features)),
+        ]
+        shown = {name: signals[name] for name in order if _is_number(signals[name])}
+        if not shown:
+            return line
+        from napari_medcl.error_model import MAP_PREFIX
+
+        each = ", ".join(
+            f"{'UAFR ' + name[len(MAP_PREFIX) :] if name.startswith(MAP_PREFIX) else name} {value:.3f}"
+            for name, value in shown.items()
+        )
+        return f"{line}\nout-of-fold AUROC of each signal alone: {each}"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 def default_classes(names: list[str], colors: list[str] | None = None) -> tuple[ClassInfo, ...]:
     """ClassInfo entries for ``names`` (index order), colours from ``colors`` or the fixed palette."""

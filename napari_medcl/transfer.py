@@ -4,8 +4,9 @@ Both are ``.npz`` archives (numpy's zip of ``.npy`` arrays, deflate level 1: fas
 backgrounds shrink many times). Nothing else goes in them: no file path, no reader metadata (DICOM UIDs and
 headers stay on the client), no pickled objects. A volume is ``voxels`` plus ``spacing``, ``origin``,
 ``direction`` (array order, float64, exact) and ``channel_axis``. A prediction's outputs are ``labels``
-(uint8, uint16 above 255 classes; exact) and the maps as float16 (``entropy``, ``top_class_error``, each
-UAFR map as ``map/<name>``, ``probabilities`` when asked for): in [0, 1], float16 keeps them within 2.5e-4,
+(uint8, uint16 above 255 classes; exact) and the maps as float16 (``entropy``, ``top_class_error``,
+``error_likelihood`` for a model with a calibrated error map, each UAFR map as ``map/<name>``,
+``probabilities`` when asked for): in [0, 1], float16 keeps them within 2.5e-4,
 far below what a map is read for, at half the bytes. A region's outputs travel cut to their box; the client
 pastes them back onto its grid, where everything outside is background as in a local run.
 
@@ -80,6 +81,8 @@ def prediction_to_npz(prediction: Prediction, box: tuple[slice, ...] | None = No
     arrays: dict[str, np.ndarray] = {"labels": part.labels.array, "entropy": _half(part.entropy)}
     if part.top_class_error is not None:
         arrays["top_class_error"] = _half(part.top_class_error)
+    if part.error_likelihood is not None:
+        arrays["error_likelihood"] = _half(part.error_likelihood)
     for name, output in part.uncertainty_maps.items():
         arrays[MAP_PREFIX + name] = _half(output)
     if part.probabilities is not None:
@@ -100,7 +103,7 @@ def prediction_from_npz(
     its background value (``Prediction.pasted``). ``uncertainty_maps``: the spec's map names, in network
     order (the last is ``uafr_uncertainty``). No provenance or verdict yet (``dataclasses.replace`` them in).
     Raises InputError when an array is missing or has the wrong shape."""
-    names = {"labels", "entropy", "top_class_error", "probabilities"}
+    names = {"labels", "entropy", "top_class_error", "error_likelihood", "probabilities"}
     names |= {MAP_PREFIX + name for name in uncertainty_maps}
     arrays = _read_npz(data, allowed=names.__contains__, max_bytes=max_bytes)
     grid = volume if box is None else volume.crop(box)
@@ -127,6 +130,7 @@ def prediction_from_npz(
         labels=labels,
         entropy=entropy,
         top_class_error=on_grid("top_class_error"),
+        error_likelihood=on_grid("error_likelihood"),
         uafr_uncertainty=None if last is None else last.with_array(last.array.copy(), metadata={}),
         uncertainty_maps=maps,  # type: ignore[arg-type]  (None ruled out above)
         probabilities=on_grid("probabilities", channel_axis=True),

@@ -163,6 +163,17 @@ class Prediction:
     verdict: Verdict | None = None
     error_likelihood: Volume | None = None
 
+    @property
+    def error_map(self) -> tuple[str, Volume] | None:
+        """The map every consumer reads as the probability that each voxel's label is wrong, with its kind:
+        ``("error_likelihood", map)``, the calibrated map, when the model has one; else
+        ``("top_class_error", map)``, the model's own 1 - p(label) (uncalibrated); None without either."""
+        if self.error_likelihood is not None:
+            return "error_likelihood", self.error_likelihood
+        if self.top_class_error is not None:
+            return "top_class_error", self.top_class_error
+        return None
+
     def crop(self, box: tuple[slice, ...]) -> Prediction:
         """Every output cut to ``box`` (spatial slices; see ``Volume.crop``)."""
         return self._each_output(lambda output, _background: output.crop(box))

@@ -447,6 +447,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_finished_cases_only(tmp_path, mode
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
     assert process.returncode == 130, stderr
-    assert stderr.splitlines()[2:] == ["medcl-predict: interrupted"], stderr
+    # stderr opens with the banner: the model, the error map it shows, the intended-use note
+    assert stderr.splitlines()[3:] == ["medcl-predict: interrupted"], stderr
     assert stdout.startswith("first: ") and "slow" not in stdout
     _check_complete(out, {"first": first})  # no temp, no lock file, no lock folder

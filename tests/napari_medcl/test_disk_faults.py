@@ -30,7 +30,7 @@ THRESHOLD = 100.5  # images hold integers 0..200, so no voxel sits on the thresh
 # Room for the earlier output of a 4x8x8 case (four files, one 4 KiB page each) but not for that of a 64^3
 # case: its random labels alone compress to about 40 KB, its two maps to about 4 KB and 17 KB.
 DISK_BYTES = 64 * 1024
-BANNER = 2  # version + model line, intended-use note
+BANNER = 3  # version + model line, the error map it shows, intended-use note
 
 
 def _mount(*args: str | Path) -> subprocess.CompletedProcess:

@@ -41,7 +41,8 @@ def _predict(*args: str | Path) -> int:
 
 
 def _error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if "error" in line]
+    # the banner's line on the model's error map ("error likelihood: ...") is no error
+    return [line for line in err.splitlines() if "error" in line and not line.startswith("error likelihood:")]
 
 
 def _age(path: Path, seconds: float) -> Path:
@@ -148,7 +149,7 @@ def test_case_locked_by_another_process_is_not_touched(tmp_path, model, capsys):
         assert _predict(scan, other, "-o", out, "--model", model) == 0
     finally:
         _release(holder)
-    assert capsys.readouterr().err.splitlines()[2:] == [
+    assert capsys.readouterr().err.splitlines()[3:] == [  # after the banner
         f"medcl-predict: scan: being written by another medcl-predict process (lock {out / LOCKS / 'scan.lock'}); "
         "skipped"
     ]
@@ -330,7 +331,7 @@ def test_sigint_mid_run_exits_130_leaving_finished_cases_only(tmp_path, model, c
             process.communicate()
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
-    banner = 2  # version + model line, intended-use note
+    banner = 3  # version + model line, the error map it shows, intended-use note
     assert stderr.splitlines()[banner:] == ["medcl-predict: interrupted"], stderr
     assert stdout.startswith("first: ") and "slow" not in stdout
     assert sorted(p.name for p in out.iterdir()) == [
