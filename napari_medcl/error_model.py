@@ -267,4 +267,5 @@ class ErrorModel:
             if isinstance(auroc, (int, float)) and isinstance(ece, (int, float))
             else "no figures recorded"
         )
-        return f"calibrated error map ({len(self.features)} features, logistic): {measured}"
+        n = len(self.features)
+        return f"calibrated error map ({n} feature{'s' if n != 1 else ''}, logistic): {measured}"

@@ -245,11 +245,11 @@ class ModelSpec:
         error_model = self.error_map_model
         if error_model is None:
             return (
-                "error likelihood: uncalibrated, 1 - p(label) (this model carries no calibrated error map; "
+                "review map: uncalibrated error likelihood, 1 - p(label) (this model carries no calibrated error map; "
                 "medcl-calibrate --error-case fits one)"
             )
         figures = error_model.figures
-        line = f"error likelihood: {error_model.summary()}"
+        line = f"review map: {error_model.summary()}"
         held_auroc, held_ece = figures.get("auroc_other_folds"), figures.get("ece_other_folds")
         if _is_number(held_auroc) and _is_number(held_ece):
             line += f"; fitted without each fold model's cases: AUROC {held_auroc:.3f}, ECE {held_ece:.3f}"

@@ -199,7 +199,7 @@ def test_medcl_predict_writes_the_calibrated_map_says_so_and_skips_a_complete_ca
     assert cli.main(argv) == 0
     banner = capsys.readouterr().err.splitlines()
     assert banner[1] == (
-        "error likelihood: calibrated error map (3 features, logistic): AUROC 0.810, ECE 0.020 on its 2 error "
+        "review map: calibrated error map (3 features, logistic): AUROC 0.810, ECE 0.020 on its 2 error "
         "case(s); fitted without each fold model's cases: AUROC 0.780, ECE 0.030; out-of-fold AUROC of each "
         "signal alone: top_error 0.750, border 0.600, UAFR decoder1 0.550"
     )
@@ -215,21 +215,21 @@ def test_medcl_predict_writes_the_calibrated_map_says_so_and_skips_a_complete_ca
     plain = [str(source), "-o", str(tmp_path / "plain"), "--model", str(models["plain"]), "--device", "cpu"]
     assert cli.main([*plain, "--quiet"]) == 0
     banner = capsys.readouterr().err.splitlines()
-    assert banner[1].startswith("error likelihood: uncalibrated, 1 - p(label) (this model carries no")
+    assert banner[1].startswith("review map: uncalibrated error likelihood, 1 - p(label) (this model carries no")
     assert not (tmp_path / "plain" / "scan_error_likelihood.nii.gz").exists()
 
 
 def test_the_model_summary_gives_the_calibrated_map_and_each_signals_figure():
     lines = calibrated_spec().error_map_summary().splitlines()
     assert lines == [
-        "error likelihood: calibrated error map (3 features, logistic): AUROC 0.810, ECE 0.020 on its 2 error "
+        "review map: calibrated error map (3 features, logistic): AUROC 0.810, ECE 0.020 on its 2 error "
         "case(s); fitted without each fold model's cases: AUROC 0.780, ECE 0.030",
         "out-of-fold AUROC of each signal alone: top_error 0.750, border 0.600, UAFR decoder1 0.550",
     ]
     bare = ErrorModel(features=("top_error",), coefficients=(4.0,), intercept=-2.0)
     spec = dataclasses.replace(make_spec(), error_model=bare.to_dict())
     assert spec.error_map_summary() == (
-        "error likelihood: calibrated error map (1 features, logistic): no figures recorded"
+        "review map: calibrated error map (1 feature, logistic): no figures recorded"
     )
     assert "uncalibrated" in make_spec().error_map_summary()
     assert make_spec().summary() == calibrated_spec().summary()  # the one-line summary is unchanged

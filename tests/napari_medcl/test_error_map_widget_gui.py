@@ -86,7 +86,7 @@ def test_the_calibrated_map_is_shown_reviewed_and_updated_by_region_runs(
     # a model without an error map: its uncalibrated map is shown, the stale calibrated one is gone
     widget._region.value = REGION_WHOLE
     widget.add_model_file(plain)
-    assert "error likelihood: uncalibrated" in widget._model_info.value
+    assert "review map: uncalibrated error likelihood" in widget._model_info.value
     run_and_wait(qtbot, widget)
     results = widget.results_of(image)
     assert "error_likelihood" not in results and shown not in viewer.layers

@@ -41,8 +41,7 @@ def _predict(*args: str | Path) -> int:
 
 
 def _error_lines(err: str) -> list[str]:
-    # the banner's line on the model's error map ("error likelihood: ...") is no error
-    return [line for line in err.splitlines() if "error" in line and not line.startswith("error likelihood:")]
+    return [line for line in err.splitlines() if "error" in line and not line.startswith("review map:")]
 
 
 def _age(path: Path, seconds: float) -> Path:
