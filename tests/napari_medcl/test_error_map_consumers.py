@@ -215,7 +215,9 @@ def test_medcl_predict_writes_the_calibrated_map_says_so_and_skips_a_complete_ca
     plain = [str(source), "-o", str(tmp_path / "plain"), "--model", str(models["plain"]), "--device", "cpu"]
     assert cli.main([*plain, "--quiet"]) == 0
     banner = capsys.readouterr().err.splitlines()
-    assert banner[1].startswith("review map: uncalibrated error likelihood, 1 - p(label) (this model carries no")
+    assert banner[1].startswith(
+        "review map: uncalibrated error likelihood, 1 - p(label) (this model carries no"
+    )
     assert not (tmp_path / "plain" / "scan_error_likelihood.nii.gz").exists()
 
 
