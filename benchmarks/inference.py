@@ -470,6 +470,43 @@ def openvino_engine(path: Path | str, window: np.ndarray) -> Timed:
     return Timed(label, lambda: model.run(window))
 
 
+CONV_OPS = ("Conv", "FusedConv", "ConvTranspose", "NchwcConv")
+
+
+def ort_profile(model: bytes | Path, window: np.ndarray, runs: int = 2) -> dict[str, float]:
+    """Seconds per window in each op type's kernels, from ONNX Runtime's profiler on a session opened as the
+    product opens it (all graph optimisations, one thread per physical core, no spinning); the first run
+    (arena allocation) is left out. Separate from the interleaved timing: read it as shares of the time."""
+    import onnxruntime as ort
+
+    data = model.read_bytes() if isinstance(model, Path) else model
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = physical_cores()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: window}
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    model_runs = sorted((e["ts"], e["dur"]) for e in events if e.get("name") == "model_run")
+    after_first = model_runs[0][0] + model_runs[0][1]
+    seconds: dict[str, float] = {}
+    for event in events:
+        if (
+            event.get("cat") == "Node"
+            and event["name"].endswith("_kernel_time")
+            and event["ts"] >= after_first
+        ):
+            op = event["args"]["op_name"]
+            seconds[op] = seconds.get(op, 0.0) + event["dur"] * 1e-6 / runs
+    return dict(sorted(seconds.items(), key=lambda item: -item[1]))
+
+
 def prediction_arrays(image: np.ndarray, prediction: Prediction) -> dict[str, int]:
     """Bytes of the input and of every array the Prediction holds, each buffer counted once."""
     arrays = {
@@ -580,6 +617,7 @@ def run_case(case: Case, folder: Path, *, device: str, repeats: int, with_torch:
         engines.append(Timed("torch eager", None, "skipped" if not with_torch else "not installed"))
     engines.append(openvino_engine(path, window))
     backends = time_windows(engines, flops.flops, repeats, QUICK_MATMUL_SIZE if quick else MATMUL_SIZE)
+    backends["ort_ops"] = ort_profile(path, window)
     row["backends"] = backends
     row["ort_window_s"] = backends["engines"][0]["window_s"]
     row["torch_window_s"] = backends["engines"][1]["window_s"]
@@ -608,6 +646,7 @@ def run_bundled(*, repeats: int, with_torch: bool, quick: bool) -> dict:
     engines.append(torch_engine)
     engines.append(openvino_engine(path, window))
     backends = time_windows(engines, flops.flops, repeats, QUICK_MATMUL_SIZE if quick else MATMUL_SIZE)
+    backends["ort_ops"] = ort_profile(path, window)
     return {
         "key": "bundled",
         "case": f"{BUNDLED} (bundled), window {'x'.join(map(str, window_grid))}",
@@ -713,6 +752,18 @@ def print_peak_table(rows: list[dict]) -> None:
             )
     for line in ratios:
         print(f"# {line}")
+    for row in rows:
+        b = row["backends"]
+        ops = b["ort_ops"]
+        total = sum(ops.values())
+        conv = sum(v for op, v in ops.items() if op in CONV_OPS)
+        rest = ", ".join(f"{op} {v / total:.0%}" for op, v in list(ops.items())[:6] if op not in CONV_OPS)
+        conv_rate = row["graph_flops"] / conv / 1e9 if conv else float("nan")
+        print(
+            f"# ONNX Runtime's profiler, {row['case']}: {total:.3f} s of kernels per window; convolutions "
+            f"{conv / total:.0%} of it, at {conv_rate:.1f} GFLOP/s = {conv_rate / b['peak_gflops']:.0%} of the "
+            f"peak; then {rest}"
+        )
     repeats = rows[0]["backends"]["repeats"] if rows else 0
     n = rows[0]["backends"]["matmul_n"] if rows else 0
     print(

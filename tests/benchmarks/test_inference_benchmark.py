@@ -27,6 +27,7 @@ def test_quick_run_prints_every_table(bench, tmp_path, capsys):
     assert "peak increase / (input + outputs)" in text
     assert "share of fp32 peak" in text
     assert "target <= 3" in text
+    assert "ONNX Runtime's profiler" in text
     assert "load average after" in text
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"3d", "2d", "bundled", "ct3d", "ct2d"}
@@ -37,6 +38,7 @@ def test_quick_run_prints_every_table(bench, tmp_path, capsys):
         assert engines["ONNX Runtime CPU"]["window_s"] > 0
         assert engines["ONNX Runtime CPU"]["share"] > 0
         assert rows[key]["backends"]["peak_gflops"] > 0
+        assert set(rows[key]["backends"]["ort_ops"]) & set(bench.CONV_OPS)  # ORT's profile names its convs
         if not openvino_installed():
             assert engines["OpenVINO CPU fp32"]["status"] == "not installed"
             assert "| OpenVINO CPU fp32 | n/a | not installed |" in text
