@@ -2,7 +2,7 @@
 each backend's share of the machine's measured fp32 peak.
 
 Run: ``.venv/bin/python benchmarks/inference.py`` (also ``make bench``); ``--ct`` adds the CT-size case
-(about 5 minutes more on two idle cores). Side by side from one run:
+(about 2 minutes more on two idle cores). Side by side from one run:
 
 - 3D: a 160x192x160 float32 volume, a 3D U-Net (16/32/64/128 channels, 96^3 windows, 4 classes, 2 UAFR maps);
 - 2D: a 512x512 float32 image, a 2D U-Net (32/64/128/256 channels, 256^2 windows, 3 classes, 2 UAFR maps);
@@ -823,7 +823,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=5, help="per-window timing repeats (median)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch eager comparison")
-    parser.add_argument("--ct", action="store_true", help="add the CT-size case (512x512x300, ~5 min)")
+    parser.add_argument(
+        "--ct", action="store_true", help="add the CT-size case (512x512x300, ~2 min on two idle cores)"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="tiny images and networks: checks the code paths"
     )
