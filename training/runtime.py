@@ -54,8 +54,8 @@ class Runtime:
 
     ``autocast()`` opens the mixed-precision context of the forward passes; ``scaler`` is enabled only for
     fp16 on CUDA; ``local_batch`` is this process's share of ``train.batch_size``. ``amp_note`` is a line for
-    the run log about the precision (bf16 autocast on a CPU without native bf16), None when there is nothing
-    to say.
+    the run log about the precision on the CPU (bf16 autocast asked for on a CPU without native bf16, or not
+    asked for on a CPU with it), None when there is nothing to say.
     """
 
     dist: DistInfo
@@ -77,8 +77,15 @@ def resolve_runtime(cfg: TrainConfig, dist: DistInfo) -> Runtime:
     device = _resolve_device(cfg, dist)
     autocast, use_scaler, amp_text = _autocast_factory(cfg, device)
     amp_note = None
-    if device.type == "cpu" and t.amp_cpu:
-        amp_text, amp_note = _cpu_bf16_text(*cpu_bf16_support())
+    if device.type == "cpu":
+        native, evidence = cpu_bf16_support()
+        if t.amp_cpu:
+            amp_text, amp_note = _cpu_bf16_text(native, evidence)
+        elif native:
+            amp_note = (
+                f"this CPU computes bf16 natively ({evidence}): train.amp_cpu: true trains in bf16 autocast, "
+                'faster (docs/performance.md, "Training on CPU: bf16")'
+            )
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     # Only touched when asked: the setter imports torch's compiler stack (seconds of start-up).
     if t.deterministic != torch.are_deterministic_algorithms_enabled():

@@ -69,10 +69,17 @@ def test_runtime_names_the_cpu_precision(monkeypatch, native, amp_text, note):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
 
 
-def test_runtime_without_amp_cpu_says_nothing_about_bf16(monkeypatch):
-    monkeypatch.setattr(runtime_module, "cpu_bf16_support", lambda: pytest.fail("checked without amp_cpu"))
+@pytest.mark.parametrize("native", [True, False, None])
+def test_runtime_without_amp_cpu_points_to_it_only_on_a_native_bf16_cpu(monkeypatch, native):
+    monkeypatch.setattr(runtime_module, "cpu_bf16_support", lambda: (native, "evidence"))
     runtime = resolve_runtime(config_from_dict({"train": {"device": "cpu"}}), DistInfo())
-    assert runtime.amp_text == "amp off" and runtime.amp_note is None
+    assert runtime.amp_text == "amp off"
+    if native:
+        assert "natively (evidence): train.amp_cpu: true" in runtime.amp_note
+    else:
+        assert runtime.amp_note is None
+    with runtime.autocast():
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_bf16_cpu_run_trains_and_its_checkpoint_loads(tmp_path, monkeypatch):
