@@ -374,6 +374,8 @@ def _log_setup(
         log(parts.sync_note)
     for note in parts.notes:
         log(note)
+    if runtime.amp_note:
+        log(runtime.amp_note)
     log(
         f"device {runtime.device}, {runtime.amp_text}, compile {'on' if cfg.train.compile else 'off'}, "
         f"global batch {cfg.train.batch_size} ({runtime.local_batch} per process), "

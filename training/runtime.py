@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,19 @@ from torch import Tensor
 from training.config import TrainConfig
 from training.errors import RunError
 
-__all__ = ["DistInfo", "Runtime", "all_reduce", "barrier", "process_group", "rank_seed", "resolve_runtime"]
+__all__ = [
+    "DistInfo",
+    "Runtime",
+    "all_reduce",
+    "barrier",
+    "cpu_bf16_support",
+    "process_group",
+    "rank_seed",
+    "resolve_runtime",
+]
+
+# /proc/cpuinfo flags of native bf16 arithmetic: x86 AVX512-BF16 and AMX-BF16 ("flags"), ARMv8.6 BF16 ("Features")
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -40,7 +53,9 @@ class Runtime:
     """The process's execution settings, fixed for the whole run.
 
     ``autocast()`` opens the mixed-precision context of the forward passes; ``scaler`` is enabled only for
-    fp16 on CUDA; ``local_batch`` is this process's share of ``train.batch_size``.
+    fp16 on CUDA; ``local_batch`` is this process's share of ``train.batch_size``. ``amp_note`` is a line for
+    the run log about the precision on the CPU (bf16 autocast asked for on a CPU without native bf16, or not
+    asked for on a CPU with it), None when there is nothing to say.
     """
 
     dist: DistInfo
@@ -49,6 +64,7 @@ class Runtime:
     scaler: torch.amp.GradScaler
     amp_text: str
     local_batch: int
+    amp_note: str | None = None
 
 
 def resolve_runtime(cfg: TrainConfig, dist: DistInfo) -> Runtime:
@@ -60,6 +76,16 @@ def resolve_runtime(cfg: TrainConfig, dist: DistInfo) -> Runtime:
         )
     device = _resolve_device(cfg, dist)
     autocast, use_scaler, amp_text = _autocast_factory(cfg, device)
+    amp_note = None
+    if device.type == "cpu":
+        native, evidence = cpu_bf16_support()
+        if t.amp_cpu:
+            amp_text, amp_note = _cpu_bf16_text(native, evidence)
+        elif native:
+            amp_note = (
+                f"this CPU computes bf16 natively ({evidence}): train.amp_cpu: true trains in bf16 autocast, "
+                'faster (docs/performance.md, "Training on CPU: bf16")'
+            )
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     # Only touched when asked: the setter imports torch's compiler stack (seconds of start-up).
     if t.deterministic != torch.are_deterministic_algorithms_enabled():
@@ -72,6 +98,7 @@ def resolve_runtime(cfg: TrainConfig, dist: DistInfo) -> Runtime:
         scaler=scaler,
         amp_text=amp_text,
         local_batch=t.batch_size // dist.world_size,
+        amp_note=amp_note,
     )
 
 
@@ -118,6 +145,47 @@ def _autocast_factory(cfg: TrainConfig, device: torch.device) -> tuple[Callable[
     if device.type == "cpu" and t.amp_cpu:
         return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), False, "amp bf16 (cpu)"
     return contextlib.nullcontext, False, "amp off"
+
+
+def cpu_bf16_support(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[bool | None, str]:
+    """Whether this CPU computes in bf16 natively: (answer, the evidence in words); None where it cannot tell.
+
+    Native means the flags AVX512-BF16 or AMX-BF16 (x86) or BF16 (ARM) in ``cpuinfo`` (Linux). Without them
+    torch's CPU autocast still runs bf16, emulated through conversions to and from fp32, and is usually
+    slower than fp32. torch's own CPU capability (``AVX512``, ``AVX2``...) is named in the evidence; it does
+    not say whether bf16 is native.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None, f"no {cpuinfo} to read the CPU's flags from (torch CPU capability {capability})"
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    if not flags:
+        return None, f"{cpuinfo} lists no CPU flags (torch CPU capability {capability})"
+    native = [flag for flag in _BF16_FLAGS if flag in flags]
+    if native:
+        return True, f"{'/'.join(native)} (torch CPU capability {capability})"
+    return False, f"no avx512_bf16, amx_bf16 or bf16 flag (torch CPU capability {capability})"
+
+
+def _cpu_bf16_text(native: bool | None, evidence: str) -> tuple[str, str | None]:
+    """(amp_text, log note) for bf16 autocast on this CPU."""
+    if native:
+        return "amp bf16 (cpu)", None
+    if native is None:
+        return "amp bf16 (cpu)", (
+            f"train.amp_cpu: could not tell whether this CPU has native bf16 ({evidence}); without it bf16 "
+            "autocast is emulated and usually slower than fp32"
+        )
+    return "amp bf16 (cpu, emulated)", (
+        f"train.amp_cpu: this CPU has no native bf16 ({evidence}); bf16 autocast still runs, emulated through "
+        "fp32 conversions, and is usually slower than fp32: set train.amp_cpu to false"
+    )
 
 
 def rank_seed(seed: int, *parts: int) -> int:
