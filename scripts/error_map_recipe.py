@@ -1,7 +1,7 @@
 """The recipe of a bundled model's calibrated error map, fitted out of fold.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/error_map_recipe.py --model brain-tissue-3d \\
-        --recipe training/configs/default-brain-tissue-3d.yaml -o napari_medcl/models/brain-tissue-3d.onnx
+        --recipe training/configs/default-brain-tissue-3d.yaml -o /tmp/brain-tissue-3d-calibrated.onnx
 
 The bundled models train on blocks 0-3 of ``mni152-tissue`` and are scored on block 4 (fold 0), so the
 error map must be learned without block 4 and from predictions of blocks the predicting network did not
