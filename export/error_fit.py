@@ -93,9 +93,14 @@ def collect_samples(
     blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     per_case = []
     layouts: dict[Path, Any] = {}
+    sessions: dict[str, Any] = {}
     for number, case in enumerate(cases, 1):
-        session = open_session(case.model, device="cpu", backend="onnxruntime", precision="fp32")
-        _check_compatible(spec, session.spec, case.model)
+        if case.model not in sessions:  # a fold model predicts several cases (its block's shifted copies)
+            sessions[case.model] = open_session(
+                case.model, device="cpu", backend="onnxruntime", precision="fp32"
+            )
+            _check_compatible(spec, sessions[case.model].spec, case.model)
+        session = sessions[case.model]
         if case.dataset not in layouts:
             found = discover(layout, case.dataset)
             if found.problems:

@@ -322,9 +322,6 @@ class CaseSession:
     def load_prompts(self, path: str | Path) -> int:
         """Replay the prompts saved at ``path`` (a prompts file, or the labels file they sit beside) after those
         already here; returns how many."""
-        path = Path(path)
-        if not path.name.endswith(".prompts.json"):
-            path = prompts_path(path)
         prompts = load_prompts(path, shape=self.grid)
         for prompt in prompts:
             self.add_prompt(prompt)

@@ -134,10 +134,13 @@ def save_prompts(
 
 
 def load_prompts(path: str | Path, *, shape: Sequence[int] | None = None) -> list[Prompt]:
-    """The prompts saved at ``path``; with ``shape``, checked to refer to a grid of that shape.
+    """The prompts saved at ``path`` (a prompts file, or the labels file they sit beside: ``prompts_path``);
+    with ``shape``, checked to refer to a grid of that shape.
 
     Raises InputError naming the file when it is not a prompts file or belongs to another grid."""
     path = Path(path)
+    if not path.name.endswith(".prompts.json"):
+        path = prompts_path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -400,9 +400,6 @@ class RemoteCaseSession:
     def load_prompts(self, path: str | Path) -> int:
         """Send the prompts saved at ``path`` (a prompts file on this machine, or the labels file they sit
         beside) after those already here; returns how many."""
-        path = Path(path)
-        if not path.name.endswith(".prompts.json"):
-            path = prompts_path(path)
         prompts = load_prompts(path, shape=self.grid)
         for prompt in prompts:
             self.add_prompt(prompt)
