@@ -300,7 +300,9 @@ def score(model_path: Path, image_path: Path, label, classes: Sequence[str]) -> 
     return {"dice": metrics.dice, "hd95": metrics.hd95}
 
 
-def run_one(key: RunKey, source: Path, work: Path) -> dict:
+def run_one(key: RunKey, source: Path, work: Path, budget: Sequence[str] = ()) -> dict:
+    """Train and test one run. ``budget``: overrides of the base config's training length (``--epochs``,
+    ``--val-every``) that every arm of a series shares; they are kept in the record."""
     from training.config import load_config
     from training.run import train
 
@@ -313,6 +315,7 @@ def run_one(key: RunKey, source: Path, work: Path) -> dict:
         f"data.cache_dir={work / 'cache'}",
         f"train.seed={key.seed}",
         f"output.dir={out}",
+        *budget,
         *ARMS[key.arm],
     ]
     base = f"accuracy-{key.dims}d.yaml" if key.task == "tissue" else f"accuracy-{key.task}.yaml"
@@ -333,6 +336,7 @@ def run_one(key: RunKey, source: Path, work: Path) -> dict:
         "run": key.name(),
         **record,
         "overrides": list(ARMS[key.arm]),
+        **({"budget": list(budget)} if budget else {}),
         "pdcr_grad_ratio": grad_ratios(out / "metrics.jsonl"),
         "test_block": test,
         "train_seconds": round(seconds, 1),
@@ -389,8 +393,10 @@ def command_run(args: argparse.Namespace) -> int:
     todo = [k for k in keys if k.name() not in done]
     print(f"{len(keys)} run(s) in this shard, {len(keys) - len(todo)} done already", flush=True)
     revision = _revision()  # the code this process loaded, whatever is committed while it runs
+    budget = [f"train.epochs={args.epochs}"] if args.epochs else []
+    budget += [f"train.val_every={args.val_every}"] if args.val_every else []
     for i, key in enumerate(todo, 1):
-        record = run_one(key, source, work) | {"revision": revision, "threads": args.threads}
+        record = run_one(key, source, work, budget) | {"revision": revision, "threads": args.threads}
         line = json.dumps(record, sort_keys=True) + "\n"
         results.parent.mkdir(parents=True, exist_ok=True)
         with open(results, "a", encoding="utf-8") as f:
@@ -565,6 +571,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--regimes", nargs="+", choices=REGIMES, help="default: the task's (lesions: full only)"
             )
             p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS))
+            p.add_argument(
+                "--epochs",
+                type=int,
+                help="train this many epochs of the base config's iterations instead of its own "
+                "(a longer budget; give the series its own --series name)",
+            )
+            p.add_argument(
+                "--val-every",
+                type=int,
+                help="validate on the test block every N epochs, for the learning curve in the run's "
+                "metrics.jsonl (the last checkpoint is still what is tested)",
+            )
             p.add_argument("--shard", default="0/1", help="I/N: run every N-th run starting at I")
             p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     args = parser.parse_args(argv)
