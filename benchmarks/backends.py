@@ -57,8 +57,8 @@ class Windowed:
     def sha256(self) -> str | None:
         return self.inner.sha256
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.inner.run(batch)
+    def run(self, batch: np.ndarray, **options: Any) -> tuple[np.ndarray, ...]:
+        return self.inner.run(batch, **options)
 
 
 def held_out_block(root: str) -> tuple[Any, np.ndarray]:

@@ -206,10 +206,15 @@ class MirroredSession:
     path = property(lambda self: self._session.path)
     sha256 = property(lambda self: self._session.sha256)
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        probs, maps = self._session.run(np.ascontiguousarray(np.flip(batch, self._flip)))
+    def run(self, batch: np.ndarray, *, with_features: bool = False) -> tuple[np.ndarray, ...]:
+        outputs = self._session.run(
+            np.ascontiguousarray(np.flip(batch, self._flip)),
+            **({"with_features": True} if with_features else {}),
+        )
+        probs, maps = outputs[:2]
         probs = np.ascontiguousarray(np.flip(probs, self._flip))
-        return probs, None if maps is None else np.ascontiguousarray(np.flip(maps, self._flip))
+        mirrored = (probs, None if maps is None else np.ascontiguousarray(np.flip(maps, self._flip)))
+        return mirrored + tuple(outputs[2:])  # window features are pooled: no mirroring back
 
 
 def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:

@@ -29,6 +29,7 @@ import numpy as np
 from benchmarks.accuracy import perturb
 from napari_medcl.io import read_image
 from napari_medcl.onnx_session import load_model
+from napari_medcl.prediction import predict
 from napari_medcl.preprocess import resample_linear, resampled_shape
 from napari_medcl.verdict import assess
 from napari_medcl.volume import Volume
@@ -158,31 +159,52 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("data/mni152-tissue"))
     parser.add_argument("--pyradiomics", type=Path, help="folder with pyradiomics' data/*.nrrd test images")
     args = parser.parse_args()
-    spec = load_model(args.model, device="cpu").spec
+    session = load_model(args.model, device="cpu")
+    spec = session.spec
+    stats = spec.feature_stats
+    # A model with window features is judged as a prediction judges it: the image checks and, after the
+    # windows have run, the network's features (napari_medcl.feature_distance).
+    with_features = stats is not None and stats.measured
     if spec.training_profile is None:
         raise SystemExit(f"{args.model}: the model carries no training-data profile; run medcl-calibrate")
     rows = []
     print(f"model {spec.name}; profile: {spec.training_profile.get('source')}\n")
-    print("| case | expected | verdict | score | ms | reasons |")
-    print("|---|---|---|---|---|---|")
+    if with_features:
+        print(f"{stats.summary()}; each case predicted (the ms column is the whole prediction)\n")
+    print("| case | expected | verdict | score | image checks' score | feature distance | ms | reasons |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, ood, volume in cases(args.root, args.pyradiomics):
         start = time.perf_counter()
-        verdict = assess(volume, spec)
+        image_only = assess(volume, spec)
+        verdict = predict(volume, session).verdict if with_features else image_only
         ms = 1000 * (time.perf_counter() - start)
-        rows.append((ood, verdict))
+        rows.append((ood, verdict, image_only))
         reasons = "; ".join(verdict.reasons) or "-"
+        distance = verdict.details.get("features", {}).get("distance")
         print(
-            f"| {name} | {'OOD' if ood else 'in'} | {verdict.level} | {verdict.score:.2f} | {ms:.0f} | "
-            f"{reasons} |"
+            f"| {name} | {'OOD' if ood else 'in'} | {verdict.level} | {verdict.score:.2f} | "
+            f"{image_only.score:.2f} | {'-' if distance is None else f'{distance:.2f}'} | {ms:.0f} | "
+            f"{reasons} |",
+            flush=True,
         )
-    positive = [v.score for ood, v in rows if ood]
-    negative = [v.score for ood, v in rows if not ood]
-    flagged_in = [v.level for ood, v in rows if not ood and v.level == "out-of-distribution"]
-    missed = sum(v.level == "ok" for ood, v in rows if ood)
+    positive = [v.score for ood, v, _ in rows if ood]
+    negative = [v.score for ood, v, _ in rows if not ood]
+    flagged_in = [v.level for ood, v, _ in rows if not ood and v.level == "out-of-distribution"]
+    missed = sum(v.level == "ok" for ood, v, _ in rows if ood)
     print(
         f"\nAUROC of the score, {len(positive)} out-of-distribution vs {len(negative)} in-distribution "
         f"cases: {auroc(positive, negative):.3f}"
     )
+    if with_features:
+        image_positive = [i.score for ood, _, i in rows if ood]
+        image_negative = [i.score for ood, _, i in rows if not ood]
+        print(f"AUROC of the image checks' score alone: {auroc(image_positive, image_negative):.3f}")
+        distances = [(ood, v.details.get("features", {}).get("distance")) for ood, v, _ in rows]
+        if all(d is not None for _, d in distances):
+            print(
+                "AUROC of the feature distance alone: "
+                f"{auroc([d for o, d in distances if o], [d for o, d in distances if not o]):.3f}"
+            )
     print(f"in-distribution cases called out-of-distribution: {len(flagged_in)}")
     print(f"out-of-distribution cases called ok: {missed}")
 

@@ -4,7 +4,8 @@ Torch-free. The dataset's training cases are read as their files hold them and m
 own normalisation (``training.data.profile.dataset_profile``); the profile goes into a copy of the model's
 spec (``ModelSpec.training_profile``), stored as before under the ONNX metadata key ``medcl.spec``. Nothing
 else in the file changes: the graph and its weights are serialised byte for byte as they were, which
-``calibrate`` checks before writing. The output is checked by the product's own loader and written
+``calibrate`` checks before writing (``--features`` adds the window-features output, ``export.feature_output``:
+two nodes and an output appended, and the check is then that nothing else changed). The output is checked by the product's own loader and written
 atomically (an existing file at ``-o`` is replaced whole or left as it was).
 
 Which cases: ``--cases`` names them; ``--fold K`` takes the training part of fold K of the same k-fold split
@@ -43,6 +44,7 @@ class CalibrationResult:
     cases: tuple[str, ...]
     graph_sha256: str
     model_bytes: int
+    features_added: bool = False
 
     def summary(self) -> str:
         from napari_medcl.training_profile import profile_summary
@@ -60,7 +62,16 @@ class CalibrationResult:
             for key in ("auroc_other_folds", "ece_other_folds"):
                 if key in error_model.figures:
                     lines.append(f"  {key.replace('_', ' ')}: {error_model.figures[key]:.3f}")
-        lines.append(f"graph and weights unchanged (graph sha256 {self.graph_sha256})")
+        stats = self.spec.feature_stats
+        if stats is not None:
+            lines.append(stats.summary())
+        if self.features_added:
+            lines.append(
+                f"graph: the window-features output added, every other node and weight unchanged "
+                f"(graph sha256 {self.graph_sha256})"
+            )
+        else:
+            lines.append(f"graph and weights unchanged (graph sha256 {self.graph_sha256})")
         return "\n".join(lines)
 
 
@@ -107,12 +118,15 @@ def calibrate(
     max_cases: int | None = None,
     error_cases: Sequence[Any] = (),
     error_voxels: int | None = None,
+    features: bool = False,
     progress: Any = None,
 ) -> CalibrationResult:
     """Write ``output``: ``model`` (an .onnx file or a bundled model name) with the training-data profile of
     the chosen cases of ``dataset`` in its spec, and with ``error_cases`` (``export.error_fit.ErrorCase``) its
     calibrated error map fitted on them (``error_voxels`` sampled per case; ``progress`` receives a line per
-    step). Raises ModelError (unusable model), DatasetError (unusable
+    step). With ``features`` the graph gains the window-features output (``export.feature_output``; a graph
+    that has it keeps it) and the spec their statistics on the chosen cases, which the verdict's ``features``
+    check compares each scan with. Raises ModelError (unusable model), DatasetError (unusable
     dataset, or the cases' channels differ from each other), OutputError (cannot write)."""
     import onnx
 
@@ -158,14 +172,40 @@ def calibrate(
         new_spec = dataclasses.replace(new_spec, error_model=error_model.to_dict())
 
     proto = onnx.load_model_from_string(data)
-    graph_before = proto.graph.SerializeToString()
+    original_graph = onnx.GraphProto()
+    original_graph.CopyFrom(proto.graph)
     entries = [entry for entry in proto.metadata_props if entry.key == METADATA_KEY]
+    features_added = False
+    if features:
+        from export.feature_output import add_feature_output, measure_features
+
+        if spec.features is None:
+            try:
+                tensor, channels = add_feature_output(proto)
+            except ValueError as error:
+                raise ModelError(path, f"cannot add window features: {error}") from None
+            features_added = True
+            unmeasured = dataclasses.replace(
+                spec, features={"version": 1, "tensor": tensor, "channels": channels}
+            )
+            entries[0].value = unmeasured.to_json()
+            exposed = proto.SerializeToString()
+        else:
+            exposed = data
+        stats = measure_features(exposed, chosen, found, progress or (lambda _: None))
+        new_spec = dataclasses.replace(new_spec, features=stats.to_dict())
     entries[0].value = new_spec.to_json()  # check_model_bytes found it; other metadata entries are kept
     out = proto.SerializeToString()
     again = onnx.load_model_from_string(out)
     graph_after = again.graph.SerializeToString()
-    if graph_after != graph_before:
-        raise ModelError(path, "adding the profile would change the graph; nothing was written")
+    if features_added:
+        from export.feature_output import check_only_features_added
+
+        unchanged = check_only_features_added(original_graph, again.graph)
+    else:
+        unchanged = graph_after == original_graph.SerializeToString()
+    if not unchanged:
+        raise ModelError(path, "calibrating would change the graph's own nodes; nothing was written")
     output = Path(output)
     check_model_bytes(out, output)  # the product's own loader accepts the result
     with atomic_path(output) as temp:
@@ -176,6 +216,7 @@ def calibrate(
         cases=tuple(c.case_id for c in chosen),
         graph_sha256=hashlib.sha256(graph_after).hexdigest(),
         model_bytes=len(out),
+        features_added=features_added,
     )
 
 
@@ -189,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
             "foreground fraction) and write a copy of MODEL.onnx whose spec carries this training-data "
             "profile. medcl-predict, the Python API and the napari plugin then give every case a verdict: "
             "ok, caution or out-of-distribution with its reasons (without a profile: unknown). The graph "
-            "and weights are copied byte for byte. This command is also where a calibrated error map (a "
+            "and weights are copied byte for byte (with --features, two nodes and an output are added, every "
+            "other node unchanged). "
             "With --error-case it also fits the calibrated error map (the probability that each voxel's label is "
             "wrong) on fold models' predictions of cases they did not train on, and stores it with its measured "
             "figures; predictions of the written model then carry it as the 'error likelihood'."
@@ -224,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
         "trained without it (repeatable; never a case you will report figures on)",
     )
     parser.add_argument(
+        "--features",
+        action="store_true",
+        help="also measure the network's own window features (its bottleneck, averaged over each window) on "
+        "the profiled cases: the graph gains a 'features' output and the verdict a check of how unlike the "
+        "training windows a scan's windows look (catches anatomy the image statistics miss, e.g. permuted axes)",
+    )
+    parser.add_argument(
         "--error-voxels",
         type=int,
         metavar="N",
@@ -253,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_cases=args.max_cases,
             error_cases=[parse_error_case(values) for values in args.error_case],
             error_voxels=args.error_voxels,
+            features=args.features,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
     except MedclError as error:  # a DatasetError lists every problem, one per line

@@ -191,6 +191,7 @@ class _PromptedSession:
             uncertainty_maps=(),  # the session keeps its own error map; the maps would only cost time
             prompts=None,
             training_profile=None,
+            features=None,  # a patch around a click is not a scan to judge
         )
 
     @property

@@ -60,13 +60,16 @@ class LoadedModel:
         return self.spec.name
 
     def run(
-        self, batch: np.ndarray, prompts: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run the graph on ``batch`` float32 (N, C, *S) -> probabilities (N, K, *S), maps (N, U, *S) or None.
+        self, batch: np.ndarray, prompts: np.ndarray | None = None, *, with_features: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """Run the graph on ``batch`` float32 (N, C, *S) -> probabilities (N, K, *S), maps (N, U, *S) or None;
+        with ``with_features`` (a model whose spec has ``features``) also its window features (N, F).
         ``prompts`` (N, P, *S): a prompt model's prompt channels (None: zero, an automatic prediction).
 
         Raises PredictionError when the outputs do not have the shapes the spec promises."""
-        return run_checked(self, batch, lambda want, inputs: self.session.run(want, inputs), prompts)
+        return run_checked(
+            self, batch, lambda want, inputs: self.session.run(want, inputs), prompts, with_features
+        )
 
 
 def load_model(
@@ -350,7 +353,7 @@ def _check_graph(graph: Any, spec: ModelSpec, path: Path) -> None:
     if image[1] is not None and image[1] != spec.in_channels:
         raise ModelError(path, f"input 'image' has {image[1]} channels, the spec says {spec.in_channels}")
     outputs = {o.name: o for o in graph.output}
-    allowed = {"probabilities", "uafr_uncertainty"}
+    allowed = {"probabilities", "uafr_uncertainty"} | ({"features"} if spec.features is not None else set())
     if "probabilities" not in outputs:
         raise ModelError(path, f"has no output named 'probabilities' (outputs: {sorted(outputs)})")
     extra = sorted(set(outputs) - allowed)
@@ -363,6 +366,15 @@ def _check_graph(graph: Any, spec: ModelSpec, path: Path) -> None:
         )
     if not u and "uafr_uncertainty" in outputs:
         raise ModelError(path, "has a 'uafr_uncertainty' output but the spec lists no uncertainty_maps")
+    if spec.features is not None:
+        if "features" not in outputs:
+            raise ModelError(
+                path, "the spec describes window features but the graph has no 'features' output"
+            )
+        shape = _tensor_shape(outputs["features"], onnx, path)
+        channels = spec.features.get("channels")
+        if shape is not None and (len(shape) != 2 or shape[1] not in (None, channels)):
+            raise ModelError(path, f"output 'features' must be (N, {channels}) as the spec says, is {shape}")
     for name, channels in (("probabilities", spec.num_classes), ("uafr_uncertainty", u)):
         if name not in outputs:
             continue

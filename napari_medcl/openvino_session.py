@@ -60,9 +60,10 @@ class OpenVINOSession:
         return self.spec.name
 
     def run(
-        self, batch: np.ndarray, prompts: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run the graph on ``batch`` float32 (N, C, *S) -> probabilities (N, K, *S), maps (N, U, *S) or None.
+        self, batch: np.ndarray, prompts: np.ndarray | None = None, *, with_features: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """Run the graph on ``batch`` float32 (N, C, *S) -> probabilities (N, K, *S), maps (N, U, *S) or None;
+        with ``with_features`` also the window features (N, F) (``LoadedModel.run``).
 
         Raises PredictionError when the outputs do not have the shapes the spec promises."""
         from napari_medcl.session import run_checked
@@ -72,7 +73,7 @@ class OpenVINOSession:
             results = self.compiled.create_infer_request().infer(inputs)
             return [results[self.compiled.output(name)] for name in want]
 
-        return run_checked(self, batch, infer, prompts)
+        return run_checked(self, batch, infer, prompts, with_features)
 
 
 def open_openvino(

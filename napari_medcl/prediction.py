@@ -39,7 +39,7 @@ from napari_medcl.tiling import (
     window_boxes,
     window_shape,
 )
-from napari_medcl.verdict import Verdict, assess
+from napari_medcl.verdict import Verdict, assess, with_feature_distance
 from napari_medcl.volume import Prediction, Volume
 
 STAGES = ("preprocess", "infer", "postprocess")
@@ -174,13 +174,17 @@ def predict_iter(
     yield Progress(1, 1, "preprocess", elapsed())
 
     t = time.perf_counter()
-    stitched, windows, ort_seconds = yield from _infer(
+    stitched, windows, ort_seconds, window_features = yield from _infer(
         session, prepared, overlap=overlap, tta=tta, batch_size=batch_size,
         keep_probabilities=return_probabilities, cancelled=cancelled, elapsed=elapsed,
         foreground=foreground if prepared.scales is None else None,
     )  # fmt: skip
     timings["inference"] = time.perf_counter() - t
     timings["ort_seconds"] = ort_seconds
+    feature_stats = spec.feature_stats
+    if window_features is not None and feature_stats is not None and feature_stats.measured:
+        # The network's view of the windows that ran (the region's, for a region run) joins the image checks.
+        verdict = with_feature_distance(verdict, feature_stats.case_distance(window_features), feature_stats)
 
     yield Progress(0, 1, "postprocess", elapsed())
     t = time.perf_counter()
@@ -206,7 +210,9 @@ def predict_iter(
         roi=None if plan.whole else plan.paste, verdict=verdict,
     )  # fmt: skip
     yield Progress(1, 1, "postprocess", elapsed())
-    yield dataclasses.replace(prediction, provenance=provenance, verdict=verdict)
+    yield dataclasses.replace(
+        prediction, provenance=provenance, verdict=verdict, window_features=window_features
+    )
 
 
 def _infer(
@@ -220,11 +226,12 @@ def _infer(
     cancelled: Callable[[], bool],
     elapsed: Callable[[], float],
     foreground: np.ndarray | None = None,
-) -> Generator[Progress, None, tuple[StitchResult, int, float]]:
+) -> Generator[Progress, None, tuple[StitchResult, int, float, np.ndarray | None]]:
     """Run every window through the model into an Accumulator, yielding one Progress per window.
     ``foreground``: voxels of the grid never labelled background (see ``tiling.argmax_entropy``).
 
-    Returns (via ``yield from``) the StitchResult, the number of windows and the seconds spent in ORT."""
+    Returns (via ``yield from``) the StitchResult, the number of windows, the seconds spent in ORT and, for
+    a model with window features (``spec.features``), those of every window (N, F), else None."""
     spec = model.spec
     grid = prepared.array.shape[1:]
     accumulator = Accumulator(
@@ -239,6 +246,7 @@ def _infer(
     )
     boxes = window_boxes(grid, prepared.window, overlap)
     ort_seconds = 0.0
+    features: list[np.ndarray] | None = [] if spec.features is not None else None
     for first in range(0, len(boxes), batch_size):
         if cancelled():
             raise Cancelled(f"prediction cancelled after {first} of {len(boxes)} windows")
@@ -250,7 +258,9 @@ def _infer(
         if spec.spatial_dims == 2:
             batch = batch[:, :, 0]  # depth-1 windows -> (n, C, wy, wx)
         start = time.perf_counter()
-        probs, maps = _run(model, batch, tta)
+        probs, maps = _run(model, batch, tta, features)
+        if features is not None:
+            features[-1] = features[-1][: len(group)]  # not the repeats that fill the last batch
         ort_seconds += time.perf_counter() - start
         _check_finite(model, probs, maps)
         if spec.spatial_dims == 2:  # back to depth-1 windows: (n, K, 1, wy, wx)
@@ -259,7 +269,8 @@ def _infer(
         for j, box in enumerate(group):
             accumulator.add(box, probs[j], None if maps is None else maps[j])
             yield Progress(first + j + 1, len(boxes), "infer", elapsed())
-    return accumulator.finish(), len(boxes), ort_seconds
+    window_features = None if features is None else np.concatenate(features)
+    return accumulator.finish(), len(boxes), ort_seconds, window_features
 
 
 def with_error_likelihood(
@@ -440,15 +451,26 @@ def _mm(values: Any) -> str:
     return ", ".join(f"{v:g}" for v in values)
 
 
-def _run(model: InferenceSession, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """One ORT pass, or the mean over every mirroring of the spatial axes when ``tta``."""
+def _run(
+    model: InferenceSession, batch: np.ndarray, tta: bool, features: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One ORT pass, or the mean over every mirroring of the spatial axes when ``tta``. ``features``: a list
+    that the unmirrored pass's window features (N, F) are appended to (a model with ``spec.features``)."""
+
+    def run(x: np.ndarray, first: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        if features is None or not first:
+            return model.run(x)
+        probs, maps, window_features = model.run(x, with_features=True)
+        features.append(window_features)
+        return probs, maps
+
     if not tta:
-        return model.run(batch)
+        return run(batch, True)
     axes = tuple(range(2, batch.ndim))
     flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
     probs_sum = maps_sum = None
     for flip in flips:
-        probs, maps = model.run(np.ascontiguousarray(np.flip(batch, flip)) if flip else batch)
+        probs, maps = run(np.ascontiguousarray(np.flip(batch, flip)) if flip else batch, not flip)
         if flip:
             probs = np.flip(probs, flip)
             maps = None if maps is None else np.flip(maps, flip)

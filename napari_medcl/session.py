@@ -40,20 +40,29 @@ class InferenceSession(Protocol):
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """batch float32 (N, C, *S) -> probabilities (N, K, *S) float32 and the UAFR maps (N, U, *S) float32
         in network order, or None when ``spec.uncertainty_maps`` is empty. The product's sessions also take
-        ``run(batch, prompts)`` for a model with prompt channels (``spec.prompts``; ``graph_inputs``)."""
+        ``run(batch, prompts)`` for a model with prompt channels (``spec.prompts``; ``graph_inputs``), and
+        ``run(batch, with_features=True)`` for a model with window features (``spec.features``), which adds
+        them (N, F) as a third item; a session whose spec has no ``features`` is never asked for them."""
         ...
 
 
 def checked_outputs(
     session: InferenceSession, batch: np.ndarray, names: list[str], outputs: list[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The outputs ``names`` of one run of ``session`` on ``batch`` as (probabilities, maps or None) float32.
+) -> tuple[np.ndarray, ...]:
+    """The outputs ``names`` of one run of ``session`` on ``batch`` as (probabilities, maps or None) float32,
+    and the window features (N, F) when ``names`` ends with ``features``.
 
     Raises PredictionError when they do not have the shapes the spec promises."""
     spec = session.spec
     n, spatial = batch.shape[0], tuple(batch.shape[2:])
-    expected = [(n, spec.num_classes, *spatial), (n, len(spec.uncertainty_maps), *spatial)]
-    for name, array, shape in zip(names, outputs, expected):
+    expected = {
+        "probabilities": (n, spec.num_classes, *spatial),
+        "uafr_uncertainty": (n, len(spec.uncertainty_maps), *spatial),
+    }
+    if spec.features is not None:
+        expected["features"] = (n, spec.features["channels"])
+    for name, array in zip(names, outputs):
+        shape = expected[name]
         if array.shape != shape:
             raise PredictionError(
                 f"model {spec.name!r} ({session.path}) returned {name} of shape {array.shape} for an input "
@@ -61,6 +70,8 @@ def checked_outputs(
             )
     probs = np.asarray(outputs[0], dtype=np.float32)
     maps = np.asarray(outputs[1], dtype=np.float32) if spec.uncertainty_maps else None
+    if names[-1] == "features":
+        return probs, maps, np.asarray(outputs[-1], dtype=np.float32)
     return probs, maps
 
 
@@ -92,13 +103,19 @@ def run_checked(
     batch: np.ndarray,
     infer: Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]],
     prompts: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
+    with_features: bool = False,
+) -> tuple[np.ndarray, ...]:
     """One run of a session's graph: ``infer(output names, inputs by name)`` gives the outputs (inputs:
     ``graph_inputs``: the batch float32 (N, C, *S) and a prompt model's ``prompts``); a failure of the engine
     becomes one PredictionError line naming the model, and the outputs are checked (``checked_outputs``). The
-    ONNX Runtime and OpenVINO sessions differ only in ``infer``."""
+    ONNX Runtime and OpenVINO sessions differ only in ``infer``. ``with_features``: also return the window
+    features (the spec's ``features`` output); PredictionError for a model without them."""
     spec = session.spec
     want = ["probabilities"] + (["uafr_uncertainty"] if spec.uncertainty_maps else [])
+    if with_features:
+        if spec.features is None:
+            raise PredictionError(f"model {spec.name!r} ({session.path}) has no window features output")
+        want.append("features")
     inputs = graph_inputs(spec, batch, prompts)
     try:
         outputs = infer(want, inputs)

@@ -84,6 +84,9 @@ class ModelSpec:
     # The calibrated error map's logistic model (napari_medcl.error_model.ErrorModel.to_dict), fitted out of
     # fold by medcl-calibrate; None for a model without one (its viewer shows the uncalibrated map).
     error_model: dict[str, Any] | None = None
+    # The graph's pooled bottleneck output and its training statistics
+    # (napari_medcl.feature_distance.FeatureStats.to_dict), added by medcl-calibrate; None without one.
+    features: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name.strip(), "name must be a non-empty string")
@@ -147,6 +150,22 @@ class ModelSpec:
                 ErrorModel.from_dict(self.error_model).check_maps(maps)
             except ErrorModelError as error:
                 raise SpecError(str(error)) from None
+        if self.features is not None:
+            from napari_medcl.feature_distance import FeatureStats, FeatureStatsError
+
+            try:
+                FeatureStats.from_dict(self.features)
+            except FeatureStatsError as error:
+                raise SpecError(str(error)) from None
+
+    @property
+    def feature_stats(self):  # -> FeatureStats | None (imported lazily, as error_map_model)
+        """The graph's window features and their training statistics, None for a model without them."""
+        if self.features is None:
+            return None
+        from napari_medcl.feature_distance import FeatureStats
+
+        return FeatureStats.from_dict(self.features)
 
     @property
     def error_map_model(self):  # -> ErrorModel | None (imported lazily, as prompt_encoding)
@@ -187,6 +206,8 @@ class ModelSpec:
             del data["prompts"]  # likewise for a model without prompt channels
         if self.error_model is None:
             del data["error_model"]  # and without a calibrated error map
+        if self.features is None:
+            del data["features"]  # and without window features
         return data
 
     def to_json(self) -> str:
@@ -234,6 +255,7 @@ class ModelSpec:
             f"{', '.join(self.class_names)}, patch {'x'.join(map(str, self.patch_size))}, spacing {spacing}, "
             f"{len(self.uncertainty_maps)} UAFR map(s)"
             + (f", {len(self.prompts['channels'])} prompt channel(s)" if self.prompts is not None else "")
+            + (f", window features ({self.features['channels']} channels)" if self.features is not None else "")
         )
 
     def error_map_summary(self) -> str:

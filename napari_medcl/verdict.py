@@ -28,7 +28,7 @@ from typing import Any
 
 from napari_medcl.training_profile import PERCENTILES, PROFILE_VERSION, case_statistics
 
-__all__ = ["LEVELS", "NO_PROFILE", "THRESHOLDS", "Verdict", "assess"]
+__all__ = ["LEVELS", "NO_PROFILE", "THRESHOLDS", "Verdict", "assess", "with_feature_distance"]
 
 LEVELS = ("ok", "caution", "out-of-distribution", "unknown")
 NO_PROFILE = "this model file carries no training-data profile"
@@ -58,6 +58,11 @@ THRESHOLDS: dict[str, tuple[float, float]] = {
     # larger object than in training. It never makes a scan out-of-distribution alone (a tight crop
     # changes it a lot), so its severity is capped below 2.
     "foreground": (math.log2(2.5), math.log2(6.0)),
+    # The network's own features (napari_medcl.feature_distance): the scan's median window distance above
+    # the training cases' largest, log2 of the ratio. x1.5: the network sees windows unlike any training
+    # case's typical window (a scanner or protocol shift moves it this far); x3: most windows are as far
+    # out as the rarest 1% of training windows or beyond: anatomy, orientation or content it never saw.
+    "features": (math.log2(1.5), math.log2(3.0)),
 }
 # Fixed severities of yes/no findings.
 SEVERITY_CONSTANT = 3.0  # an empty or constant image: nothing to segment
@@ -173,6 +178,37 @@ def assess(volume: Any, spec: Any, *, profile: Mapping[str, Any] | None = None) 
     }
     score = round(float(sum(severities.values())), 4)  # each check once (its worst axis/channel)
     return Verdict(level, reasons, score, details)
+
+
+def with_feature_distance(verdict: Verdict, distance: float, stats: Any) -> Verdict:
+    """``verdict`` with the ``features`` check added: the scan's median window distance in the network's
+    feature space (``FeatureStats.case_distance``) against ``stats.reference``, the training cases' largest.
+    Its severity joins the others (level from the largest, score the sum, the reason in severity order). An
+    ``unknown`` verdict (no training-data profile) stays unknown: the features alone judge nothing here."""
+    if verdict.level == "unknown":
+        return verdict
+    reference = float(stats.reference)
+    severity = _severity(math.log2(max(distance, 1e-12) / reference), "features")
+    reason = None
+    if severity >= 1.0:
+        reason = (
+            f"the network's features are unlike its training images': median window distance "
+            f"{distance:.2f}, training cases at most {reference:.2f}"
+        )
+    details = dict(verdict.details)
+    severities = dict(details.get("severity", {}))
+    severities["features"] = round(severity, 4)
+    details["severity"] = severities
+    details["features"] = {"distance": round(float(distance), 4), "training_max": round(reference, 4)}
+    worst = max(severities.values(), default=0.0)
+    level = "out-of-distribution" if worst >= 2.0 else "caution" if worst >= 1.0 else "ok"
+    reasons = list(verdict.reasons)
+    if reason is not None:
+        # Reasons are worst first: the feature reason goes before those of checks with a lower severity.
+        ordered = sorted((v for k, v in severities.items() if k != "features" and v >= 1.0), reverse=True)
+        reasons.insert(sum(1 for v in ordered if v > severity), reason)
+    score = round(float(sum(severities.values())), 4)
+    return Verdict(level, tuple(reasons), score, details)
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -151,6 +151,9 @@ class Prediction:
     ``verdict``: whether the scan looks like the model's training data (``napari_medcl.verdict.Verdict``:
     ok / caution / out-of-distribution / unknown, with reasons), judged on the whole input scan; None only
     for a Prediction built without one.
+    ``window_features``: float32 (N, F), the network's pooled bottleneck features of every window that ran,
+    for a model with window features (``ModelSpec.features``), else None; the verdict's ``features`` check
+    reads them (``napari_medcl.feature_distance``), and ``medcl-calibrate`` measures training cases with them.
     """
 
     labels: Volume
@@ -162,6 +165,7 @@ class Prediction:
     top_class_error: Volume | None = None
     verdict: Verdict | None = None
     error_likelihood: Volume | None = None
+    window_features: np.ndarray | None = None
 
     @property
     def error_map(self) -> tuple[str, Volume] | None:

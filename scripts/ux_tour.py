@@ -211,14 +211,21 @@ def walk(args: argparse.Namespace) -> None:
             f"{bool(np.array_equal(labels.data, kept))}",
         )
 
-        review.set_layers(labels, results["uafr_uncertainty"])
+        review_map = results.get("error_likelihood") or results["top_class_error"]
+        review.set_layers(labels, review_map)
         saved = review.save_labels(args.output / "sample_labels.nii.gz")
         reopened = read_image(saved)
+        for layer in (second_layer, *second_results.values()):
+            layer.visible = False  # back to the sample, as a user hides the scan they are done with
         (reopened_layer,) = viewer.open(str(saved), plugin="napari-medcl", layer_type="labels")
+        viewer.dims.set_point(0, image.data_to_world((39, 0, 0))[0])
         tour.shot(
             "saved_reopened",
             f"saved {saved.name}; reopened on the sample's grid: {reopened.same_geometry(sample)}, "
-            f"voxels equal: {bool(np.array_equal(reopened.array, kept))}",
+            f"voxels equal: {bool(np.array_equal(reopened.array, kept))}; "
+            f"reopened layer on the sample's grid in the viewer: "
+            f"{np.allclose(reopened_layer.scale, image.scale) and np.allclose(reopened_layer.translate, image.translate)}; "
+            f"review map: {review_map.name}",
         )
         print("case report:\n  " + review.case_report().to_text().replace("\n", "\n  "))
 
