@@ -300,6 +300,19 @@ def score(model_path: Path, image_path: Path, label, classes: Sequence[str]) -> 
     return {"dice": metrics.dice, "hd95": metrics.hd95}
 
 
+def val_curve(metrics: Path) -> list[list[float]]:
+    """[[iteration, validation mean Dice], ...] from a run's metrics.jsonl, for the epochs that validated."""
+    if not metrics.is_file():
+        return []
+    curve = []
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        val = record.get("val") or {}
+        if "mean_dice" in val:
+            curve.append([int(record["epoch"]), round(float(val["mean_dice"]), 4)])
+    return curve
+
+
 def run_one(key: RunKey, source: Path, work: Path, budget: Sequence[str] = ()) -> dict:
     """Train and test one run. ``budget``: overrides of the base config's training length (``--epochs``,
     ``--val-every``) that every arm of a series shares; they are kept in the record."""
@@ -338,6 +351,8 @@ def run_one(key: RunKey, source: Path, work: Path, budget: Sequence[str] = ()) -
         "overrides": list(ARMS[key.arm]),
         **({"budget": list(budget)} if budget else {}),
         "pdcr_grad_ratio": grad_ratios(out / "metrics.jsonl"),
+        # Validation on the test block every --val-every epochs: the learning curve, never a model choice.
+        **({"val_curve": curve} if (curve := val_curve(out / "metrics.jsonl")) else {}),
         "test_block": test,
         "train_seconds": round(seconds, 1),
         "iterations": cfg.train.epochs * cfg.train.iterations_per_epoch,
@@ -424,7 +439,11 @@ def _pm(values: Sequence[float], digits: int = 3) -> str:
     return f"{np.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-SERIES_TITLES = {"pdcr-sweep": "PDCR strength sweep"}
+SERIES_TITLES = {
+    "pdcr-sweep": "PDCR strength sweep",
+    "3d-converged": "960 iterations (CE + Dice converged)",
+    "conv-check": "1,440 iterations (convergence check)",
+}
 
 
 def _median_ratio(runs: Sequence[dict]) -> str:
@@ -538,11 +557,71 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_curves(args: argparse.Namespace) -> int:
+    """Plot each arm's validation curves (mean Dice on the test block against iterations, one line per fold)
+    per regime, and print CE + Dice's fold mean at each validated epoch and its change over the last third."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(args.results) if args.results else committed_results_path(args.dims, args.task)
+    records = [
+        r
+        for r in load_results(Path(), args.dims, args.task, path)
+        if r.get("series", "") == args.series and r.get("val_curve")
+    ]
+    if not records:
+        print(f"no runs of series {args.series!r} with validation curves in {path}", file=sys.stderr)
+        return 1
+    regimes = [g for g in REGIMES if any(r["regime"] == g for r in records)]
+    arms = [a for a in ARMS if any(r["arm"] == a for r in records)]
+    figure, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4.2), squeeze=False)
+    colours = dict(zip(arms, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, regime in zip(axes[0], regimes):
+        for arm in arms:
+            runs = [r for r in records if r["regime"] == regime and r["arm"] == arm]
+            for i, run in enumerate(sorted(runs, key=lambda r: r["fold"])):
+                per_epoch = run["iterations"] / max(e for e, _ in run["val_curve"])
+                x = [e * per_epoch for e, _ in run["val_curve"]]
+                y = [d for _, d in run["val_curve"]]
+                ax.plot(x, y, color=colours[arm], alpha=0.7, lw=1.2, label=arm if i == 0 else None)
+        ax.set_title(f"{args.dims}D, {regime} labels: validation on the test block")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("mean Dice (CSF, GM, WM)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        base = [r for r in records if r["regime"] == regime and r["arm"] == "CE+Dice"]
+        if base:
+            epochs = sorted({e for r in base for e, _ in r["val_curve"]})
+            means = [float(np.mean([d for r in base for e2, d in r["val_curve"] if e2 == e])) for e in epochs]
+            third = epochs[-1] - epochs[-1] // 3
+            late = [m for e, m in zip(epochs, means) if e >= third]
+            print(
+                f"{regime}: CE+Dice mean over {len(base)} fold(s) at epochs {epochs}: "
+                f"{', '.join(f'{m:.3f}' for m in means)}; over the last third (epochs {third}-{epochs[-1]}) "
+                f"it moves {late[-1] - late[0]:+.3f} (range {max(late) - min(late):.3f})"
+            )
+    figure.tight_layout()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    curves = sub.add_parser("curves", help="plot a series' validation curves (runs made with --val-every)")
+    curves.add_argument("--task", choices=list(TASKS), default="tissue")
+    curves.add_argument("--dims", type=int, choices=(2, 3), default=3)
+    curves.add_argument("--results", help="the results file (default: the committed one)")
+    curves.add_argument("--series", default="", help="the series to plot")
+    curves.add_argument("-o", "--output", required=True, help="the PNG to write")
     for name in ("run", "report"):
         p = sub.add_parser(name)
         p.add_argument("--task", choices=list(TASKS), default="tissue")
@@ -586,6 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--shard", default="0/1", help="I/N: run every N-th run starting at I")
             p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     args = parser.parse_args(argv)
+    if args.command == "curves":
+        return command_curves(args)
     task = TASKS[args.task]
     if args.dims not in task.dims:
         parser.error(f"--task {task.name} runs in {' or '.join(f'{d}D' for d in task.dims)} only")

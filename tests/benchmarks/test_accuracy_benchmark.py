@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,37 @@ def test_revision_is_dirty_for_code_changes_not_for_appended_results(accuracy, t
     assert accuracy._revision() == clean
     (repo / "benchmarks" / "accuracy.py").write_text("x = 2\n")
     assert accuracy._revision() == clean + "+dirty"
+
+
+def test_learning_curves_come_from_the_runs_metrics_and_plot_per_regime(accuracy, tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [
+        {"epoch": 1, "train": {"loss": 1.0}, "val": None},
+        {"epoch": 2, "train": {"loss": 0.8}, "val": {"mean_dice": 0.51234, "dice": {}}},
+        {"epoch": 3, "train": {"loss": 0.7}, "val": None},
+        {"epoch": 4, "train": {"loss": 0.6}, "val": {"mean_dice": 0.7, "dice": {}}},
+    ]
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert accuracy.val_curve(metrics) == [[2, 0.5123], [4, 0.7]]
+    assert accuracy.val_curve(tmp_path / "missing.jsonl") == []
+
+    results = tmp_path / "results-3d.jsonl"
+    records = []
+    for regime, start in (("limited", 0.6), ("full", 0.5)):
+        for fold in (0, 1):
+            for arm in ("CE+Dice", "+PDCR"):
+                curve = [[e, start + 0.1 * min(e, 6) / 6 + 0.01 * fold] for e in (2, 4, 6, 8, 10, 12)]
+                records.append(
+                    {"run": f"s/3d/{regime}/fold{fold}/{arm}/seed0", "series": "s", "dims": 3, "regime": regime,
+                     "fold": fold, "seed": 0, "arm": arm, "iterations": 720, "val_curve": curve}
+                )  # fmt: skip
+    records.append(records[0] | {"series": "other"})  # another series is not plotted
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    png = tmp_path / "curves.png"
+    assert accuracy.main(["curves", "--results", str(results), "--series", "s", "-o", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Fold means 0.605..0.705 (limited): flat over the last third (epochs 8-12).
+    assert "limited: CE+Dice mean over 2 fold(s) at epochs [2, 4, 6, 8, 10, 12]" in printed
+    assert "over the last third (epochs 8-12) it moves +0.000" in printed
+    assert accuracy.main(["curves", "--results", str(results), "--series", "none", "-o", str(png)]) == 1
