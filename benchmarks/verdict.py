@@ -158,6 +158,12 @@ def main() -> None:
     parser.add_argument("--model", default="brain-tissue-3d", help="bundled model name or .onnx path")
     parser.add_argument("--root", type=Path, default=Path("data/mni152-tissue"))
     parser.add_argument("--pyradiomics", type=Path, help="folder with pyradiomics' data/*.nrrd test images")
+    parser.add_argument(
+        "--save-features",
+        type=Path,
+        metavar="DIR",
+        help="write each case's window features (a model with them) to DIR/NN.npz with its name and class",
+    )
     args = parser.parse_args()
     session = load_model(args.model, device="cpu")
     spec = session.spec
@@ -176,7 +182,18 @@ def main() -> None:
     for name, ood, volume in cases(args.root, args.pyradiomics):
         start = time.perf_counter()
         image_only = assess(volume, spec)
-        verdict = predict(volume, session).verdict if with_features else image_only
+        verdict = image_only
+        if with_features:
+            prediction = predict(volume, session)
+            verdict = prediction.verdict
+            if args.save_features is not None:
+                args.save_features.mkdir(parents=True, exist_ok=True)
+                np.savez(
+                    args.save_features / f"{len(rows):02d}.npz",
+                    features=prediction.window_features,
+                    name=name,
+                    ood=ood,
+                )
         ms = 1000 * (time.perf_counter() - start)
         rows.append((ood, verdict, image_only))
         reasons = "; ".join(verdict.reasons) or "-"
