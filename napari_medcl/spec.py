@@ -255,7 +255,11 @@ class ModelSpec:
             f"{', '.join(self.class_names)}, patch {'x'.join(map(str, self.patch_size))}, spacing {spacing}, "
             f"{len(self.uncertainty_maps)} UAFR map(s)"
             + (f", {len(self.prompts['channels'])} prompt channel(s)" if self.prompts is not None else "")
-            + (f", window features ({self.features['channels']} channels)" if self.features is not None else "")
+            + (
+                f", window features ({self.features['channels']} channels)"
+                if self.features is not None
+                else ""
+            )
         )
 
     def error_map_summary(self) -> str:
