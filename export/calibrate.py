@@ -178,6 +178,7 @@ def calibrate(
     features_added = False
     if features:
         from export.feature_output import add_feature_output, measure_features
+        from napari_medcl.feature_distance import FeatureStats
 
         if spec.features is None:
             try:
@@ -185,9 +186,7 @@ def calibrate(
             except ValueError as error:
                 raise ModelError(path, f"cannot add window features: {error}") from None
             features_added = True
-            unmeasured = dataclasses.replace(
-                spec, features={"version": 1, "tensor": tensor, "channels": channels}
-            )
+            unmeasured = dataclasses.replace(spec, features=FeatureStats(tensor, channels).to_dict())
             entries[0].value = unmeasured.to_json()
             exposed = proto.SerializeToString()
         else:

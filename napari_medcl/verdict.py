@@ -149,8 +149,7 @@ def assess(volume: Any, spec: Any, *, profile: Mapping[str, Any] | None = None) 
     findings = [f for f in findings if f is not None]
     if stats["constant"] is not None:  # the other measurements of a constant image mean nothing
         findings = [f for f in findings if f.check in ("constant", "spacing", "fov", "axis_order")]
-    worst = max((f.severity for f in findings), default=0.0)
-    level = "out-of-distribution" if worst >= 2.0 else "caution" if worst >= 1.0 else "ok"
+    level = _level(max((f.severity for f in findings), default=0.0))
     reasons = tuple(
         f.reason
         for f in sorted(findings, key=lambda f: -f.severity)
@@ -200,8 +199,7 @@ def with_feature_distance(verdict: Verdict, distance: float, stats: Any) -> Verd
     severities["features"] = round(severity, 4)
     details["severity"] = severities
     details["features"] = {"distance": round(float(distance), 4), "training_max": round(reference, 4)}
-    worst = max(severities.values(), default=0.0)
-    level = "out-of-distribution" if worst >= 2.0 else "caution" if worst >= 1.0 else "ok"
+    level = _level(max(severities.values(), default=0.0))
     reasons = list(verdict.reasons)
     if reason is not None:
         # Reasons are worst first: the feature reason goes before those of checks with a lower severity.
@@ -212,6 +210,11 @@ def with_feature_distance(verdict: Verdict, distance: float, stats: Any) -> Verd
 
 
 # ------------------------------------------------------------------------------------------------ checks
+
+
+def _level(worst: float) -> str:
+    """The verdict's level from its largest severity: 2 and above out-of-distribution, 1 and above caution."""
+    return "out-of-distribution" if worst >= 2.0 else "caution" if worst >= 1.0 else "ok"
 
 
 def _severity(measure: float, check: str) -> float:
