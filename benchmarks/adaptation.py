@@ -134,9 +134,17 @@ def random_choice(candidates: Sequence[str], k: int, seed: int) -> list[str]:
 
 
 def fine_tune(
-    data: Path, out: Path, *, seed: int, replay: Path, replay_fraction: float, quick: bool
+    data: Path,
+    out: Path,
+    *,
+    seed: int,
+    replay: Path,
+    replay_fraction: float,
+    quick: bool,
+    overrides: Sequence[str] = (),
 ) -> tuple[Path, float]:
-    """Fine-tune the bundled model on ``data`` (its last checkpoint, wall seconds)."""
+    """Fine-tune the bundled model on ``data`` (its last checkpoint, wall seconds). ``overrides``: further
+    ``KEY=VALUE`` settings for the preset, applied last."""
     from training.cli import train_main
 
     sets = [
@@ -151,6 +159,7 @@ def fine_tune(
     ]
     if quick:
         sets += ["train.epochs=3", "train.val_every=3"]
+    sets += list(overrides)
     argv = [str(PRESET)]
     for item in sets:
         argv += ["--set", item]
@@ -207,6 +216,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="init.replay_fraction; 0: no replay (default 0.5)",
     )
     parser.add_argument("--choices", nargs="+", default=["ranked", "random"], choices=["ranked", "random"])
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further setting for the fine-tuning preset (repeatable), e.g. train.lr=5e-5",
+    )
+    parser.add_argument(
+        "--tag", default="", help="appended to the run folders' names, to keep runs with other --set apart"
+    )
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
     ks = args.k or ([2] if args.quick else [1, 2, 4])
@@ -243,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 key = (tuple(blocks), seed)
                 if key not in runs:
                     data = corrections_dataset(perturbed, blocks, args.work)
-                    out = args.work / "runs" / f"{'+'.join(blocks)}-seed{seed}-replay{args.replay_fraction:g}"
+                    name = f"{'+'.join(blocks)}-seed{seed}-replay{args.replay_fraction:g}{args.tag}"
+                    out = args.work / "runs" / name
                     checkpoint, seconds = fine_tune(
                         data,
                         out,
@@ -251,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         replay=args.data,
                         replay_fraction=args.replay_fraction,
                         quick=args.quick,
+                        overrides=args.overrides,
                     )
                     session, _ = load_checkpoint_session(checkpoint, "cpu")
                     runs[key] = {
@@ -263,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "choice": how,
                     "blocks": blocks,
                     "replay": args.replay_fraction,
+                    "settings": list(args.overrides),
                     **runs[key],
                 }
                 rows.append(row)

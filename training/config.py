@@ -311,7 +311,11 @@ class InitConfig:
     whose training cases make up ``replay_fraction`` of every batch, and whose validation cases are scored
     before and after (``summary.json``). ``auto``: on when ``from_checkpoint`` names a bundled model and the
     dataset its recipe trained on is where ``medcl-data build`` puts it (the recipe's ``data.root``, e.g.
-    ``data/mni152-tissue``, under the working folder or the source checkout); null: off."""
+    ``data/mni152-tissue``, under the working folder or the source checkout); null: off.
+
+    ``anchor_weight`` (L2-SP, Li et al. 2018) is a second guard: ``anchor_weight / 2 * sum((w - w0) ** 2)``
+    over every weight loaded from ``from_checkpoint`` (w0: its loaded value) joins the loss, pulling the
+    network back toward where it started (``training.weight_anchor``); 0 is off."""
 
     from_checkpoint: str | None = None
     reinit_heads: bool = False
@@ -319,10 +323,13 @@ class InitConfig:
     # Half: in benchmarks/adaptation.py --quick (one seed) 0.5 kept more of the clean held-out block than 0.25
     # (-0.074 vs -0.094 mean Dice; none: -0.192) at the same gain on the new scanner's block.
     replay_fraction: float = 0.5
+    anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in (0, 1), got {self.replay_fraction!r}")
+        if not (self.anchor_weight >= 0.0 and math.isfinite(self.anchor_weight)):
+            raise ValueError(f"anchor_weight must be a finite number >= 0, got {self.anchor_weight!r}")
 
 
 @dataclass(frozen=True)
@@ -424,6 +431,9 @@ def config_notices(cfg: TrainConfig) -> list[str]:
             unused(p, "loss.pdcr", ("series",), f"affinity {p.affinity} is not computed from class fractions")
         if p.layer_modes and all(m == p.mode for m in p.layer_modes.values()):
             notes.append(f"loss.pdcr.layer_modes has no effect: every entry equals mode ({p.mode})")
+
+    if cfg.init.from_checkpoint is None:
+        unused(cfg.init, "init", ("anchor_weight",), "init.from_checkpoint is null (no weights to anchor to)")
 
     pr = cfg.model.prompts
     if not pr.enabled:

@@ -34,6 +34,7 @@ __all__ = [
     "InitError",
     "InitialWeights",
     "apply_initial_weights",
+    "initial_state",
     "load_initial_weights",
     "resolve_init_source",
     "save_weights_file",
@@ -148,6 +149,26 @@ def apply_initial_weights(
     extra_input_channels: int = 0,
 ) -> list[str]:
     """Copy ``weights`` into ``model`` (the bare network, in place); returns lines for the run's log.
+    What is copied, and the errors, are those of :func:`initial_state`."""
+    given, lines, skip_heads = _initial_state(
+        model, weights, class_names=class_names, reinit_heads=reinit_heads,
+        extra_input_channels=extra_input_channels,
+    )  # fmt: skip
+    model.load_state_dict(given, strict=not skip_heads)
+    return lines
+
+
+def initial_state(
+    model: nn.Module,
+    weights: InitialWeights,
+    *,
+    class_names: Sequence[str],
+    reinit_heads: bool,
+    extra_input_channels: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The tensors ``apply_initial_weights`` copies into ``model``, by name, in ``model``'s shapes (the
+    output heads left out when they start afresh; widened input layers with their zero channels). The
+    weight anchor (``training.weight_anchor``) pulls toward them. ``model`` is not changed.
 
     ``extra_input_channels``: this network takes that many more input channels than the checkpoint's (the
     prompt channels of ``model.prompts``, after the image's). The layers that read the input (a weight of
@@ -158,6 +179,21 @@ def apply_initial_weights(
     ``class_names``: the dataset's classes. InitError when they differ from the checkpoint's and
     ``reinit_heads`` is false, or when any layer (heads excepted when they are re-initialised) is missing,
     unexpected or of another shape."""
+    return _initial_state(
+        model, weights, class_names=class_names, reinit_heads=reinit_heads,
+        extra_input_channels=extra_input_channels,
+    )[0]  # fmt: skip
+
+
+def _initial_state(
+    model: nn.Module,
+    weights: InitialWeights,
+    *,
+    class_names: Sequence[str],
+    reinit_heads: bool,
+    extra_input_channels: int = 0,
+) -> tuple[dict[str, torch.Tensor], list[str], bool]:
+    """(state to load, log lines, whether the heads are left out): the work of ``apply_initial_weights``."""
     theirs = weights.class_names
     ours = list(class_names)
     classes_differ = theirs is not None and theirs != ours
@@ -190,7 +226,6 @@ def apply_initial_weights(
             + "".join(f"\n  {line}" for line in shown)
             + (f"\n  ... and {more} more" if more else "")
         )
-    missing, unexpected = model.load_state_dict(given, strict=not skip_heads)
     lines = [
         f"init: weights from {weights.source} ({weights.path.name}, sha256 {weights.sha256[:12]}): "
         f"{len(given)} tensors loaded"
@@ -201,12 +236,13 @@ def apply_initial_weights(
             "start at zero, so the network starts equal to the checkpoint's"
         )
     if skip_heads:
+        missing = set(model.state_dict()) - set(given)
         heads = sorted({k.rsplit(".", 1)[0] for k in missing})
         lines.append(
             f"init: classes {', '.join(ours)} differ from the checkpoint's ({', '.join(theirs or ['?'])}): "
             f"output heads started afresh ({', '.join(heads)})"
         )
-    return lines
+    return given, lines, skip_heads
 
 
 def _expand_inputs(

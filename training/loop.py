@@ -23,6 +23,7 @@ from training.runtime import Runtime, all_reduce, rank_seed
 
 if TYPE_CHECKING:
     from training.building import TrainingParts
+    from training.weight_anchor import WeightAnchor
 
 __all__ = ["TrainStep", "train_epoch"]
 
@@ -83,11 +84,13 @@ def train_epoch(
     last_checkpoint: Path,
     log: Callable[[str], None] | None = None,
     replay: tuple[Sequence[Any], float] | None = None,
+    anchor: WeightAnchor | None = None,
 ) -> dict[str, float]:
     """Train ``parts`` for epoch ``epoch`` (0-based) on ``train_cases``;
     the mean of each loss term over the epoch's steps and all processes. A loss that is not finite is a
     TrainingError pointing at ``last_checkpoint``. ``replay`` (cases, fraction): that share of every batch
-    is drawn from those cases instead (training.replay, the forgetting guard of fine-tuning).
+    is drawn from those cases instead (training.replay, the forgetting guard of fine-tuning). ``anchor``:
+    the L2-SP term (training.weight_anchor) joins every step's loss, reported as ``anchor``.
 
     With PDCR on, the epoch's first batch also gives ``pdcr_grad_ratio`` (training.diagnostics: PDCR's gradient
     norm over the segmentation loss's on the shared parameters, measured before that step on this process's
@@ -127,6 +130,10 @@ def train_epoch(
                 )
         with runtime.autocast():
             loss, terms = parts.step(image, label, parts.generator, progress)
+        if anchor is not None:
+            penalty = anchor.penalty()  # float32, outside autocast: a sum over a million squared differences
+            loss = loss + penalty
+            terms = {**terms, "loss": loss.detach(), "anchor": penalty.detach()}
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if t.grad_clip > 0:
@@ -142,7 +149,7 @@ def train_epoch(
         if bar.disable is False and i % 10 == 0:
             bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
     bar.close()
-    keys = ["loss", "ce", "dice", *(k for k in ("pdcr", "ccdc") if k in sums)]
+    keys = ["loss", "ce", "dice", *(k for k in ("pdcr", "ccdc", "anchor") if k in sums)]
     stacked = all_reduce(torch.stack([sums[k] for k in keys]), dist)
     means = (stacked / (iterations * dist.world_size)).tolist()
     train_terms = dict(zip(keys, means))

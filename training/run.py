@@ -4,7 +4,7 @@ describes and writes into ``cfg.output.dir``::
     config.yaml          the resolved config (every key)
     train.log            text log; the first line says ``world size N``
     metrics.jsonl        one JSON object per epoch: {"epoch", "train": {"loss", "ce", "dice", "pdcr"?,
-                         "ccdc"?}, "val": {"dice": {class: v}, "mean_dice", "cases"} or null on epochs
+                         "ccdc"?, "anchor"?}, "val": {"dice": {class: v}, "mean_dice", "cases"} or null on epochs
                          without validation (train.val_every), "lr", "seconds"}
     curves.png           loss terms and validation Dice per epoch, refreshed every epoch
     checkpoint_last.pt   after every epoch (see training/checkpoint.py for its content)
@@ -38,7 +38,12 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig, config_to_yaml, diff_configs
 from training.errors import RunError, TrainingError
-from training.init_weights import InitialWeights, apply_initial_weights, load_initial_weights
+from training.init_weights import (
+    InitialWeights,
+    apply_initial_weights,
+    initial_state,
+    load_initial_weights,
+)
 from training.loop import train_epoch
 from training.model_spec import method_name, run_spec
 from training.replay import (
@@ -53,6 +58,7 @@ from training.replay import (
 from training.reporting import RunLog, epoch_line, write_metrics
 from training.runtime import DistInfo, Runtime, barrier, process_group, resolve_runtime
 from training.validation import read_validation_cases, validate, validation_session
+from training.weight_anchor import WeightAnchor
 
 __all__ = ["DistInfo", "RunError", "TrainResult", "TrainingError", "train"]
 
@@ -125,6 +131,9 @@ def train(
             )
             # A resumed run's weights come from its own last checkpoint; the start it had is in its config.
             init_lines, data = _initialise(cfg, parts, data, init_weights)
+            anchor = _anchor(cfg, parts, data, init_weights)
+            if anchor is not None:
+                init_lines.append(anchor.describe())
             replay, replay_line = _replay(cfg, init_weights, data, dist)
             _log_setup(
                 log, cfg, runtime, data, parts, progress, out, resumed=state is not None, rng_note=rng_note
@@ -137,7 +146,7 @@ def train(
                 cfg, runtime, data, parts, progress, out, replay, log, resumed=state is not None
             )
             for epoch in range(progress.epochs_done, cfg.train.epochs):
-                record = _epoch(epoch, cfg, runtime, data, parts, progress, out, log, replay)
+                record = _epoch(epoch, cfg, runtime, data, parts, progress, out, log, replay, anchor)
                 if start is not None and dist.is_main:
                     summary = {
                         **summary_from(start, progress.history, progress.best["epoch"]),
@@ -234,15 +243,35 @@ def _initialise(
     processes agree without a broadcast); the log lines, and ``data`` with the source recorded for the spec."""
     if weights is None:
         return [], data
-    extra = int(parts.model.in_channels) - int(data.info.in_channels)  # prompt channels (model.prompts)
-    theirs = (weights.spec or {}).get("prompts")
-    if theirs is not None:  # already a prompt network: its input layer has them
-        extra = 0
     lines = apply_initial_weights(
         parts.model, weights, class_names=list(data.info.class_names), reinit_heads=cfg.init.reinit_heads,
-        extra_input_channels=extra,
+        extra_input_channels=_extra_input_channels(parts, data, weights),
     )  # fmt: skip
     return lines, dataclasses.replace(data, init=weights.record())
+
+
+def _extra_input_channels(parts: TrainingParts, data: RunData, weights: InitialWeights) -> int:
+    """How many more input channels the network has than ``weights``' (model.prompts' prompt channels)."""
+    if (weights.spec or {}).get("prompts") is not None:  # already a prompt network: its input layer has them
+        return 0
+    return int(parts.model.in_channels) - int(data.info.in_channels)
+
+
+def _anchor(
+    cfg: TrainConfig, parts: TrainingParts, data: RunData, weights: InitialWeights | None
+) -> WeightAnchor | None:
+    """The L2-SP pull toward the loaded weights (``init.anchor_weight``), None when off. A resumed run
+    (``weights`` None) reads its starting weights again: the anchor is where the run began, not where it
+    was stopped."""
+    if cfg.init.anchor_weight <= 0 or cfg.init.from_checkpoint is None:
+        return None
+    if weights is None:
+        weights = load_initial_weights(cfg.init.from_checkpoint)
+    start = initial_state(
+        parts.model, weights, class_names=list(data.info.class_names), reinit_heads=cfg.init.reinit_heads,
+        extra_input_channels=_extra_input_channels(parts, data, weights),
+    )  # fmt: skip
+    return WeightAnchor(parts.model, start, cfg.init.anchor_weight)
 
 
 def _replay(
@@ -404,13 +433,14 @@ def _epoch(
     out: Path,
     log: RunLog,
     replay: Replay | None = None,
+    anchor: WeightAnchor | None = None,
 ) -> dict[str, Any]:
     """Train one epoch, validate when due, checkpoint and report; the epoch's metrics record."""
     t = cfg.train
     started = time.perf_counter()
     train_terms = train_epoch(
         epoch, cfg, runtime, parts, data.train_cases, last_checkpoint=out / LAST, log=log,
-        replay=None if replay is None else (replay.train_cases, replay.fraction),
+        replay=None if replay is None else (replay.train_cases, replay.fraction), anchor=anchor,
     )  # fmt: skip
     val = original = None
     if (epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs:

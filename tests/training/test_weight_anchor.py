@@ -1,0 +1,146 @@
+"""init.anchor_weight (L2-SP): the penalty and its gradient, which weights it anchors, a fine-tune that it
+holds near its start, and a resumed run that anchors to where the run began."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dataset_factory import make_msd_dataset
+from training.building import build_model
+from training.config import config_from_dict, config_notices, load_config
+from training.init_weights import HEAD_PREFIXES, initial_state, load_initial_weights
+from training.run import train
+from training.weight_anchor import WeightAnchor, anchor_penalty
+
+pytestmark = pytest.mark.torch
+
+TINY = {"model": {"features": [8, 16, 32], "uafr": {"enabled": True}}}
+
+
+class Crash(Exception):
+    """Stands for the process dying right after epoch 1's checkpoint was written."""
+
+
+def test_penalty_is_half_the_weight_times_the_squared_distance_and_pulls_back():
+    start = [torch.tensor([1.0, -2.0]), torch.tensor([[0.5]])]
+    now = [torch.tensor([1.5, -2.0], requires_grad=True), torch.tensor([[0.0]], requires_grad=True)]
+    penalty = anchor_penalty(now, start, 4.0)
+    assert penalty.item() == pytest.approx(2.0 * (0.25 + 0.25))
+    penalty.backward()
+    assert torch.allclose(now[0].grad, torch.tensor([2.0, 0.0]))  # weight * (w - w0)
+    assert torch.allclose(now[1].grad, torch.tensor([[-2.0]]))
+    with pytest.raises(ValueError, match=r"\(3,\).*\(2,\)"):
+        anchor_penalty([torch.zeros(3)], [torch.zeros(2)], 1.0)
+
+
+def test_heads_started_afresh_are_not_anchored_and_the_rest_is_at_its_loaded_value(tmp_path):
+    cfg = config_from_dict(TINY)
+    source = build_model(cfg, 1, 3)
+    path = tmp_path / "three.pt"
+    torch.save(source.state_dict(), path)
+    weights = load_initial_weights(str(path))
+    model = build_model(cfg, 1, 2)  # another set of classes: the heads start afresh
+    start = initial_state(model, weights, class_names=["background", "a"], reinit_heads=True)
+    anchor = WeightAnchor(model, start, 1.0)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(anchor.names) == {n for n in trained if not n.startswith(HEAD_PREFIXES)}
+    assert anchor.names and not any(n.startswith(HEAD_PREFIXES) for n in anchor.names)
+    model.load_state_dict(start, strict=False)
+    assert anchor.penalty().item() == 0.0 and anchor.distance() == 0.0
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n == anchor.names[0]).add_(1.0)
+    assert anchor.penalty().item() > 0.0
+
+
+def test_anchor_weight_without_a_checkpoint_is_reported_as_having_no_effect():
+    notes = config_notices(config_from_dict({"init": {"anchor_weight": 0.1}}))
+    assert any(n.startswith("init.anchor_weight has no effect") for n in notes)
+    assert not any("anchor" in n for n in config_notices(config_from_dict({})))
+    with pytest.raises(ValueError, match="anchor_weight"):
+        config_from_dict({"init": {"anchor_weight": -1.0}})
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A tiny dataset and a finished one-step run on it (its last checkpoint)."""
+    base = tmp_path_factory.mktemp("anchor")
+    root = make_msd_dataset(base / "Task98_Anchor", n_cases=3, shape=(8, 16, 16))
+    assert train(load_config(None, settings(root, base / "first"))).epochs == 1
+    return root, base / "first" / "checkpoint_last.pt"
+
+
+def settings(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.num_workers=0",
+        "data.augmentation.enabled=false",
+        "data.val_fraction=0.34",
+        "data.crop_nonzero=false",
+        "model.features=[8,16,32]",
+        "model.uafr.enabled=true",
+        "train.device=cpu",
+        "train.epochs=1",
+        "train.iterations_per_epoch=1",
+        "train.batch_size=1",
+        "train.patch_size=[8,16,16]",
+        f"output.dir={out}",
+        *extra,
+    ]
+
+
+def distance_from(checkpoint: Path, run: Path) -> float:
+    a = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    b = torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
+    learned = [k for k in a if a[k].is_floating_point() and not k.endswith(("running_mean", "running_var"))]
+    return (
+        sum(float((a[k] - b[k]).pow(2).sum()) for k in learned) ** 0.5
+    )  # BatchNorm statistics are not trained
+
+
+def test_a_strong_anchor_keeps_a_fine_tune_near_its_start_and_the_run_reports_it(
+    start, tmp_path, one_torch_thread
+):
+    root, checkpoint = start
+    # Plain SGD: each step pulls lr * anchor_weight = 0.5 of the way back to the start.
+    tune = ["train.optimizer=sgd", "train.momentum=0.0", "train.lr=0.05", "train.iterations_per_epoch=6",
+            "train.scheduler=constant",
+            "train.weight_decay=0.0", f"init.from_checkpoint={checkpoint}"]  # fmt: skip
+    free = train(load_config(None, settings(root, tmp_path / "free", *tune)))
+    held = train(load_config(None, settings(root, tmp_path / "held", *tune, "init.anchor_weight=10")))
+    assert distance_from(checkpoint, held.output_dir) < 0.6 * distance_from(checkpoint, free.output_dir)
+
+    record = json.loads((held.output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    assert record["train"]["anchor"] > 0.0
+    assert (
+        record["train"]["loss"] > record["train"]["ce"] + record["train"]["dice"]
+    )  # the term is in the loss
+    assert (
+        "anchor" not in json.loads((free.output_dir / "metrics.jsonl").read_text().splitlines()[-1])["train"]
+    )
+    log = (held.output_dir / "train.log").read_text(encoding="utf-8")
+    assert "init.anchor_weight 10: L2-SP pulls" in log and "anchor " in log
+
+
+def test_a_resumed_run_anchors_to_where_the_run_began(start, tmp_path, one_torch_thread):
+    root, checkpoint = start
+    tune = ["train.optimizer=sgd", "train.momentum=0.0", "train.lr=0.05", "train.epochs=2",
+            "train.iterations_per_epoch=2", f"init.from_checkpoint={checkpoint}",
+            "init.anchor_weight=5"]  # fmt: skip
+    whole = train(load_config(None, settings(root, tmp_path / "whole", *tune)))
+
+    def crash_after_epoch_1(record: dict) -> None:
+        if record["epoch"] == 1:
+            raise Crash
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        train(load_config(None, settings(root, out, *tune)), on_epoch_end=crash_after_epoch_1)
+    resumed = train(load_config(None, settings(root, out, *tune)), resume=True)
+    assert [r["train"] for r in resumed.history] == [r["train"] for r in whole.history]
+    a = torch.load(whole.last_checkpoint, weights_only=True)["model"]
+    b = torch.load(resumed.last_checkpoint, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
