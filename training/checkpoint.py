@@ -264,10 +264,13 @@ def save_run_checkpoint(
     *,
     last: str,
     best: str | None,
+    trained_model: dict[str, Any] | None = None,
 ) -> None:
     """Write the run's state to ``out / last`` (and ``out / best`` when given), on rank 0.
 
     Every process takes part: each one's random states are gathered so that a resume restores them all.
+    ``trained_model``: the network's trained state when ``parts.model`` holds other weights for the result
+    (``init.weight_mix``): kept as ``trained_model``, which a resume continues from.
     """
     dist = runtime.dist
     rng = capture_rng_state(parts.generator)
@@ -296,6 +299,8 @@ def save_run_checkpoint(
         "history": list(progress.history),
         "best": dict(progress.best),
     }
+    if trained_model is not None:
+        state["trained_model"] = trained_model
     save_checkpoint(state, out / last)
     if best is not None:
         save_checkpoint(state, out / best)
@@ -310,7 +315,8 @@ def restore_run(
     streams cannot be matched: they are re-seeded from ``seed``, the rank and the epoch instead.
     """
     dist = runtime.dist
-    parts.model.load_state_dict(state["model"])
+    # A run with init.weight_mix saved its result as "model" and goes on from the trained weights.
+    parts.model.load_state_dict(state.get("trained_model") or state["model"])
     parts.losses.load_state_dict(state["losses"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])

@@ -315,7 +315,10 @@ class InitConfig:
 
     ``anchor_weight`` (L2-SP, Li et al. 2018) is a second guard: ``anchor_weight / 2 * sum((w - w0) ** 2)``
     over every weight loaded from ``from_checkpoint`` (w0: its loaded value) joins the loss, pulling the
-    network back toward where it started (``training.weight_anchor``); 0 is off."""
+    network back toward where it started (``training.start_weights``); 0 is off. ``weight_mix`` (WiSE-FT,
+    Wortsman et al. 2022) is a third: the model the run validates and saves is ``w0 + weight_mix * (w - w0)``,
+    between the start and the trained weights, while training itself goes on from the trained ones; 1 is
+    off."""
 
     from_checkpoint: str | None = None
     reinit_heads: bool = False
@@ -324,12 +327,15 @@ class InitConfig:
     # (-0.074 vs -0.094 mean Dice; none: -0.192) at the same gain on the new scanner's block.
     replay_fraction: float = 0.5
     anchor_weight: float = 0.0
+    weight_mix: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in (0, 1), got {self.replay_fraction!r}")
         if not (self.anchor_weight >= 0.0 and math.isfinite(self.anchor_weight)):
             raise ValueError(f"anchor_weight must be a finite number >= 0, got {self.anchor_weight!r}")
+        if not 0.0 < self.weight_mix <= 1.0:
+            raise ValueError(f"weight_mix must be in (0, 1], got {self.weight_mix!r}")
 
 
 @dataclass(frozen=True)
@@ -433,7 +439,12 @@ def config_notices(cfg: TrainConfig) -> list[str]:
             notes.append(f"loss.pdcr.layer_modes has no effect: every entry equals mode ({p.mode})")
 
     if cfg.init.from_checkpoint is None:
-        unused(cfg.init, "init", ("anchor_weight",), "init.from_checkpoint is null (no weights to anchor to)")
+        unused(
+            cfg.init,
+            "init",
+            ("anchor_weight", "weight_mix"),
+            "init.from_checkpoint is null (no start weights)",
+        )
 
     pr = cfg.model.prompts
     if not pr.enabled:

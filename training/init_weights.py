@@ -168,7 +168,7 @@ def initial_state(
 ) -> dict[str, torch.Tensor]:
     """The tensors ``apply_initial_weights`` copies into ``model``, by name, in ``model``'s shapes (the
     output heads left out when they start afresh; widened input layers with their zero channels). The
-    weight anchor (``training.weight_anchor``) pulls toward them. ``model`` is not changed.
+    weight anchor (``training.start_weights``) pulls toward them. ``model`` is not changed.
 
     ``extra_input_channels``: this network takes that many more input channels than the checkpoint's (the
     prompt channels of ``model.prompts``, after the image's). The layers that read the input (a weight of

@@ -23,7 +23,7 @@ from training.runtime import Runtime, all_reduce, rank_seed
 
 if TYPE_CHECKING:
     from training.building import TrainingParts
-    from training.weight_anchor import WeightAnchor
+    from training.start_weights import WeightAnchor
 
 __all__ = ["TrainStep", "train_epoch"]
 
@@ -90,7 +90,7 @@ def train_epoch(
     the mean of each loss term over the epoch's steps and all processes. A loss that is not finite is a
     TrainingError pointing at ``last_checkpoint``. ``replay`` (cases, fraction): that share of every batch
     is drawn from those cases instead (training.replay, the forgetting guard of fine-tuning). ``anchor``:
-    the L2-SP term (training.weight_anchor) joins every step's loss, reported as ``anchor``.
+    the L2-SP term (training.start_weights) joins every step's loss, reported as ``anchor``.
 
     With PDCR on, the epoch's first batch also gives ``pdcr_grad_ratio`` (training.diagnostics: PDCR's gradient
     norm over the segmentation loss's on the shared parameters, measured before that step on this process's

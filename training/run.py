@@ -20,6 +20,7 @@ patches and of the validation cases; only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -57,8 +58,8 @@ from training.replay import (
 )
 from training.reporting import RunLog, epoch_line, write_metrics
 from training.runtime import DistInfo, Runtime, barrier, process_group, resolve_runtime
+from training.start_weights import WeightAnchor, WeightMix
 from training.validation import read_validation_cases, validate, validation_session
-from training.weight_anchor import WeightAnchor
 
 __all__ = ["DistInfo", "RunError", "TrainResult", "TrainingError", "train"]
 
@@ -131,9 +132,8 @@ def train(
             )
             # A resumed run's weights come from its own last checkpoint; the start it had is in its config.
             init_lines, data = _initialise(cfg, parts, data, init_weights)
-            anchor = _anchor(cfg, parts, data, init_weights)
-            if anchor is not None:
-                init_lines.append(anchor.describe())
+            anchor, mix = _start_guards(cfg, parts, data, init_weights)
+            init_lines += [guard.describe() for guard in (anchor, mix) if guard is not None]
             replay, replay_line = _replay(cfg, init_weights, data, dist)
             _log_setup(
                 log, cfg, runtime, data, parts, progress, out, resumed=state is not None, rng_note=rng_note
@@ -146,7 +146,7 @@ def train(
                 cfg, runtime, data, parts, progress, out, replay, log, resumed=state is not None
             )
             for epoch in range(progress.epochs_done, cfg.train.epochs):
-                record = _epoch(epoch, cfg, runtime, data, parts, progress, out, log, replay, anchor)
+                record = _epoch(epoch, cfg, runtime, data, parts, progress, out, log, replay, anchor, mix)
                 if start is not None and dist.is_main:
                     summary = {
                         **summary_from(start, progress.history, progress.best["epoch"]),
@@ -257,21 +257,24 @@ def _extra_input_channels(parts: TrainingParts, data: RunData, weights: InitialW
     return int(parts.model.in_channels) - int(data.info.in_channels)
 
 
-def _anchor(
+def _start_guards(
     cfg: TrainConfig, parts: TrainingParts, data: RunData, weights: InitialWeights | None
-) -> WeightAnchor | None:
-    """The L2-SP pull toward the loaded weights (``init.anchor_weight``), None when off. A resumed run
-    (``weights`` None) reads its starting weights again: the anchor is where the run began, not where it
-    was stopped."""
-    if cfg.init.anchor_weight <= 0 or cfg.init.from_checkpoint is None:
-        return None
+) -> tuple[WeightAnchor | None, WeightMix | None]:
+    """The L2-SP pull toward the loaded weights (``init.anchor_weight``) and the weight-space mix with them
+    (``init.weight_mix``), each None when off. A resumed run (``weights`` None) reads its starting weights
+    again: both refer to where the run began, not to where it was stopped."""
+    i = cfg.init
+    if i.from_checkpoint is None or (i.anchor_weight <= 0 and i.weight_mix >= 1):
+        return None, None
     if weights is None:
-        weights = load_initial_weights(cfg.init.from_checkpoint)
+        weights = load_initial_weights(i.from_checkpoint)
     start = initial_state(
-        parts.model, weights, class_names=list(data.info.class_names), reinit_heads=cfg.init.reinit_heads,
+        parts.model, weights, class_names=list(data.info.class_names), reinit_heads=i.reinit_heads,
         extra_input_channels=_extra_input_channels(parts, data, weights),
     )  # fmt: skip
-    return WeightAnchor(parts.model, start, cfg.init.anchor_weight)
+    anchor = WeightAnchor(parts.model, start, i.anchor_weight) if i.anchor_weight > 0 else None
+    mix = WeightMix(parts.model, start, i.weight_mix) if i.weight_mix < 1 else None
+    return anchor, mix
 
 
 def _replay(
@@ -434,32 +437,39 @@ def _epoch(
     log: RunLog,
     replay: Replay | None = None,
     anchor: WeightAnchor | None = None,
+    mix: WeightMix | None = None,
 ) -> dict[str, Any]:
-    """Train one epoch, validate when due, checkpoint and report; the epoch's metrics record."""
+    """Train one epoch, validate when due, checkpoint and report; the epoch's metrics record. With ``mix``
+    the validation and the checkpoints' ``model`` are the mixed weights (the trained ones are kept in the
+    checkpoint for a resume)."""
     t = cfg.train
     started = time.perf_counter()
     train_terms = train_epoch(
         epoch, cfg, runtime, parts, data.train_cases, last_checkpoint=out / LAST, log=log,
         replay=None if replay is None else (replay.train_cases, replay.fraction), anchor=anchor,
     )  # fmt: skip
-    val = original = None
-    if (epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs:
-        session = _session(cfg, runtime, data, parts, progress)
-        # No held-out cases (data.val_cases: []): no validation Dice, and no checkpoint_best.pt.
-        val = _scores(cfg, runtime, session, data.val_cases)
-        original = _scores(cfg, runtime, session, replay.val_cases) if replay is not None else None
-    record = {
-        "epoch": epoch + 1,
-        "train": train_terms,
-        "val": val,
-        "lr": parts.optimizer.param_groups[0]["lr"],
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    if replay is not None:
-        record["original_val"] = original
-    improved = progress.add(record)
-    spec = _spec(cfg, data, parts, progress)
-    save_run_checkpoint(out, cfg, parts, runtime, progress, spec, last=LAST, best=BEST if improved else None)
+    with mix.applied(parts.model) if mix is not None else contextlib.nullcontext() as trained:
+        val = original = None
+        if (epoch + 1) % max(1, t.val_every) == 0 or epoch + 1 == t.epochs:
+            session = _session(cfg, runtime, data, parts, progress)
+            # No held-out cases (data.val_cases: []): no validation Dice, and no checkpoint_best.pt.
+            val = _scores(cfg, runtime, session, data.val_cases)
+            original = _scores(cfg, runtime, session, replay.val_cases) if replay is not None else None
+        record = {
+            "epoch": epoch + 1,
+            "train": train_terms,
+            "val": val,
+            "lr": parts.optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if replay is not None:
+            record["original_val"] = original
+        improved = progress.add(record)
+        spec = _spec(cfg, data, parts, progress)
+        save_run_checkpoint(
+            out, cfg, parts, runtime, progress, spec, last=LAST, best=BEST if improved else None,
+            trained_model=trained,
+        )  # fmt: skip
     if runtime.dist.is_main:
         write_metrics(out, progress.history, list(data.info.class_names)[1:])
         log(epoch_line(record, t.epochs))

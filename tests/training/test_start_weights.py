@@ -1,5 +1,6 @@
-"""init.anchor_weight (L2-SP): the penalty and its gradient, which weights it anchors, a fine-tune that it
-holds near its start, and a resumed run that anchors to where the run began."""
+"""init.anchor_weight (L2-SP) and init.weight_mix (WiSE-FT): the penalty and its gradient, which weights
+take part, a fine-tune that the anchor holds near its start, a run whose saved model is the mix, and resumed
+runs that refer to where the run began."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from training.building import build_model
 from training.config import config_from_dict, config_notices, load_config
 from training.init_weights import HEAD_PREFIXES, initial_state, load_initial_weights
 from training.run import train
-from training.weight_anchor import WeightAnchor, anchor_penalty
+from training.start_weights import WeightAnchor, WeightMix, anchor_penalty
 
 pytestmark = pytest.mark.torch
 
@@ -60,6 +61,8 @@ def test_anchor_weight_without_a_checkpoint_is_reported_as_having_no_effect():
     notes = config_notices(config_from_dict({"init": {"anchor_weight": 0.1}}))
     assert any(n.startswith("init.anchor_weight has no effect") for n in notes)
     assert not any("anchor" in n for n in config_notices(config_from_dict({})))
+    notes = config_notices(config_from_dict({"init": {"weight_mix": 0.5}}))
+    assert any(n.startswith("init.weight_mix has no effect") for n in notes)
     with pytest.raises(ValueError, match="anchor_weight"):
         config_from_dict({"init": {"anchor_weight": -1.0}})
 
@@ -125,11 +128,45 @@ def test_a_strong_anchor_keeps_a_fine_tune_near_its_start_and_the_run_reports_it
     assert "init.anchor_weight 10: L2-SP pulls" in log and "anchor " in log
 
 
-def test_a_resumed_run_anchors_to_where_the_run_began(start, tmp_path, one_torch_thread):
+def test_the_mix_moves_only_started_tensors_and_gives_the_trained_weights_back():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    start = {k: torch.zeros_like(v) for k, v in model.state_dict().items() if k.startswith("0.")}
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    mix = WeightMix(model, start, 0.25)
+    mixed = mix.mixed_state(trained)
+    assert torch.allclose(mixed["0.weight"], 0.25 * trained["0.weight"])
+    assert torch.equal(mixed["1.running_var"], trained["1.running_var"])  # not started: as trained
+    with mix.applied(model) as kept:
+        assert torch.allclose(model[0].bias, 0.25 * trained["0.bias"])
+        assert all(torch.equal(kept[k], trained[k]) for k in trained)
+    assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
+    with pytest.raises(ValueError, match="share"):
+        WeightMix(model, start, 0.0)
+
+
+def test_a_mixed_run_saves_the_mix_and_keeps_the_trained_weights_for_a_resume(
+    start, tmp_path, one_torch_thread
+):
+    root, checkpoint = start
+    tune = ["train.lr=0.01", "train.iterations_per_epoch=2", f"init.from_checkpoint={checkpoint}",
+            "init.weight_mix=0.5"]  # fmt: skip
+    run = train(load_config(None, settings(root, tmp_path / "mixed", *tune)))
+    first = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    saved = torch.load(run.last_checkpoint, map_location="cpu", weights_only=True)
+    model, trained = saved["model"], saved["trained_model"]
+    floats = [k for k in first if first[k].is_floating_point()]
+    assert any(not torch.equal(trained[k], first[k]) for k in floats)
+    for k in floats:
+        assert torch.allclose(model[k], first[k] + 0.5 * (trained[k] - first[k]), atol=1e-6), k
+    log = (run.output_dir / "train.log").read_text(encoding="utf-8")
+    assert "init.weight_mix 0.5: the model validated and saved is the start plus 0.5" in log
+
+
+@pytest.mark.parametrize("guard", ["init.anchor_weight=5", "init.weight_mix=0.5"])
+def test_a_resumed_run_refers_to_where_the_run_began(start, tmp_path, one_torch_thread, guard):
     root, checkpoint = start
     tune = ["train.optimizer=sgd", "train.momentum=0.0", "train.lr=0.05", "train.epochs=2",
-            "train.iterations_per_epoch=2", f"init.from_checkpoint={checkpoint}",
-            "init.anchor_weight=5"]  # fmt: skip
+            "train.iterations_per_epoch=2", f"init.from_checkpoint={checkpoint}", guard]  # fmt: skip
     whole = train(load_config(None, settings(root, tmp_path / "whole", *tune)))
 
     def crash_after_epoch_1(record: dict) -> None:
@@ -141,6 +178,7 @@ def test_a_resumed_run_anchors_to_where_the_run_began(start, tmp_path, one_torch
         train(load_config(None, settings(root, out, *tune)), on_epoch_end=crash_after_epoch_1)
     resumed = train(load_config(None, settings(root, out, *tune)), resume=True)
     assert [r["train"] for r in resumed.history] == [r["train"] for r in whole.history]
-    a = torch.load(whole.last_checkpoint, weights_only=True)["model"]
-    b = torch.load(resumed.last_checkpoint, weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("model", "trained_model") if "weight_mix" in guard else ("model",):
+        a = torch.load(whole.last_checkpoint, weights_only=True)[key]
+        b = torch.load(resumed.last_checkpoint, weights_only=True)[key]
+        assert all(torch.equal(a[k], b[k]) for k in a), key

@@ -1,0 +1,125 @@
+"""What a fine-tune keeps of the weights it started from: two guards against forgetting that need no data.
+
+Fine-tuning on a few corrected cases from a new scanner moves every weight, and the network forgets part of
+what it knew (``benchmarks/adaptation.py``: the clean held-out block loses Dice). Replay of the original
+data (``training.replay``) is one guard; these are the others.
+
+- :class:`WeightAnchor` (``init.anchor_weight``): L2-SP, the "starting point as reference" penalty of
+  Li, Grandvalet and Davoine (ICML 2018), ``weight / 2 * sum over loaded weights of (w - w0) ** 2`` in the
+  loss, acting on every weight in proportion to how far it has moved.
+- :class:`WeightMix` (``init.weight_mix``): weight-space ensembling of the result with the start (WiSE-FT,
+  Wortsman et al., CVPR 2022). Training runs as usual; the model the run validates and saves is
+  ``w0 + share * (w - w0)``, a point on the straight line between the start and the fine-tuned weights.
+
+Only what was loaded takes part: output heads started afresh for new classes (``init.reinit_heads``) are
+neither anchored nor mixed, and a prompt network's new input channels start, and are anchored, at zero
+like every other loaded weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["WeightAnchor", "WeightMix", "anchor_penalty"]
+
+
+def anchor_penalty(weights: Iterable[Tensor], anchors: Iterable[Tensor], weight: float) -> Tensor:
+    """``weight / 2 * sum((w - w0) ** 2)`` over matching pairs, as a float32 scalar with gradient for
+    ``weights``. Each pair must have equal shapes (ValueError naming both otherwise)."""
+    total: Tensor | None = None
+    for w, w0 in zip(weights, anchors, strict=True):
+        if w.shape != w0.shape:
+            raise ValueError(f"weight {tuple(w.shape)} and its anchor {tuple(w0.shape)} differ in shape")
+        term = (w.float() - w0.float()).pow(2).sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no weights to anchor")
+    return total * (0.5 * float(weight))
+
+
+class WeightAnchor:
+    """The loaded weights' starting values and the strength of the pull toward them.
+
+    ``penalty()`` is the L2-SP term for the network's current weights (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, start: Mapping[str, Tensor], weight: float):
+        """``start``: the loaded state by name (``training.init_weights.initial_state``); buffers in it
+        (not trained) are not anchored."""
+        params = dict(model.named_parameters())
+        chosen = [n for n in start if n in params and params[n].requires_grad]
+        if not chosen:
+            raise ValueError("no trained parameter of the network is among the loaded weights")
+        self.names = tuple(chosen)
+        self.weight = float(weight)
+        self._params = [params[n] for n in chosen]
+        self._anchors = [
+            start[n].detach().to(device=params[n].device, dtype=torch.float32).clone() for n in chosen
+        ]
+
+    def penalty(self) -> Tensor:
+        return anchor_penalty(self._params, self._anchors, self.weight)
+
+    def distance(self) -> float:
+        """The root of the summed squared distance from the start, over the anchored weights (for the log)."""
+        with torch.no_grad():
+            total = sum(
+                float((p.float() - a.float()).pow(2).sum()) for p, a in zip(self._params, self._anchors)
+            )
+        return total**0.5
+
+    def describe(self) -> str:
+        count = sum(a.numel() for a in self._anchors)
+        return (
+            f"init.anchor_weight {self.weight:g}: L2-SP pulls {len(self.names)} loaded weight tensors "
+            f"({count} values) toward their starting values"
+        )
+
+
+class WeightMix:
+    """The start's floating-point state (weights and normalisation statistics) and the share of the trained
+    change that the run's result keeps (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, start: Mapping[str, Tensor], share: float):
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"share must be in (0, 1], got {share!r}")
+        own = model.state_dict()
+        self.share = float(share)
+        self._start = {
+            k: v.detach().to(device=own[k].device, dtype=own[k].dtype).clone()
+            for k, v in start.items()
+            if k in own and own[k].is_floating_point() and own[k].shape == v.shape
+        }
+        if not self._start:
+            raise ValueError("no floating-point tensor of the network is among the loaded weights")
+
+    def mixed_state(self, trained: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``trained`` (a state dict of the same network) with every started tensor moved to
+        ``start + share * (trained - start)``; the rest as it is."""
+        return {
+            k: self._start[k] + self.share * (v.detach() - self._start[k]) if k in self._start else v
+            for k, v in trained.items()
+        }
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[dict[str, Tensor]]:
+        """Inside the block ``model`` holds the mixed weights; after it, its trained weights again. Yields
+        a copy of the trained state (what a resumed run must continue from)."""
+        trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model.load_state_dict(self.mixed_state(trained))
+        try:
+            yield trained
+        finally:
+            with torch.no_grad():
+                model.load_state_dict(trained)
+
+    def describe(self) -> str:
+        return (
+            f"init.weight_mix {self.share:g}: the model validated and saved is the start plus {self.share:g} of "
+            f"the trained change ({len(self._start)} tensors; WiSE-FT), training continues from the trained "
+            "weights"
+        )
