@@ -183,6 +183,26 @@ def score(model: Any, image_path: Path, label_path: Path) -> float:
     return float(evaluate_case(labels, truth, CLASSES, compute_hd95=False).mean_dice)
 
 
+def mixed_checkpoint(checkpoint: Path, share: float, out: Path) -> Path:
+    """A copy of ``checkpoint`` whose model is the start plus ``share`` of the trained change (what
+    ``init.weight_mix`` gives), from the trained weights it keeps (``trained_model``, else ``model``)."""
+    import torch
+
+    from training.init_weights import load_initial_weights
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    trained = state.get("trained_model") or state["model"]
+    start = load_initial_weights(MODEL).state_dict
+    state["model"] = {
+        k: start[k] + share * (v - start[k])
+        if v.is_floating_point() and k in start and start[k].shape == v.shape
+        else v
+        for k, v in trained.items()
+    }
+    torch.save(state, out)
+    return out
+
+
 def held_out_scores(model: Any, source: Path, perturbed: Path, held_out: str) -> dict[str, float]:
     return {
         "perturbed": score(
@@ -226,6 +246,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--tag", default="", help="appended to the run folders' names, to keep runs with other --set apart"
+    )
+    parser.add_argument(
+        "--mix-sweep",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="SHARE",
+        help="also score every fine-tune mixed with the start at these shares of its trained change "
+        "(init.weight_mix, from the trained weights the checkpoint keeps)",
     )
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -279,6 +308,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "seconds": seconds,
                         **held_out_scores(session, args.data, perturbed, held_out),
                     }
+                    sweep = {}
+                    for share in args.mix_sweep:
+                        mixed = mixed_checkpoint(checkpoint, share, out / f"mixed-{share:g}.pt")
+                        session, _ = load_checkpoint_session(mixed, "cpu")
+                        sweep[f"{share:g}"] = held_out_scores(session, args.data, perturbed, held_out)
+                        mixed.unlink()
+                        print(
+                            f"  mixed at {share:g}: perturbed {sweep[f'{share:g}']['perturbed']:.4f}, "
+                            f"clean {sweep[f'{share:g}']['clean']:.4f}",
+                            flush=True,
+                        )
+                    if sweep:
+                        runs[key]["mix_sweep"] = sweep
                 row = {
                     "k": k,
                     "seed": seed,
@@ -319,23 +361,47 @@ def report(
         f"Held-out {held_out}, bundled {MODEL} before fine-tuning: perturbed {before['perturbed']:.4f}, "
         f"clean {before['clean']:.4f}.",
         "",
-        "| corrected blocks | choice | replay | seeds | mean Dice perturbed | Δ | recovered share of the loss | "
-        "mean Dice clean | Δ | fine-tune s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| corrected blocks | choice | replay | settings | seeds | mean Dice perturbed | Δ | "
+        "recovered share of the loss | mean Dice clean | Δ | fine-tune s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple[int, str, float], list[dict[str, Any]]] = {}
+    groups: dict[tuple[int, str, float, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["k"], row["choice"], row["replay"]), []).append(row)
-    for (k, how, replay), group in groups.items():
+        settings = " ".join(row.get("settings", [])) or "preset"
+        groups.setdefault((row["k"], row["choice"], row["replay"], settings), []).append(row)
+    for (k, how, replay, settings), group in groups.items():
         p = float(np.mean([r["perturbed"] for r in group]))
         c = float(np.mean([r["clean"] for r in group]))
-        loss = before["clean"] - before["perturbed"]
-        share = (p - before["perturbed"]) / loss if loss > 0 else float("nan")
         lines.append(
-            f"| {k} | {how} | {replay:g} | {len(group)} | {p:.4f} | {p - before['perturbed']:+.4f} | {share:.0%} | {c:.4f} | "
+            f"| {k} | {how} | {replay:g} | {settings} | {len(group)} | {p:.4f} | {p - before['perturbed']:+.4f} | {_recovered(p, before)} | {c:.4f} | "
             f"{c - before['clean']:+.4f} | {np.mean([r['seconds'] for r in group]):.0f} |"
         )
+    sweeps = [(key, group) for key, group in groups.items() if all(r.get("mix_sweep") for r in group)]
+    if sweeps:
+        lines += [
+            "",
+            "The same fine-tunes mixed with the start at other shares of their trained change (`init.weight_mix`; "
+            "1 = the trained weights as they are):",
+            "",
+            "| corrected blocks | choice | settings | seeds | share | mean Dice perturbed | Δ | "
+            "recovered share of the loss | mean Dice clean | Δ |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (k, how, _, settings), group in sweeps:
+            for share in sorted(group[0]["mix_sweep"], key=float):
+                p = float(np.mean([r["mix_sweep"][share]["perturbed"] for r in group]))
+                c = float(np.mean([r["mix_sweep"][share]["clean"] for r in group]))
+                lines.append(
+                    f"| {k} | {how} | {settings} | {len(group)} | {share} | {p:.4f} | {p - before['perturbed']:+.4f} "
+                    f"| {_recovered(p, before)} | {c:.4f} | {c - before['clean']:+.4f} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def _recovered(perturbed: float, before: dict[str, float]) -> str:
+    """The share of the perturbation's loss (clean minus perturbed, before fine-tuning) won back."""
+    loss = before["clean"] - before["perturbed"]
+    return f"{(perturbed - before['perturbed']) / loss:.0%}" if loss > 0 else "n/a"
 
 
 if __name__ == "__main__":
