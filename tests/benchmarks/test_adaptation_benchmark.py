@@ -52,7 +52,10 @@ def test_random_choice_is_seeded_and_the_report_gives_the_recovered_share(bench)
     assert "| 2 | ranked | 0.25 | preset | 2 | 0.7800 | +0.1000 | 45% | 0.8900 | -0.0100 | 600 |" in text
     assert "| 2 | ranked | 0.25 | init.weight_mix=0.5 | 1 | 0.7000 | +0.0200 | 9% |" in text
     for row in rows[:2]:
-        row["mix_sweep"] = {"0.5": {"perturbed": 0.73, "clean": 0.90}, "1": {"perturbed": 0.80, "clean": 0.85}}
+        row["mix_sweep"] = {
+            "0.5": {"perturbed": 0.73, "clean": 0.90},
+            "1": {"perturbed": 0.80, "clean": 0.85},
+        }
     text = bench.report({"perturbed": 0.68, "clean": 0.90}, rows, "b4", "cmd", threads=1)
     assert "| 2 | ranked | preset | 2 | 0.5 | 0.7300 | +0.0500 | 23% | 0.9000 | +0.0000 |" in text
     assert "| 2 | ranked | preset | 2 | 1 | 0.8000 | +0.1200 | 55% | 0.8500 | -0.0500 |" in text
