@@ -263,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
+    from napari_medcl.atomic import write_text_atomic
     from napari_medcl.onnx_session import load_model
     from training.torch_session import load_checkpoint_session
 
@@ -278,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ranking = ranked_order(perturbed, candidates)
     print("ranked: " + "; ".join(f"{r['case']} ({r['reason']})" for r in ranking), flush=True)
 
+    command = f"PYTHONPATH=$PWD {sys.executable} benchmarks/adaptation.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     runs: dict[tuple[tuple[str, ...], int], dict[str, Any]] = {}
     rows = []
     for k in ks:
@@ -331,21 +335,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     **runs[key],
                 }
                 rows.append(row)
+                if args.json:  # after every fine-tune: a long run stopped early keeps what it measured
+                    write_text_atomic(
+                        args.json,
+                        json.dumps(
+                            {"before": before, "ranking": ranking, "rows": rows, "command": command},
+                            indent=1,
+                        ),
+                    )
                 print(
                     f"k={k} seed={seed} {how} {'+'.join(blocks)}: perturbed {row['perturbed']:.4f} "
                     f"({row['perturbed'] - before['perturbed']:+.4f}), clean {row['clean']:.4f} "
                     f"({row['clean'] - before['clean']:+.4f}), fine-tune {row['seconds']:.0f} s",
                     flush=True,
                 )
-    command = f"PYTHONPATH=$PWD {sys.executable} benchmarks/adaptation.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
     print(report(before, rows, held_out, command, threads=args.threads))
-    if args.json:
-        args.json.write_text(
-            json.dumps({"before": before, "ranking": ranking, "rows": rows, "command": command}, indent=1),
-            encoding="utf-8",
-        )
     return 0
 
 
