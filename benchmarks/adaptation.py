@@ -65,9 +65,15 @@ def _uncertainty_module():
 # --------------------------------------------------------------------------------------------- the data
 
 
-def perturbed_dataset(source: Path, work: Path) -> tuple[Path, str, list[str]]:
+def _accuracy_module():
+    return _uncertainty_module()._accuracy_module()
+
+
+def perturbed_dataset(source: Path, work: Path, kind: str = "strong") -> tuple[Path, str, list[str]]:
     """The new scanner's copy of ``source`` (MSD, written once under ``work``), the held-out block's id and
-    the candidate blocks' ids."""
+    the candidate blocks' ids. ``kind``: ``strong`` (gamma, then bias field and noise at twice the accuracy
+    benchmark's size) or ``mild`` (the accuracy benchmark's bias field and noise, no contrast change: the
+    perturbation of issue 19's 0.90 -> 0.78 figure)."""
     from napari_medcl.io import read_image, write_image
     from training.data.layouts import discover
     from training.data.preprocessing import split_cases
@@ -76,17 +82,23 @@ def perturbed_dataset(source: Path, work: Path) -> tuple[Path, str, list[str]]:
     cases = list(layout.cases)
     _, held = split_cases(cases, fold=0, num_folds=5, val_fraction=None, split_seed=12345)
     held_out = held[0].case_id
-    root = work / "perturbed"
+    root = work / ("perturbed" if kind == "strong" else f"perturbed-{kind}")
     if not (root / "dataset.json").is_file():
         strong = _uncertainty_module().perturb_strong
+        mild = _accuracy_module().perturb
         (root / "imagesTr").mkdir(parents=True, exist_ok=True)
         (root / "labelsTr").mkdir(parents=True, exist_ok=True)
         for i, case in enumerate(sorted(cases, key=lambda c: c.case_id)):
             gamma = float(np.random.default_rng(SEED_BASE + i).uniform(*GAMMA_RANGE))
-            image = strong(read_image(case.images[0]), seed=SEED_BASE + i, gamma=gamma)
+            image = read_image(case.images[0])
+            if kind == "strong":
+                image = strong(image, seed=SEED_BASE + i, gamma=gamma)
+            else:
+                image = mild(image, seed=SEED_BASE + i)
             write_image(image, root / "imagesTr" / f"{case.case_id}_0000.nii.gz")
             shutil.copyfile(case.label, root / "labelsTr" / f"{case.case_id}.nii.gz")
-            print(f"perturbed {case.case_id}: gamma {gamma:.2f}, seed {SEED_BASE + i}", flush=True)
+            what = f"gamma {gamma:.2f}, " if kind == "strong" else ""
+            print(f"perturbed ({kind}) {case.case_id}: {what}seed {SEED_BASE + i}", flush=True)
         meta = json.loads((source / "dataset.json").read_text(encoding="utf-8"))
         meta["description"] = f"{meta.get('description', '')}; new-scanner copy (benchmarks/adaptation.py)"
         (root / "dataset.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -95,8 +107,10 @@ def perturbed_dataset(source: Path, work: Path) -> tuple[Path, str, list[str]]:
 
 
 def corrections_dataset(perturbed: Path, blocks: Sequence[str], work: Path) -> Path:
-    """A dataset of the chosen perturbed blocks only (their ground truth as the corrections)."""
-    root = work / "sets" / "+".join(blocks)
+    """A dataset of the chosen perturbed blocks only (their ground truth as the corrections), kept apart
+    per perturbation (``perturbed`` is the strong one's folder, ``perturbed-<kind>`` another's)."""
+    sets = "sets" if perturbed.name == "perturbed" else perturbed.name.replace("perturbed", "sets", 1)
+    root = work / sets / "+".join(blocks)
     if (root / "dataset.json").is_file():
         return root
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -235,6 +249,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.5,
         help="init.replay_fraction; 0: no replay (default 0.5)",
     )
+    parser.add_argument(
+        "--perturbation",
+        choices=["strong", "mild"],
+        default="strong",
+        help="the new scanner: strong (gamma + twice the bias field and noise; default) or mild (the "
+        "accuracy benchmark's bias field and noise, the issue's 0.90 -> 0.78 case)",
+    )
     parser.add_argument("--choices", nargs="+", default=["ranked", "random"], choices=["ranked", "random"])
     parser.add_argument(
         "--set",
@@ -269,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    perturbed, held_out, candidates = perturbed_dataset(args.data, args.work)
+    perturbed, held_out, candidates = perturbed_dataset(args.data, args.work, args.perturbation)
     before = held_out_scores(
         load_model(MODEL, device="cpu", precision="fp32"), args.data, perturbed, held_out
     )
@@ -297,7 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if key not in runs:
                     data = corrections_dataset(perturbed, blocks, args.work)
                     name = f"{'+'.join(blocks)}-seed{seed}-replay{args.replay_fraction:g}{args.tag}"
-                    out = args.work / "runs" / name
+                    out = (
+                        args.work
+                        / ("runs" if args.perturbation == "strong" else f"runs-{args.perturbation}")
+                        / name
+                    )
                     checkpoint, seconds = fine_tune(
                         data,
                         out,

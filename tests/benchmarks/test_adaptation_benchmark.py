@@ -60,3 +60,19 @@ def test_random_choice_is_seeded_and_the_report_gives_the_recovered_share(bench)
     assert "| 2 | ranked | preset | 2 | 0.5 | 0.7300 | +0.0500 | 23% | 0.9000 | +0.0000 |" in text
     assert "| 2 | ranked | preset | 2 | 1 | 0.8000 | +0.1200 | 55% | 0.8500 | -0.0500 |" in text
     assert "| 2 | ranked | init.weight_mix=0.5 | 1 | 0.5 |" not in text  # that run was not swept
+
+
+def test_the_mild_new_scanner_is_kept_apart_from_the_strong_one(bench, tmp_path):
+    from napari_medcl.io import read_image
+
+    source = make_msd_dataset(tmp_path / "src", n_cases=5, shape=(8, 16, 16), num_classes=4)
+    strong, held_out, candidates = bench.perturbed_dataset(source, tmp_path / "work")
+    mild, held_mild, candidates_mild = bench.perturbed_dataset(source, tmp_path / "work", "mild")
+    assert mild != strong and (held_mild, candidates_mild) == (held_out, candidates)
+    case = f"{candidates[0]}_0000.nii.gz"
+    clean = read_image(source / "imagesTr" / case).array
+    a, b = (read_image(root / "imagesTr" / case).array for root in (strong, mild))
+    # The mild copy is the accuracy benchmark's bias field and noise: closer to the clean scan than the strong.
+    assert 0 < np.abs(b - clean).mean() < np.abs(a - clean).mean()
+    sets = {bench.corrections_dataset(root, candidates[:1], tmp_path / "work") for root in (strong, mild)}
+    assert len(sets) == 2
