@@ -24,8 +24,11 @@ Targets (issue 19): with 2 corrected blocks, the perturbed held-out block recove
 perturbation cost, and the clean block loses at most 0.01; ranked is not worse than random.
 
 ``--quick``: k = 2, seed 0, ranked and random, 3 epochs of 20 iterations (validation only at the end) instead
-of the preset's 6: each fine-tune about 6-8 min on one CPU thread. The full run (k = 1, 2, 4, seeds 0-2, the
-preset's 6 epochs): 15 fine-tunes (k = 4 has one choice) of about 13 min each on 2 CPU cores, some 3.5-4 hours.
+of the preset's 20: each fine-tune 2-4 min on one CPU thread. The full run (k = 1, 2, 4, seeds 0-2, the
+preset's 20 epochs): up to 15 fine-tunes (a choice that repeats another's blocks and seed is trained once) of
+about 14 min each on one CPU thread; two processes (say ``--k 2`` and ``--k 1 4``) fill two cores.
+``--mix-sweep`` rescores each fine-tune at other ``init.weight_mix`` shares; ``--perturbation mild`` is the
+issue's milder scanner; ``--set``/``--tag`` compare other settings.
 """
 
 from __future__ import annotations
