@@ -200,22 +200,16 @@ def score(model: Any, image_path: Path, label_path: Path) -> float:
     return float(evaluate_case(labels, truth, CLASSES, compute_hd95=False).mean_dice)
 
 
-def mixed_checkpoint(checkpoint: Path, share: float, out: Path) -> Path:
-    """A copy of ``checkpoint`` whose model is the start plus ``share`` of the trained change (what
-    ``init.weight_mix`` gives), from the trained weights it keeps (``trained_model``, else ``model``)."""
+def mixed_checkpoint(checkpoint: Path, start: dict[str, Any], share: float, out: Path) -> Path:
+    """A copy of ``checkpoint`` whose model is ``start`` (the bundled weights) plus ``share`` of the trained
+    change (what ``init.weight_mix`` gives), from the trained weights it keeps (``trained_model``, else
+    ``model``)."""
     import torch
 
-    from training.init_weights import load_initial_weights
+    from training.start_weights import mixed_state
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    trained = state.get("trained_model") or state["model"]
-    start = load_initial_weights(MODEL).state_dict
-    state["model"] = {
-        k: start[k] + share * (v - start[k])
-        if v.is_floating_point() and k in start and start[k].shape == v.shape
-        else v
-        for k, v in trained.items()
-    }
+    state["model"] = mixed_state(start, state.get("trained_model") or state["model"], share)
     torch.save(state, out)
     return out
 
@@ -289,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from napari_medcl.atomic import write_text_atomic
     from napari_medcl.onnx_session import load_model
+    from training.init_weights import load_initial_weights
     from training.torch_session import load_checkpoint_session
 
     torch.set_num_threads(args.threads)
@@ -306,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = f"PYTHONPATH=$PWD {sys.executable} benchmarks/adaptation.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
+    # The bundled weights, read once, for every --mix-sweep rescoring.
+    start = dict(load_initial_weights(MODEL).state_dict) if args.mix_sweep else {}
     runs: dict[tuple[tuple[str, ...], int], dict[str, Any]] = {}
     rows = []
     for k in ks:
@@ -342,13 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     }
                     sweep = {}
                     for share in args.mix_sweep:
-                        mixed = mixed_checkpoint(checkpoint, share, out / f"mixed-{share:g}.pt")
+                        name = f"{share:g}"
+                        mixed = mixed_checkpoint(checkpoint, start, share, out / f"mixed-{name}.pt")
                         session, _ = load_checkpoint_session(mixed, "cpu")
-                        sweep[f"{share:g}"] = held_out_scores(session, args.data, perturbed, held_out)
+                        sweep[name] = held_out_scores(session, args.data, perturbed, held_out)
                         mixed.unlink()
                         print(
-                            f"  mixed at {share:g}: perturbed {sweep[f'{share:g}']['perturbed']:.4f}, "
-                            f"clean {sweep[f'{share:g}']['clean']:.4f}",
+                            f"  mixed at {name}: perturbed {sweep[name]['perturbed']:.4f}, "
+                            f"clean {sweep[name]['clean']:.4f}",
                             flush=True,
                         )
                     if sweep:

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WeightAnchor", "WeightMix", "anchor_penalty"]
+__all__ = ["WeightAnchor", "WeightMix", "anchor_penalty", "mixed_state"]
 
 
 def anchor_penalty(weights: Iterable[Tensor], anchors: Iterable[Tensor], weight: float) -> Tensor:
@@ -79,6 +79,19 @@ class WeightAnchor:
         )
 
 
+def mixed_state(
+    start: Mapping[str, Tensor], trained: Mapping[str, Tensor], share: float
+) -> dict[str, Tensor]:
+    """``trained`` with every floating-point tensor that ``start`` also holds, in the same shape, moved to
+    ``start + share * (trained - start)``; the rest as it is."""
+    return {
+        k: start[k] + share * (v.detach() - start[k])
+        if v.is_floating_point() and k in start and start[k].shape == v.shape
+        else v
+        for k, v in trained.items()
+    }
+
+
 class WeightMix:
     """The start's floating-point state (weights and normalisation statistics) and the share of the trained
     change that the run's result keeps (see the module docstring)."""
@@ -97,12 +110,8 @@ class WeightMix:
             raise ValueError("no floating-point tensor of the network is among the loaded weights")
 
     def mixed_state(self, trained: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``trained`` (a state dict of the same network) with every started tensor moved to
-        ``start + share * (trained - start)``; the rest as it is."""
-        return {
-            k: self._start[k] + self.share * (v.detach() - self._start[k]) if k in self._start else v
-            for k, v in trained.items()
-        }
+        """``trained`` (a state dict of the same network) mixed with the start (:func:`mixed_state`)."""
+        return mixed_state(self._start, trained, self.share)
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[dict[str, Tensor]]:
