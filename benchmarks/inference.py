@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from graph_flops import count_flops  # benchmarks/graph_flops.py
 
+from napari_medcl.channel_softmax import cpu_graph
 from napari_medcl.onnx_session import MODELS_DIR, load_model, physical_cores
 from napari_medcl.openvino_session import openvino_installed
 from napari_medcl.prediction import predict
@@ -475,11 +476,12 @@ CONV_OPS = ("Conv", "FusedConv", "ConvTranspose", "NchwcConv")
 
 def ort_profile(model: bytes | Path, window: np.ndarray, runs: int = 2) -> dict[str, float]:
     """Seconds per window in each op type's kernels, from ONNX Runtime's profiler on a session opened as the
-    product opens it (all graph optimisations, one thread per physical core, no spinning); the first run
+    product opens it (the graph ``cpu_graph`` makes of the file, all graph optimisations, one thread per
+    physical core, no spinning); the first run
     (arena allocation) is left out. Separate from the interleaved timing: read it as shares of the time."""
     import onnxruntime as ort
 
-    data = model.read_bytes() if isinstance(model, Path) else model
+    data = cpu_graph(model.read_bytes() if isinstance(model, Path) else model)
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
