@@ -13,9 +13,8 @@ with reductions over that axis, which the CPU provider runs in place:
 
 Subtracting the maximum keeps it exact for any logits (no overflow, the largest term is exp(0) = 1). The graph
 that runs is then not byte for byte the file's: its outputs differ by float32 rounding (at most 2.1e-6 on a
-window of the bundled 3D model). Nodes
-over the last axis, and models of opset 12 or older (whose softmax flattens every axis after ``axis``), are
-left as they are.
+window of the bundled 3D model). Nodes over the last axis, and models of opset 12 or older (whose softmax
+flattens every axis after ``axis``), are left as they are.
 """
 
 from __future__ import annotations
