@@ -512,7 +512,8 @@ def _cpu_graph_or_same(data: bytes) -> bytes:
         return data
 
 
-def _create_session(data: bytes, path: Path, device: str) -> Any:
+def session_options() -> Any:
+    """The onnxruntime.SessionOptions every product session is opened with (benchmarks open theirs alike)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -522,7 +523,13 @@ def _create_session(data: bytes, path: Path, device: str) -> Any:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3  # warnings (e.g. unused initializers) are not the user's business
+    return options
 
+
+def _create_session(data: bytes, path: Path, device: str) -> Any:
+    import onnxruntime as ort
+
+    options = session_options()
     providers: list[Any] = [CPU]
     if device in ("auto", "cuda"):
         reason = cuda_unavailable_reason()
