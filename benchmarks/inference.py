@@ -561,7 +561,7 @@ def run_case(case: Case, folder: Path, *, device: str, repeats: int, with_torch:
     volume = Volume(image, spacing, (0.0,) * image.ndim, np.eye(image.ndim))
 
     rss_start = rss_bytes()
-    model = load_model(path, device=device)
+    model = load_model(path, device=device, backend="onnxruntime")  # OpenVINO has its own row
     window = np.random.default_rng(1).normal(size=(1, 1, *window_grid)).astype(np.float32)
     # Warm-up until the RSS settles: the first run sizes ORT's arena, the second allocates the block its
     # memory-pattern planner laid out for this window shape. Both are per-session costs, whatever the image.
