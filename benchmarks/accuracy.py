@@ -20,6 +20,11 @@ last checkpoint is tested (no model selection on the test block) through the pro
 on the clean block and on a perturbed copy (smooth multiplicative bias field and Gaussian noise inside the
 brain, seeded per fold). Results go to one JSON line per run, so a stopped benchmark picks up where it was.
 
+The harder task (``--task tissue-scanners``) keeps the blocks, folds, regimes and budget of the tissue task but
+images every block as its own simulated scanner would (``vary_acquisition``: gamma, blur along z and
+in-plane, bias field, noise, seeded per block so a block looks the same in every fold), so each run trains on
+some acquisitions and is tested on another, and the limited regime sees one scanner only.
+
 The lesion task (``--task lesions``, 2D only) runs the same arms on the three MRI cases of the pyradiomics
 sdist (two brain scans and one breast scan, one lesion each), leave-one-case-out, at their own in-plane
 spacing, in the full regime only (budget in ``benchmarks/configs/accuracy-lesions.yaml``). Three cases are far
@@ -83,6 +88,16 @@ class Task:
     regimes: tuple[str, ...]
     dims: tuple[int, ...]
     factor: int  # the grid is this many times coarser than the dataset's (block means)
+    config: str = "accuracy-{dims}d.yaml"  # the base config in benchmarks/configs
+    title: str = "{dims}D"  # the report's table titles
+    scanners: bool = False  # every case imaged by its own simulated scanner (vary_acquisition)
+
+    def results_name(self, dims: int) -> str:
+        """The results file's name: results-3d.jsonl for the tissue task, else with the task's name (and the
+        dims for a task that has both)."""
+        if self.name == "tissue":
+            return f"results-{dims}d.jsonl"
+        return f"results-{self.name}.jsonl" if len(self.dims) == 1 else f"results-{self.name}-{dims}d.jsonl"
 
 
 TASKS = {
@@ -92,12 +107,46 @@ TASKS = {
     ),
     # Five folds of three cases would leave folds empty: one fold per case, leave-one-case-out.
     "lesions": Task(
-        "lesions", ("lesion",), "data/pyradiomics-lesions", "pyradiomics-lesions", 3, ("full",), (2,), 1
+        "lesions",
+        ("lesion",),
+        "data/pyradiomics-lesions",
+        "pyradiomics-lesions",
+        3,
+        ("full",),
+        (2,),
+        1,
+        config="accuracy-lesions.yaml",
+        title="Lesions, {dims}D, leave-one-case-out",
+    ),
+    # The harder task: the same blocks and folds, but each block as another scanner would have imaged it
+    # (contrast, resolution, bias field and noise of its own), so training and test cases differ in
+    # acquisition as a real cohort's do, and the limited regime learns from one scanner only.
+    "tissue-scanners": Task(
+        "tissue-scanners",
+        ("CSF", "GM", "WM"),
+        "data/mni152-tissue",
+        "mni152-tissue",
+        5,
+        REGIMES,
+        (2, 3),
+        2,
+        title="{dims}D, one simulated scanner per block",
+        scanners=True,
     ),
 }
 LIMITED_SLICES = {2: 1, 3: 5}
 PERTURB_NOISE = 0.04  # noise sd as a share of the brain's 99.5th percentile
 PERTURB_BIAS = 0.3  # bias field: exp of a random quadratic with coefficients up to this
+# Simulated scanners (task tissue-scanners): gamma of the [0, 1]-scaled brain, Gaussian blur along z and
+# in-plane (voxels of the 2 mm grid: thick slices, a softer reconstruction), bias-field coefficients up to
+# SCANNER_BIAS, noise sd as a share of the brain's 99.5th percentile. Block k is scanner SCANNER_SEED + k in
+# every fold.
+SCANNER_GAMMA = (0.6, 1.6)
+SCANNER_BLUR_Z = (0.0, 1.2)
+SCANNER_BLUR_XY = (0.0, 0.6)
+SCANNER_BIAS = 0.4
+SCANNER_NOISE = (0.01, 0.05)
+SCANNER_SEED = 3000
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -158,6 +207,34 @@ def perturb(volume, seed: int):
     return volume.with_array(out)
 
 
+def vary_acquisition(volume, seed: int):
+    """``volume`` (skull-stripped, background 0) as scanner ``seed`` would show it: its own gamma, resolution
+    (blur along z and in-plane), bias field and noise inside the brain; the brain mask is kept. Returns the new
+    volume and the scanner's settings (for the record)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    a = np.asarray(volume.array, dtype=np.float32)
+    brain = a > 0
+    scale = float(np.percentile(a[brain], 99.5))
+    settings = {
+        "gamma": float(np.exp(rng.uniform(*np.log(SCANNER_GAMMA)))),
+        "blur_z": float(rng.uniform(*SCANNER_BLUR_Z)),
+        "blur_xy": float(rng.uniform(*SCANNER_BLUR_XY)),
+        "noise": float(rng.uniform(*SCANNER_NOISE)),
+    }
+    out = np.clip(a / scale, 0.0, None) ** settings["gamma"]
+    out = ndimage.gaussian_filter(out, (settings["blur_z"], settings["blur_xy"], settings["blur_xy"]))
+    axes = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in a.shape], indexing="ij")
+    terms = [*axes, *(x * y for i, x in enumerate(axes) for y in axes[i:])]
+    log_field = sum(c * t for c, t in zip(rng.uniform(-SCANNER_BIAS, SCANNER_BIAS, len(terms)), terms))
+    out = out * np.exp(log_field) + rng.normal(0.0, settings["noise"], a.shape)
+    out = (out * scale).astype(np.float32)
+    out[~brain] = 0
+    out[brain] = np.maximum(out[brain], 1e-3 * scale)  # noise must not carve holes in the brain mask
+    return volume.with_array(out), settings
+
+
 def fold_dataset(
     source: Path, work: Path, dims: int, fold: int, regime: str, task: Task = TASKS["tissue"]
 ) -> tuple[Path, str]:
@@ -194,6 +271,11 @@ def fold_dataset(
         )
         for b in blocks
     }
+    scanners = {}
+    if task.scanners:
+        for k, b in enumerate(blocks):
+            varied, scanners[b] = vary_acquisition(cases[b][0], seed=SCANNER_SEED + k)
+            cases[b] = (varied, cases[b][1])
     train_blocks = [b for b in blocks if b != test]
     if regime == "limited" and dims == 3:
         train_blocks = [max(train_blocks, key=lambda b: int((cases[b][1].array > 0).sum()))]
@@ -208,6 +290,8 @@ def fold_dataset(
     _write(perturb(cases[test][0], seed=1000 + fold), root / "perturbed" / f"{test}_0000.nii.gz")
     keep = ("name", "description", "channel_names", "labels", "file_ending")
     meta = {k: meta[k] for k in keep if k in meta} | {"numTraining": len(train_blocks) + 1}
+    if scanners:
+        meta["scanners"] = {b: scanners[b] for b in [*train_blocks, test]}
     (root / "dataset.json").write_text(json.dumps(meta, indent=2))
     return root, test
 
@@ -252,12 +336,12 @@ def plan(
 
 
 def _results_path(work: Path, dims: int, task: str = "tissue") -> Path:
-    return work / (f"results-{dims}d.jsonl" if task == "tissue" else f"results-{task}.jsonl")
+    return work / TASKS[task].results_name(dims)
 
 
 def committed_results_path(dims: int, task: str = "tissue") -> Path:
     """The results kept in the repository (what docs/benchmarks.md's tables are printed from)."""
-    return HERE / "results" / (f"accuracy-{dims}d.jsonl" if task == "tissue" else f"accuracy-{task}.jsonl")
+    return HERE / "results" / TASKS[task].results_name(dims).replace("results-", "accuracy-", 1)
 
 
 def load_results(work: Path, dims: int, task: str = "tissue", path: Path | None = None) -> list[dict]:
@@ -331,8 +415,7 @@ def run_one(key: RunKey, source: Path, work: Path, budget: Sequence[str] = ()) -
         *budget,
         *ARMS[key.arm],
     ]
-    base = f"accuracy-{key.dims}d.yaml" if key.task == "tissue" else f"accuracy-{key.task}.yaml"
-    cfg = load_config(HERE / "configs" / base, overrides)
+    cfg = load_config(HERE / "configs" / task.config.format(dims=key.dims), overrides)
     started = time.perf_counter()
     # A run stopped before its result was written left its checkpoint: continue it (exact resume).
     result = train(cfg, resume=(out / "checkpoint_last.pt").is_file())
@@ -465,7 +548,7 @@ def _report_series(records: Sequence[dict], dims: int, task: Task, series: str) 
     from scipy.stats import wilcoxon
 
     classes = task.classes
-    title = f"{dims}D" if task.name == "tissue" else f"{task.name.capitalize()}, {dims}D, leave-one-case-out"
+    title = task.title.format(dims=dims)
     if series:
         title += f", {SERIES_TITLES.get(series, series)}"
     # The gradient-ratio column appears where runs logged it (the six-arm runs predate the diagnostic).

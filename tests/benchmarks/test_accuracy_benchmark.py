@@ -124,6 +124,48 @@ def test_lesion_folds_leave_one_case_out_on_the_cases_own_grid(accuracy, tmp_pat
     assert sorted(held_out) == sorted(cases)  # every case is held out exactly once
 
 
+def test_scanner_task_images_every_block_with_its_own_scanner(accuracy, tmp_path):
+    source = tmp_path / "tissue"
+    rng = np.random.default_rng(1)
+    for k in range(5):
+        label = np.zeros((8, 12, 10), np.uint8)
+        label[1:7, 2:10, 2:8] = rng.integers(1, 4, (6, 8, 6))
+        image = np.where(label > 0, 0.2 + 0.25 * label + rng.normal(0, 0.02, label.shape), 0).astype(
+            np.float32
+        )
+        _write_case(source, f"mni152_block{k}", image, label, (1.0, 1.0, 1.0))
+    (source / "dataset.json").write_text(
+        '{"name": "t", "channel_names": {"0": "T1"}, "labels": {"background": 0, "CSF": 1, "GM": 2, "WM": 3}, '
+        '"numTraining": 5, "file_ending": ".nii.gz"}'
+    )
+    plain, varied = accuracy.TASKS["tissue"], accuracy.TASKS["tissue-scanners"]
+    roots = {}
+    for name, task in (("plain", plain), ("varied", varied)):
+        for fold in (0, 1):
+            roots[name, fold] = accuracy.fold_dataset(source, tmp_path / "work", 3, fold, "full", task)
+    (plain_root, test), (varied_root, varied_test) = roots["plain", 0], roots["varied", 0]
+    assert varied_root != plain_root and varied_test == test
+    meta = json.loads((varied_root / "dataset.json").read_text())
+    assert set(meta["scanners"]) == {f"mni152_block{k}" for k in range(5)}
+    gammas = [meta["scanners"][b]["gamma"] for b in sorted(meta["scanners"])]
+    assert len(set(gammas)) == 5 and all(0.6 <= g <= 1.6 for g in gammas)  # one scanner per block
+    for block in (f"mni152_block{k}" for k in range(5)):
+        a = accuracy._read(plain_root / "imagesTr" / f"{block}_0000.nii.gz").array
+        b = accuracy._read(varied_root / "imagesTr" / f"{block}_0000.nii.gz").array
+        assert ((a > 0) == (b > 0)).all() and not np.allclose(a, b)  # same brain, another acquisition
+        np.testing.assert_array_equal(
+            accuracy._read(plain_root / "labelsTr" / f"{block}.nii.gz").array,
+            accuracy._read(varied_root / "labelsTr" / f"{block}.nii.gz").array,
+        )
+        # A block keeps its scanner in every fold.
+        other = accuracy._read(roots["varied", 1][0] / "imagesTr" / f"{block}_0000.nii.gz").array
+        np.testing.assert_array_equal(other, b)
+    assert varied.results_name(3) == "results-tissue-scanners-3d.jsonl"
+    assert plain.results_name(3) == "results-3d.jsonl"
+    assert accuracy.TASKS["lesions"].results_name(2) == "results-lesions.jsonl"
+    assert accuracy.committed_results_path(2, "tissue-scanners").name == "accuracy-tissue-scanners-2d.jsonl"
+
+
 def test_lesion_report_has_one_class_column(accuracy):
     def record(arm, fold, seed, dice):
         scores = {"dice": {"lesion": dice}, "hd95": {"lesion": float("inf") if dice == 0 else 3.0}}
