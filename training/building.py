@@ -22,6 +22,7 @@ from training.config import TrainConfig, config_notices
 from training.errors import RunError
 from training.loop import TrainStep
 from training.runtime import Runtime, rank_seed
+from training.start_weights import train_only
 
 __all__ = [
     "TrainingParts",
@@ -81,6 +82,12 @@ def build_training(cfg: TrainConfig, info: Any, runtime: Runtime) -> TrainingPar
         else:
             sync_note = "train.sync_batchnorm ignored: SyncBatchNorm needs CUDA"
     losses = nn.ModuleDict({k: v for k, v in (("pdcr", step.pdcr),) if v is not None})
+    frozen_note = None
+    if cfg.init.train_only and cfg.init.from_checkpoint is not None:
+        try:
+            frozen_note = train_only(model, cfg.init.train_only)
+        except ValueError as error:
+            raise RunError(str(error)) from None
     optimizer = _build_optimizer(cfg, [p for p in step.parameters() if p.requires_grad])
     scheduler = _build_scheduler(cfg, optimizer)
     if dist.world_size > 1:
@@ -96,7 +103,7 @@ def build_training(cfg: TrainConfig, info: Any, runtime: Runtime) -> TrainingPar
     if dist.is_main:
         for notice in notices:
             warnings.warn(notice, UserWarning, stacklevel=2)
-    notes = [f"notice: {n}" for n in notices]
+    notes = [f"notice: {n}" for n in notices] + ([frozen_note] if frozen_note else [])
     if pdcr is not None:
         notes += pdcr_notes(pdcr, patch_size)
     return TrainingParts(

@@ -318,7 +318,9 @@ class InitConfig:
     network back toward where it started (``training.start_weights``); 0 is off. ``weight_mix`` (WiSE-FT,
     Wortsman et al. 2022) is a third: the model the run validates and saves is ``w0 + weight_mix * (w - w0)``,
     between the start and the trained weights, while training itself goes on from the trained ones; 1 is
-    off."""
+    off. ``train_only`` is a fourth: names of the network's parameters, or prefixes ending at a dot boundary
+    (``encoder.0``, ``uafr.encoder1``), that the optimizer updates; every other weight keeps its loaded value
+    (BatchNorm running statistics still follow the data). Empty (the default): all of them."""
 
     from_checkpoint: str | None = None
     reinit_heads: bool = False
@@ -328,8 +330,13 @@ class InitConfig:
     replay_fraction: float = 0.5
     anchor_weight: float = 0.0
     weight_mix: float = 1.0
+    train_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.train_only, str) or any(not isinstance(n, str) or not n for n in self.train_only):
+            raise ValueError(
+                f"train_only must be a list of parameter names or prefixes, got {self.train_only!r}"
+            )
         if not 0.0 < self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in (0, 1), got {self.replay_fraction!r}")
         if not (self.anchor_weight >= 0.0 and math.isfinite(self.anchor_weight)):
@@ -442,7 +449,7 @@ def config_notices(cfg: TrainConfig) -> list[str]:
         unused(
             cfg.init,
             "init",
-            ("anchor_weight", "weight_mix"),
+            ("anchor_weight", "weight_mix", "train_only"),
             "init.from_checkpoint is null (no start weights)",
         )
 

@@ -1,4 +1,4 @@
-"""What a fine-tune keeps of the weights it started from: two guards against forgetting that need no data.
+"""What a fine-tune keeps of the weights it started from: three guards against forgetting that need no data.
 
 Fine-tuning on a few corrected cases from a new scanner moves every weight, and the network forgets part of
 what it knew (``benchmarks/adaptation.py``: the clean held-out block loses Dice). Replay of the original
@@ -10,6 +10,9 @@ data (``training.replay``) is one guard; these are the others.
 - :class:`WeightMix` (``init.weight_mix``): weight-space ensembling of the result with the start (WiSE-FT,
   Wortsman et al., CVPR 2022). Training runs as usual; the model the run validates and saves is
   ``w0 + share * (w - w0)``, a point on the straight line between the start and the fine-tuned weights.
+- :func:`train_only` (``init.train_only``): only the named parameters train; the rest keep their loaded
+  values. The usual choice for a new scanner is the first encoder stages, where a U-Net keeps what depends
+  on the acquisition (Shirokikh et al., MICCAI 2020), leaving the layers that hold the anatomy as they were.
 
 Only what was loaded takes part: output heads started afresh for new classes (``init.reinit_heads``) are
 neither anchored nor mixed, and a prompt network's new input channels start, and are anchored, at zero
@@ -24,7 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WeightAnchor", "WeightMix", "anchor_penalty", "mixed_state"]
+__all__ = ["WeightAnchor", "WeightMix", "anchor_penalty", "mixed_state", "train_only"]
 
 
 def anchor_penalty(weights: Iterable[Tensor], anchors: Iterable[Tensor], weight: float) -> Tensor:
@@ -132,3 +135,33 @@ class WeightMix:
             f"the trained change ({len(self._start)} tensors; WiSE-FT), training continues from the trained "
             "weights"
         )
+
+
+def train_only(model: nn.Module, names: Iterable[str]) -> str:
+    """Freeze (``requires_grad = False``) every parameter of ``model`` but those named in ``names``: a full
+    parameter name, or a prefix ending at a dot boundary (``encoder.0`` covers ``encoder.0.conv.weight``, not
+    ``encoder.01``). Call it before the optimizer is built. Returns the log line; a ValueError names any entry
+    that matches no parameter, with the top-level groups there are."""
+    names = tuple(names)
+    params = dict(model.named_parameters())
+
+    def chosen(param: str, name: str) -> bool:
+        return param == name or param.startswith(name + ".")
+
+    unmatched = [n for n in names if not any(chosen(p, n) for p in params)]
+    if unmatched:
+        groups = sorted({".".join(p.split(".")[:2]) for p in params})
+        raise ValueError(
+            f"init.train_only: {', '.join(unmatched)} match no parameter of the network; its groups are "
+            + ", ".join(groups)
+        )
+    trained = 0
+    for param_name, param in params.items():
+        keep = any(chosen(param_name, n) for n in names)
+        param.requires_grad_(keep)
+        trained += param.numel() if keep else 0
+    total = sum(p.numel() for p in params.values())
+    return (
+        f"init.train_only {', '.join(names)}: {trained:,} of {total:,} parameters train "
+        f"({trained / total:.1%}); the others keep their loaded values"
+    )

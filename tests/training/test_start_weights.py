@@ -13,9 +13,10 @@ import torch
 from tests.dataset_factory import make_msd_dataset
 from training.building import build_model
 from training.config import config_from_dict, config_notices, load_config
+from training.errors import RunError
 from training.init_weights import HEAD_PREFIXES, initial_state, load_initial_weights
 from training.run import train
-from training.start_weights import WeightAnchor, WeightMix, anchor_penalty
+from training.start_weights import WeightAnchor, WeightMix, anchor_penalty, train_only
 
 pytestmark = pytest.mark.torch
 
@@ -126,6 +127,34 @@ def test_a_strong_anchor_keeps_a_fine_tune_near_its_start_and_the_run_reports_it
     )
     log = (held.output_dir / "train.log").read_text(encoding="utf-8")
     assert "init.anchor_weight 10: L2-SP pulls" in log and "anchor " in log
+
+
+def test_train_only_updates_the_named_parameters_and_keeps_the_rest_as_loaded(
+    start, tmp_path, one_torch_thread
+):
+    root, checkpoint = start
+    tune = ["train.lr=0.01", "train.iterations_per_epoch=3", f"init.from_checkpoint={checkpoint}"]
+    run = train(
+        load_config(None, settings(root, tmp_path / "first-stage", *tune, "init.train_only=[encoder.0]"))
+    )
+    before = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    after = torch.load(run.output_dir / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    moved = {k for k in before if not k.endswith(statistics) and not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("encoder.0.") for k in moved)
+    log = (run.output_dir / "train.log").read_text(encoding="utf-8")
+    assert "init.train_only encoder.0:" in log and "parameters train" in log
+
+    with pytest.raises(RunError, match=r"encoder\.9 match no parameter.*encoder\.0"):
+        train(load_config(None, settings(root, tmp_path / "typo", *tune, "init.train_only=[encoder.9]")))
+    # A prefix stops at a dot: "encoder.0" is not "encoder.0x"; a bare string is not a list.
+    model = build_model(config_from_dict(TINY), 1, 2)
+    train_only(model, ["encoder.0"])
+    assert all(p.requires_grad == n.startswith("encoder.0.") for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="train_only"):
+        config_from_dict({"init": {"train_only": "encoder.0"}})
+    notes = config_notices(config_from_dict({"init": {"train_only": ["encoder.0"]}}))
+    assert any(n.startswith("init.train_only has no effect") for n in notes)
 
 
 def test_the_mix_moves_only_started_tensors_and_gives_the_trained_weights_back():
