@@ -472,6 +472,30 @@ def _inference_for_model(ctx: Context, key: str, sample, ct) -> None:
     def windows() -> dict[str, Any]:
         return window_latency(state["session"], dry_run=ctx.dry_run)
 
+    def windows_rewritten() -> dict[str, Any]:
+        # On the CPU the product runs channel-axis softmaxes as reductions (napari_medcl.channel_softmax);
+        # whether the CUDA provider gains from it too is measured here, on the same provider and options.
+        import onnxruntime as ort
+
+        from napari_medcl.channel_softmax import cpu_graph
+        from napari_medcl.onnx_session import LoadedModel, session_options
+
+        session = state["session"]
+        providers = session.session.get_providers()
+        options = session.session.get_provider_options()
+        rewritten = ort.InferenceSession(
+            cpu_graph(session.path.read_bytes()), session_options(),
+            providers=[(p, options.get(p, {})) for p in providers],
+        )  # fmt: skip
+        other = dataclasses.replace(session, session=rewritten, provider=rewritten.get_providers()[0])
+        x = np.random.default_rng(1).random(
+            (1, session.spec.in_channels, *session.spec.patch_size), np.float32
+        )
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(session.run(x), other.run(x)))
+        assert isinstance(other, LoadedModel)
+        return {"file": window_latency(session, dry_run=ctx.dry_run),
+                "rewritten": window_latency(other, dry_run=ctx.dry_run), "max_abs_diff": diff}  # fmt: skip
+
     def gpu_ct() -> dict[str, Any]:
         memory = state["memory"]
         prediction, seconds = timed_predict(ct, state["session"], memory)
@@ -490,6 +514,7 @@ def _inference_for_model(ctx: Context, key: str, sample, ct) -> None:
         ctx.skip(f"{key}/ct/cuda", "no session: the sample step failed")
     else:
         ctx.step(f"{key}/window", windows)
+        ctx.step(f"{key}/window/channel-softmax-rewritten", windows_rewritten)
         spec = state["session"].spec
         scale = model_grid_voxels(ct, spec) / state["sample_grid"]  # the sample's grid after its crop
         ctx.step(f"{key}/ct/cuda", gpu_ct, estimate=state["sample_warm"] * scale)

@@ -23,7 +23,14 @@ EXPECTED_STEPS = {
         *(
             f"{d}/{part}"
             for d in ("3d", "2d")
-            for part in ("sample/cuda", "sample/cpu", "window", "ct/cuda", "ct/cpu")
+            for part in (
+                "sample/cuda",
+                "sample/cpu",
+                "window",
+                "window/channel-softmax-rewritten",
+                "ct/cuda",
+                "ct/cpu",
+            )
         ),
     },
     "fp16": {"convert", "sessions", "window", "sample", "ct"},
@@ -78,6 +85,8 @@ def test_dry_run_figures(dry_run_report):
         assert inference[f"{d}/sample/cuda"]["warm_seconds"] > 0
         assert inference[f"{d}/sample/cpu"]["labels_vs_cuda_run"]["agreement"] == 1.0  # both on the CPU here
         assert "estimate_seconds" in inference[f"{d}/ct/cpu"]
+        rewritten = inference[f"{d}/window/channel-softmax-rewritten"]
+        assert rewritten["max_abs_diff"] < 1e-4 and rewritten["rewritten"]["batch1_ms_per_window"] > 0
     fp16 = report["sections"]["fp16"]["steps"]
     assert fp16["sample"]["labels_fp16_vs_fp32"]["agreement"] > 0.99
     assert isinstance(fp16["ct"]["labels_fp16_vs_fp32"], dict)  # compared with the inference section's run
