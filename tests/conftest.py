@@ -23,3 +23,14 @@ def private_config_folder(tmp_path_factory, monkeypatch):
     folder = tmp_path_factory.mktemp("config")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(folder))
     monkeypatch.setenv("APPDATA", str(folder))
+
+
+@pytest.fixture(autouse=True)
+def locale_restored():
+    """SimpleITK's DICOM writer (GDCM), which tests use to make DICOM series, switches the process to the C
+    locale; put the locale back so that a later test's text I/O does not depend on which tests ran first."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)

@@ -90,7 +90,7 @@ def test_out_of_distribution_first_empty_scan_and_bad_file_last(tmp_path, cases,
     assert len(problem_lines) == 1 and "broken.nii.gz" in problem_lines[0]
     assert "Traceback" not in captured.err
     assert "most informative: bright (out-of-distribution: " in captured.out
-    with open(out, newline="") as file:
+    with open(out, newline="", encoding="utf-8") as file:
         rows = list(csv.DictReader(file))
     assert list(rows[0]) == list(CSV_COLUMNS)
     assert [r["case"] for r in rows] == ["bright", "noisiest", "calm", "empty", "broken"]
