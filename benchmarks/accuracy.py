@@ -23,7 +23,8 @@ brain, seeded per fold). Results go to one JSON line per run, so a stopped bench
 The harder task (``--task tissue-scanners``) keeps the blocks, folds, regimes and budget of the tissue task but
 images every block as its own simulated scanner would (``vary_acquisition``: gamma, blur along z and
 in-plane, bias field, noise, seeded per block so a block looks the same in every fold), so each run trains on
-some acquisitions and is tested on another, and the limited regime sees one scanner only.
+some acquisitions and is tested on another; the limited regime sees one slice of each training scanner in 2D
+and one scanner only in 3D.
 
 The lesion task (``--task lesions``, 2D only) runs the same arms on the three MRI cases of the pyradiomics
 sdist (two brain scans and one breast scan, one lesion each), leave-one-case-out, at their own in-plane
@@ -120,7 +121,7 @@ TASKS = {
     ),
     # The harder task: the same blocks and folds, but each block as another scanner would have imaged it
     # (contrast, resolution, bias field and noise of its own), so training and test cases differ in
-    # acquisition as a real cohort's do, and the limited regime learns from one scanner only.
+    # acquisition as a real cohort's do; in 3D the limited regime learns from one scanner only.
     "tissue-scanners": Task(
         "tissue-scanners",
         ("CSF", "GM", "WM"),
