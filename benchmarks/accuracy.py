@@ -9,6 +9,8 @@ and a tiny binary lesion table on the pyradiomics MRI cases.
     .venv/bin/medcl-data build pyradiomics-lesions -o data/pyradiomics-lesions
     .venv/bin/python benchmarks/accuracy.py run --task lesions      # leave-one-case-out, 2D
     .venv/bin/python benchmarks/accuracy.py report --task lesions
+    .venv/bin/python benchmarks/accuracy.py run --task tissue-scanners   # the harder task (below)
+    .venv/bin/python benchmarks/accuracy.py scanners -o scanners.png     # what its blocks look like
 
 Protocol. The dataset's five contiguous axial blocks (6 mm apart, so no test slice lies within 5 mm of a
 training slice) are the folds, numbered as training numbers them: each fold trains on four blocks and tests on
@@ -695,6 +697,47 @@ def command_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_scanners(args: argparse.Namespace) -> int:
+    """Draw each block's middle axial slice on the benchmark's grid as the template has it (top row) and as its
+    simulated scanner images it (bottom row, with the scanner's settings): what ``--task tissue-scanners``
+    trains and tests on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task, source = TASKS["tissue-scanners"], Path(args.data or TASKS["tissue-scanners"].data)
+    if not (source / "dataset.json").is_file():
+        print(
+            f"{source}: no dataset; build it with `medcl-data build {task.builder} -o {source}`",
+            file=sys.stderr,
+        )
+        return 1
+    blocks = _cases(source)
+    figure, axes = plt.subplots(2, len(blocks), figsize=(2.6 * len(blocks), 5.8), squeeze=False)
+    for k, block in enumerate(blocks):
+        plain = downsample(_read(source / "imagesTr" / f"{block}_0000.nii.gz"), task.factor, labels=False)
+        scanned, settings = vary_acquisition(plain, SCANNER_SEED + k)
+        for row, volume in enumerate((plain, scanned)):
+            a = np.asarray(volume.array)
+            ax = axes[row][k]
+            ax.imshow(a[a.shape[0] // 2], cmap="gray", vmin=0, vmax=float(np.percentile(a[a > 0], 99.5)))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][k].set_title(f"{block}\ntemplate", fontsize=9)
+        axes[1][k].set_title(
+            f"scanner {SCANNER_SEED + k}: gamma {settings['gamma']:.2f}\n"
+            f"blur z {settings['blur_z']:.2f}, xy {settings['blur_xy']:.2f}, noise {settings['noise']:.2f}",
+            fontsize=8,
+        )
+    figure.tight_layout()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -706,6 +749,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     curves.add_argument("--results", help="the results file (default: the committed one)")
     curves.add_argument("--series", default="", help="the series to plot")
     curves.add_argument("-o", "--output", required=True, help="the PNG to write")
+    scanners = sub.add_parser("scanners", help="draw every block as the tissue-scanners task images it")
+    scanners.add_argument("--data", help="the mni152-tissue dataset (default: data/mni152-tissue)")
+    scanners.add_argument("-o", "--output", required=True, help="the PNG to write")
     for name in ("run", "report"):
         p = sub.add_parser(name)
         p.add_argument("--task", choices=list(TASKS), default="tissue")
@@ -751,6 +797,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "curves":
         return command_curves(args)
+    if args.command == "scanners":
+        return command_scanners(args)
     task = TASKS[args.task]
     if args.dims not in task.dims:
         parser.error(f"--task {task.name} runs in {' or '.join(f'{d}D' for d in task.dims)} only")

@@ -164,6 +164,11 @@ def test_scanner_task_images_every_block_with_its_own_scanner(accuracy, tmp_path
     assert plain.results_name(3) == "results-3d.jsonl"
     assert accuracy.TASKS["lesions"].results_name(2) == "results-lesions.jsonl"
     assert accuracy.committed_results_path(2, "tissue-scanners").name == "accuracy-tissue-scanners-2d.jsonl"
+    # The picture of the task: every block before and after its scanner; a missing dataset is a plain error.
+    png = tmp_path / "scanners.png"
+    assert accuracy.main(["scanners", "--data", str(source), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert accuracy.main(["scanners", "--data", str(tmp_path / "none"), "-o", str(png)]) == 1
 
 
 def test_lesion_report_has_one_class_column(accuracy):
