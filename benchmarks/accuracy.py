@@ -689,11 +689,7 @@ def command_curves(args: argparse.Namespace) -> int:
                 f"{', '.join(f'{m:.3f}' for m in means)}; over the last third (epochs {third}-{epochs[-1]}) "
                 f"it moves {late[-1] - late[0]:+.3f} (range {max(late) - min(late):.3f})"
             )
-    figure.tight_layout()
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    _save_figure(figure, Path(args.output))
     return 0
 
 
@@ -730,12 +726,15 @@ def command_scanners(args: argparse.Namespace) -> int:
             f"blur z {settings['blur_z']:.2f}, xy {settings['blur_xy']:.2f}, noise {settings['noise']:.2f}",
             fontsize=8,
         )
+    _save_figure(figure, Path(args.output))
+    return 0
+
+
+def _save_figure(figure, out: Path) -> None:
     figure.tight_layout()
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
     print(f"wrote {out}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
