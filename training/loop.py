@@ -88,7 +88,8 @@ def train_epoch(
 ) -> dict[str, float]:
     """Train ``parts`` for epoch ``epoch`` (0-based) on ``train_cases``;
     the mean of each loss term over the epoch's steps and all processes. A loss that is not finite is a
-    TrainingError pointing at ``last_checkpoint``. ``replay`` (cases, fraction): that share of every batch
+    TrainingError pointing at ``last_checkpoint``. A step whose gradient is not finite is skipped and logged
+    (fp16's GradScaler does this itself); more than half of an epoch's steps skipped is a TrainingError. ``replay`` (cases, fraction): that share of every batch
     is drawn from those cases instead (training.replay, the forgetting guard of fine-tuning). ``anchor``:
     the L2-SP term (training.start_weights) joins every step's loss, reported as ``anchor``.
 
@@ -114,6 +115,7 @@ def train_epoch(
     optimizer, scaler = parts.optimizer, runtime.scaler
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_ratio = math.nan
+    skipped: list[int] = []
     prompting = _prompting(cfg, parts.model)
     for i, batch in enumerate(_epoch_loader(epoch, cfg, runtime, parts.patch_size, train_cases, replay)):
         image = batch["image"].to(runtime.device, non_blocking=True)
@@ -136,10 +138,16 @@ def train_epoch(
             terms = {**terms, "loss": loss.detach(), "anchor": penalty.detach()}
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if t.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(params, t.grad_clip)
-        scaler.step(optimizer)
+        scaler.unscale_(optimizer)
+        # the norm of the gradients DDP has already averaged, so every process takes the same decision
+        grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if scaler.is_enabled() or torch.isfinite(grad_norm):
+            if t.grad_clip > 0:
+                nn.utils.clip_grads_with_norm_(params, t.grad_clip, grad_norm)
+            scaler.step(optimizer)  # fp16's scaler skips a step with an inf gradient itself
+        else:
+            skipped.append(i + 1)
+            _report_skipped_step(epoch, i, grad_norm, parts, log)
         scaler.update()
         parts.scheduler.step()
         for key, value in terms.items():
@@ -149,6 +157,12 @@ def train_epoch(
         if bar.disable is False and i % 10 == 0:
             bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
     bar.close()
+    if len(skipped) * 2 > iterations:
+        raise TrainingError(
+            f"epoch {epoch + 1}: {len(skipped)} of {iterations} steps had a gradient that is not finite (steps "
+            f"{skipped[:10]}{' ...' if len(skipped) > 10 else ''}) and were skipped; the last good checkpoint is "
+            f"{last_checkpoint}. Lower train.lr or the loss weights, or train without train.amp_cpu / train.amp"
+        )
     keys = ["loss", "ce", "dice", *(k for k in ("pdcr", "ccdc", "anchor") if k in sums)]
     stacked = all_reduce(torch.stack([sums[k] for k in keys]), dist)
     means = (stacked / (iterations * dist.world_size)).tolist()
@@ -161,6 +175,28 @@ def train_epoch(
             f"is {last_checkpoint}. Lower train.lr, set train.amp_dtype to bf16, or lower loss weights"
         )
     return train_terms
+
+
+def _report_skipped_step(
+    epoch: int, index: int, grad_norm: Tensor, parts: TrainingParts, log: Callable[[str], None] | None
+) -> None:
+    """Log a step skipped for a gradient whose norm is not finite, naming the parameters with a NaN or infinite
+    gradient, or, when every value is finite but the sum of squares overflows, the largest ones. Seen with bf16
+    CPU autocast (docs/performance.md, "Training on CPU: bf16"): now and then one 3D convolution's weight
+    gradient comes back with NaN or huge values while the loss is finite; taking that step would turn every
+    weight into NaN."""
+    if log is None:
+        return
+    grads = [(name, p.grad) for name, p in parts.step.named_parameters() if p.grad is not None]
+    named = [name for name, g in grads if not torch.isfinite(g).all()]
+    if not named:
+        norms = sorted(((float(g.double().norm()), name) for name, g in grads), reverse=True)
+        named = [f"{name} {norm:.3g}" for norm, name in norms[:3]]
+    shown = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+    log(
+        f"epoch {epoch + 1}, step {index + 1}: the gradient norm is {float(grad_norm)} ({shown}); "
+        "the step is skipped"
+    )
 
 
 def _prompting(cfg: TrainConfig, model: nn.Module) -> Callable[..., Tensor] | None:

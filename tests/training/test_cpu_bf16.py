@@ -97,7 +97,7 @@ def test_bf16_cpu_run_trains_and_its_checkpoint_loads(tmp_path, monkeypatch):
     out = tmp_path / "out"
     code = train_main([str(config), "--set", f"output.dir={out}"])
     log = (out / "train.log").read_text(encoding="utf-8")
-    assert code == 0, log  # the run's own log says where it stopped (a rare failure is under study)
+    assert code == 0, log  # the run's own log says where it stopped
     assert "device cpu, amp bf16 (cpu, emulated)," in log
     assert "train.amp_cpu: this CPU has no native bf16 (no flag (test))" in log
     record = json.loads((out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
