@@ -88,10 +88,11 @@ def train_epoch(
 ) -> dict[str, float]:
     """Train ``parts`` for epoch ``epoch`` (0-based) on ``train_cases``;
     the mean of each loss term over the epoch's steps and all processes. A loss that is not finite is a
-    TrainingError pointing at ``last_checkpoint``. A step whose gradient is not finite is skipped and logged
-    (fp16's GradScaler does this itself); more than half of an epoch's steps skipped is a TrainingError. ``replay`` (cases, fraction): that share of every batch
-    is drawn from those cases instead (training.replay, the forgetting guard of fine-tuning). ``anchor``:
-    the L2-SP term (training.start_weights) joins every step's loss, reported as ``anchor``.
+    TrainingError pointing at ``last_checkpoint``. A step whose gradient norm is not finite is skipped and
+    logged (fp16's GradScaler skips such steps itself); more than half of an epoch's steps skipped is a
+    TrainingError. ``replay`` (cases, fraction): that share of every batch is drawn from those cases instead
+    (training.replay, the forgetting guard of fine-tuning). ``anchor``: the L2-SP term
+    (training.start_weights) joins every step's loss, reported as ``anchor``.
 
     With PDCR on, the epoch's first batch also gives ``pdcr_grad_ratio`` (training.diagnostics: PDCR's gradient
     norm over the segmentation loss's on the shared parameters, measured before that step on this process's
@@ -161,7 +162,7 @@ def train_epoch(
         raise TrainingError(
             f"epoch {epoch + 1}: {len(skipped)} of {iterations} steps had a gradient that is not finite (steps "
             f"{skipped[:10]}{' ...' if len(skipped) > 10 else ''}) and were skipped; the last good checkpoint is "
-            f"{last_checkpoint}. Lower train.lr or the loss weights, or train without train.amp_cpu / train.amp"
+            f"{last_checkpoint}. Lower train.lr or the loss weights, or train in fp32 (train.amp_cpu / train.amp false)"
         )
     keys = ["loss", "ce", "dice", *(k for k in ("pdcr", "ccdc", "anchor") if k in sums)]
     stacked = all_reduce(torch.stack([sums[k] for k in keys]), dist)
