@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,7 +151,10 @@ def train_epoch(
             skipped.append(i + 1)
             _report_skipped_step(epoch, i, grad_norm, parts, log)
         scaler.update()
-        parts.scheduler.step()
+        with warnings.catch_warnings():
+            # the schedule counts iterations, skipped or not; torch warns when a run's first step was skipped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            parts.scheduler.step()
         for key, value in terms.items():
             value = value.detach().to(torch.float64)
             sums[key] = sums[key] + value if key in sums else value
