@@ -119,48 +119,50 @@ def train_epoch(
     grad_ratio = math.nan
     skipped: list[int] = []
     prompting = _prompting(cfg, parts.model)
-    for i, batch in enumerate(_epoch_loader(epoch, cfg, runtime, parts.patch_size, train_cases, replay)):
-        image = batch["image"].to(runtime.device, non_blocking=True)
-        label = batch["label"].to(runtime.device, non_blocking=True)
-        progress = (epoch * iterations + i) / max(1, total_steps)
-        if prompting is not None:
-            image = torch.cat([image, prompting(image, label, parts.generator)], dim=1)
-        if i == 0 and "pdcr" in parts.losses:
-            grad_ratio = _pdcr_grad_ratio(parts, runtime, image, label)
-            if log is not None:
-                log(
-                    f"epoch {epoch + 1}: PDCR / segmentation gradient-norm ratio {grad_ratio:.3g} on the shared "
-                    "parameters (first batch)"
-                )
-        with runtime.autocast():
-            loss, terms = parts.step(image, label, parts.generator, progress)
-        if anchor is not None:
-            penalty = anchor.penalty()  # float32, outside autocast: a sum over a million squared differences
-            loss = loss + penalty
-            terms = {**terms, "loss": loss.detach(), "anchor": penalty.detach()}
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        # the norm of the gradients DDP has already averaged, so every process takes the same decision
-        grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if scaler.is_enabled() or torch.isfinite(grad_norm):
-            if t.grad_clip > 0:
-                nn.utils.clip_grads_with_norm_(params, t.grad_clip, grad_norm)
-            scaler.step(optimizer)  # fp16's scaler skips a step with an inf gradient itself
-        else:
-            skipped.append(i + 1)
-            _report_skipped_step(epoch, i, grad_norm, parts, log)
-        scaler.update()
-        with warnings.catch_warnings():
-            # the schedule counts iterations, skipped or not; torch warns when a run's first step was skipped
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+    with warnings.catch_warnings():
+        # the schedule counts iterations, skipped or not; torch warns when a run's first step was skipped
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        for i, batch in enumerate(_epoch_loader(epoch, cfg, runtime, parts.patch_size, train_cases, replay)):
+            image = batch["image"].to(runtime.device, non_blocking=True)
+            label = batch["label"].to(runtime.device, non_blocking=True)
+            progress = (epoch * iterations + i) / max(1, total_steps)
+            if prompting is not None:
+                image = torch.cat([image, prompting(image, label, parts.generator)], dim=1)
+            if i == 0 and "pdcr" in parts.losses:
+                grad_ratio = _pdcr_grad_ratio(parts, runtime, image, label)
+                if log is not None:
+                    log(
+                        f"epoch {epoch + 1}: PDCR / segmentation gradient-norm ratio {grad_ratio:.3g} on the shared "
+                        "parameters (first batch)"
+                    )
+            with runtime.autocast():
+                loss, terms = parts.step(image, label, parts.generator, progress)
+            if anchor is not None:
+                penalty = (
+                    anchor.penalty()
+                )  # float32, outside autocast: a sum over a million squared differences
+                loss = loss + penalty
+                terms = {**terms, "loss": loss.detach(), "anchor": penalty.detach()}
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            # the norm of the gradients DDP has already averaged, so every process takes the same decision
+            grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if scaler.is_enabled() or torch.isfinite(grad_norm):
+                if t.grad_clip > 0:
+                    nn.utils.clip_grads_with_norm_(params, t.grad_clip, grad_norm)
+                scaler.step(optimizer)  # fp16's scaler skips a step with an inf gradient itself
+            else:
+                skipped.append(i + 1)
+                _report_skipped_step(epoch, i, grad_norm, parts, log)
+            scaler.update()
             parts.scheduler.step()
-        for key, value in terms.items():
-            value = value.detach().to(torch.float64)
-            sums[key] = sums[key] + value if key in sums else value
-        bar.update(1)
-        if bar.disable is False and i % 10 == 0:
-            bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
+            for key, value in terms.items():
+                value = value.detach().to(torch.float64)
+                sums[key] = sums[key] + value if key in sums else value
+            bar.update(1)
+            if bar.disable is False and i % 10 == 0:
+                bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
     bar.close()
     if len(skipped) * 2 > iterations:
         raise TrainingError(
