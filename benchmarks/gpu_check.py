@@ -425,6 +425,8 @@ def run_record(prediction, seconds: float, volume) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "ort_seconds": round(p.timings.get("ort_seconds", float("nan")), 3),
         "windows": p.tiling.windows,
+        "batch_size": p.tiling.batch_size,
+        "timings": {k: round(v, 3) for k, v in p.timings.items()},
         "model_grid": list(p.preprocessing.model_grid_shape),
         "voxels_per_second": round(voxels / seconds, 1),
     }
@@ -545,12 +547,12 @@ def _ct_on_cpu(ctx: Context, key: str, ct, state: dict[str, Any]) -> None:
 
 
 def window_latency(session, *, dry_run: bool) -> dict[str, Any]:
-    """Milliseconds per window of ``session.run`` at the patch size, batch 1 and 8 (1 and 2 in a dry run),
+    """Milliseconds per window of ``session.run`` at the patch size, batch 1, 8 and 32 (1 in a dry run),
     median of several calls after a warm-up: the model's own speed, without stitching."""
     spec = session.spec
     result: dict[str, Any] = {"patch": list(spec.patch_size)}
     reps = 1 if dry_run else 20
-    for batch in (1,) if dry_run else (1, 8):
+    for batch in (1,) if dry_run else (1, 8, 32):
         x = np.random.default_rng(0).random((batch, spec.in_channels, *spec.patch_size), dtype=np.float32)
         session.run(x)
         times = []

@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ import numpy as np
 from napari_medcl import __version__
 from napari_medcl.errors import Cancelled, InputError, InputWarning, PredictionError, UsageError
 from napari_medcl.io import MAX_BYTES, MAX_VOXELS
-from napari_medcl.onnx_session import open_session
+from napari_medcl.onnx_session import CUDA, open_session
 from napari_medcl.preprocess import full_target, mask_box, resample_linear, to_model_grid
 from napari_medcl.provenance import InputRecord, ModelRecord, PreprocessingRecord, Provenance, TilingRecord
 from napari_medcl.region import plan_for_model
@@ -32,6 +35,7 @@ from napari_medcl.session import InferenceSession
 from napari_medcl.spec import ModelSpec
 from napari_medcl.tiling import (
     Accumulator,
+    Box,
     StitchResult,
     argmax_entropy,
     label_dtype,
@@ -43,6 +47,19 @@ from napari_medcl.verdict import Verdict, assess, with_feature_distance
 from napari_medcl.volume import Prediction, Volume
 
 STAGES = ("preprocess", "infer", "postprocess")
+# Output voxels per slab when the outputs are resampled back to the input grid (8 MiB of float32 a plane).
+_POSTPROCESS_SLAB_VOXELS = 1 << 21
+# Windows per model call on CUDA unless the caller says: on an H200 a batch of 8 windows of the bundled 3D model
+# took 1.75 ms a window against 5.79 ms one at a time (docs/performance.md, "GPU check"). On a CPU one window
+# at a time, as before.
+CUDA_BATCH_SIZE = 8
+
+
+def stitch_threads(model_on_gpu: bool) -> int:
+    """Threads for stitching and resampling the outputs: where the model runs on a CPU its own threads take
+    the cores and the stitching is a small part of the time, so one; where it runs on a GPU the stitching is
+    most of the wall time, so up to 4."""
+    return min(4, os.cpu_count() or 1) if model_on_gpu else 1
 
 
 @dataclass(frozen=True)
@@ -90,7 +107,7 @@ def predict_iter(
     precision: str = "auto",
     overlap: float = 0.5,
     tta: bool = False,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     return_probabilities: bool = False,
     cancel: Any = None,
     series: str | None = None,
@@ -104,10 +121,11 @@ def predict_iter(
     ``image``: a Volume or a path (file or DICOM folder; ``series`` picks a DICOM series). ``model``: a
     LoadedModel or any other ``InferenceSession``, a bundled model name or an .onnx path; None = the
     default bundled model. ``device`` (auto/cpu/cuda), ``backend`` (auto/onnxruntime/openvino) and
-    ``precision`` (auto/fp32/bf16): how to open the model when it still has to be loaded (``load_model``). ``overlap`` in [0, 1) between windows; ``tta``
-    averages over mirroring along every spatial axis (2^d passes per window); ``batch_size`` windows per
-    ORT call; ``return_probabilities`` adds the (K, *S) class probabilities. ``cancel``: a threading.Event
-    or a zero-argument callable, checked between windows; when set, Cancelled is raised. ``max_voxels`` and
+    ``precision`` (auto/fp32/bf16): how to open the model when it still has to be loaded (``load_model``).
+    ``overlap`` in [0, 1) between windows; ``tta`` averages over mirroring along every spatial axis (2^d
+    passes per window); ``batch_size`` windows per model call (None: ``CUDA_BATCH_SIZE`` on CUDA, else 1);
+    ``return_probabilities`` adds the (K, *S) class probabilities. ``cancel``: a threading.Event or a
+    zero-argument callable, checked between windows; when set, Cancelled is raised. ``max_voxels`` and
     ``max_bytes`` (None: no limit) bound what a file may declare (``read_image``) and the image resampled to
     the model spacing (values x channels, and their float32 bytes), which is checked before it is allocated.
     ``scan_is_masked``: whether the scan is zero outside its anatomy, which a ``nonzero_is_foreground`` model
@@ -127,9 +145,10 @@ def predict_iter(
     """
     if not 0.0 <= float(overlap) < 1.0:
         raise UsageError(f"overlap must be in [0, 1), got {overlap!r}")
-    batch_size = int(batch_size)
-    if batch_size < 1:
-        raise UsageError(f"batch_size must be at least 1, got {batch_size!r}")
+    if batch_size is not None:
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, got {batch_size!r}")
     cancelled = _cancel_check(cancel)
     start = time.perf_counter()
 
@@ -151,6 +170,10 @@ def predict_iter(
     t = time.perf_counter()
     session = open_session(model, device=device, backend=backend, precision=precision)
     timings["load_model"] = time.perf_counter() - t
+    on_gpu = session.provider == CUDA
+    if batch_size is None:
+        batch_size = CUDA_BATCH_SIZE if on_gpu else 1
+    threads = stitch_threads(on_gpu)
     spec = session.spec
     t = time.perf_counter()
     plan = plan_for_model(region, volume, spec)
@@ -177,7 +200,7 @@ def predict_iter(
     stitched, windows, ort_seconds, window_features = yield from _infer(
         session, prepared, overlap=overlap, tta=tta, batch_size=batch_size,
         keep_probabilities=return_probabilities, cancelled=cancelled, elapsed=elapsed,
-        foreground=foreground if prepared.scales is None else None,
+        foreground=foreground if prepared.scales is None else None, threads=threads,
     )  # fmt: skip
     timings["inference"] = time.perf_counter() - t
     timings["ort_seconds"] = ort_seconds
@@ -188,7 +211,9 @@ def predict_iter(
 
     yield Progress(0, 1, "postprocess", elapsed())
     t = time.perf_counter()
-    prediction = _postprocess(stitched, model_input, prepared, spec, return_probabilities, foreground)
+    prediction = _postprocess(
+        stitched, model_input, prepared, spec, return_probabilities, foreground, threads
+    )
     if outside is not None:
         prediction.set_background(outside)
     if box is not None:
@@ -199,10 +224,10 @@ def predict_iter(
         eligible = nonzero if masked_normalisation else None
         prediction = with_error_likelihood(prediction, spec, eligible, cancelled)
         timings["error_map"] = time.perf_counter() - t
-        t = time.perf_counter()
+    t = time.perf_counter()
     if not plan.whole:
         prediction = prediction.crop(plan.inner).pasted(volume, plan.paste)
-    timings["postprocess"] = timings["postprocess"] + time.perf_counter() - t
+    timings["postprocess"] += time.perf_counter() - t
     timings["total"] = elapsed()
     provenance = _provenance(
         volume, session, prepared, device=device, overlap=overlap, tta=tta, batch_size=batch_size,
@@ -226,9 +251,11 @@ def _infer(
     cancelled: Callable[[], bool],
     elapsed: Callable[[], float],
     foreground: np.ndarray | None = None,
+    threads: int = 1,
 ) -> Generator[Progress, None, tuple[StitchResult, int, float, np.ndarray | None]]:
     """Run every window through the model into an Accumulator, yielding one Progress per window.
-    ``foreground``: voxels of the grid never labelled background (see ``tiling.argmax_entropy``).
+    ``foreground``: voxels of the grid never labelled background (see ``tiling.argmax_entropy``);
+    ``threads``: for the stitching (``stitch_threads``).
 
     Returns (via ``yield from``) the StitchResult, the number of windows, the seconds spent in ORT and, for
     a model with window features (``spec.features``), those of every window (N, F), else None."""
@@ -243,14 +270,14 @@ def _infer(
         keep_probabilities=keep_probabilities,
         reduce=prepared.scales is None,
         foreground=foreground,
+        threads=threads,
     )
     boxes = window_boxes(grid, prepared.window, overlap)
+    groups = [boxes[first : first + batch_size] for first in range(0, len(boxes), batch_size)]
     ort_seconds = 0.0
     features: list[np.ndarray] | None = [] if spec.features is not None else None
-    for first in range(0, len(boxes), batch_size):
-        if cancelled():
-            raise Cancelled(f"prediction cancelled after {first} of {len(boxes)} windows")
-        group = boxes[first : first + batch_size]
+
+    def run_group(group: list[Box]) -> tuple[np.ndarray, np.ndarray | None, float]:
         batch = np.stack([prepared.array[(slice(None), *box)] for box in group])  # (n, C, wz, wy, wx)
         if len(group) < batch_size < len(boxes):
             # Keep one batch shape per session (the CUDA provider tunes convolutions per shape).
@@ -259,18 +286,35 @@ def _infer(
             batch = batch[:, :, 0]  # depth-1 windows -> (n, C, wy, wx)
         start = time.perf_counter()
         probs, maps = _run(model, batch, tta, features)
+        seconds = time.perf_counter() - start
         if features is not None:
             features[-1] = features[-1][: len(group)]  # not the repeats that fill the last batch
-        ort_seconds += time.perf_counter() - start
         _check_finite(model, probs, maps)
         if spec.spatial_dims == 2:  # back to depth-1 windows: (n, K, 1, wy, wx)
             probs = probs[:, :, None]
             maps = None if maps is None else maps[:, :, None]
-        for j, box in enumerate(group):
-            accumulator.add(box, probs[j], None if maps is None else maps[j])
-            yield Progress(first + j + 1, len(boxes), "infer", elapsed())
+        return probs, maps, seconds
+
+    def submit(pool: ThreadPoolExecutor, index: int, done: int) -> Future:
+        if cancelled():
+            raise Cancelled(f"prediction cancelled after {done} of {len(boxes)} windows")
+        return pool.submit(run_group, groups[index])
+
+    # The model runs the next batch in a worker thread while this thread stitches the last one: on a GPU
+    # the stitching then hides behind the network instead of adding to it. One batch ahead at most, so
+    # the outputs held are two batches whatever the number of windows.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcl-windows") as pool, closing(accumulator):
+        pending = submit(pool, 0, 0) if groups else None
+        for index, group in enumerate(groups):
+            probs, maps, seconds = pending.result()
+            ort_seconds += seconds
+            pending = submit(pool, index + 1, index * batch_size) if index + 1 < len(groups) else None
+            for j, box in enumerate(group):
+                accumulator.add(box, probs[j], None if maps is None else maps[j])
+                yield Progress(index * batch_size + j + 1, len(boxes), "infer", elapsed())
+        stitched = accumulator.finish()
     window_features = None if features is None else np.concatenate(features)
-    return accumulator.finish(), len(boxes), ort_seconds, window_features
+    return stitched, len(boxes), ort_seconds, window_features
 
 
 def with_error_likelihood(
@@ -498,10 +542,11 @@ def _postprocess(
     spec: ModelSpec,
     keep_probabilities: bool,
     foreground: np.ndarray | None = None,
+    threads: int = 1,
 ) -> Prediction:
     """The outputs on the grid of ``volume`` (what the model was given): resampled back from the model grid
-    first when needed, then the argmax (never background where ``foreground``, (Z, Y, X) bool), the entropy
-    and the top-class error."""
+    first when needed (slabs shared by ``threads``), then the argmax (never background where
+    ``foreground``, (Z, Y, X) bool), the entropy and the top-class error."""
     labels, entropy, top_error, maps, probabilities = (
         stitched.labels,
         stitched.entropy,
@@ -517,17 +562,34 @@ def _postprocess(
         entropy = np.zeros(shape, dtype=np.float32)
         top_error = np.zeros(shape, dtype=np.float32)
         probabilities = np.zeros((k, *shape), dtype=np.float32) if keep_probabilities else None
+        if spec.uncertainty_maps:
+            maps = np.zeros((len(spec.uncertainty_maps), *shape), dtype=np.float32)
+        # Slab by slab along z: every temporary is a few planes of the output grid, which keeps them in cache
+        # and off the page-fault path that whole-volume temporaries of a CT-size grid take; slabs are
+        # independent, so threads can share them.
+        step = max(1, _POSTPROCESS_SLAB_VOXELS // math.prod(shape[1:]))
 
-        def planes() -> Iterator[np.ndarray]:
-            # One class at a time: memory for two planes on the input grid, whatever the class count.
-            for c in range(k):
-                plane = resample_linear(stitched.probabilities[c : c + 1], shape, back)[0]
-                if probabilities is not None:
-                    probabilities[c] = plane
-                yield plane
+        def slab(rows: slice) -> None:
+            def planes() -> Iterator[np.ndarray]:
+                # One class at a time: memory for two planes of the slab, whatever the class count.
+                for c in range(k):
+                    plane = resample_linear(stitched.probabilities[c : c + 1], shape, back, rows)[0]
+                    if probabilities is not None:
+                        probabilities[c, rows] = plane
+                    yield plane
 
-        argmax_entropy(planes(), k, labels, entropy, foreground, top_error)
-        maps = resample_linear(stitched.maps, shape, back) if spec.uncertainty_maps else stitched.maps
+            mask = None if foreground is None else foreground[rows]
+            argmax_entropy(planes(), k, labels[rows], entropy[rows], mask, top_error[rows])
+            if spec.uncertainty_maps:
+                maps[:, rows] = resample_linear(stitched.maps, shape, back, rows)
+
+        slabs = [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+        if threads > 1:
+            with ThreadPoolExecutor(threads, thread_name_prefix="medcl-resample") as pool:
+                list(pool.map(slab, slabs))
+        else:
+            for rows in slabs:
+                slab(rows)
     if volume.spatial_dims == 2:  # drop the depth-1 axis again
         labels, entropy, top_error = labels[0], entropy[0], top_error[0]
         maps = None if maps is None else maps[:, 0]

@@ -181,11 +181,19 @@ def resampled_origin(
     return tuple(np.asarray(origin) + np.asarray(direction) @ (np.asarray(spacing) * first))
 
 
-def resample_linear(array: np.ndarray, out_shape: tuple[int, ...], scales: tuple[float, ...]) -> np.ndarray:
+def resample_linear(
+    array: np.ndarray,
+    out_shape: tuple[int, ...],
+    scales: tuple[float, ...],
+    rows: slice | None = None,
+) -> np.ndarray:
     """Linear resampling of ``array`` (C, *S_in) to (C, *out_shape) on centre-aligned grids.
 
     ``scales[i]`` = target spacing / source spacing of spatial axis i. Axes whose size and scale are
     unchanged are skipped; shrinking axes go first so the intermediate arrays stay small. float32 out.
+    ``rows``: only these output rows along the first spatial axis, (C, len(rows), *out_shape[1:]); the same
+    values as that slab of the whole result (to float32 rounding), computed from the input rows it needs, so
+    a caller that works slab by slab never holds a whole-volume temporary.
     """
     spatial = array.shape[1:]
     if len(out_shape) != len(spatial) or len(scales) != len(spatial):
@@ -196,9 +204,16 @@ def resample_linear(array: np.ndarray, out_shape: tuple[int, ...], scales: tuple
         for i, (n, m, s) in enumerate(zip(spatial, out_shape, scales))
         if not (n == m and abs(s - 1.0) < 1e-12)
     ]
+    if rows is not None:
+        start, stop, _ = rows.indices(out_shape[0])
+        if 0 in axes:
+            out = _interp_axis(out, 1, grid_coordinates(out_shape[0], spatial[0], scales[0])[start:stop])
+            axes.remove(0)
+        else:
+            out = out[:, start:stop]
     for i in sorted(axes, key=lambda i: out_shape[i] / spatial[i]):
         out = _interp_axis(out, i + 1, grid_coordinates(out_shape[i], spatial[i], scales[i]))
-    return out if out is not array else out.copy()
+    return out.copy() if np.may_share_memory(out, array) else out
 
 
 def _interp_axis(a: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -195,8 +196,9 @@ class Accumulator:
 
     With ``reduce=False`` no labels, entropy or top-class error are computed (use it when the probabilities
     are resampled before the argmax); ``keep_probabilities`` keeps the stitched probabilities, which
-    ``reduce=False`` implies. ``foreground`` (bool, the crop region's shape): voxels whose label is never background
-    (see :func:`argmax_entropy`).
+    ``reduce=False`` implies. ``foreground`` (bool, the crop region's shape): voxels whose label is never
+    background (see :func:`argmax_entropy`). ``threads`` > 1 splits each window's sums over that many threads
+    (worth it where the model runs elsewhere, on a GPU; ``finish`` or ``close`` ends them).
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class Accumulator:
         keep_probabilities: bool = False,
         reduce: bool = True,
         foreground: np.ndarray | None = None,
+        threads: int = 1,
     ):
         if len(shape) != 3 or len(window) != 3:
             raise ValueError(f"Accumulator works on 3D grids, got shape {shape} and window {window}")
@@ -231,6 +234,12 @@ class Accumulator:
             raise ValueError(f"foreground mask shape {foreground.shape} != output shape {out_shape}")
         self._foreground = foreground
         self._reduce = reduce
+        self._threads = max(1, int(threads))
+        self._pool = (
+            ThreadPoolExecutor(self._threads - 1, thread_name_prefix="medcl-stitch")
+            if self._threads > 1
+            else None
+        )
         # One window deep along z: rows [z0, z0 + window[0]) of the padded grid.
         depth = self.window[0]
         self._sums = np.zeros((num_classes + num_maps, depth, *self.shape[1:]), dtype=np.float32)
@@ -269,16 +278,25 @@ class Accumulator:
         weight = gaussian_importance(self.window)
         rows = slice(starts[0] - self._z0, starts[0] - self._z0 + self.window[0])
         region = (rows, box[1], box[2])
-        k = self.num_classes
-        np.multiply(probabilities, weight, out=probabilities)
-        target = self._sums[(slice(0, k), *region)]
-        np.add(target, probabilities, out=target)
-        if maps is not None:
-            np.multiply(maps, weight, out=maps)
-            target = self._sums[(slice(k, None), *region)]
-            np.add(target, maps, out=target)
+        channels = list(enumerate([*probabilities, *(() if maps is None else maps)]))
+
+        def add_channels(part: list[tuple[int, np.ndarray]]) -> None:
+            # Channel by channel: one channel of a window stays in a core's cache between the weighting and
+            # the sum.
+            for channel, window in part:
+                np.multiply(window, weight, out=window)
+                target = self._sums[(channel, *region)]
+                np.add(target, window, out=target)
+
+        # The sums are memory-bound: with threads, each takes a share of the channels (numpy releases the
+        # GIL), this one the first share and the weights.
+        shares = self._threads
+        futures = [self._pool.submit(add_channels, channels[i::shares]) for i in range(1, shares)]
+        add_channels(channels[::shares])
         target = self._weights[region]
         np.add(target, weight, out=target)
+        for future in futures:
+            future.result()
 
     def finalize(self, upto: int) -> None:
         """Reduce the grid rows ``[z0, upto)`` into the outputs and drop them from the working buffer."""
@@ -335,10 +353,18 @@ class Accumulator:
         for u in range(self.num_maps):
             np.multiply(self._sums[(k + u, *region)], inverse, out=self.maps[u, out_rows])
 
+    def close(self) -> None:
+        """Free the working buffer and the threads (``finish`` does it too; call it when a prediction stops
+        before the last window)."""
+        self._sums = self._weights = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def finish(self) -> StitchResult:
         """Reduce the remaining rows and return the outputs over the crop region."""
         if not self._finished:
             self.finalize(self.shape[0])
             self._finished = True
-            self._sums = self._weights = None  # free the working buffer
+            self.close()
         return StitchResult(self.labels, self.entropy, self.maps, self.probabilities, self.top_class_error)

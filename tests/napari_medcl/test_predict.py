@@ -299,6 +299,9 @@ def test_provenance(models):
     assert p["model"]["name"] == "test-model" and len(p["model"]["sha256"]) == 64
     assert set(p["timings"]) >= {"read", "preprocess", "inference", "ort_seconds", "postprocess", "total"}
     assert 0 < p["timings"]["ort_seconds"] <= p["timings"]["inference"] <= p["timings"]["total"]
+    stages = ("read", "load_model", "preprocess", "verdict", "inference", "postprocess", "error_map")
+    assert sum(p["timings"].get(s, 0.0) for s in stages) <= p["timings"]["total"]  # no stage counted twice
+    assert p["tiling"]["batch_size"] == 1  # the default on a CPU
     assert p["tiling"]["patch"] == [8, 8, 8] and p["tiling"]["overlap"] == 0.5
     assert p["input"]["geometry"]["shape"] == [9, 9, 9]
     assert p["intended_use"]
@@ -380,6 +383,19 @@ def test_resampling_is_exact_for_linear_ramps_and_returns_to_the_input_grid():
     np.testing.assert_allclose(down[0][inside], expected[inside], atol=1e-4)
     back = resample_linear(down, shape, tuple(1 / s for s in scales))
     assert back.shape == ramp.shape and back.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("out_shape", "scales"), [((11, 6, 8), (0.6, 1.5, 0.6)), ((7, 12, 3), (1.0, 0.7, 1.8))]
+)
+def test_resampling_a_slab_of_rows_gives_that_slab_of_the_whole(out_shape, scales):
+    x = np.random.default_rng(0).random((2, 7, 9, 5)).astype(np.float32)
+    whole = resample_linear(x, out_shape, scales)
+    assert whole.shape == (2, *out_shape)
+    for rows in (slice(0, 1), slice(2, 5), slice(4, None), slice(0, out_shape[0])):
+        slab = resample_linear(x, out_shape, scales, rows)
+        np.testing.assert_allclose(slab, whole[:, rows], rtol=0, atol=1e-6)
+        assert slab.dtype == np.float32 and not np.may_share_memory(slab, x)
 
 
 def test_resample_identity_is_a_copy():
@@ -585,3 +601,45 @@ def test_crop_paste_and_set_background_carry_the_top_class_error():
     np.testing.assert_array_equal(prediction.top_class_error.array, np.where(where, 0, error))
     # A Prediction without the map (older code) still crops and pastes.
     assert Prediction(labels=prediction.labels, entropy=prediction.entropy).crop(box).top_class_error is None
+
+
+class _ClaimsCuda:
+    """A CPU session that says it runs on CUDA: what the defaults for a GPU session do, on any machine."""
+
+    provider = "CUDAExecutionProvider"
+
+    def __init__(self, session):
+        self._session = session
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def test_a_cuda_session_batches_windows_and_stitches_on_threads(models, monkeypatch):
+    from napari_medcl import prediction as module
+
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(module, "_POSTPROCESS_SLAB_VOXELS", 40)  # many slabs for the resampling threads
+    image = _volume(_blob((13, 15, 17), (1.5, 0.8, 1.2), (9.0, 6.0, 10.0), 3.0), spacing=(1.5, 0.8, 1.2))
+    cpu = predict(image, models["3d-spacing"], return_probabilities=True)
+    gpu = predict(image, _ClaimsCuda(models["3d-spacing"]), return_probabilities=True)
+    assert cpu.provenance["tiling"]["batch_size"] == 1
+    assert gpu.provenance["tiling"]["batch_size"] == module.CUDA_BATCH_SIZE == 8
+    assert module.stitch_threads(True) == 4 and module.stitch_threads(False) == 1
+    for a, b in [(cpu.labels, gpu.labels), (cpu.entropy, gpu.entropy), (cpu.probabilities, gpu.probabilities),
+                 (cpu.top_class_error, gpu.top_class_error), *zip(cpu.uncertainty_maps.values(), gpu.uncertainty_maps.values())]:  # fmt: skip
+        np.testing.assert_allclose(b.array, a.array, rtol=0, atol=1e-6)
+    assert len(np.unique(cpu.labels.array)) == 2
+    assert [
+        t.name for t in threading.enumerate() if t.name.startswith(("medcl-stitch", "medcl-resample"))
+    ] == []
+
+
+def test_stopping_a_prediction_midway_ends_its_model_thread(models):
+    items = predict_iter(_volume(_away_from(0.5, (16, 16, 16))), models["3d"])
+    for item in items:
+        if isinstance(item, Progress) and item.stage == "infer" and item.done == 2:
+            break
+    assert any(t.name.startswith("medcl-windows") for t in threading.enumerate())  # one batch ahead
+    items.close()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("medcl-windows")] == []

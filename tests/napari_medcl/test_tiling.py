@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -327,3 +328,32 @@ def test_accumulator_passes_the_foreground_mask_row_by_row():
     np.testing.assert_array_equal(acc.finish().labels, foreground.astype(np.uint8))
     with pytest.raises(ValueError, match="foreground mask shape"):
         Accumulator(shape, window, 2, 0, foreground=foreground[:3])
+
+
+def _stitched(grid, window, threads, close_after=None):
+    rng = np.random.default_rng(3)
+    accumulator = Accumulator(grid, window, 3, 2, threads=threads)
+    for count, box in enumerate(window_boxes(grid, window, 0.5)):
+        if count == close_after:
+            accumulator.close()
+            return None
+        probs = rng.random((3, *window), dtype=np.float32)
+        probs /= probs.sum(axis=0)
+        accumulator.add(box, probs, rng.random((2, *window), dtype=np.float32))
+    return accumulator.finish()
+
+
+def _stitch_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("medcl-stitch")]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_accumulator_threads_give_the_same_outputs_and_end(threads):
+    grid, window = (12, 14, 13), (4, 6, 5)
+    one, many = _stitched(grid, window, 1), _stitched(grid, window, threads)
+    for name in ("labels", "entropy", "maps", "top_class_error"):
+        np.testing.assert_array_equal(getattr(many, name), getattr(one, name))
+    assert one.maps.std() > 0 and len(np.unique(one.labels)) == 3  # outputs that can differ
+    assert _stitch_threads() == []  # finish() ended them
+    assert _stitched(grid, window, threads, close_after=3) is None
+    assert _stitch_threads() == []  # and so does close() when a prediction stops early
