@@ -508,6 +508,13 @@ def _inference_for_model(ctx: Context, key: str, sample, ct) -> None:
         return {**record, "device_requested": ctx.device, "device_memory_peak_mib": memory.peak_mib(),
                 "device_memory_source": memory.source}  # fmt: skip
 
+    def gpu_ct_batch32() -> dict[str, Any]:
+        prediction, seconds = timed_predict(ct, state["session"], state["memory"], batch_size=32)
+        record = run_record(prediction, seconds, ct)
+        if "ct_labels" in state:
+            record["labels_vs_default_batch"] = agreement(prediction.labels.array, state["ct_labels"])
+        return record
+
     ctx.step(f"{key}/sample/cuda", gpu_sample)
     ctx.step(f"{key}/sample/cpu", cpu_sample)
     if "session" not in state:
@@ -519,6 +526,7 @@ def _inference_for_model(ctx: Context, key: str, sample, ct) -> None:
         spec = state["session"].spec
         scale = model_grid_voxels(ct, spec) / state["sample_grid"]  # the sample's grid after its crop
         ctx.step(f"{key}/ct/cuda", gpu_ct, estimate=state["sample_warm"] * scale)
+        ctx.step(f"{key}/ct/cuda/batch32", gpu_ct_batch32, estimate=state["sample_warm"] * scale)
     _ct_on_cpu(ctx, key, ct, state)
 
 
