@@ -38,6 +38,7 @@ from napari_medcl.tiling import (
     Box,
     StitchResult,
     argmax_entropy,
+    gaussian_importance,
     label_dtype,
     padding,
     window_boxes,
@@ -49,10 +50,19 @@ from napari_medcl.volume import Prediction, Volume
 STAGES = ("preprocess", "infer", "postprocess")
 # Output voxels per slab when the outputs are resampled back to the input grid (8 MiB of float32 a plane).
 _POSTPROCESS_SLAB_VOXELS = 1 << 21
-# Windows per model call on CUDA unless the caller says: on an H200 a batch of 8 windows of the bundled 3D model
-# took 1.75 ms a window against 5.79 ms one at a time (docs/performance.md, "GPU check"). On a CPU one window
-# at a time, as before.
-CUDA_BATCH_SIZE = 8
+# Windows per model call on CUDA unless the caller says: as many as make up this many voxels (8 windows of the
+# bundled 3D model, 80 of the 2D one's 128x128), at most CUDA_MAX_BATCH. On an H200 the 3D model's window took
+# 1.89 / 1.63 ms at batch 8 / 32 against 6.78 at batch 1, the 2D model's 0.93 / 0.30 against 6.38, and the CT-size
+# volume ran faster at batch 32 than at 8 with the 2D model (12.7 against 19.4 s) but only a little with the 3D
+# one (22.2 against 24.3 s), whose batches of 32 need four times the GPU memory (docs/performance.md, "GPU
+# check"). On a CPU one window at a time, as before.
+CUDA_BATCH_VOXELS = 8 * 24 * 80 * 80
+CUDA_MAX_BATCH = 32
+
+
+def cuda_batch_size(window: tuple[int, ...]) -> int:
+    """The default windows per model call on CUDA for windows of shape ``window``."""
+    return max(1, min(CUDA_MAX_BATCH, CUDA_BATCH_VOXELS // math.prod(window)))
 
 
 def stitch_threads(model_on_gpu: bool) -> int:
@@ -123,7 +133,7 @@ def predict_iter(
     default bundled model. ``device`` (auto/cpu/cuda), ``backend`` (auto/onnxruntime/openvino) and
     ``precision`` (auto/fp32/bf16): how to open the model when it still has to be loaded (``load_model``).
     ``overlap`` in [0, 1) between windows; ``tta`` averages over mirroring along every spatial axis (2^d
-    passes per window); ``batch_size`` windows per model call (None: ``CUDA_BATCH_SIZE`` on CUDA, else 1);
+    passes per window); ``batch_size`` windows per model call (None: ``cuda_batch_size`` on CUDA, else 1);
     ``return_probabilities`` adds the (K, *S) class probabilities. ``cancel``: a threading.Event or a
     zero-argument callable, checked between windows; when set, Cancelled is raised. ``max_voxels`` and
     ``max_bytes`` (None: no limit) bound what a file may declare (``read_image``) and the image resampled to
@@ -172,7 +182,7 @@ def predict_iter(
     timings["load_model"] = time.perf_counter() - t
     on_gpu = session.provider == CUDA
     if batch_size is None:
-        batch_size = CUDA_BATCH_SIZE if on_gpu else 1
+        batch_size = cuda_batch_size(spec.patch_size) if on_gpu else 1
     threads = stitch_threads(on_gpu)
     spec = session.spec
     t = time.perf_counter()
@@ -293,6 +303,11 @@ def _infer(
         if spec.spatial_dims == 2:  # back to depth-1 windows: (n, K, 1, wy, wx)
             probs = probs[:, :, None]
             maps = None if maps is None else maps[:, :, None]
+        # The stitching's weighting, here in the worker, so the thread that stitches only sums.
+        weight = gaussian_importance(prepared.window)
+        np.multiply(probs, weight, out=probs)
+        if maps is not None:
+            np.multiply(maps, weight, out=maps)
         return probs, maps, seconds
 
     def submit(pool: ThreadPoolExecutor, index: int, done: int) -> Future:
@@ -310,7 +325,7 @@ def _infer(
             ort_seconds += seconds
             pending = submit(pool, index + 1, index * batch_size) if index + 1 < len(groups) else None
             for j, box in enumerate(group):
-                accumulator.add(box, probs[j], None if maps is None else maps[j])
+                accumulator.add(box, probs[j], None if maps is None else maps[j], weighted=True)
                 yield Progress(index * batch_size + j + 1, len(boxes), "infer", elapsed())
         stitched = accumulator.finish()
     window_features = None if features is None else np.concatenate(features)

@@ -253,10 +253,13 @@ class Accumulator:
         self.probabilities = np.zeros((num_classes, *out_shape), dtype=np.float32) if keep else None
         self._finished = False
 
-    def add(self, box: Box, probabilities: np.ndarray, maps: np.ndarray | None = None) -> None:
+    def add(
+        self, box: Box, probabilities: np.ndarray, maps: np.ndarray | None = None, *, weighted: bool = False
+    ) -> None:
         """Add one window's outputs: ``probabilities`` (K, *window), ``maps`` (U, *window) or None when U == 0.
 
-        The arrays may be modified in place (they are multiplied by the importance map)."""
+        The arrays may be modified in place (they are multiplied by the importance map). ``weighted``: the
+        caller has already multiplied them by ``gaussian_importance(window)`` (in another thread, say)."""
         if self._finished:
             raise RuntimeError("Accumulator.add after finish()")
         starts = tuple(b.start for b in box)
@@ -284,7 +287,8 @@ class Accumulator:
             # Channel by channel: one channel of a window stays in a core's cache between the weighting and
             # the sum.
             for channel, window in part:
-                np.multiply(window, weight, out=window)
+                if not weighted:
+                    np.multiply(window, weight, out=window)
                 target = self._sums[(channel, *region)]
                 np.add(target, window, out=target)
 

@@ -624,7 +624,9 @@ def test_a_cuda_session_batches_windows_and_stitches_on_threads(models, monkeypa
     cpu = predict(image, models["3d-spacing"], return_probabilities=True)
     gpu = predict(image, _ClaimsCuda(models["3d-spacing"]), return_probabilities=True)
     assert cpu.provenance["tiling"]["batch_size"] == 1
-    assert gpu.provenance["tiling"]["batch_size"] == module.CUDA_BATCH_SIZE == 8
+    assert gpu.provenance["tiling"]["batch_size"] == module.cuda_batch_size((8, 8, 8)) == 32
+    assert module.cuda_batch_size((24, 80, 80)) == 8 and module.cuda_batch_size((128, 128)) == 32
+    assert module.cuda_batch_size((96, 192, 192)) == 1
     assert module.stitch_threads(True) == 4 and module.stitch_threads(False) == 1
     for a, b in [(cpu.labels, gpu.labels), (cpu.entropy, gpu.entropy), (cpu.probabilities, gpu.probabilities),
                  (cpu.top_class_error, gpu.top_class_error), *zip(cpu.uncertainty_maps.values(), gpu.uncertainty_maps.values())]:  # fmt: skip

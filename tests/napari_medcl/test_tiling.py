@@ -357,3 +357,17 @@ def test_accumulator_threads_give_the_same_outputs_and_end(threads):
     assert _stitch_threads() == []  # finish() ended them
     assert _stitched(grid, window, threads, close_after=3) is None
     assert _stitch_threads() == []  # and so does close() when a prediction stops early
+
+
+def test_accumulator_takes_windows_the_caller_already_weighted():
+    grid, window = (9, 10, 11), (3, 4, 5)
+    rng = np.random.default_rng(5)
+    windows = [(box, rng.random((2, *window), dtype=np.float32)) for box in window_boxes(grid, window, 0.5)]
+    plain, weighted = Accumulator(grid, window, 2, 0), Accumulator(grid, window, 2, 0)
+    for box, probs in windows:
+        plain.add(box, probs.copy())
+        weighted.add(box, probs * gaussian_importance(window), weighted=True)
+    a, b = plain.finish(), weighted.finish()
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.entropy, b.entropy, rtol=0, atol=1e-6)
+    assert len(np.unique(a.labels)) == 2
