@@ -182,7 +182,7 @@ def predict_iter(
     timings["load_model"] = time.perf_counter() - t
     on_gpu = session.provider == CUDA
     if batch_size is None:
-        batch_size = cuda_batch_size(spec.patch_size) if on_gpu else 1
+        batch_size = cuda_batch_size(session.spec.patch_size) if on_gpu else 1
     threads = stitch_threads(on_gpu)
     spec = session.spec
     t = time.perf_counter()
