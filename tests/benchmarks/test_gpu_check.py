@@ -29,6 +29,7 @@ EXPECTED_STEPS = {
                 "window",
                 "window/channel-softmax-rewritten",
                 "ct/cuda",
+                "ct/cuda/batch32",
                 "ct/cpu",
             )
         ),
