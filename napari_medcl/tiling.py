@@ -313,9 +313,16 @@ class Accumulator:
         lo, hi = max(self._z0, crop_z.start), min(self._z0 + n, crop_z.stop)
         # A few rows at a time, so the reduction's temporaries stay near _REDUCE_VOXELS whatever the image.
         step = max(1, _REDUCE_VOXELS // math.prod(self.out_shape[1:]))
-        for a in range(lo, hi, step):
-            b = min(a + step, hi)
-            self._reduce_rows(slice(a - self._z0, b - self._z0), slice(a - crop_z.start, b - crop_z.start))
+        chunks = [
+            (slice(a - self._z0, b - self._z0), slice(a - crop_z.start, b - crop_z.start))
+            for a, b in ((a, min(a + step, hi)) for a in range(lo, hi, step))
+        ]
+        # The chunks write disjoint rows of the outputs: the threads, if any, share them.
+        futures = [] if self._pool is None else [self._pool.submit(self._reduce_rows, *c) for c in chunks[1:]]
+        for chunk in chunks if self._pool is None else chunks[:1]:
+            self._reduce_rows(*chunk)
+        for future in futures:
+            future.result()
         # Shift the buffer down by n rows (numpy copies overlapping slices correctly) and clear the top.
         if n < depth:
             self._sums[:, : depth - n] = self._sums[:, n:]

@@ -348,7 +348,8 @@ def _stitch_threads() -> list[str]:
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_accumulator_threads_give_the_same_outputs_and_end(threads):
+def test_accumulator_threads_give_the_same_outputs_and_end(threads, monkeypatch):
+    monkeypatch.setattr(tiling, "_REDUCE_VOXELS", 2 * 14 * 13)  # two rows a chunk: the threads share them
     grid, window = (12, 14, 13), (4, 6, 5)
     one, many = _stitched(grid, window, 1), _stitched(grid, window, threads)
     for name in ("labels", "entropy", "maps", "top_class_error"):
