@@ -48,14 +48,14 @@ from napari_medcl.verdict import Verdict, assess, with_feature_distance
 from napari_medcl.volume import Prediction, Volume
 
 STAGES = ("preprocess", "infer", "postprocess")
-# Output voxels per slab when the outputs are resampled back to the input grid (8 MiB of float32 a plane).
+# Output voxels per slab when the outputs are resampled back to the input grid (8 MiB of float32 a channel).
 _POSTPROCESS_SLAB_VOXELS = 1 << 21
 # Windows per model call on CUDA unless the caller says: as many as make up this many voxels (8 windows of the
 # bundled 3D model, 80 of the 2D one's 128x128), at most CUDA_MAX_BATCH. On an H200 the 3D model's window took
-# 1.89 / 1.63 ms at batch 8 / 32 against 6.78 at batch 1, the 2D model's 0.93 / 0.30 against 6.38, and the CT-size
-# volume ran faster at batch 32 than at 8 with the 2D model (12.7 against 19.4 s) but only a little with the 3D
-# one (22.2 against 24.3 s), whose batches of 32 need four times the GPU memory (docs/performance.md, "GPU
-# check"). On a CPU one window at a time, as before.
+# 1.79-1.89 / 1.63 ms at batch 8 / 32 against 5.46-6.78 at batch 1, the 2D model's 0.85-0.93 / 0.30 against
+# 5.39-6.38; on the CT-size volume batch 32 gained 9-15% over 8 with the 3D model, for four times the
+# activations per call, and 35% with the 2D one (docs/performance.md, "GPU check"). On a CPU one window at a
+# time, as before.
 CUDA_BATCH_VOXELS = 8 * 24 * 80 * 80
 CUDA_MAX_BATCH = 32
 
