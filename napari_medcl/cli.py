@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="fraction of window overlap in [0, 1) (default: 0.5)",
     )
+    parser.add_argument(
+        "--batch-size",
+        type=whole_number(1),
+        default=None,
+        metavar="N",
+        help="windows per model call (default: on CUDA as many as make up 8 windows of 24x80x80 voxels, at "
+        "most 32; on a CPU 1)",
+    )
     parser.add_argument("--tta", action="store_true", help="average over mirrored copies (2^d times slower)")
     parser.add_argument(
         "--save-probabilities", action="store_true", help="also write one probability map per class"

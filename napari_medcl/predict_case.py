@@ -90,6 +90,7 @@ def _one_case(path: Path, case: str, model: Any, args: argparse.Namespace, *, ba
         quiet=args.quiet or not bar,
         overlap=args.overlap,
         tta=args.tta,
+        batch_size=args.batch_size,
         return_probabilities=args.save_probabilities,
         series=args.series,
         max_voxels=args.max_voxels,

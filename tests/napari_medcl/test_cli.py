@@ -153,6 +153,7 @@ def test_formats_match_the_oracle_with_the_input_geometry(
     np.testing.assert_allclose(sidecar["input"]["geometry"]["spacing"], image.spacing)
     assert sidecar["input"]["geometry"]["shape"] == list(image.spatial_shape)
     assert sidecar["tiling"]["overlap"] == 0.5 and sidecar["tiling"]["windows"] >= 1
+    assert sidecar["tiling"]["batch_size"] == 1  # the default on a CPU
     assert {"read", "preprocess", "inference", "ort_seconds", "postprocess", "total", "write"} <= set(
         sidecar["timings"]
     )
@@ -170,9 +171,10 @@ def test_probabilities_one_file_per_class_and_quiet(tmp_path, model_files, capsy
     source = _make_input("mha", tmp_path)
     out = tmp_path / "out"
     args = [str(source), "-o", str(out), "--model", str(model_files[3]), "--save-probabilities", "--quiet"]
-    assert cli.main([*args, "--overlap", "0.25", "--tta"]) == 0
+    assert cli.main([*args, "--overlap", "0.25", "--tta", "--batch-size", "3"]) == 0
     assert capsys.readouterr().out == ""
     sidecar = json.loads((out / "scan.json").read_text(encoding="utf-8"))
+    assert sidecar["tiling"]["batch_size"] == 3
     assert sidecar["outputs"]["probabilities"] == {
         "background": "scan_probabilities_0.mha",
         "class1": "scan_probabilities_1.mha",
@@ -322,11 +324,13 @@ def test_usage_errors_exit_2(tmp_path, capsys):
         ["x.nii"],
         ["x.nii", "-o", "o", "--overlap", "1.5"],
         ["x.nii", "-o", "o", "--device", "tpu"],
+        ["x.nii", "-o", "o", "--batch-size", "0"],
     ):
         with pytest.raises(SystemExit) as info:
             cli.main(argv)
         assert info.value.code == 2
-    assert "must be in [0, 1)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "must be in [0, 1)" in err and "--batch-size: must be at least 1, got 0" in err
 
 
 def test_interrupt_exits_130(tmp_path, model_files, capsys, monkeypatch):
