@@ -528,6 +528,7 @@ def _pm(values: Sequence[float], digits: int = 3) -> str:
 SERIES_TITLES = {
     "pdcr-sweep": "PDCR strength sweep",
     "3d-converged": "960 iterations (CE + Dice converged)",
+    "scan3d-converged": "960 iterations",
     "conv-check": "1,440 iterations (convergence check)",
 }
 
