@@ -207,13 +207,12 @@ def predict_iter(
     yield Progress(1, 1, "preprocess", elapsed())
 
     t = time.perf_counter()
-    stitched, windows, ort_seconds, window_features = yield from _infer(
+    stitched, windows, window_features = yield from _infer(
         session, prepared, overlap=overlap, tta=tta, batch_size=batch_size,
         keep_probabilities=return_probabilities, cancelled=cancelled, elapsed=elapsed,
-        foreground=foreground if prepared.scales is None else None, threads=threads,
+        foreground=foreground if prepared.scales is None else None, threads=threads, timings=timings,
     )  # fmt: skip
     timings["inference"] = time.perf_counter() - t
-    timings["ort_seconds"] = ort_seconds
     feature_stats = spec.feature_stats
     if window_features is not None and feature_stats is not None and feature_stats.measured:
         # The network's view of the windows that ran (the region's, for a region run) joins the image checks.
@@ -262,13 +261,17 @@ def _infer(
     elapsed: Callable[[], float],
     foreground: np.ndarray | None = None,
     threads: int = 1,
-) -> Generator[Progress, None, tuple[StitchResult, int, float, np.ndarray | None]]:
+    timings: dict[str, float] | None = None,
+) -> Generator[Progress, None, tuple[StitchResult, int, np.ndarray | None]]:
     """Run every window through the model into an Accumulator, yielding one Progress per window.
     ``foreground``: voxels of the grid never labelled background (see ``tiling.argmax_entropy``);
-    ``threads``: for the stitching (``stitch_threads``).
+    ``threads``: for the stitching (``stitch_threads``). ``timings`` receives ``ort_seconds`` (in the model's
+    calls), ``stitch_seconds`` (this thread adding and reducing windows) and ``wait_seconds`` (this thread
+    waiting for the model): where the model and the stitching overlap, the window stage takes about the
+    larger of the first two, and a large wait says the model is the limit.
 
-    Returns (via ``yield from``) the StitchResult, the number of windows, the seconds spent in ORT and, for
-    a model with window features (``spec.features``), those of every window (N, F), else None."""
+    Returns (via ``yield from``) the StitchResult, the number of windows and, for a model with window
+    features (``spec.features``), those of every window (N, F), else None."""
     spec = model.spec
     grid = prepared.array.shape[1:]
     accumulator = Accumulator(
@@ -284,7 +287,7 @@ def _infer(
     )
     boxes = window_boxes(grid, prepared.window, overlap)
     groups = [boxes[first : first + batch_size] for first in range(0, len(boxes), batch_size)]
-    ort_seconds = 0.0
+    ort_seconds = stitch_seconds = wait_seconds = 0.0
     features: list[np.ndarray] | None = [] if spec.features is not None else None
 
     def run_group(group: list[Box]) -> tuple[np.ndarray, np.ndarray | None, float]:
@@ -321,15 +324,23 @@ def _infer(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcl-windows") as pool, closing(accumulator):
         pending = submit(pool, 0, 0) if groups else None
         for index, group in enumerate(groups):
+            start = time.perf_counter()
             probs, maps, seconds = pending.result()
+            wait_seconds += time.perf_counter() - start
             ort_seconds += seconds
             pending = submit(pool, index + 1, index * batch_size) if index + 1 < len(groups) else None
             for j, box in enumerate(group):
+                start = time.perf_counter()
                 accumulator.add(box, probs[j], None if maps is None else maps[j], weighted=True)
+                stitch_seconds += time.perf_counter() - start
                 yield Progress(index * batch_size + j + 1, len(boxes), "infer", elapsed())
+        start = time.perf_counter()
         stitched = accumulator.finish()
+        stitch_seconds += time.perf_counter() - start
+    if timings is not None:
+        timings.update(ort_seconds=ort_seconds, stitch_seconds=stitch_seconds, wait_seconds=wait_seconds)
     window_features = None if features is None else np.concatenate(features)
-    return stitched, len(boxes), ort_seconds, window_features
+    return stitched, len(boxes), window_features
 
 
 def with_error_likelihood(

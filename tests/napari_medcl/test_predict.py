@@ -301,6 +301,8 @@ def test_provenance(models):
     assert 0 < p["timings"]["ort_seconds"] <= p["timings"]["inference"] <= p["timings"]["total"]
     stages = ("read", "load_model", "preprocess", "verdict", "inference", "postprocess", "error_map")
     assert sum(p["timings"].get(s, 0.0) for s in stages) <= p["timings"]["total"]  # no stage counted twice
+    assert 0 < p["timings"]["stitch_seconds"] <= p["timings"]["inference"]
+    assert 0 <= p["timings"]["wait_seconds"] <= p["timings"]["inference"]
     assert p["tiling"]["batch_size"] == 1  # the default on a CPU
     assert p["tiling"]["patch"] == [8, 8, 8] and p["tiling"]["overlap"] == 0.5
     assert p["input"]["geometry"]["shape"] == [9, 9, 9]
