@@ -38,7 +38,6 @@ from napari_medcl.tiling import (
     Box,
     StitchResult,
     argmax_entropy,
-    gaussian_importance,
     label_dtype,
     padding,
     window_boxes,
@@ -306,11 +305,7 @@ def _infer(
         if spec.spatial_dims == 2:  # back to depth-1 windows: (n, K, 1, wy, wx)
             probs = probs[:, :, None]
             maps = None if maps is None else maps[:, :, None]
-        # The stitching's weighting, here in the worker, so the thread that stitches only sums.
-        weight = gaussian_importance(prepared.window)
-        np.multiply(probs, weight, out=probs)
-        if maps is not None:
-            np.multiply(maps, weight, out=maps)
+        accumulator.weigh(probs, maps)  # here, in the worker, so the thread that stitches only sums
         return probs, maps, seconds
 
     def submit(pool: ThreadPoolExecutor, index: int, done: int) -> Future:

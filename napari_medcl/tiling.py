@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -292,13 +292,34 @@ class Accumulator:
                 target = self._sums[(channel, *region)]
                 np.add(target, window, out=target)
 
+        def first_share() -> None:
+            add_channels(channels[::shares])
+            target = self._weights[region]
+            np.add(target, weight, out=target)
+
         # The sums are memory-bound: with threads, each takes a share of the channels (numpy releases the
         # GIL), this one the first share and the weights.
         shares = self._threads
-        futures = [self._pool.submit(add_channels, channels[i::shares]) for i in range(1, shares)]
-        add_channels(channels[::shares])
-        target = self._weights[region]
-        np.add(target, weight, out=target)
+        self._share([first_share, *(partial(add_channels, channels[i::shares]) for i in range(1, shares))])
+
+    def weigh(self, *arrays: np.ndarray | None) -> None:
+        """Multiply window outputs (..., *window) by the importance map in place, as ``add`` does; a caller
+        that does it elsewhere (in the thread that runs the model, say) passes them with ``weighted=True``."""
+        weight = gaussian_importance(self.window)
+        for array in arrays:
+            if array is not None:
+                np.multiply(array, weight, out=array)
+
+    def _share(self, calls: list[Callable[[], None]]) -> None:
+        """Run ``calls`` (independent, each writing its own memory): the first on this thread, the others on
+        the accumulator's threads when it has them; return when all are done."""
+        if self._pool is None:
+            for call in calls:
+                call()
+            return
+        futures = [self._pool.submit(call) for call in calls[1:]]
+        for call in calls[:1]:
+            call()
         for future in futures:
             future.result()
 
@@ -318,11 +339,7 @@ class Accumulator:
             for a, b in ((a, min(a + step, hi)) for a in range(lo, hi, step))
         ]
         # The chunks write disjoint rows of the outputs: the threads, if any, share them.
-        futures = [] if self._pool is None else [self._pool.submit(self._reduce_rows, *c) for c in chunks[1:]]
-        for chunk in chunks if self._pool is None else chunks[:1]:
-            self._reduce_rows(*chunk)
-        for future in futures:
-            future.result()
+        self._share([partial(self._reduce_rows, *chunk) for chunk in chunks])
         # Shift the buffer down by n rows (numpy copies overlapping slices correctly) and clear the top.
         if n < depth:
             self._sums[:, : depth - n] = self._sums[:, n:]

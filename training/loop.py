@@ -138,9 +138,8 @@ def train_epoch(
             with runtime.autocast():
                 loss, terms = parts.step(image, label, parts.generator, progress)
             if anchor is not None:
-                penalty = (
-                    anchor.penalty()
-                )  # float32, outside autocast: a sum over a million squared differences
+                # float32, outside autocast: a sum over a million squared differences
+                penalty = anchor.penalty()
                 loss = loss + penalty
                 terms = {**terms, "loss": loss.detach(), "anchor": penalty.detach()}
             optimizer.zero_grad(set_to_none=True)
