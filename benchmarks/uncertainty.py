@@ -13,7 +13,9 @@ tissue: for them only the share of the image labelled tissue and whether each ma
 Candidate maps, all from what ``napari_medcl.predict`` returns: every UAFR block's map (``uafr:<name>``),
 the normalised ``entropy``, ``top_class_error`` (1 - p(label)), ``error_likelihood`` (the calibrated error
 map, for a model that carries one: ``medcl-calibrate --error-case``, fitted on fold models' predictions of
-other blocks, never on the blocks scored here), the top-two ``margin`` 1 - (p1 - p2) from the
+other blocks, never on the blocks scored here), ``intensity_consensus`` (``ErrorModel.consensus`` applied to the
+plain prediction whatever the model file carries: the network's odds of error times those of a local intensity
+model of the scan, ``napari_medcl.intensity_model``), the top-two ``margin`` 1 - (p1 - p2) from the
 probabilities, and two mirroring maps. The mirrors are the product's test-time augmentation taken apart: a
 session wrapper (``MirroredSession``) flips every window before the model and the outputs back after it, for
 every non-empty set of spatial axes (7 for a 3D model, 3 for a 2D one), so the windows are the plain run's and
@@ -50,7 +52,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODELS = ("brain-tissue-3d", "brain-tissue-2d")
 CALIBRATED = "error_likelihood"  # Prediction.error_likelihood: the calibrated map, fitted out of fold
-PROBABILITY_MAPS = ("top_class_error", "mirror_error", CALIBRATED)  # maps that claim to be P(label wrong)
+CONSENSUS = "intensity_consensus"  # ErrorModel.consensus on the plain prediction, for every model
+# maps that claim to be P(label wrong)
+PROBABILITY_MAPS = ("top_class_error", "mirror_error", CONSENSUS, CALIBRATED)
 TOP_FRACTIONS = (0.05, 0.10, 0.20)
 ECE_BINS = 15
 STRONG_GAMMA = 1.5
@@ -309,6 +313,7 @@ def candidate_maps(image, session, *, mirrors: bool = True) -> CaseResult:
     maps["top_class_error"] = plain.top_class_error.array
     if plain.error_likelihood is not None:  # the model carries a calibrated error map (medcl-calibrate)
         maps[CALIBRATED] = plain.error_likelihood.array
+    maps[CONSENSUS] = _consensus(image, plain, session.spec)
     top2 = np.sort(probs, axis=0)[-2:]  # (2, *S): p2, p1
     maps["margin"] = 1.0 - (top2[1] - top2[0])
     if mirrors:
@@ -324,6 +329,24 @@ def candidate_maps(image, session, *, mirrors: bool = True) -> CaseResult:
         maps["mirror_disagreement"] = (differ / len(flips)).astype(np.float32)
         maps["mirror_error"] = (1.0 - prob_of_label / (len(flips) + 1)).astype(np.float32)
     return CaseResult(plain, maps, time.perf_counter() - started)
+
+
+def _consensus(image, prediction, spec) -> np.ndarray:
+    """The intensity consensus map of ``prediction`` of ``image``, on the eligible voxels as ``predict``
+    would compute it for a model file that carries it."""
+    from napari_medcl.error_model import ErrorModel, eligible_voxels
+    from napari_medcl.prediction import normalises_over_mask
+
+    eligible = eligible_voxels(image, normalises_over_mask(spec))
+    return ErrorModel.consensus().apply(
+        prediction.labels.array,
+        prediction.top_class_error.array,
+        prediction.entropy.array,
+        {},
+        prediction.labels.spacing,
+        eligible,
+        image=image.array if image.channel_axis else image.array[None],
+    )
 
 
 def score_case(result: CaseResult, truth: np.ndarray) -> dict:
@@ -461,6 +484,7 @@ REVIEW_LINES = (
     "sum top_class_error",
     "sum margin",
     "sum mirror_error",
+    f"sum {CONSENSUS}",
     f"sum {CALIBRATED}",
 )
 
@@ -656,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{name} {case}: {scored['errors']} errors ({scored['error_rate']:.4f}), "
                 + ", ".join(
                     f"{m} {row[m]['auroc']:.3f}"
-                    for m in ("uafr:decoder1", "entropy", "top_class_error", CALIBRATED)
+                    for m in ("uafr:decoder1", "entropy", "top_class_error", CONSENSUS, CALIBRATED)
                     if m in row
                 )
                 + f" [{result.seconds:.0f} s]",

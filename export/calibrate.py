@@ -16,6 +16,11 @@ Which cases: ``--cases`` names them; ``--fold K`` takes the training part of fol
 logistic model of P(label wrong) is fitted on those out-of-fold predictions and stored in the spec
 (``ModelSpec.error_model``) with the figures measured on them. Never name a case the figures will later be
 reported on.
+
+``--error-map consensus`` stores the intensity consensus instead (``ErrorModel.consensus``: the network's odds
+that a label is wrong times those of a local intensity model of the scan, nothing fitted); any ``--error-case``
+then only measures it, and the model that predicts a case may be the calibrated model itself. Without
+``--error-case`` it is stored without figures.
 """
 
 from __future__ import annotations
@@ -118,13 +123,14 @@ def calibrate(
     max_cases: int | None = None,
     error_cases: Sequence[Any] = (),
     error_voxels: int | None = None,
+    error_map: str = "fit",
     features: bool = False,
     progress: Any = None,
 ) -> CalibrationResult:
     """Write ``output``: ``model`` (an .onnx file or a bundled model name) with the training-data profile of
     the chosen cases of ``dataset`` in its spec, and with ``error_cases`` (``export.error_fit.ErrorCase``) its
     calibrated error map fitted on them (``error_voxels`` sampled per case; ``progress`` receives a line per
-    step). With ``features`` the graph gains the window-features output (``export.feature_output``; a graph
+    step); with ``error_map="consensus"`` the intensity consensus map, measured on ``error_cases`` if any. With ``features`` the graph gains the window-features output (``export.feature_output``; a graph
     that has it keeps it) and the spec their statistics on the chosen cases, which the verdict's ``features``
     check compares each scan with. Raises ModelError (unusable model), DatasetError (unusable
     dataset, or the cases' channels differ from each other), OutputError (cannot write)."""
@@ -158,17 +164,30 @@ def calibrate(
         source=f"{found.name}: {how}: {', '.join(c.case_id for c in chosen)}",
     )
     new_spec = dataclasses.replace(spec, training_profile=profile)
-    if error_cases:
-        from export.error_fit import DEFAULT_VOXELS_PER_CASE, collect_samples, fit_error_model
-
-        names, samples = collect_samples(
-            spec,
-            list(error_cases),
-            layout=layout,
-            voxels_per_case=DEFAULT_VOXELS_PER_CASE if error_voxels is None else error_voxels,
-            progress=progress or (lambda _: None),
+    if error_map not in ("fit", "consensus"):
+        raise ValueError(f"error_map must be 'fit' or 'consensus', got {error_map!r}")
+    if error_cases or error_map == "consensus":
+        from export.error_fit import (
+            DEFAULT_VOXELS_PER_CASE,
+            collect_samples,
+            fit_error_model,
+            measure_consensus,
         )
-        error_model = fit_error_model(names, samples, list(error_cases))
+        from napari_medcl.error_model import CONSENSUS_FEATURES, ErrorModel
+
+        if error_cases:
+            names, samples = collect_samples(
+                spec,
+                list(error_cases),
+                layout=layout,
+                voxels_per_case=DEFAULT_VOXELS_PER_CASE if error_voxels is None else error_voxels,
+                progress=progress or (lambda _: None),
+                names=CONSENSUS_FEATURES if error_map == "consensus" else None,
+            )
+            measure = measure_consensus if error_map == "consensus" else fit_error_model
+            error_model = measure(names, samples, list(error_cases))
+        else:
+            error_model = ErrorModel.consensus()
         new_spec = dataclasses.replace(new_spec, error_model=error_model.to_dict())
 
     proto = onnx.load_model_from_string(data)
@@ -233,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
             "other node unchanged). "
             "With --error-case it also fits the calibrated error map (the probability that each voxel's label is "
             "wrong) on fold models' predictions of cases they did not train on, and stores it with its measured "
-            "figures; predictions of the written model then carry it as the 'error likelihood'."
+            "figures; predictions of the written model then carry it as the 'error likelihood'. With "
+            "--error-map consensus the error likelihood is instead the intensity consensus (the network's odds "
+            "of error times a local intensity model's, nothing fitted), measured on the --error-case cases."
         ),
     )
     parser.add_argument("model", help="the .onnx model file (or a bundled model name)")
@@ -263,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("FOLD_MODEL", "DATASET", "CASE"),
         help="fit the calibrated error map on this case of DATASET predicted by FOLD_MODEL, the same network "
         "trained without it (repeatable; never a case you will report figures on)",
+    )
+    parser.add_argument(
+        "--error-map",
+        choices=("fit", "consensus"),
+        default="fit",
+        help="fit: a logistic error map fitted on the --error-case cases (default); consensus: the network's "
+        "odds of error times a local intensity model's, nothing fitted, its figures measured on the "
+        "--error-case cases (which the calibrated model itself may predict)",
     )
     parser.add_argument(
         "--features",
@@ -301,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_cases=args.max_cases,
             error_cases=[parse_error_case(values) for values in args.error_case],
             error_voxels=args.error_voxels,
+            error_map=args.error_map,
             features=args.features,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )

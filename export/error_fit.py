@@ -10,6 +10,9 @@ voxels; the standardisation is folded into the coefficients, so the product appl
 The figures it records are measured on these out-of-fold cases: each signal's AUROC alone, the fitted
 map's AUROC and expected calibration error (15 equal-width bins) in sample, and, with two or more fold
 models, the same for the map fitted without each fold model's cases and scored on them.
+
+``measure_consensus`` takes the same samples for the intensity consensus map
+(``ErrorModel.consensus``), which has nothing to fit: it only records the figures measured on them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ErrorCase", "ErrorSamples", "collect_samples", "fit_error_model", "parse_error_case"]
+__all__ = [
+    "ErrorCase",
+    "ErrorSamples",
+    "collect_samples",
+    "fit_error_model",
+    "measure_consensus",
+    "parse_error_case",
+]
 
 ECE_BINS = 15
 DEFAULT_VOXELS_PER_CASE = 200_000
@@ -77,17 +87,18 @@ def collect_samples(
     voxels_per_case: int = DEFAULT_VOXELS_PER_CASE,
     seed: int = 0,
     progress: Callable[[str], None] = lambda _: None,
+    names: Sequence[str] | None = None,
 ) -> tuple[tuple[str, ...], ErrorSamples]:
-    """The feature names (``napari_medcl.error_model.feature_names`` of ``spec``) and the samples of every
-    case. Raises ModelError (unusable or incompatible fold model), DatasetError (unknown case, unreadable
-    files, a case without labels)."""
+    """The feature names (``names``, or every one of ``napari_medcl.error_model.feature_names`` of
+    ``spec``) and the samples of every case. Raises ModelError (unusable or incompatible fold model),
+    DatasetError (unknown case, unreadable files, a case without labels)."""
     from napari_medcl.error_model import eligible_voxels, feature_names, feature_planes
     from napari_medcl.onnx_session import open_session
     from napari_medcl.prediction import normalises_over_mask, predict
     from training.data.check import read_case
     from training.data.layouts import DatasetError, discover
 
-    names = feature_names(spec.uncertainty_maps)
+    names = tuple(feature_names(spec.uncertainty_maps) if names is None else names)
     rng = np.random.default_rng(seed)
     groups = {model: i for i, model in enumerate(dict.fromkeys(c.model for c in cases))}
     blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -130,6 +141,8 @@ def collect_samples(
             prediction.entropy.array,
             maps,
             prediction.labels.spacing,
+            image.array if image.channel_axis else image.array[None],
+            eligible,
         )
         for j, (_, plane) in enumerate(planes):
             columns[:, j] = plane[where][take]
@@ -190,22 +203,23 @@ def _probability(features: np.ndarray, coefficients: np.ndarray, intercept: floa
     return 1.0 / (1.0 + np.exp(-np.clip(features.astype(np.float64) @ coefficients + intercept, -60, 60)))
 
 
-def fit_error_model(names: Sequence[str], samples: ErrorSamples, cases: Sequence[ErrorCase]) -> Any:
-    """The ErrorModel fitted on ``samples`` with its out-of-fold figures (see the module docstring)."""
-    from sklearn.metrics import roc_auc_score
-
-    from napari_medcl.error_model import ErrorModel
+def _check_both_kinds(wrong: np.ndarray) -> None:
     from napari_medcl.errors import UsageError
 
-    wrong = samples.wrong
     if wrong.all() or not wrong.any():
         raise UsageError(
-            "the error cases hold no wrong voxel (or no right one): there is nothing to learn an error map "
-            "from; use cases the fold models did not train on"
+            "the error cases hold no wrong voxel (or no right one): there is nothing to measure an error map "
+            "on; use cases the predicting model did not train on"
         )
-    coefficients, intercept = _fit(samples.features, wrong)
-    fitted = _probability(samples.features, coefficients, intercept)
-    figures: dict[str, Any] = {
+
+
+def _figures(
+    names: Sequence[str], samples: ErrorSamples, cases: Sequence[ErrorCase], probability: np.ndarray, fit: str
+) -> dict[str, Any]:
+    from sklearn.metrics import roc_auc_score
+
+    wrong = samples.wrong
+    return {
         "cases": [c.label() for c in cases],
         "per_case": samples.per_case,
         "samples": int(wrong.size),
@@ -214,10 +228,38 @@ def fit_error_model(names: Sequence[str], samples: ErrorSamples, cases: Sequence
             name: round(float(roc_auc_score(wrong, samples.features[:, j])), 4)
             for j, name in enumerate(names)
         },
-        "auroc": round(float(roc_auc_score(wrong, fitted)), 4),
-        "ece": round(expected_calibration_error(fitted, wrong), 4),
-        "fit": f"scikit-learn LogisticRegression (L2, C={REGULARISATION_C}) on standardised features",
+        "auroc": round(float(roc_auc_score(wrong, probability)), 4),
+        "ece": round(expected_calibration_error(probability, wrong), 4),
+        "fit": fit,
     }
+
+
+def measure_consensus(names: Sequence[str], samples: ErrorSamples, cases: Sequence[ErrorCase]) -> Any:
+    """The intensity consensus ErrorModel with the figures measured on ``samples`` (collected with
+    ``names`` = ``CONSENSUS_FEATURES``)."""
+    from napari_medcl.error_model import CONSENSUS_FEATURES, ErrorModel
+
+    if tuple(names) != CONSENSUS_FEATURES:
+        raise ValueError(f"the consensus is measured on {CONSENSUS_FEATURES}, got {tuple(names)}")
+    _check_both_kinds(samples.wrong)
+    consensus = ErrorModel.consensus()
+    probability = _probability(samples.features, np.asarray(consensus.coefficients), consensus.intercept)
+    fit = "none: the network's odds of error times the local intensity model's"
+    return ErrorModel.consensus(_figures(names, samples, cases, probability, fit))
+
+
+def fit_error_model(names: Sequence[str], samples: ErrorSamples, cases: Sequence[ErrorCase]) -> Any:
+    """The ErrorModel fitted on ``samples`` with its out-of-fold figures (see the module docstring)."""
+    from sklearn.metrics import roc_auc_score
+
+    from napari_medcl.error_model import ErrorModel
+
+    wrong = samples.wrong
+    _check_both_kinds(wrong)
+    coefficients, intercept = _fit(samples.features, wrong)
+    fitted = _probability(samples.features, coefficients, intercept)
+    fit = f"scikit-learn LogisticRegression (L2, C={REGULARISATION_C}) on standardised features"
+    figures = _figures(names, samples, cases, fitted, fit)
     groups = np.unique(samples.group)
     if groups.size >= 2:
         held = np.empty_like(fitted)

@@ -48,7 +48,13 @@ BASE_FEATURES: dict[str, str] = {
     "top_error_max_3": "the largest top_error in the voxel's 3-voxel neighbourhood",
     "border": "1 where a face neighbour has another label",
     "border_near_2mm": "the share of border voxels nearby (Gaussian of sigma 2 mm)",
+    "intensity_error_logit": "log-odds that the label is wrong under the local intensity model "
+    "(napari_medcl.intensity_model: each label's intensities within 8 mm); needs the image",
 }
+# Features computed from the image itself, not only from the prediction.
+IMAGE_FEATURES = frozenset({"intensity_error_logit"})
+# The consensus map: log-odds of error = the network's + the local intensity model's, nothing fitted.
+CONSENSUS_FEATURES = ("top_error_logit", "intensity_error_logit")
 
 
 class ErrorModelError(ValueError):
@@ -79,11 +85,15 @@ def feature_planes(
     entropy: np.ndarray,
     maps: Mapping[str, np.ndarray],
     spacing: Sequence[float],
+    image: np.ndarray | None = None,
+    eligible: np.ndarray | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, plane)`` for each feature in ``names``, in order: float32 arrays of the labels'
     spatial shape ``S``. ``labels`` (S) int, ``top_error`` and ``entropy`` (S) float in [0, 1], ``maps``
-    UAFR map name -> (S) float, ``spacing`` in mm per axis of ``S``. Each plane is new and may be
-    modified; only one is alive at a time when the caller drops it before the next."""
+    UAFR map name -> (S) float, ``spacing`` in mm per axis of ``S``; ``image`` (C, *S) float, the scan on
+    the same grid, needed by ``IMAGE_FEATURES`` only; ``eligible`` (S) bool, the voxels whose label can be
+    wrong (None: all). Each plane is new and may be modified; only one is alive at a time when the caller
+    drops it before the next."""
     from scipy import ndimage
 
     shapes = {np.shape(labels), np.shape(top_error), np.shape(entropy), *(np.shape(m) for m in maps.values())}
@@ -128,6 +138,15 @@ def feature_planes(
             plane = ndimage.gaussian_filter(
                 border_plane().astype(np.float32), _mm_sigma(2.0, spacing), mode="nearest", truncate=3.0
             )
+        elif name == "intensity_error_logit":
+            if image is None:
+                raise ErrorModelError(f"error-model feature {name!r} needs the image, and none was given")
+            from napari_medcl.intensity_model import label_probability
+
+            right = label_probability(image, labels, spacing, eligible)
+            plane = np.clip(right, _LOGIT_FLOOR, 1.0 - _LOGIT_FLOOR)
+            # log((1 - p) / p): the odds that the label is wrong
+            plane = np.log((1.0 - plane) / plane)
         elif name.startswith(MAP_PREFIX) and name[len(MAP_PREFIX) :] in maps:
             plane = np.asarray(maps[name[len(MAP_PREFIX) :]], dtype=np.float32).copy()
         else:
@@ -175,6 +194,29 @@ class ErrorModel:
             json.dumps(self.figures, allow_nan=False)
         except (TypeError, ValueError) as error:
             raise ErrorModelError(f"error_model.figures must hold plain JSON values ({error})") from None
+
+    @classmethod
+    def consensus(cls, figures: Mapping[str, Any] | None = None) -> ErrorModel:
+        """The intensity consensus: P(wrong) from the network's odds that the label is wrong times the local
+        intensity model's (``napari_medcl.intensity_model``), as two independent experts would combine;
+        nothing is fitted, so it needs no out-of-fold cases. ``figures``: what it was measured at."""
+        return cls(
+            features=CONSENSUS_FEATURES,
+            coefficients=(1.0, 1.0),
+            intercept=0.0,
+            figures=dict(figures or {}),
+        )
+
+    @property
+    def is_consensus(self) -> bool:
+        return (
+            self.features == CONSENSUS_FEATURES and self.coefficients == (1.0, 1.0) and self.intercept == 0.0
+        )
+
+    @property
+    def needs_image(self) -> bool:
+        """Whether ``apply`` needs the scan itself (an image feature such as the intensity model's)."""
+        return any(f in IMAGE_FEATURES for f in self.features)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ErrorModel:
@@ -232,6 +274,7 @@ class ErrorModel:
         spacing: Sequence[float],
         eligible: np.ndarray | None = None,
         cancelled: Callable[[], bool] | None = None,
+        image: np.ndarray | None = None,
     ) -> np.ndarray:
         """The error likelihood (S) float32 in [0, 1]; 0 outside ``eligible`` (S bool; None: everywhere).
         Arguments as ``feature_planes``'s."""
@@ -241,7 +284,8 @@ class ErrorModel:
             )
         logit = np.full(np.shape(labels), self.intercept, dtype=np.float32)
         weights = dict(zip(self.features, self.coefficients))
-        for name, plane in feature_planes(self.features, labels, top_error, entropy, maps, spacing):
+        planes = feature_planes(self.features, labels, top_error, entropy, maps, spacing, image, eligible)
+        for name, plane in planes:
             plane *= np.float32(weights[name])
             logit += plane
             del plane
@@ -267,5 +311,9 @@ class ErrorModel:
             if isinstance(auroc, (int, float)) and isinstance(ece, (int, float))
             else "no figures recorded"
         )
+        if self.is_consensus:
+            return (
+                f"intensity consensus error map (network x local intensity model, nothing fitted): {measured}"
+            )
         n = len(self.features)
         return f"calibrated error map ({n} feature{'s' if n != 1 else ''}, logistic): {measured}"

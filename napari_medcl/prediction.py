@@ -230,7 +230,7 @@ def predict_iter(
     if spec.error_model is not None:
         t = time.perf_counter()
         eligible = nonzero if masked_normalisation else None
-        prediction = with_error_likelihood(prediction, spec, eligible, cancelled)
+        prediction = with_error_likelihood(prediction, spec, eligible, cancelled, image=part)
         timings["error_map"] = time.perf_counter() - t
     t = time.perf_counter()
     if not plan.whole:
@@ -343,10 +343,13 @@ def with_error_likelihood(
     spec: ModelSpec,
     eligible: np.ndarray | None,
     cancelled: Callable[[], bool] | None = None,
+    *,
+    image: Volume | None = None,
 ) -> Prediction:
     """``prediction`` with its ``error_likelihood`` from the spec's error model (``napari_medcl.error_model``),
-    computed on its own grid from its labels, top-class error, entropy and UAFR maps. ``eligible`` (spatial
-    bool): the voxels whose label can be wrong (None: all); the map is 0 elsewhere."""
+    computed on its own grid from its labels, top-class error, entropy and UAFR maps, and from ``image`` (the
+    scan on that grid) for a model that reads it. ``eligible`` (spatial bool): the voxels whose label can be
+    wrong (None: all); the map is 0 elsewhere."""
     error_model = spec.error_map_model
     if error_model is None or prediction.top_class_error is None:
         return prediction
@@ -359,6 +362,7 @@ def with_error_likelihood(
         {name: m.array for name, m in prediction.uncertainty_maps.items()},
         prediction.labels.spacing,
         eligible,
+        image=None if image is None else (image.array if image.channel_axis else image.array[None]),
     )
     return dataclasses.replace(
         prediction, error_likelihood=prediction.labels.with_array(likelihood, channel_axis=False, metadata={})

@@ -1,0 +1,125 @@
+"""The local intensity model and the intensity consensus error map built on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import napari_medcl
+from export.calibrate import main as calibrate_main
+from napari_medcl.error_model import CONSENSUS_FEATURES, ErrorModel, ErrorModelError, feature_planes
+from napari_medcl.intensity_model import label_probability
+from tests.dataset_factory import make_msd_dataset
+from tests.onnx_models import make_spec, pointwise_model, save
+
+
+def two_tissues(shape=(6, 40, 40), bias=0.0):
+    """A dark tissue (label 1, about 100) left of x = 20 and a bright one (label 2, about 200) right of it,
+    under a smooth multiplicative ramp along y of strength ``bias``, with a little seeded noise."""
+    rng = np.random.default_rng(0)
+    truth = np.ones(shape, np.uint8)
+    truth[..., 20:] = 2
+    image = np.where(truth == 1, 100.0, 200.0)
+    ramp = 1.0 + bias * np.linspace(-1, 1, shape[1])[None, :, None]
+    image = image * ramp + rng.normal(0, 5, shape)
+    return image.astype(np.float32), truth
+
+
+def test_a_label_the_intensity_contradicts_is_unlikely_and_right_labels_are_likely():
+    image, truth = two_tissues()
+    labels = truth.copy()
+    labels[:, 10:14, 24:28] = 1  # a bright patch called dark
+    p = label_probability(image[None], labels, (1.0, 1.0, 1.0), sigma_mm=8.0)
+    assert p.shape == labels.shape and p.dtype == np.float32
+    assert p[:, 10:14, 24:28].max() < 0.25 and np.median(p[:, 10:14, 24:28]) < 0.02
+    right = np.ones(labels.shape, bool)
+    right[:, 10:14, 24:28] = False
+    assert np.median(p[right]) > 0.99 and (p[right] > 0.5).mean() > 0.99
+
+
+def test_the_model_is_local_so_a_bias_field_does_not_fool_it():
+    # with bias 0.6 the dark tissue at the bright end (about 160) is brighter than the bright tissue at the
+    # dark end (about 80): one global threshold would mislabel a third of the image, the local model does not
+    image, truth = two_tissues(shape=(4, 120, 40), bias=0.6)
+    p = label_probability(image[None], truth, (1.0, 1.0, 1.0), sigma_mm=6.0)
+    assert np.median(p) > 0.99 and (p > 0.5).mean() > 0.97
+
+
+def test_eligible_voxels_alone_inform_it_and_the_rest_stay_certain():
+    image, truth = two_tissues()
+    labels = truth.copy()
+    eligible = np.ones(labels.shape, bool)
+    eligible[..., :4] = False
+    image[..., :4] = 0.0
+    labels[..., :4] = 0  # background by a rule, not a competing class
+    p = label_probability(image[None], labels, (1.0, 1.0, 1.0), eligible)
+    assert (p[~eligible] == 1).all() and np.median(p[eligible]) > 0.99
+    one = label_probability(image[None], np.ones_like(labels), (1.0, 1.0, 1.0))
+    assert (one == 1).all()  # nothing to compare a single label with
+
+
+def test_bad_shapes_are_named():
+    image, truth = two_tissues()
+    with pytest.raises(ValueError, match="image \\(C, \\*S\\) must match labels"):
+        label_probability(image, truth, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="spacing"):
+        label_probability(image[None], truth, (1.0, 1.0))
+    with pytest.raises(ValueError, match="eligible mask"):
+        label_probability(image[None], truth, (1.0, 1.0, 1.0), np.ones((2, 2, 2), bool))
+
+
+def test_consensus_multiplies_the_two_odds_and_needs_the_image():
+    image, truth = two_tissues()
+    labels = truth.copy()
+    labels[:, 10:14, 24:28] = 1
+    top = np.full(labels.shape, 0.2, np.float32)
+    consensus = ErrorModel.consensus()
+    assert consensus.is_consensus and consensus.needs_image and consensus.features == CONSENSUS_FEATURES
+    assert not ErrorModel(features=("top_error",), coefficients=(1.0,), intercept=0.0).needs_image
+    got = consensus.apply(labels, top, top, {}, (1.0, 1.0, 1.0), image=image[None])
+    p = np.clip(label_probability(image[None], labels, (1.0, 1.0, 1.0)), 1e-4, 1 - 1e-4)
+    odds = (0.2 / 0.8) * (1 - p) / p
+    np.testing.assert_allclose(got, odds / (1 + odds), rtol=1e-4, atol=1e-6)
+    assert np.median(got[:, 10:14, 24:28]) > 0.9 and np.median(got) < 0.01
+    with pytest.raises(ErrorModelError, match="needs the image"):
+        consensus.apply(labels, top, top, {}, (1.0, 1.0, 1.0))
+    with pytest.raises(ErrorModelError, match="needs the image"):
+        list(feature_planes(["intensity_error_logit"], labels, top, top, {}, (1.0, 1.0, 1.0)))
+    again = ErrorModel.from_dict(consensus.to_dict())
+    assert again.is_consensus and "intensity consensus" in again.summary()
+
+
+def test_calibrate_stores_the_consensus_measures_it_and_predictions_use_the_image(tmp_path, capsys):
+    spec = make_spec(normalization={"kind": "zscore", "use_nonzero_mask": True}, maps=("decoder1",))
+    model = save(pointwise_model(spec=spec, k=3.0), tmp_path / "model.onnx")
+    data = make_msd_dataset(tmp_path / "tiny", n_cases=4, shape=(10, 16, 14), modality="MRI")
+    bare = tmp_path / "bare.onnx"
+    assert calibrate_main([str(model), str(data), "-o", str(bare), "--error-map", "consensus"]) == 0
+    assert "intensity consensus error map" in capsys.readouterr().out
+    assert napari_medcl.load_model(bare, device="cpu").spec.error_map_model.figures == {}
+
+    out = tmp_path / "measured.onnx"
+    argv = [str(model), str(data), "-o", str(out), "--error-map", "consensus", "--error-voxels", "500"]
+    for case in ("case_001", "case_002"):  # the calibrated model predicts them itself: nothing is fitted
+        argv += ["--error-case", str(model), str(data), case]
+    assert calibrate_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "intensity consensus error map" in printed and "AUROC of intensity_error_logit alone" in printed
+    error_model = napari_medcl.load_model(out, device="cpu").spec.error_map_model
+    assert error_model.is_consensus and set(error_model.figures["signals"]) == set(CONSENSUS_FEATURES)
+    assert error_model.figures["fit"].startswith("none")
+
+    image = napari_medcl.read_image(data / "imagesTr" / "case_003_0000.nii.gz")
+    prediction = napari_medcl.predict(image, out, device="cpu")
+    likelihood = prediction.error_likelihood.array
+    expected = error_model.apply(
+        prediction.labels.array,
+        prediction.top_class_error.array,
+        prediction.entropy.array,
+        {},
+        prediction.labels.spacing,
+        image.array != 0,
+        image=image.array[None],
+    )
+    np.testing.assert_allclose(likelihood, expected, atol=1e-6)
+    assert (likelihood[image.array == 0] == 0).all()
