@@ -64,7 +64,7 @@ class CalibrationResult:
             lines.append(error_model.summary())
             signals = error_model.figures.get("signals", {})
             lines += [f"  AUROC of {name} alone: {value:.3f}" for name, value in signals.items()]
-            for key in ("auroc_other_folds", "ece_other_folds"):
+            for key in ("auroc_other_folds", "ece_other_folds", "ece_network_alone"):
                 if key in error_model.figures:
                     lines.append(f"  {key.replace('_', ' ')}: {error_model.figures[key]:.3f}")
         stats = self.spec.feature_stats

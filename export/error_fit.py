@@ -245,7 +245,11 @@ def measure_consensus(names: Sequence[str], samples: ErrorSamples, cases: Sequen
     consensus = ErrorModel.consensus()
     probability = _probability(samples.features, np.asarray(consensus.coefficients), consensus.intercept)
     fit = "none: the network's odds of error times the local intensity model's"
-    return ErrorModel.consensus(_figures(names, samples, cases, probability, fit))
+    figures = _figures(names, samples, cases, probability, fit)
+    # the map it replaces as the default, 1 - p(label), measured on the same voxels
+    network = _probability(samples.features[:, :1], np.ones(1), 0.0)
+    figures["ece_network_alone"] = round(expected_calibration_error(network, samples.wrong), 4)
+    return ErrorModel.consensus(figures)
 
 
 def fit_error_model(names: Sequence[str], samples: ErrorSamples, cases: Sequence[ErrorCase]) -> Any:

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-csv",
         action="store_true",
         help="also write <case>_report.csv: one row per class with its voxels, volume (mL; area in cm2 for 2D) "
-        "and expected wrong volume (from the calibrated error likelihood when the model carries one, else "
+        "and expected wrong volume (from the error likelihood when the model carries an error map, else "
         "from 1 - probability of the label, uncalibrated; always computed), plus the model and verdict",
     )
     parser.add_argument(

@@ -312,6 +312,12 @@ class ErrorModel:
             else "no figures recorded"
         )
         if self.is_consensus:
+            measured = measured.replace("on its", "on the").replace(
+                "error case(s)", "case(s) it was measured on"
+            )
+            network_ece = fig.get("ece_network_alone")
+            if isinstance(network_ece, (int, float)) and "AUROC" in measured:
+                measured += f" (1 - p(label) alone: ECE {network_ece:.3f})"
             return (
                 f"intensity consensus error map (network x local intensity model, nothing fitted): {measured}"
             )

@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Rank unlabelled scans by which one to correct next: out-of-distribution scans first "
         "(the verdict on whether a scan looks like the model's training data), then caution, then the rest; "
-        "within each, the larger expected share of wrong foreground voxels first (the calibrated error "
-        "likelihood when the model carries one, else the model's own 1 - p(label), uncalibrated). Writes one "
+        "within each, the larger expected share of wrong foreground voxels first (the error "
+        "likelihood when the model carries an error map, else the model's own 1 - p(label), uncalibrated). Writes one "
         "CSV row per case with the reason; a file that cannot be read is listed last with the problem.",
         epilog=f"CSV columns: {', '.join(CSV_COLUMNS)}. Exit status: 0 every case ranked; 1 some case could "
         "not be read or segmented (it is in the CSV) or the CSV could not be written; 2 usage or model "

@@ -153,7 +153,7 @@ def _measure(case: str, path: Path, prediction: Any, session: Any) -> _Measured:
         else f"the model labels no foreground; expected {100 * fraction:.1f}% of voxels wrong"
     )
     if kind == "error_likelihood":
-        expected += " by the calibrated error map"
+        expected += " by the model's error map"
     if constant:
         why = f"nothing to label: {'; '.join(verdict.reasons)}"
     elif level in ("out-of-distribution", "caution"):

@@ -294,6 +294,8 @@ class ModelSpec:
             f"{'UAFR ' + name[len(MAP_PREFIX) :] if name.startswith(MAP_PREFIX) else name} {value:.3f}"
             for name, value in shown.items()
         )
+        if error_model.is_consensus:
+            return f"{line}\nAUROC of each signal alone on the same cases: {each}"
         return f"{line}\nout-of-fold AUROC of each signal alone: {each}"
 
 

@@ -127,7 +127,7 @@ def test_the_next_likely_mistake_follows_the_calibrated_map(models, tmp_path):
 
 def test_the_ranking_uses_the_calibrated_map(models, tmp_path):
     path = write_volume(tmp_path / "scan.nii.gz", _image().array)
-    for name, suffix in (("calibrated", " by the calibrated error map"), ("plain", "")):
+    for name, suffix in (("calibrated", " by the model's error map"), ("plain", "")):
         (rank,) = rank_cases([path], models[name], device="cpu", backend="onnxruntime")
         prediction = napari_medcl.predict(path, models[name], device="cpu", backend="onnxruntime")
         kind, error_map = prediction.error_map

@@ -105,9 +105,14 @@ def test_calibrate_stores_the_consensus_measures_it_and_predictions_use_the_imag
     assert calibrate_main(argv) == 0
     printed = capsys.readouterr().out
     assert "intensity consensus error map" in printed and "AUROC of intensity_error_logit alone" in printed
-    error_model = napari_medcl.load_model(out, device="cpu").spec.error_map_model
+    spec = napari_medcl.load_model(out, device="cpu").spec
+    error_model = spec.error_map_model
+    summary = spec.error_map_summary()
+    assert "on the 2 case(s) it was measured on (1 - p(label) alone: ECE" in summary
+    assert "AUROC of each signal alone on the same cases: top_error_logit" in summary
     assert error_model.is_consensus and set(error_model.figures["signals"]) == set(CONSENSUS_FEATURES)
-    assert error_model.figures["fit"].startswith("none")
+    assert error_model.figures["fit"].startswith("none") and "ece network alone" in printed
+    assert 0 <= error_model.figures["ece_network_alone"] <= 1
 
     image = napari_medcl.read_image(data / "imagesTr" / "case_003_0000.nii.gz")
     prediction = napari_medcl.predict(image, out, device="cpu")

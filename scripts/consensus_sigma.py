@@ -1,0 +1,83 @@
+"""How wide the intensity consensus's neighbourhood should be, chosen on training blocks only.
+
+    PYTHONPATH=$PWD .venv/bin/python scripts/consensus_sigma.py [--model brain-tissue-3d] [--sigmas 2 4 8 12]
+
+The bundled model predicts its four training blocks of mni152-tissue (fold 0: blocks 0-3; block 4, on which
+docs/uncertainty.md reports, is never read) clean and with the moderate and strong intensity shifts of
+``scripts/error_map_recipe.py`` (seeds 2000 + block), and each case is scored: AUROC of "label is wrong" over
+the non-zero voxels, for 1 - p(label) and for the consensus (``ErrorModel.consensus``) at each neighbourhood
+width ``sigma_mm`` of ``napari_medcl.intensity_model``. Prints one row per case and the mean over the twelve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.benchmark_modules import benchmark_module  # noqa: E402  (the benchmarks' perturbations)
+
+
+def consensus_at(sigma_mm: float, image: np.ndarray, labels, top_error, eligible, spacing) -> np.ndarray:
+    from napari_medcl.intensity_model import label_probability
+
+    right = np.clip(label_probability(image, labels, spacing, eligible, sigma_mm=sigma_mm), 1e-4, 1 - 1e-4)
+    network = np.clip(top_error, 1e-4, 1 - 1e-4)
+    odds = network / (1 - network) * (1 - right) / right
+    return odds / (1 + odds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="brain-tissue-3d")
+    parser.add_argument("--data", type=Path, default=ROOT / "data/mni152-tissue")
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[2.0, 4.0, 8.0, 12.0])
+    args = parser.parse_args(argv)
+    from sklearn.metrics import roc_auc_score
+
+    from napari_medcl import predict
+    from napari_medcl.io import read_image
+    from napari_medcl.onnx_session import load_model
+
+    session = load_model(args.model, device="cpu")
+    columns = ["1 - p(label)", *(f"consensus {s:g} mm" for s in args.sigmas)]
+    print(f"{'case':22s} " + " ".join(f"{c:>16s}" for c in columns))
+    rows = []
+    with benchmark_module("accuracy") as accuracy, benchmark_module("uncertainty") as uncertainty:
+        for block in range(4):
+            clean = read_image(args.data / "imagesTr" / f"mni152_block{block}_0000.nii.gz")
+            truth = read_image(args.data / "labelsTr" / f"mni152_block{block}.nii.gz").array
+            seed = 2000 + block
+            copies = {
+                "clean": clean,
+                "moderate": accuracy.perturb(clean, seed=seed),
+                "strong": uncertainty.perturb_strong(clean, seed=seed),
+            }
+            for kind, image in copies.items():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    prediction = predict(image, session)
+                labels, top = prediction.labels.array, prediction.top_class_error.array
+                eligible = image.array != 0
+                wrong = (labels != truth)[eligible]
+                scores = [top] + [
+                    consensus_at(s, image.array[None], labels, top, eligible, image.spacing)
+                    for s in args.sigmas
+                ]
+                row = [roc_auc_score(wrong, score[eligible]) for score in scores]
+                rows.append(row)
+                name = f"block{block} {kind}"
+                print(f"{name:22s} " + " ".join(f"{v:16.3f}" for v in row), flush=True)
+    mean = np.mean(rows, axis=0)
+    print(f"{'mean of ' + str(len(rows)):22s} " + " ".join(f"{v:16.3f}" for v in mean))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
