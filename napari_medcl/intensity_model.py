@@ -41,13 +41,19 @@ def label_probability(
 
     ``image`` (C, *S) float, ``labels`` (S) int, ``spacing`` mm per axis of ``S``, ``eligible`` (S) bool:
     the voxels whose label can be wrong (None: all). Only eligible voxels inform the model and only the
-    labels found on them compete; outside ``eligible`` the result is 1 (the label is not in doubt)."""
+    labels found on them compete; outside ``eligible`` the result is 1 (the label is not in doubt).
+
+    The neighbourhood sums are taken on a grid coarser by a whole factor per axis (each coarse voxel at most
+    half a sigma wide) and brought back by linear interpolation: the local statistics are smooth at that
+    scale, and the work and memory stay a few float32 planes of ``S`` per label."""
     from scipy import ndimage
 
     labels = np.asarray(labels)
     image = np.asarray(image)
     if image.ndim != labels.ndim + 1 or image.shape[1:] != labels.shape:
-        raise ValueError(f"image (C, *S) must match labels (S): image {image.shape}, labels {labels.shape}")
+        raise ValueError(
+            f"image (C, *S) must match labels (S): image {image.shape}, labels {labels.shape}"
+        )
     if len(spacing) != labels.ndim:
         raise ValueError(f"spacing {tuple(spacing)} does not match a {labels.ndim}D labels array")
     if sigma_mm <= 0:
@@ -59,32 +65,56 @@ def label_probability(
     classes = np.unique(labels[where])
     if classes.size < 2:
         return result  # one label (or none) to choose from: the image cannot argue for another
-    sigma = tuple(sigma_mm / max(float(s), 1e-6) if n > 1 else 0.0 for s, n in zip(spacing, labels.shape))
-
-    def smooth(plane: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(plane, sigma, mode="constant", truncate=3.0)
-
-    channels = image.astype(np.float64)
+    sigma = [sigma_mm / max(float(s), 1e-6) if n > 1 else 0.0 for s, n in zip(spacing, labels.shape)]
+    factor = tuple(max(1, int(s // 2)) for s in sigma)
+    coarse_sigma = tuple(s / f for s, f in zip(sigma, factor))
+    channels = [np.asarray(c, dtype=np.float32) for c in image]
     floors = [_VARIANCE_FLOOR * float(c[where].var()) + 1e-12 for c in channels]
+
+    def local_sum(plane: np.ndarray) -> np.ndarray:
+        """Gaussian-weighted neighbourhood sum of ``plane`` (S), on the coarse grid (float64)."""
+        pad = [(0, (-n) % f) for n, f in zip(plane.shape, factor)]
+        padded = np.pad(plane, pad) if any(after for _, after in pad) else plane
+        shape = [v for n, f in zip(padded.shape, factor) for v in (n // f, f)]
+        blocks = padded.reshape(shape).sum(axis=tuple(range(1, 2 * plane.ndim, 2)), dtype=np.float64)
+        return ndimage.gaussian_filter(blocks, coarse_sigma, mode="constant", truncate=3.0)
+
+    def fine(coarse: np.ndarray) -> np.ndarray:
+        """``coarse`` back on the grid of ``S`` (float32), each coarse voxel the centre of its block."""
+        if all(f == 1 for f in factor):
+            return coarse.astype(np.float32)
+        grown = ndimage.zoom(
+            coarse.astype(np.float32), factor, order=1, mode="nearest", grid_mode=True, prefilter=False
+        )
+        return np.ascontiguousarray(grown[tuple(slice(0, n) for n in labels.shape)])
+
     # log prior + log likelihood of each competing label; the voxel's own label's term kept aside
-    log_sum = np.full(labels.shape, -np.inf)
-    own = np.zeros(labels.shape)
+    log_sum = np.full(labels.shape, -np.inf, dtype=np.float32)  # the first label's term replaces it
+    own = np.zeros(labels.shape, dtype=np.float32)
     for value in classes:
-        member = ((labels == value) & where).astype(np.float64)
-        share = smooth(member)
-        present = share > _MIN_SHARE
-        term = np.where(present, np.log(np.maximum(share, _MIN_SHARE)), -np.inf)
+        member = (labels == value) & where
+        count = local_sum(member.astype(np.float32))
+        present = count > _MIN_SHARE * float(np.prod(factor))
+        safe = np.where(present, count, 1.0)
+        # finite where the label is absent (a prior of e^-69), so that interpolation never meets -inf
+        term = fine(np.log(np.maximum(count, 1e-30)))
         for channel, floor in zip(channels, floors):
-            mean = smooth(member * channel)
-            second = smooth(member * channel * channel)
-            safe = np.where(present, share, 1.0)
-            mean /= safe
-            variance = np.maximum(second / safe - mean * mean, floor)
-            term += -0.5 * (channel - mean) ** 2 / variance - 0.5 * np.log(variance)
-        log_sum = np.logaddexp(log_sum, term)
+            inside = np.where(member, channel, 0.0).astype(np.float32)
+            mean = local_sum(inside) / safe
+            np.multiply(inside, channel, out=inside)
+            variance = np.maximum(local_sum(inside) / safe - mean * mean, floor)
+            del inside
+            mean_fine, log_variance = fine(mean), fine(np.log(variance))
+            deviation = channel - mean_fine
+            np.square(deviation, out=deviation)
+            deviation *= np.exp(-log_variance)
+            deviation *= -0.5
+            deviation -= 0.5 * log_variance
+            term += deviation
+            del deviation, mean_fine, log_variance
+        np.logaddexp(log_sum, term, out=log_sum)
         mine = labels == value
         own[mine] = term[mine]
-    with np.errstate(invalid="ignore"):  # -inf - -inf where no label is present nearby: left as 1
-        probability = np.exp(own[where] - log_sum[where])
-    result[where] = np.nan_to_num(probability, nan=1.0)
+        del term
+    result[where] = np.exp(own[where] - log_sum[where])
     return np.clip(result, 0.0, 1.0)
