@@ -51,9 +51,7 @@ def label_probability(
     labels = np.asarray(labels)
     image = np.asarray(image)
     if image.ndim != labels.ndim + 1 or image.shape[1:] != labels.shape:
-        raise ValueError(
-            f"image (C, *S) must match labels (S): image {image.shape}, labels {labels.shape}"
-        )
+        raise ValueError(f"image (C, *S) must match labels (S): image {image.shape}, labels {labels.shape}")
     if len(spacing) != labels.ndim:
         raise ValueError(f"spacing {tuple(spacing)} does not match a {labels.ndim}D labels array")
     if sigma_mm <= 0:

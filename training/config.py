@@ -159,8 +159,8 @@ class PDCRConfig:
     ``mode`` "h" uses the fixed ``patch_sizes``, "rf" each layer's receptive field; ``layer_modes`` sets the
     mode per tap (e.g. RF-PDCR in the encoder and H-PDCR in the decoder, Table VI b).
 
-    ``form`` "paper" is Eq. 9 as printed; "authors" the authors' code, which shifts s to (s - 1) / tau before
-    weighting (not equivalent: it re-weights the negatives, methods.md §1.4). ``reduction`` "mean" over
+    ``form`` "paper" is Eq. 9 as printed; "authors" the authors' code, which shifts s / tau by its largest value
+    before weighting (not equivalent: it re-weights the negatives, methods.md §1.4). ``reduction`` "mean" over
     (b, i, j) is the 3D code's, "sum" the 2D code's (then ``weight`` must be much smaller for the same strength).
     ``weight`` multiplies the single-layer terms, ``cross_weight`` (None: ``weight``) the cross-layer ones.
     ``rf_includes_uafr`` False measures RF windows without UAFR's gate convolution (the authors' 3D code).

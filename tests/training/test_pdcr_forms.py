@@ -169,6 +169,60 @@ def test_authors_form_equals_the_authors_code_formula():
         assert abs(float(paper) - float(ours.detach())) > 1e-2
 
 
+def test_authors_form_on_cross_layer_terms_shifts_by_their_own_largest_similarity():
+    # two layers' features: no self-pairs, so the largest similarity is below 1 and a fixed shift would differ
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(2, 5, 7, generator=g), torch.randn(2, 6, 7, generator=g)
+    phi_a, phi_b = torch.rand(2, 5, 3, generator=g), torch.rand(2, 6, 3, generator=g)
+    w = affinity(phi_a / phi_a.sum(-1, keepdim=True), phi_b / phi_b.sum(-1, keepdim=True))
+    va, vb = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    ours = dragsaw_loss(_cosine_matrix(va, vb), w, 0.5, form="authors")
+    ours.backward()
+    ra, rb = a.double().clone().requires_grad_(True), b.double().clone().requires_grad_(True)
+    sim_ref = F.normalize(ra, dim=-1) @ F.normalize(rb, dim=-1).transpose(1, 2)
+    assert float(sim_ref.detach().max()) < 0.99
+    ref = authors_reference(sim_ref, w, 0.5)
+    ref.backward()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(va.grad.double(), ra.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(vb.grad.double(), rb.grad, rtol=1e-4, atol=1e-6)
+    fixed = eq9_reference(sim_ref.detach() - 1.0, w, 0.5)  # the shift of a single-layer term
+    assert abs(float(fixed) - float(ours.detach())) > 1e-3
+
+
+@pytest.mark.parametrize("form", ["paper", "authors"])
+def test_both_forms_under_bf16_autocast_on_random_and_hand_cases(form):
+    reference = eq9_reference if form == "paper" else authors_reference
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, 16, generator=g)
+    layer = torch.nn.Linear(16, 8)
+    _, w = _random_case(8, batch=2, n=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = layer(x)
+        assert feats.dtype == torch.bfloat16
+        feats.retain_grad()
+        ours = dragsaw_loss(_cosine_matrix(feats, feats), w, 0.5, form=form)
+    assert ours.dtype == torch.float32
+    ours.backward()
+    ref_feats = feats.detach().double().requires_grad_(True)
+    ref = reference(_cos(ref_feats), w, 0.5)
+    ref.backward()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feats.grad.double(), ref_feats.grad, rtol=2e-2, atol=2e-3)
+    assert float(ref_feats.grad.abs().max()) > 1e-3
+    # hand case: the similarities arrive in bf16 (the reference takes the same rounded values), the loss is fp32
+    sim = HAND_SIM.to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hand = dragsaw_loss(sim, HAND_W, 0.5, form=form)
+    assert hand.dtype == torch.float32
+    hand.backward()
+    sim_ref = sim.detach().double().clone().requires_grad_(True)
+    expected = reference(sim_ref, HAND_W, 0.5)
+    expected.backward()
+    torch.testing.assert_close(hand.double(), expected.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sim.grad.double(), sim_ref.grad, rtol=1e-2, atol=1e-3)
+
+
 def test_authors_and_paper_forms_differ_in_gradient_direction():
     """The shift re-weights the negatives: the two gradients are not parallel (the issue measured cosine 0.93)."""
     feats, w = _random_case(11, batch=2, n=16, channels=8)

@@ -219,11 +219,11 @@ def dragsaw_loss(
 
     form "paper" (Eq. 9 as printed): l_ij = -s_ij w_ij / tau + logsumexp_n(s_in (1 - w_in) / tau). No shift is
     needed for stability: |s w / tau| <= 1 / tau.
-    form "authors" (the released code): s is first shifted to S' = (s - 1) / tau, then
-    l_ij = -S'_ij w_ij + logsumexp_n(S'_in (1 - w_in)). The shift does not cancel: it adds -(1 - w_in) / tau
-    inside the denominator's exponents (and a constant w_ij / tau to the numerator's), so it re-weights the
-    negatives. (Their code subtracts the global max of s / tau, which is 1 / tau whenever self-pairs are present;
-    the fixed shift reproduces it for single-layer terms and bounds it for cross-layer terms.)
+    form "authors" (the released 3D code): S = s / tau is first shifted by its largest value over the whole
+    tensor, S' = S - max(S) (not detached, as there), then l_ij = -S'_ij w_ij + logsumexp_n(S'_in (1 - w_in)).
+    The shift does not cancel: it adds -(1 - w_in) max(S) inside the denominator's exponents (and a constant
+    w_ij max(S) to the numerator's), so it re-weights the negatives. With self-pairs (single-layer terms) max(S)
+    is 1 / tau; for cross-layer terms it is whatever the largest similarity is.
     """
     if sim.ndim != 3 or sim.shape != w.shape:
         raise ValueError(
@@ -236,7 +236,9 @@ def dragsaw_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     with torch.autocast(device_type=sim.device.type, enabled=False):
-        logits = (sim.float() - 1.0) / tau if form == "authors" else sim.float() / tau
+        logits = sim.float() / tau
+        if form == "authors":
+            logits = logits - logits.max()
         w = w.float()
         pull = logits * w
         push = torch.logsumexp(logits * (1.0 - w), dim=-1, keepdim=True)
