@@ -203,13 +203,14 @@ def score(model: Any, image_path: Path, label_path: Path) -> float:
 def mixed_checkpoint(checkpoint: Path, start: dict[str, Any], share: float, out: Path) -> Path:
     """A copy of ``checkpoint`` whose model is ``start`` (the bundled weights) plus ``share`` of the trained
     change (what ``init.weight_mix`` gives), from the trained weights it keeps (``trained_model``, else
-    ``model``)."""
+    ``model``). Layers that the run's ``init.weight_mix_layers`` names keep their own share."""
     import torch
 
     from training.start_weights import mixed_state
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state["model"] = mixed_state(start, state.get("trained_model") or state["model"], share)
+    layers = state.get("config", {}).get("init", {}).get("weight_mix_layers") or {}
+    state["model"] = mixed_state(start, state.get("trained_model") or state["model"], share, layers)
     torch.save(state, out)
     return out
 

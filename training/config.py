@@ -318,7 +318,8 @@ class InitConfig:
     network back toward where it started (``training.start_weights``); 0 is off. ``weight_mix`` (WiSE-FT,
     Wortsman et al. 2022) is a third: the model the run validates and saves is ``w0 + weight_mix * (w - w0)``,
     between the start and the trained weights, while training itself goes on from the trained ones; 1 is
-    off. ``train_only`` is a fourth: names of the network's parameters, or prefixes ending at a dot boundary
+    off. ``weight_mix_layers`` maps prefixes at a dot boundary (``decoder``, ``uafr.decoder1``, ``head``) to
+    their own share in [0, 1] (the longest matching prefix wins; empty: ``weight_mix`` everywhere). ``train_only`` is a fourth: names of the network's parameters, or prefixes ending at a dot boundary
     (``encoder.0``, ``uafr.encoder1``), that the optimizer updates; every other weight keeps its loaded value
     (BatchNorm running statistics still follow the data). Empty (the default): all of them."""
 
@@ -330,6 +331,7 @@ class InitConfig:
     replay_fraction: float = 0.5
     anchor_weight: float = 0.0
     weight_mix: float = 1.0
+    weight_mix_layers: dict[str, float] = field(default_factory=dict)
     train_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -343,6 +345,18 @@ class InitConfig:
             raise ValueError(f"anchor_weight must be a finite number >= 0, got {self.anchor_weight!r}")
         if not 0.0 < self.weight_mix <= 1.0:
             raise ValueError(f"weight_mix must be in (0, 1], got {self.weight_mix!r}")
+        layers = self.weight_mix_layers
+        if not isinstance(layers, dict) or any(
+            not isinstance(k, str)
+            or not k
+            or isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not 0.0 <= v <= 1.0
+            for k, v in layers.items()
+        ):
+            raise ValueError(
+                f"weight_mix_layers must map parameter-name prefixes to shares in [0, 1], got {layers!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -449,7 +463,7 @@ def config_notices(cfg: TrainConfig) -> list[str]:
         unused(
             cfg.init,
             "init",
-            ("anchor_weight", "weight_mix", "train_only"),
+            ("anchor_weight", "weight_mix", "weight_mix_layers", "train_only"),
             "init.from_checkpoint is null (no start weights)",
         )
 

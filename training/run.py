@@ -264,7 +264,8 @@ def _start_guards(
     (``init.weight_mix``), each None when off. A resumed run (``weights`` None) reads its starting weights
     again: both refer to where the run began, not to where it was stopped."""
     i = cfg.init
-    if i.from_checkpoint is None or (i.anchor_weight <= 0 and i.weight_mix >= 1):
+    mixing = i.weight_mix < 1 or any(share < 1 for share in i.weight_mix_layers.values())
+    if i.from_checkpoint is None or (i.anchor_weight <= 0 and not mixing):
         return None, None
     if weights is None:
         weights = load_initial_weights(i.from_checkpoint)
@@ -273,7 +274,7 @@ def _start_guards(
         extra_input_channels=_extra_input_channels(parts, data, weights),
     )  # fmt: skip
     anchor = WeightAnchor(parts.model, start, i.anchor_weight) if i.anchor_weight > 0 else None
-    mix = WeightMix(parts.model, start, i.weight_mix) if i.weight_mix < 1 else None
+    mix = WeightMix(parts.model, start, i.weight_mix, i.weight_mix_layers) if mixing else None
     return anchor, mix
 
 

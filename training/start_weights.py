@@ -10,6 +10,8 @@ data (``training.replay``) is one guard; these are the others.
 - :class:`WeightMix` (``init.weight_mix``): weight-space ensembling of the result with the start (WiSE-FT,
   Wortsman et al., CVPR 2022). Training runs as usual; the model the run validates and saves is
   ``w0 + share * (w - w0)``, a point on the straight line between the start and the fine-tuned weights.
+  ``init.weight_mix_layers`` gives chosen layers their own share (the fine-tune preset keeps the whole trained
+  change of the decoder and less of the encoder: docs/benchmarks.md).
 - :func:`train_only` (``init.train_only``): only the named parameters train; the rest keep their loaded
   values. The usual choice for a new scanner is the first encoder stages, where a U-Net keeps what depends
   on the acquisition (Shirokikh et al., MICCAI 2020), leaving the layers that hold the anatomy as they were.
@@ -27,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WeightAnchor", "WeightMix", "anchor_penalty", "mixed_state", "train_only"]
+__all__ = ["WeightAnchor", "WeightMix", "anchor_penalty", "layer_share", "mixed_state", "train_only"]
 
 
 def anchor_penalty(weights: Iterable[Tensor], anchors: Iterable[Tensor], weight: float) -> Tensor:
@@ -82,13 +84,29 @@ class WeightAnchor:
         )
 
 
+def _matches(name: str, prefix: str) -> bool:
+    """Whether ``prefix`` is ``name`` or a prefix of it ending at a dot boundary."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def layer_share(name: str, share: float, layers: Mapping[str, float] | None = None) -> float:
+    """The share of the trained change that tensor ``name`` keeps: that of the longest prefix of ``layers``
+    naming it (at a dot boundary), else ``share``."""
+    named = [prefix for prefix in (layers or {}) if _matches(name, prefix)]
+    return float(layers[max(named, key=len)]) if named else float(share)  # type: ignore[index]
+
+
 def mixed_state(
-    start: Mapping[str, Tensor], trained: Mapping[str, Tensor], share: float
+    start: Mapping[str, Tensor],
+    trained: Mapping[str, Tensor],
+    share: float,
+    layers: Mapping[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """``trained`` with every floating-point tensor that ``start`` also holds, in the same shape, moved to
-    ``start + share * (trained - start)``; the rest as it is."""
+    ``start + s * (trained - start)``, s from :func:`layer_share` (``share``, or the share ``layers`` gives
+    the tensor's prefix); the rest as it is."""
     return {
-        k: start[k] + share * (v.detach() - start[k])
+        k: start[k] + layer_share(k, share, layers) * (v.detach() - start[k])
         if v.is_floating_point() and k in start and start[k].shape == v.shape
         else v
         for k, v in trained.items()
@@ -99,11 +117,27 @@ class WeightMix:
     """The start's floating-point state (weights and normalisation statistics) and the share of the trained
     change that the run's result keeps (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, start: Mapping[str, Tensor], share: float):
+    def __init__(
+        self,
+        model: nn.Module,
+        start: Mapping[str, Tensor],
+        share: float,
+        layers: Mapping[str, float] | None = None,
+    ):
+        """``layers``: prefix (at a dot boundary) -> the share its tensors keep instead of ``share``."""
         if not 0.0 < share <= 1.0:
             raise ValueError(f"share must be in (0, 1], got {share!r}")
         own = model.state_dict()
+        layers = dict(layers or {})
+        unmatched = [prefix for prefix in layers if not any(_matches(k, prefix) for k in own)]
+        if unmatched:
+            groups = sorted({".".join(k.split(".")[:2]) for k in own})
+            raise ValueError(
+                f"init.weight_mix_layers: {', '.join(unmatched)} match no tensor of the network; its groups "
+                "are " + ", ".join(groups)
+            )
         self.share = float(share)
+        self.layers = layers
         self._start = {
             k: v.detach().to(device=own[k].device, dtype=own[k].dtype).clone()
             for k, v in start.items()
@@ -114,7 +148,7 @@ class WeightMix:
 
     def mixed_state(self, trained: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``trained`` (a state dict of the same network) mixed with the start (:func:`mixed_state`)."""
-        return mixed_state(self._start, trained, self.share)
+        return mixed_state(self._start, trained, self.share, self.layers)
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[dict[str, Tensor]]:
@@ -130,10 +164,11 @@ class WeightMix:
                 model.load_state_dict(trained)
 
     def describe(self) -> str:
+        by_layer = "".join(f"; {prefix} {share:g}" for prefix, share in self.layers.items())
         return (
             f"init.weight_mix {self.share:g}: the model validated and saved is the start plus {self.share:g} of "
-            f"the trained change ({len(self._start)} tensors; WiSE-FT), training continues from the trained "
-            "weights"
+            f"the trained change ({len(self._start)} tensors; WiSE-FT{by_layer}), training continues from the "
+            "trained weights"
         )
 
 

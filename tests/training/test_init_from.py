@@ -88,6 +88,7 @@ def test_matching_network_starts_from_the_checkpoint_and_records_it(trained, one
         "replay_fraction": 0.5,
         "anchor_weight": 0.0,
         "weight_mix": 1.0,
+        "weight_mix_layers": {},
         "train_only": [],
     }
     # auto replays the training data of bundled models only: a checkpoint file starts without replay

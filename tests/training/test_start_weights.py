@@ -191,6 +191,42 @@ def test_a_mixed_run_saves_the_mix_and_keeps_the_trained_weights_for_a_resume(
     assert "init.weight_mix 0.5: the model validated and saved is the start plus 0.5" in log
 
 
+def test_named_layers_keep_their_own_share_of_the_trained_change():
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(2, 2), "decoder": torch.nn.Linear(2, 2)})
+    start = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    trained = {k: torch.ones_like(v) for k, v in model.state_dict().items()}
+    mix = WeightMix(model, start, 0.5, {"decoder": 1.0, "decoder.bias": 0.0})
+    mixed = mix.mixed_state(trained)
+    assert torch.all(mixed["encoder.weight"] == 0.5) and torch.all(mixed["encoder.bias"] == 0.5)
+    assert torch.all(mixed["decoder.weight"] == 1.0)
+    assert torch.all(mixed["decoder.bias"] == 0.0)  # the longest prefix wins
+    assert "decoder 1; decoder.bias 0" in mix.describe()
+    with pytest.raises(ValueError, match=r"decod match no tensor.*decoder"):
+        WeightMix(model, start, 0.5, {"decod": 1.0})  # a prefix stops at a dot boundary
+    with pytest.raises(ValueError, match="weight_mix_layers"):
+        config_from_dict({"init": {"weight_mix_layers": {"decoder": 1.5}}})
+    notes = config_notices(config_from_dict({"init": {"weight_mix_layers": {"decoder": 1.0}}}))
+    assert any(n.startswith("init.weight_mix_layers has no effect") for n in notes)
+
+
+def test_a_run_with_layer_shares_saves_each_layer_mixed_at_its_share(start, tmp_path, one_torch_thread):
+    root, checkpoint = start
+    tune = ["train.lr=0.01", "train.iterations_per_epoch=2", f"init.from_checkpoint={checkpoint}",
+            "init.weight_mix=0.5", "init.weight_mix_layers={decoder: 1.0, head: 0.0}"]  # fmt: skip
+    run = train(load_config(None, settings(root, tmp_path / "by-layer", *tune)))
+    first = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    saved = torch.load(run.last_checkpoint, map_location="cpu", weights_only=True)
+    model, trained = saved["model"], saved["trained_model"]
+    floats = [k for k in first if first[k].is_floating_point()]
+    for k in floats:
+        share = 1.0 if k.startswith("decoder.") else 0.0 if k.startswith("head.") else 0.5
+        assert torch.allclose(model[k], first[k] + share * (trained[k] - first[k]), atol=1e-6), k
+    assert any(not torch.equal(trained[k], first[k]) for k in floats if k.startswith("decoder."))
+    assert saved["config"]["init"]["weight_mix_layers"] == {"decoder": 1.0, "head": 0.0}
+    log = (run.output_dir / "train.log").read_text(encoding="utf-8")
+    assert "WiSE-FT; decoder 1; head 0)" in log
+
+
 @pytest.mark.parametrize("guard", ["init.anchor_weight=5", "init.weight_mix=0.5"])
 def test_a_resumed_run_refers_to_where_the_run_began(start, tmp_path, one_torch_thread, guard):
     root, checkpoint = start
