@@ -1,4 +1,4 @@
-"""The calibrated error map: the probability that each voxel's label is wrong, learned out of fold.
+"""The error map: the probability that each voxel's label is wrong, learned out of fold or a fixed consensus.
 
 A model's own signals (the top-class error ``1 - p(label)``, the predictive entropy, the UAFR maps) rank
 voxels by doubt but are not probabilities of error, and they miss context a reviewer uses: a voxel whose
@@ -8,7 +8,9 @@ their local means and maxima in millimetres, and the distance structure of the l
 after training by ``medcl-calibrate --error-case`` on predictions of cases the predicting network never
 trained on (fold models' held-out cases), and travels in the model's spec (``ModelSpec.error_model``) with the
 figures measured on those cases. Applying it needs numpy and scipy only: ``predict`` adds the map to every
-Prediction of such a model as ``Prediction.error_likelihood``.
+Prediction of such a model as ``Prediction.error_likelihood``. ``ErrorModel.consensus`` is the same logistic form
+with nothing fitted: the network's log-odds of error plus those of a local intensity model of the scan
+(``napari_medcl.intensity_model``), which makes it the one error map that reads the image itself.
 
 Memory: the linear predictor is summed one feature plane at a time, so the map costs a few float32 planes on
 the prediction's grid whatever the number of features.
@@ -302,24 +304,25 @@ class ErrorModel:
         return logit
 
     def summary(self) -> str:
-        """One line: what the map is and how well it was measured to find errors out of fold."""
+        """One line: what the map is and how well it was measured to find errors (out of fold for a fitted
+        map; on the cases named for a consensus)."""
         fig = self.figures
         auroc, ece = fig.get("auroc"), fig.get("ece")
-        cases = fig.get("cases", [])
-        measured = (
-            f"AUROC {auroc:.3f}, ECE {ece:.3f} on its {len(cases)} error case(s)"
-            if isinstance(auroc, (int, float)) and isinstance(ece, (int, float))
+        count = len(fig.get("cases", []))
+        measured = isinstance(auroc, (int, float)) and isinstance(ece, (int, float))
+        if self.is_consensus:
+            what = "intensity consensus error map (network x local intensity model, nothing fitted)"
+            if not measured:
+                return f"{what}: no figures recorded"
+            line = f"{what}: AUROC {auroc:.3f}, ECE {ece:.3f} on the {count} case(s) it was measured on"
+            network_ece = fig.get("ece_network_alone")
+            if isinstance(network_ece, (int, float)):
+                line += f" (1 - p(label) alone: ECE {network_ece:.3f})"
+            return line
+        n = len(self.features)
+        figures = (
+            f"AUROC {auroc:.3f}, ECE {ece:.3f} on its {count} error case(s)"
+            if measured
             else "no figures recorded"
         )
-        if self.is_consensus:
-            measured = measured.replace("on its", "on the").replace(
-                "error case(s)", "case(s) it was measured on"
-            )
-            network_ece = fig.get("ece_network_alone")
-            if isinstance(network_ece, (int, float)) and "AUROC" in measured:
-                measured += f" (1 - p(label) alone: ECE {network_ece:.3f})"
-            return (
-                f"intensity consensus error map (network x local intensity model, nothing fitted): {measured}"
-            )
-        n = len(self.features)
-        return f"calibrated error map ({n} feature{'s' if n != 1 else ''}, logistic): {measured}"
+        return f"calibrated error map ({n} feature{'s' if n != 1 else ''}, logistic): {figures}"
