@@ -227,6 +227,20 @@ def test_a_run_with_layer_shares_saves_each_layer_mixed_at_its_share(start, tmp_
     assert "WiSE-FT; decoder 1; head 0)" in log
 
 
+def test_the_mix_does_not_change_what_trains(start, tmp_path, one_torch_thread):
+    # what benchmarks/adaptation.py's mix sweep and scripts/adaptation_layer_mix.py rely on: a run's trained
+    # weights are the same whatever share of them it saves
+    root, checkpoint = start
+    tune = ["train.lr=0.01", "train.iterations_per_epoch=2", "train.epochs=2", "train.val_every=1",
+            f"init.from_checkpoint={checkpoint}"]  # fmt: skip
+    plain = train(load_config(None, settings(root, tmp_path / "plain", *tune)))
+    mixed = train(load_config(None, settings(root, tmp_path / "mixed", *tune, "init.weight_mix=0.3",
+                                             "init.weight_mix_layers={decoder: 0.9}")))  # fmt: skip
+    a = torch.load(plain.last_checkpoint, map_location="cpu", weights_only=True)["model"]
+    b = torch.load(mixed.last_checkpoint, map_location="cpu", weights_only=True)["trained_model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("guard", ["init.anchor_weight=5", "init.weight_mix=0.5"])
 def test_a_resumed_run_refers_to_where_the_run_began(start, tmp_path, one_torch_thread, guard):
     root, checkpoint = start
