@@ -191,6 +191,11 @@ def test_finetune_preset_builds_the_network_the_bundled_weights_fit(one_torch_th
     model = build_model(cfg, 1, len(weights.class_names))
     lines = apply_initial_weights(model, weights, class_names=weights.class_names, reinit_heads=False)
     assert "brain-tissue-3d.pt" in lines[0]
+    from training.start_weights import WeightMix
+
+    # every layer the preset mixes at its own share is a layer of this network (a typo would stop the run)
+    mix = WeightMix(model, model.state_dict(), cfg.init.weight_mix, cfg.init.weight_mix_layers)
+    assert mix.layers["decoder"] == 0.9 and mix.share == 0.25
 
 
 def test_a_bare_state_dict_starts_a_run_too(trained, tmp_path, one_torch_thread):
