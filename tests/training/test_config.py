@@ -151,7 +151,8 @@ def test_config_version(monkeypatch):
 def _delta_leaves(delta: dict, defaults: dict, prefix: str = ""):
     for key, value in delta.items():
         default = defaults[key]
-        if isinstance(value, dict) and isinstance(default, dict):
+        # a config section recurses; a mapping setting (init.weight_mix_layers: {} by default) is one leaf
+        if isinstance(value, dict) and isinstance(default, dict) and set(value) <= set(default):
             yield from _delta_leaves(value, default, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value, default
