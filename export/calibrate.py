@@ -130,7 +130,8 @@ def calibrate(
     """Write ``output``: ``model`` (an .onnx file or a bundled model name) with the training-data profile of
     the chosen cases of ``dataset`` in its spec, and with ``error_cases`` (``export.error_fit.ErrorCase``) its
     calibrated error map fitted on them (``error_voxels`` sampled per case; ``progress`` receives a line per
-    step); with ``error_map="consensus"`` the intensity consensus map, measured on ``error_cases`` if any. With ``features`` the graph gains the window-features output (``export.feature_output``; a graph
+    step); with ``error_map="consensus"`` the intensity consensus map, measured on ``error_cases`` if any.
+    With ``features`` the graph gains the window-features output (``export.feature_output``; a graph
     that has it keeps it) and the spec their statistics on the chosen cases, which the verdict's ``features``
     check compares each scan with. Raises ModelError (unusable model), DatasetError (unusable
     dataset, or the cases' channels differ from each other), OutputError (cannot write)."""
