@@ -200,16 +200,20 @@ def score(model: Any, image_path: Path, label_path: Path) -> float:
     return float(evaluate_case(labels, truth, CLASSES, compute_hd95=False).mean_dice)
 
 
-def mixed_checkpoint(checkpoint: Path, start: dict[str, Any], share: float, out: Path) -> Path:
+def mixed_checkpoint(
+    checkpoint: Path, start: dict[str, Any], share: float, out: Path, layers: dict[str, float] | None = None
+) -> Path:
     """A copy of ``checkpoint`` whose model is ``start`` (the bundled weights) plus ``share`` of the trained
     change (what ``init.weight_mix`` gives), from the trained weights it keeps (``trained_model``, else
-    ``model``). Layers that the run's ``init.weight_mix_layers`` names keep their own share."""
+    ``model``). Layers named in ``layers`` (None: the run's own ``init.weight_mix_layers``) keep their own
+    share."""
     import torch
 
     from training.start_weights import mixed_state
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    layers = state.get("config", {}).get("init", {}).get("weight_mix_layers") or {}
+    if layers is None:
+        layers = state.get("config", {}).get("init", {}).get("weight_mix_layers") or {}
     state["model"] = mixed_state(start, state.get("trained_model") or state["model"], share, layers)
     torch.save(state, out)
     return out

@@ -332,21 +332,16 @@ def candidate_maps(image, session, *, mirrors: bool = True) -> CaseResult:
 
 
 def _consensus(image, prediction, spec) -> np.ndarray:
-    """The intensity consensus map of ``prediction`` of ``image``, on the eligible voxels as ``predict``
-    would compute it for a model file that carries it."""
-    from napari_medcl.error_model import ErrorModel, eligible_voxels
-    from napari_medcl.prediction import normalises_over_mask
+    """The intensity consensus map of ``prediction`` of ``image``: what ``predict`` adds for a model file that
+    carries it (``with_error_likelihood``, on the same eligible voxels)."""
+    import dataclasses
 
+    from napari_medcl.error_model import ErrorModel, eligible_voxels
+    from napari_medcl.prediction import normalises_over_mask, with_error_likelihood
+
+    carrying = dataclasses.replace(spec, error_model=ErrorModel.consensus().to_dict())
     eligible = eligible_voxels(image, normalises_over_mask(spec))
-    return ErrorModel.consensus().apply(
-        prediction.labels.array,
-        prediction.top_class_error.array,
-        prediction.entropy.array,
-        {},
-        prediction.labels.spacing,
-        eligible,
-        image=image.array if image.channel_axis else image.array[None],
-    )
+    return with_error_likelihood(prediction, carrying, eligible, image=image).error_likelihood.array
 
 
 def score_case(result: CaseResult, truth: np.ndarray) -> dict:

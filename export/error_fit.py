@@ -141,7 +141,7 @@ def collect_samples(
             prediction.entropy.array,
             maps,
             prediction.labels.spacing,
-            image.array if image.channel_axis else image.array[None],
+            image.channels,
             eligible,
         )
         for j, (_, plane) in enumerate(planes):

@@ -391,7 +391,7 @@ class CaseSession:
     def _image_in(self, box: Box) -> np.ndarray:
         """The image's channels inside ``box`` as float32 (C, Z, Y, X): converted box by box, so a session
         keeps no float copy of the whole scan."""
-        array = self.volume.array if self.volume.channel_axis else self.volume.array[None]
+        array = self.volume.channels
         spatial = box if self.volume.spatial_dims == 3 else box[1:]
         part = np.asarray(array[(slice(None), *spatial)], dtype=np.float32)
         return part if self.volume.spatial_dims == 3 else part[:, None]

@@ -362,9 +362,7 @@ def with_error_likelihood(
         {name: m.array for name, m in prediction.uncertainty_maps.items()},
         prediction.labels.spacing,
         eligible,
-        image=None
-        if image is None or not error_model.needs_image
-        else (image.array if image.channel_axis else image.array[None]),
+        image=image.channels if image is not None and error_model.needs_image else None,
     )
     return dataclasses.replace(
         prediction, error_likelihood=prediction.labels.with_array(likelihood, channel_axis=False, metadata={})

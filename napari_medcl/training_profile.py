@@ -192,7 +192,7 @@ def _measure(
     volume: Any, normalization: Mapping[str, Any] | None, *, pooled: int, seed: int = 0
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """(case statistics, per channel up to ``pooled`` normalised foreground values)."""
-    array = volume.array if volume.channel_axis else volume.array[None]  # (C, *S)
+    array = volume.channels
     spatial = tuple(array.shape[1:])
     dims = len(spatial)
     spacing = tuple(float(s) for s in volume.spacing)

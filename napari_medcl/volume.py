@@ -74,6 +74,11 @@ class Volume:
     def num_channels(self) -> int:
         return int(self.array.shape[0]) if self.channel_axis else 1
 
+    @property
+    def channels(self) -> np.ndarray:
+        """The array as (C, *S), a channel axis added when it has none (a view, no copy)."""
+        return self.array if self.channel_axis else self.array[None]
+
     def nonzero_mask(self) -> np.ndarray:
         """(*S) bool: the voxels non-zero in some channel (the mask of a skull-stripped scan, for instance)."""
         return np.any(self.array != 0, axis=0) if self.channel_axis else self.array != 0

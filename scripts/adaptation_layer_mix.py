@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from napari_medcl.onnx_session import load_model
-    from training.start_weights import mixed_state
     from training.torch_session import load_checkpoint_session
 
     plans = {text: parse_plan(text) for text in args.plans}
@@ -73,12 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for run in args.runs:
-            state = torch.load(run / "checkpoint_last.pt", map_location="cpu", weights_only=True)
-            trained = state.get("trained_model") or state["model"]
             for text, (share, layers) in plans.items():
-                state["model"] = mixed_state(start, trained, share, layers)
-                path = Path(folder) / "mixed.pt"
-                torch.save(state, path)
+                path = adaptation.mixed_checkpoint(
+                    run / "checkpoint_last.pt", start, share, Path(folder) / "mixed.pt", layers
+                )
                 session, _ = load_checkpoint_session(path, "cpu")
                 got = adaptation.held_out_scores(session, args.data, perturbed, held_out)
                 recovered = (got["perturbed"] - before["perturbed"]) / loss

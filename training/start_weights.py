@@ -89,6 +89,18 @@ def _matches(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def _check_prefixes(setting: str, prefixes: Iterable[str], names: Iterable[str], what: str) -> None:
+    """ValueError naming every entry of ``prefixes`` that matches none of ``names``, with the groups there are."""
+    names = list(names)
+    unmatched = [p for p in prefixes if not any(_matches(n, p) for n in names)]
+    if unmatched:
+        groups = sorted({".".join(n.split(".")[:2]) for n in names})
+        raise ValueError(
+            f"{setting}: {', '.join(unmatched)} match no {what} of the network; its groups are "
+            + ", ".join(groups)
+        )
+
+
 def layer_share(name: str, share: float, layers: Mapping[str, float] | None = None) -> float:
     """The share of the trained change that tensor ``name`` keeps: that of the longest prefix of ``layers``
     naming it (at a dot boundary), else ``share``."""
@@ -129,13 +141,7 @@ class WeightMix:
             raise ValueError(f"share must be in (0, 1], got {share!r}")
         own = model.state_dict()
         layers = dict(layers or {})
-        unmatched = [prefix for prefix in layers if not any(_matches(k, prefix) for k in own)]
-        if unmatched:
-            groups = sorted({".".join(k.split(".")[:2]) for k in own})
-            raise ValueError(
-                f"init.weight_mix_layers: {', '.join(unmatched)} match no tensor of the network; its groups "
-                "are " + ", ".join(groups)
-            )
+        _check_prefixes("init.weight_mix_layers", layers, own, "tensor")
         self.share = float(share)
         self.layers = layers
         self._start = {
@@ -179,20 +185,10 @@ def train_only(model: nn.Module, names: Iterable[str]) -> str:
     that matches no parameter, with the top-level groups there are."""
     names = tuple(names)
     params = dict(model.named_parameters())
-
-    def chosen(param: str, name: str) -> bool:
-        return param == name or param.startswith(name + ".")
-
-    unmatched = [n for n in names if not any(chosen(p, n) for p in params)]
-    if unmatched:
-        groups = sorted({".".join(p.split(".")[:2]) for p in params})
-        raise ValueError(
-            f"init.train_only: {', '.join(unmatched)} match no parameter of the network; its groups are "
-            + ", ".join(groups)
-        )
+    _check_prefixes("init.train_only", names, params, "parameter")
     trained = 0
     for param_name, param in params.items():
-        keep = any(chosen(param_name, n) for n in names)
+        keep = any(_matches(param_name, n) for n in names)
         param.requires_grad_(keep)
         trained += param.numel() if keep else 0
     total = sum(p.numel() for p in params.values())
