@@ -158,8 +158,7 @@ def calibrate(
     else:
         how = "every labelled case"
     profile = dataset_profile(
-        found,
-        chosen,
+        [(found, chosen)],
         spec.normalization,
         max_cases=MAX_PROFILE_CASES if max_cases is None else max_cases,
         source=f"{found.name}: {how}: {', '.join(c.case_id for c in chosen)}",

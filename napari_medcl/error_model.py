@@ -312,6 +312,15 @@ class ErrorModel:
         measured = isinstance(auroc, (int, float)) and isinstance(ece, (int, float))
         if self.is_consensus:
             what = "intensity consensus error map (network x local intensity model, nothing fitted)"
+            start = fig.get("start_model")
+            if not measured and isinstance(start, Mapping):
+                there = (
+                    f" (there AUROC {start['auroc']:.3f}, ECE {start['ece']:.3f})"
+                    if isinstance(start.get("auroc"), (int, float))
+                    and isinstance(start.get("ece"), (int, float))
+                    else ""
+                )
+                return f"{what}: not measured on this model; carried from {start.get('name')}{there}"
             if not measured:
                 return f"{what}: no figures recorded"
             line = f"{what}: AUROC {auroc:.3f}, ECE {ece:.3f} on the {count} case(s) it was measured on"

@@ -7,7 +7,7 @@ dataset's class names, spacing and normalisation, the method and its validation 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -15,7 +15,7 @@ from torch import nn
 from napari_medcl.spec import ModelSpec, SpecError, default_classes
 from training.config import TrainConfig, config_to_dict
 
-__all__ = ["method_name", "run_spec", "spec_for_model"]
+__all__ = ["carried_error_model", "method_name", "run_spec", "spec_for_model"]
 
 
 def spec_for_model(
@@ -31,11 +31,13 @@ def spec_for_model(
     training: dict[str, Any] | None = None,
     training_profile: dict[str, Any] | None = None,
     prompts: dict[str, Any] | None = None,
+    error_model: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """A ModelSpec for ``model``: channels, classes, divisor and UAFR map names from the network; the rest
     as given (class names default to background, class1, ...; normalisation to z-score; no training-data
     profile). ``prompts``: the prompt channels' encoding (``PromptEncoding.to_dict``) of a network whose last
-    input channels are prompt channels; ``in_channels`` then counts the image's channels only."""
+    input channels are prompt channels; ``in_channels`` then counts the image's channels only.
+    ``error_model``: the error map (``ErrorModel.to_dict``), None for none."""
     k = int(model.num_classes)
     names = (
         list(class_names) if class_names is not None else ["background", *(f"class{i}" for i in range(1, k))]
@@ -59,6 +61,36 @@ def spec_for_model(
         training=dict(training or {}),
         training_profile=training_profile,
         prompts=prompts,
+        error_model=error_model,
+    )
+
+
+def carried_error_model(start_spec: Mapping[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(the error map a run started from ``start_spec`` carries into its own spec, one line for its log).
+
+    Only the intensity consensus is carried: nothing in it is fitted, so it is the same map for the
+    fine-tuned network, but its figures were measured on the starting network and are kept as that model's
+    (``figures["start_model"]``), never as the new one's. A fitted error map is not carried: it was fitted to
+    the starting network's own signals, and would be miscalibrated for the new weights."""
+    from napari_medcl.error_model import ErrorModel, ErrorModelError
+
+    data = (start_spec or {}).get("error_model")
+    if data is None:
+        return None, None
+    name = (start_spec or {}).get("name") or "the starting model"
+    try:
+        start = ErrorModel.from_dict(data)
+    except ErrorModelError as error:
+        return None, f"error map: {name}'s cannot be read ({error}); the new model has none"
+    if not start.is_consensus:
+        return None, (
+            f"error map: {name}'s is fitted to its own network's signals and is not carried; fit one for "
+            "the new model with medcl-calibrate --error-case"
+        )
+    measured = {k: start.figures[k] for k in ("auroc", "ece") if k in start.figures}
+    carried = ErrorModel.consensus({"start_model": {"name": name, **measured}})
+    return carried.to_dict(), (
+        f"error map: the intensity consensus carried from {name} (nothing fitted; its figures are {name}'s)"
     )
 
 
@@ -72,11 +104,13 @@ def run_spec(
     epochs: int,
     profile: dict[str, Any] | None = None,
     init: dict[str, Any] | None = None,
+    error_model: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """The spec of the network a run trains on the dataset ``info`` describes (training.data's DatasetInfo):
     ``best`` is the run's best validation so far ({"epoch", "mean_dice"}), ``epochs`` the epochs done,
     ``profile`` the training cases' training-data profile (``training.data.profile.dataset_profile``),
-    ``init`` the weights the run started from (``training.init_weights``; kept under ``training.init_from``)."""
+    ``init`` the weights the run started from (``training.init_weights``; kept under ``training.init_from``),
+    ``error_model`` the error map it carries (:func:`carried_error_model`)."""
     import napari_medcl
     from training.prompt_training import prompt_encoding
 
@@ -106,6 +140,7 @@ def run_spec(
         },
         training_profile=profile,
         prompts=None if encoding is None else encoding.to_dict(),
+        error_model=error_model,
     )
 
 

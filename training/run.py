@@ -46,7 +46,7 @@ from training.init_weights import (
     load_initial_weights,
 )
 from training.loop import train_epoch
-from training.model_spec import method_name, run_spec
+from training.model_spec import carried_error_model, method_name, run_spec
 from training.replay import (
     SUMMARY,
     Replay,
@@ -94,6 +94,7 @@ class RunData:
     val_cases: list[Any]
     profile: dict[str, Any] | None = None
     init: dict[str, Any] | None = None  # the weights the run started from (InitialWeights.record())
+    error_model: dict[str, Any] | None = None  # the error map carried from them (carried_error_model)
 
 
 def train(
@@ -131,10 +132,12 @@ def train(
                 else (RunProgress(), None)
             )
             # A resumed run's weights come from its own last checkpoint; the start it had is in its config.
-            init_lines, data = _initialise(cfg, parts, data, init_weights)
+            init_lines, data = _initialise(cfg, parts, _resumed(data, state), init_weights)
             anchor, mix = _start_guards(cfg, parts, data, init_weights)
             init_lines += [guard.describe() for guard in (anchor, mix) if guard is not None]
             replay, replay_line = _replay(cfg, init_weights, data, dist)
+            if dist.is_main:
+                data = dataclasses.replace(data, profile=_training_profile(cfg, data, replay))
             _log_setup(
                 log, cfg, runtime, data, parts, progress, out, resumed=state is not None, rng_note=rng_note
             )
@@ -232,22 +235,35 @@ def _prepare_data(cfg: TrainConfig, dist: DistInfo) -> RunData:
             augmentation=cfg.data.augmentation,
             seed=0,
         )[0]
-    profile = _training_profile(cfg, info, train_cases) if dist.is_main else None
-    return RunData(info=info, train_cases=train_cases, val_cases=val_cases, profile=profile)
+    return RunData(info=info, train_cases=train_cases, val_cases=val_cases)
 
 
 def _initialise(
     cfg: TrainConfig, parts: TrainingParts, data: RunData, weights: InitialWeights | None
 ) -> tuple[list[str], RunData]:
     """Load ``weights`` (``init.from_checkpoint``) into the network (every rank read the same file, so the
-    processes agree without a broadcast); the log lines, and ``data`` with the source recorded for the spec."""
+    processes agree without a broadcast); the log lines, and ``data`` with the source and the error map it
+    carries recorded for the spec."""
     if weights is None:
         return [], data
     lines = apply_initial_weights(
         parts.model, weights, class_names=list(data.info.class_names), reinit_heads=cfg.init.reinit_heads,
         extra_input_channels=_extra_input_channels(parts, data, weights),
     )  # fmt: skip
-    return lines, dataclasses.replace(data, init=weights.record())
+    error_model, line = carried_error_model(weights.spec)
+    return lines + ([line] if line else []), dataclasses.replace(
+        data, init=weights.record(), error_model=error_model
+    )
+
+
+def _resumed(data: RunData, state: dict[str, Any] | None) -> RunData:
+    """``data`` with the start a resumed run had (its weights' record, the error map carried from them), as
+    its last checkpoint's spec holds them."""
+    if state is None:
+        return data
+    spec = state.get("spec") or {}
+    init = (spec.get("training") or {}).get("init_from")
+    return dataclasses.replace(data, init=init, error_model=spec.get("error_model"))
 
 
 def _extra_input_channels(parts: TrainingParts, data: RunData, weights: InitialWeights) -> int:
@@ -367,16 +383,23 @@ def _scores(cfg: TrainConfig, runtime: Runtime, session: Any, cases: list[Any]) 
     return {**scores, "case_ids": [case.case_id for case in shown]}
 
 
-def _training_profile(cfg: TrainConfig, info: Any, train_cases: list[Any]) -> dict[str, Any]:
-    """The profile of the training cases as their files hold them (at most ``MAX_PROFILE_CASES`` read),
-    under the normalisation the model will carry: stored in every spec the run writes."""
+def _training_profile(cfg: TrainConfig, data: RunData, replay: Replay | None) -> dict[str, Any]:
+    """The profile of every case the run trains on as their files hold them (at most ``MAX_PROFILE_CASES``
+    read), under the normalisation the model will carry: the run's training cases and, when it replays the
+    original training data, those too (the fine-tuned model has seen both). Stored in every spec the run
+    writes."""
     from training.data.layouts import discover
     from training.data.profile import dataset_profile
 
-    layout = discover(cfg.data.layout, cfg.data.root)
-    wanted = {case.case_id for case in train_cases}
-    cases = [case for case in layout.cases if case.case_id in wanted]
-    return dataset_profile(layout, cases, info.normalization)
+    def part(root: Any, prepared: list[Any]) -> tuple[Any, list[Any]]:
+        layout = discover(cfg.data.layout, root)
+        wanted = {case.case_id for case in prepared}
+        return layout, [case for case in layout.cases if case.case_id in wanted]
+
+    parts = [part(cfg.data.root, data.train_cases)]
+    if replay is not None:
+        parts.append(part(replay.root, replay.train_cases))
+    return dataset_profile(parts, data.info.normalization)
 
 
 def _log_setup(
@@ -482,6 +505,6 @@ def _epoch(
 def _spec(cfg: TrainConfig, data: RunData, parts: TrainingParts, progress: RunProgress) -> dict[str, Any]:
     spec = run_spec(
         cfg, data.info, parts.model, parts.patch_size, best=progress.best, epochs=len(progress.history),
-        profile=data.profile, init=data.init,
+        profile=data.profile, init=data.init, error_model=data.error_model,
     )  # fmt: skip
     return spec.to_dict()

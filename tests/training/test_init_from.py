@@ -198,6 +198,65 @@ def test_finetune_preset_builds_the_network_the_bundled_weights_fit(one_torch_th
     assert mix.layers["decoder"] == 0.9 and mix.share == 0.25
 
 
+def _with_error_model(checkpoint: Path, path: Path, error_model: dict) -> Path:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["spec"] = {**state["spec"], "name": "start-model", "error_model": error_model}
+    torch.save(state, path)
+    return path
+
+
+def test_the_intensity_consensus_is_carried_with_its_figures_kept_as_the_start_models(
+    trained, tmp_path, one_torch_thread
+):
+    """Nothing in the consensus is fitted, so the fine-tuned model keeps it; the figures it was measured at
+    belong to the starting network and are said to."""
+    from napari_medcl.error_model import ErrorModel
+    from napari_medcl.spec import ModelSpec
+
+    base, three, _, checkpoint = trained
+    consensus = ErrorModel.consensus({"auroc": 0.9, "ece": 0.04, "cases": ["a"]}).to_dict()
+    start = _with_error_model(checkpoint, tmp_path / "start.pt", consensus)
+    out = tmp_path / "tuned"
+    assert train(three, out, *FROZEN, init_from=str(start)) == 0
+    spec = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)["spec"]
+    carried = ModelSpec.from_dict(spec).error_map_model
+    assert carried.is_consensus
+    assert carried.figures == {"start_model": {"name": "start-model", "auroc": 0.9, "ece": 0.04}}
+    assert carried.summary().endswith(
+        "not measured on this model; carried from start-model (there AUROC 0.900, ECE 0.040)"
+    )
+    log = (out / "train.log").read_text(encoding="utf-8")
+    assert "error map: the intensity consensus carried from start-model" in log
+
+
+def test_a_fitted_error_map_is_not_carried_and_the_log_says_why(trained, tmp_path, one_torch_thread):
+    from napari_medcl.error_model import ErrorModel
+
+    base, three, _, checkpoint = trained
+    fitted = ErrorModel(features=("top_error", "border"), coefficients=(2.0, 1.0), intercept=-3.0).to_dict()
+    start = _with_error_model(checkpoint, tmp_path / "start.pt", fitted)
+    out = tmp_path / "tuned"
+    assert train(three, out, *FROZEN, init_from=str(start)) == 0
+    spec = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)["spec"]
+    assert "error_model" not in spec or spec["error_model"] is None
+    assert "start-model's is fitted to its own network's signals and is not carried" in (
+        out / "train.log"
+    ).read_text(encoding="utf-8")
+
+
+def test_bundled_weights_describe_their_model_as_its_onnx_file_does():
+    """``--init-from NAME`` reads the spec stored in the weights file: it must be the ONNX file's (the error
+    map included), or a fine-tuned model would lose what the bundled one carries."""
+    from napari_medcl.onnx_session import load_model
+
+    for entry in bundled_models():
+        stored = torch.load(MODELS_DIR / entry["weights"]["file"], map_location="cpu", weights_only=True)
+        onnx_spec = load_model(entry["name"], device="cpu", backend="onnxruntime").spec.to_dict()
+        assert json.dumps(stored["spec"], sort_keys=True) == json.dumps(onnx_spec, sort_keys=True), entry[
+            "name"
+        ]
+
+
 def test_a_bare_state_dict_starts_a_run_too(trained, tmp_path, one_torch_thread):
     """training.pretrain writes network.pt, a plain state dict: a run fine-tunes from it the same way."""
     base, three, _, checkpoint = trained

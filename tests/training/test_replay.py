@@ -137,6 +137,13 @@ def test_finetuning_with_replay_reports_the_original_cases_before_and_after(tmp_
     log = (out / "train.log").read_text()
     assert f"replay: {original} (init.replay); 50% of every batch from its 2 training case(s)" in log
     assert "summary: original validation cases: mean Dice" in log
+    # the fine-tuned model has seen both datasets: its training-data profile says so
+    profile = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)["spec"][
+        "training_profile"
+    ]
+    assert profile["total_cases"] == 4
+    assert "corrections: 2 of 2 training case(s)" in profile["source"]
+    assert "original: 2 of 2 training case(s)" in profile["source"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["val"] for r in records] == [None, None] and records[-1]["original_val"]["mean_dice"] == orig[
         "after"

@@ -27,34 +27,40 @@ def spread_choice(items: Sequence[Any], limit: int) -> list[Any]:
 
 
 def dataset_profile(
-    layout: Any,
-    cases: Sequence[Any],
+    parts: Sequence[tuple[Any, Sequence[Any]]],
     normalization: Any,
     *,
     max_cases: int = MAX_PROFILE_CASES,
     source: str | None = None,
 ) -> dict[str, Any]:
-    """The profile of ``cases`` (CaseFiles of ``layout``, a training.data Layout) under ``normalization`` (a
-    ModelSpec normalisation dict or a ModelSpec). DatasetError when a case cannot be read."""
+    """The profile of the cases of ``parts``, (layout, cases) pairs (a training.data Layout and CaseFiles of
+    it: a fine-tuning run profiles its own dataset's cases and the replayed original's together), under
+    ``normalization`` (a ModelSpec normalisation dict or a ModelSpec). At most ``max_cases`` are read, evenly
+    spread over all of them. DatasetError when a case cannot be read, or when there is none."""
     from training.data.check import read_case
     from training.data.layouts import DatasetError
 
-    if not cases:
-        raise DatasetError(["no cases to profile"], root=layout.root)
-    chosen = spread_choice(list(cases), max(1, int(max_cases)))
+    pairs = [(layout, case) for layout, cases in parts for case in cases]
+    if not pairs:
+        raise DatasetError(["no cases to profile"], root=parts[0][0].root if parts else None)
+    chosen = spread_choice(pairs, max(1, int(max_cases)))
 
     def read() -> Iterator[tuple[Any, Any]]:
-        for case in chosen:
+        for layout, case in chosen:
             image, label, problems = read_case(case, layout)
             if problems or image is None:
                 raise DatasetError(problems or [f"case {case.case_id}: cannot be read"], root=layout.root)
             yield image, label
 
-    note = source or f"{layout.name}: {len(chosen)} of {len(cases)} training case(s)"
+    note = source or "; ".join(
+        f"{layout.name}: {sum(1 for pick, _ in chosen if pick is layout)} of {len(cases)} training case(s)"
+        for layout, cases in parts
+        if cases
+    )
     return profile_cases(
         read(),
         normalization,
-        channel_names=layout.channel_names,
-        total_cases=len(cases),
+        channel_names=parts[0][0].channel_names,
+        total_cases=len(pairs),
         source=note,
     )
