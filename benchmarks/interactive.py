@@ -83,6 +83,54 @@ def error_shape(labels: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
+def click_ceiling(
+    labels: np.ndarray,
+    truth: np.ndarray,
+    probabilities: np.ndarray,
+    image: np.ndarray,
+    spacing: Sequence[float],
+    radii: Sequence[float] = (4.0, 8.0, 16.0, 32.0),
+) -> dict:
+    """The most the oracle's first click could fix by a threshold rule, the threshold chosen knowing the truth.
+
+    The click lands on a voxel labelled ``v`` whose true class is ``c``. A rule of this family relabels ``c``
+    every voxel labelled ``v`` within ``radius`` mm of the click whose score is at least a threshold; the
+    scores: the model's log-odds of ``c`` against ``v``, and the intensity (channel 0, Gaussian of 1 mm) signed
+    so that ``c``-like is higher (by the two labels' medians around the click). For each radius the best
+    threshold's net count of fixed voxels (fixed minus broken; 0 when no threshold gains) is returned, with
+    the voxels it relabels. ``labels``, ``truth`` (Z, Y, X); ``probabilities`` (K, Z, Y, X); ``image``
+    (C, Z, Y, X)."""
+    from scipy import ndimage
+
+    at = deepest_error(labels, truth)
+    if at is None:
+        return {"click": None, "rows": []}
+    c, v = int(truth[at]), int(labels[at])
+    reach = [int(np.ceil(max(radii) / s)) for s in spacing]
+    box = tuple(slice(max(0, a - r), a + r + 1) for a, r in zip(at, reach))
+    local = [a - b.start for a, b in zip(at, box)]
+    grid = np.indices(labels[box].shape, dtype=np.float32)
+    distance = np.sqrt(sum(((g - a) * s) ** 2 for g, a, s in zip(grid, local, spacing)))
+    lab, tru = labels[box], truth[box]
+    logp = np.log(np.clip(probabilities[(slice(None), *box)], 1e-12, 1.0))
+    smooth = ndimage.gaussian_filter(image[0][box].astype(np.float32), [1.0 / s for s in spacing])
+    towards = np.sign(np.median(smooth[lab == c]) - np.median(smooth[lab == v])) if (lab == c).any() else 1.0
+    scores = {"model log-odds": logp[c] - logp[v], "intensity": towards * smooth}
+    gain = np.where(tru == c, 1, np.where(tru == v, -1, 0))
+    rows = []
+    for signal, score in scores.items():
+        for radius in radii:
+            candidates = (lab == v) & (distance <= radius)
+            order = np.argsort(-score[candidates], kind="stable")
+            net = np.cumsum(gain[candidates][order])
+            best = int(net.argmax()) if net.size else -1
+            fixed = int(net[best]) if net.size and net[best] > 0 else 0
+            rows.append(
+                {"signal": signal, "radius_mm": float(radius), "net": fixed, "flipped": best + 1 if fixed else 0}
+            )
+    return {"click": [int(a) for a in at], "from": v, "to": c, "rows": rows}
+
+
 def click_for(clicker: str, session, truth: np.ndarray, rng: np.random.Generator):
     """(z, y, x) of the next click on the 3D grid, or None when the clicker has nowhere to click."""
     labels = np.asarray(session._labels)
@@ -112,17 +160,28 @@ def run_case(image, truth_image, model, clicker: str, clicks: int, seed: int, en
     num_classes = session._probabilities.shape[0]
     rng = np.random.default_rng(seed)
     dice = [mean_dice(session._labels, truth, num_classes)]
+    errors = [int(np.count_nonzero(session._labels != truth))]
     shape = error_shape(np.asarray(session._labels), truth)
+    ceiling = (
+        click_ceiling(
+            np.asarray(session._labels), truth, session._probabilities, session._whole_image(), session.spacing
+        )
+        if clicker == "oracle"
+        else None
+    )
     seconds = []
     for _ in range(clicks):
         at = click_for(clicker, session, truth, rng)
         if at is None:
             dice.append(dice[-1])
+            errors.append(errors[-1])
             continue
         update = session.add_prompt(point(*at, label=int(truth[at])))
         seconds.append(update.seconds)
         dice.append(mean_dice(session._labels, truth, num_classes))
-    return {"dice": dice, "seconds": seconds, "predict_seconds": predict_seconds, "error_shape": shape}
+        errors.append(int(np.count_nonzero(session._labels != truth)))
+    result = {"dice": dice, "errors": errors, "seconds": seconds, "predict_seconds": predict_seconds}
+    return {**result, "error_shape": shape, **({"ceiling": ceiling} if ceiling is not None else {})}
 
 
 def clicks_to(dice: Sequence[float], target: float) -> int | None:
@@ -163,6 +222,29 @@ def report(results: dict, header: str, clicks: int) -> str:
                 f"- {model}, {case}: {shape['errors']:,} wrong voxels, {shape['on_boundary']:.0%} on a true "
                 f"class boundary, {shape['deep']:.0%} two or more voxels inside their error region."
             )
+    lines += [
+        "",
+        "What the oracle's first click could fix at best, by relabelling the clicked voxel's wrong label within a "
+        "radius wherever a score passes a threshold chosen knowing the truth (net voxels: fixed minus broken; "
+        "`click_ceiling`), against what the engine's first click fixed:",
+        "",
+    ]
+    for model, cases in results.items():
+        for case, by_engine in cases.items():
+            for engine, by_clicker in by_engine.items():
+                oracle = by_clicker.get("oracle")
+                if not oracle or not oracle.get("ceiling", {}).get("rows") or len(oracle["errors"]) < 2:
+                    continue
+                ceiling = oracle["ceiling"]
+                best = {}
+                for row in ceiling["rows"]:
+                    best.setdefault(row["signal"], []).append(f"{row['net']:,} ({row['radius_mm']:g} mm)")
+                lines.append(
+                    f"- {model}, {case}, engine {engine}: the click turns label {ceiling['from']} into "
+                    f"{ceiling['to']}; the engine fixed {oracle['errors'][0] - oracle['errors'][1]:,} voxels net; "
+                    + "; ".join(f"best threshold on {signal}: {', '.join(v)}" for signal, v in best.items())
+                    + "."
+                )
     lines += ["", "Guided against oracle:", ""]
     for model, cases in results.items():
         for case, by_engine in cases.items():

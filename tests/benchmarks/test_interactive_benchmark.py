@@ -56,3 +56,23 @@ def test_error_shape_tells_boundary_slivers_from_blobs(bench):
     blob = truth.copy()
     blob[3:9, 3:9, 0:5] = 1  # a blob deep in class 0
     assert bench.error_shape(blob, truth)["deep"] > 0.2
+
+
+def test_click_ceiling_finds_the_best_threshold_and_counts_what_it_breaks(bench):
+    truth = np.zeros((12, 12, 12), dtype=np.uint8)
+    truth[:, :, 6:] = 1
+    labels = truth.copy()
+    labels[:, :, 6:8] = 0  # class 1 shrunk by two voxels everywhere: 288 wrong voxels
+    ramp = np.broadcast_to(np.arange(12, dtype=np.float32) / 12, truth.shape)
+    probabilities = np.stack([1.0 - 0.9 * ramp, 0.1 + 0.9 * ramp]).astype(np.float32)
+    ceiling = bench.click_ceiling(labels, truth, probabilities, ramp[None], (1.0, 1.0, 1.0), radii=(100.0,))
+    assert (ceiling["from"], ceiling["to"]) == (0, 1)
+    # both scores rise towards class 1: the best threshold relabels exactly the two wrong columns
+    assert [(r["signal"], r["net"], r["flipped"]) for r in ceiling["rows"]] == [
+        ("model log-odds", 288, 288),
+        ("intensity", 288, 288),
+    ]
+    # a score that ranks the right voxels first gains nothing at any threshold
+    backwards = probabilities[::-1].copy()
+    rows = bench.click_ceiling(labels, truth, backwards, -ramp[None], (1.0, 1.0, 1.0), radii=(100.0,))["rows"]
+    assert rows[0]["net"] == 0 and rows[0]["flipped"] == 0
