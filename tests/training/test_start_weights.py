@@ -261,3 +261,6 @@ def test_a_resumed_run_refers_to_where_the_run_began(start, tmp_path, one_torch_
         a = torch.load(whole.last_checkpoint, weights_only=True)[key]
         b = torch.load(resumed.last_checkpoint, weights_only=True)[key]
         assert all(torch.equal(a[k], b[k]) for k in a), key
+    # the resumed run's model still says what it started from
+    specs = [torch.load(r.last_checkpoint, weights_only=True)["spec"] for r in (whole, resumed)]
+    assert specs[1]["training"]["init_from"] == specs[0]["training"]["init_from"] is not None
