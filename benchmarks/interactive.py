@@ -126,7 +126,12 @@ def click_ceiling(
             best = int(net.argmax()) if net.size else -1
             fixed = int(net[best]) if net.size and net[best] > 0 else 0
             rows.append(
-                {"signal": signal, "radius_mm": float(radius), "net": fixed, "flipped": best + 1 if fixed else 0}
+                {
+                    "signal": signal,
+                    "radius_mm": float(radius),
+                    "net": fixed,
+                    "flipped": best + 1 if fixed else 0,
+                }
             )
     return {"click": [int(a) for a in at], "from": v, "to": c, "rows": rows}
 
@@ -164,7 +169,11 @@ def run_case(image, truth_image, model, clicker: str, clicks: int, seed: int, en
     shape = error_shape(np.asarray(session._labels), truth)
     ceiling = (
         click_ceiling(
-            np.asarray(session._labels), truth, session._probabilities, session._whole_image(), session.spacing
+            np.asarray(session._labels),
+            truth,
+            session._probabilities,
+            session._whole_image(),
+            session.spacing,
         )
         if clicker == "oracle"
         else None
