@@ -21,6 +21,11 @@ reported on.
 that a label is wrong times those of a local intensity model of the scan, nothing fitted); any ``--error-case``
 then only measures it, and the model that predicts a case may be the calibrated model itself. Without
 ``--error-case`` it is stored without figures.
+
+Without DATASET the model's own training-data profile is kept and only the error map is written: how a
+fine-tuned model's carried consensus is measured on the corrected cases it did not train on
+(``medcl-calibrate FT.onnx -o FT.onnx --error-map consensus --error-case FT.onnx CORRECTIONS CASE``). The
+figures a carried consensus keeps of the model it started from (``start_model``) stay with the new ones.
 """
 
 from __future__ import annotations
@@ -56,9 +61,10 @@ class CalibrationResult:
 
         lines = [
             f"wrote {self.path} ({self.model_bytes} bytes): {self.spec.name} with the "
-            f"{profile_summary(self.spec.training_profile)}",
-            f"cases: {', '.join(self.cases)}",
+            f"{profile_summary(self.spec.training_profile)}" + ("" if self.cases else " (kept as it was)"),
         ]
+        if self.cases:
+            lines.append(f"cases: {', '.join(self.cases)}")
         error_model = self.spec.error_map_model
         if error_model is not None:
             lines.append(error_model.summary())
@@ -112,7 +118,7 @@ def select_cases(
 
 def calibrate(
     model: str | Path,
-    dataset: str | Path,
+    dataset: str | Path | None,
     output: str | Path,
     *,
     layout: str = "msd",
@@ -134,7 +140,9 @@ def calibrate(
     With ``features`` the graph gains the window-features output (``export.feature_output``; a graph
     that has it keeps it) and the spec their statistics on the chosen cases, which the verdict's ``features``
     check compares each scan with. Raises ModelError (unusable model), DatasetError (unusable
-    dataset, or the cases' channels differ from each other), OutputError (cannot write)."""
+    dataset, or the cases' channels differ from each other), OutputError (cannot write). ``dataset`` None keeps
+    the model's own profile and writes the error map only (``cases``, ``fold`` and ``features`` need a
+    dataset)."""
     import onnx
 
     from napari_medcl.atomic import atomic_path
@@ -147,23 +155,32 @@ def calibrate(
     path, _ = _resolve(model, None)
     data = _read_bounded(path, 2 * 1024**3)
     spec = check_model_bytes(data, path)
-    found = discover(layout, dataset)
-    if found.problems:
-        raise DatasetError(list(found.problems), root=found.root)
-    chosen = select_cases(found, cases=cases, fold=fold, num_folds=num_folds, split_seed=split_seed)
-    if cases:
-        how = "cases named on the command line"
-    elif fold is not None:
-        how = f"training part of fold {fold} of {num_folds} (split seed {split_seed})"
+    if dataset is None:
+        if cases or fold is not None or features:
+            raise ValueError("--cases, --fold and --features profile a dataset: name the DATASET")
+        if not error_cases and error_map != "consensus":
+            raise ValueError(
+                "nothing to write: name the DATASET to profile, or give --error-case or --error-map"
+            )
+        found, chosen, new_spec = None, [], spec
     else:
-        how = "every labelled case"
-    profile = dataset_profile(
-        [(found, chosen)],
-        spec.normalization,
-        max_cases=MAX_PROFILE_CASES if max_cases is None else max_cases,
-        source=f"{found.name}: {how}: {', '.join(c.case_id for c in chosen)}",
-    )
-    new_spec = dataclasses.replace(spec, training_profile=profile)
+        found = discover(layout, dataset)
+        if found.problems:
+            raise DatasetError(list(found.problems), root=found.root)
+        chosen = select_cases(found, cases=cases, fold=fold, num_folds=num_folds, split_seed=split_seed)
+        if cases:
+            how = "cases named on the command line"
+        elif fold is not None:
+            how = f"training part of fold {fold} of {num_folds} (split seed {split_seed})"
+        else:
+            how = "every labelled case"
+        profile = dataset_profile(
+            [(found, chosen)],
+            spec.normalization,
+            max_cases=MAX_PROFILE_CASES if max_cases is None else max_cases,
+            source=f"{found.name}: {how}: {', '.join(c.case_id for c in chosen)}",
+        )
+        new_spec = dataclasses.replace(spec, training_profile=profile)
     if error_map not in ("fit", "consensus"):
         raise ValueError(f"error_map must be 'fit' or 'consensus', got {error_map!r}")
     if error_cases or error_map == "consensus":
@@ -188,6 +205,10 @@ def calibrate(
             error_model = measure(names, samples, list(error_cases))
         else:
             error_model = ErrorModel.consensus()
+        before = spec.error_map_model
+        start = before.figures.get("start_model") if before is not None and before.is_consensus else None
+        if error_model.is_consensus and start is not None:  # still the map it started from: say so
+            error_model = ErrorModel.consensus({**error_model.figures, "start_model": start})
         new_spec = dataclasses.replace(new_spec, error_model=error_model.to_dict())
 
     proto = onnx.load_model_from_string(data)
@@ -258,7 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("model", help="the .onnx model file (or a bundled model name)")
-    parser.add_argument("dataset", type=Path, help="the dataset folder the model was trained on")
+    parser.add_argument(
+        "dataset",
+        type=Path,
+        nargs="?",
+        help="the dataset folder the model was trained on, whose training cases are profiled; without it the "
+        "model's own profile is kept and only the error map is written (--error-case or --error-map)",
+    )
     parser.add_argument(
         "-o", "--output", required=True, type=Path, metavar="OUT.onnx", help="file to write (may be MODEL)"
     )
@@ -314,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.error_voxels is not None and args.error_voxels < 100:
         parser.error(f"--error-voxels must be at least 100, got {args.error_voxels}")
+    if args.dataset is None and (args.cases or args.fold is not None or args.features):
+        parser.error("--cases, --fold and --features profile a dataset: name the DATASET")
+    if args.dataset is None and not args.error_case and args.error_map != "consensus":
+        parser.error("nothing to write: name the DATASET to profile, or give --error-case or --error-map")
     from export.error_fit import parse_error_case
     from napari_medcl.errors import MedclError
 

@@ -9,8 +9,11 @@
   epoch); Cancel ends the subprocess, and no model appears: the exported file is written inside the run
   folder (atomically, by the exporter, after its verification) and moved into ``finetuned/`` by one rename
   only after the export succeeded. The subprocesses' output is kept in ``<run>/console.log``.
+  When cases were held out and the new model carries the intensity consensus error map (carried from a bundled
+  model, nothing fitted), ``medcl-calibrate`` then measures that map on the held-out cases before the model is
+  placed, so that its figures are the new model's own.
 - :func:`fine_tune_result`: the before/after line from the run's ``summary.json`` (held-out corrected cases,
-  original validation cases; training.replay).
+  original validation cases; training.replay), and the error map's figures on the held-out cases.
 - :func:`ranking_entries`: the *Which case next* list's lines.
 
 Where things are: the corrections folder is chosen once and remembered in
@@ -321,6 +324,24 @@ def export_command(plan: FineTunePlan, checkpoint: Path, python: str | None = No
     ]
 
 
+def measure_command(plan: FineTunePlan, model: Path, python: str | None = None) -> list[str] | None:
+    """medcl-calibrate of the exported ``model`` that measures its carried intensity consensus on the held-out
+    corrected cases (the model itself predicts them: it never trained on them), its profile kept; None when
+    no case is held out or the model carries no consensus (nothing to measure)."""
+    from napari_medcl.onnx_session import check_model_bytes
+
+    if not plan.val_cases:
+        return None
+    error_model = check_model_bytes(model.read_bytes(), model).error_map_model
+    if error_model is None or not error_model.is_consensus:
+        return None
+    command = [python or sys.executable, "-m", "export.calibrate", str(model), "-o", str(model)]
+    command += ["--error-map", "consensus"]
+    for case in plan.val_cases:
+        command += ["--error-case", str(model), str(plan.corrections), case]
+    return command
+
+
 # -------------------------------------------------------------------------------------------- progress
 
 
@@ -410,6 +431,8 @@ class FineTuneRun:
     def progress(self) -> Progress:
         if self.state == "exporting":
             return Progress(1, 1, "exporting and verifying the model...")
+        if self.state == "measuring":
+            return Progress(1, 1, "measuring the error map on the held-out corrected case(s)...")
         if self.state == "done":
             return Progress(1, 1, self.message)
         return read_progress(self.plan.run_dir)
@@ -427,6 +450,15 @@ class FineTuneRun:
             self.state = "exporting"
             self._spawn(export_command(self.plan, self._checkpoint(), self.python))
             return self.state
+        if self.state == "exporting":
+            try:
+                measure = measure_command(self.plan, self._exported(), self.python)
+            except (OSError, MedclError) as error:
+                return self._finish("failed", f"the exported model cannot be read: {error}")
+            if measure is not None:
+                self.state = "measuring"
+                self._spawn(measure)
+                return self.state
         try:
             self._place()
         except OSError as error:
@@ -468,6 +500,9 @@ class FineTuneRun:
             self._console = None
         return state
 
+    def _exported(self) -> Path:
+        return self.plan.run_dir / f"{self.plan.name}.onnx"
+
     def _checkpoint(self) -> Path:
         best = self.plan.run_dir / "checkpoint_best.pt"
         return best if best.is_file() else self.plan.run_dir / "checkpoint_last.pt"
@@ -476,7 +511,7 @@ class FineTuneRun:
         """The verified model into finetuned/, its record first: the .onnx appears by one rename, whole."""
         from napari_medcl.atomic import write_text_atomic
 
-        exported = self.plan.run_dir / f"{self.plan.name}.onnx"
+        exported = self._exported()
         summary = _summary(self.plan.run_dir)
         replay = (summary.get("start") or {}).get("replay") or summary.get("replay")
         record = {
@@ -493,7 +528,7 @@ class FineTuneRun:
         os.replace(exported, self.plan.output)
 
     def _last_error(self, code: int) -> str:
-        what = "training" if self.state == "training" else "export"
+        what = {"training": "training", "exporting": "export"}.get(self.state, "the error map's measurement")
         try:
             lines = self.console_log.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
@@ -531,7 +566,30 @@ def fine_tune_result(plan: FineTunePlan) -> str:
         )
     else:
         parts.append("No original validation cases to check what the model may have lost (replay off).")
-    return " ".join(parts)
+    parts.append(_error_map_line(plan.output))
+    return " ".join(part for part in parts if part)
+
+
+def _error_map_line(model: Path) -> str:
+    """What the placed model's error map was measured at, in one sentence ('' without a map)."""
+    from napari_medcl.onnx_session import check_model_bytes
+
+    try:
+        error_model = check_model_bytes(model.read_bytes(), model).error_map_model
+    except (OSError, MedclError):
+        return ""
+    if error_model is None:
+        return ""
+    figures = error_model.figures
+    if isinstance(figures.get("auroc"), (int, float)) and isinstance(figures.get("ece"), (int, float)):
+        return (
+            f"Error map on the held-out case(s): AUROC {figures['auroc']:.3f}, ECE {figures['ece']:.3f} "
+            "(how well it finds the wrong voxels; 0.5 is chance)."
+        )
+    start = figures.get("start_model")
+    if isinstance(start, Mapping):
+        return f"Error map: carried from {start.get('name')}, not measured on this model (no case held out)."
+    return "Error map: no figures recorded."
 
 
 # ------------------------------------------------------------------------------------------- ranking

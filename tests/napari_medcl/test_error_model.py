@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 import napari_medcl
@@ -213,3 +214,42 @@ def test_a_volume_without_nonzero_rule_is_eligible_everywhere():
     assert eligible_voxels(image, False) is None
     np.testing.assert_array_equal(eligible_voxels(image, True), [[[False, True]]])
     assert set(BASE_FEATURES) <= set(feature_names(("x",)))
+
+
+def test_without_a_dataset_calibrate_keeps_the_profile_and_measures_a_carried_consensus(tmp_path, capsys):
+    """A fine-tuned model's profile (its corrected and replayed cases) is kept; its carried consensus gets
+    figures of its own, and keeps those of the model it started from."""
+    from napari_medcl.spec import METADATA_KEY
+
+    spec = make_spec(normalization={"kind": "zscore", "use_nonzero_mask": True}, maps=("decoder1",))
+    data = make_msd_dataset(tmp_path / "tiny", n_cases=4, shape=(10, 16, 14), modality="MRI")
+    profiled = tmp_path / "profiled.onnx"
+    model = save(pointwise_model(spec=spec, k=3.0), tmp_path / "model.onnx")
+    assert calibrate_main([str(model), str(data), "-o", str(profiled), "--cases", "case_000"]) == 0
+    proto = onnx.load(str(profiled))
+    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    carried = ErrorModel.consensus({"start_model": {"name": "base", "auroc": 0.9, "ece": 0.05}})
+    entry.value = json.dumps({**json.loads(entry.value), "error_model": carried.to_dict()})
+    onnx.save(proto, str(profiled))
+    capsys.readouterr()
+
+    out = tmp_path / "measured.onnx"
+    argv = [str(profiled), "-o", str(out), "--error-map", "consensus", "--error-voxels", "500"]
+    argv += ["--error-case", str(profiled), str(data), "case_003"]
+    assert calibrate_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "(kept as it was)" in printed and "cases:" not in printed
+    before = napari_medcl.load_model(profiled, device="cpu").spec
+    after = napari_medcl.load_model(out, device="cpu").spec
+    assert after.training_profile == before.training_profile
+    figures = after.error_map_model.figures
+    assert after.error_map_model.is_consensus and isinstance(figures["auroc"], float)
+    assert figures["start_model"] == {"name": "base", "auroc": 0.9, "ece": 0.05}
+    assert after.error_map_model.summary().startswith(
+        "intensity consensus error map (network x local intensity model, nothing fitted): AUROC "
+    )
+    # what needs a dataset says so, and nothing is written
+    for extra in (["--fold", "0"], []):
+        with pytest.raises(SystemExit):
+            calibrate_main([str(profiled), "-o", str(tmp_path / "no.onnx"), *extra])
+        assert "DATASET" in capsys.readouterr().err and not (tmp_path / "no.onnx").exists()

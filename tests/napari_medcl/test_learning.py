@@ -137,7 +137,9 @@ def test_progress_comes_from_the_epoch_lines_of_the_log(tmp_path):
 
 
 def test_the_result_line_gives_dice_before_and_after(tmp_path):
-    plan = SimpleNamespace(name="m-ft1", run_dir=tmp_path, val_cases=("c3",), note="NOTE")
+    plan = SimpleNamespace(
+        name="m-ft1", run_dir=tmp_path, val_cases=("c3",), note="NOTE", output=tmp_path / "m-ft1.onnx"
+    )
     (tmp_path / "summary.json").write_text(
         json.dumps(
             {

@@ -86,3 +86,40 @@ def test_cancel_ends_the_subprocess_and_leaves_no_model(started, when):
     assert not p.output.exists() and not p.sidecar.exists()
     assert sorted(p.output.parent.glob("*")) == models_before
     assert run.poll() == "cancelled"
+
+
+def test_a_carried_consensus_is_measured_on_the_held_out_cases_before_the_model_is_placed(started, tmp_path):
+    """The start carries the intensity consensus: the new model keeps it, and the run measures it on the
+    corrected case it held out (the new model never trained on it) before the model appears."""
+    import torch
+
+    from napari_medcl.error_model import ErrorModel
+    from napari_medcl.onnx_session import load_model
+
+    folder, model = started
+    record = json.loads(model.with_name(model.stem + learning.SIDECAR).read_text())
+    state = torch.load(record["checkpoint"], map_location="cpu", weights_only=True)
+    consensus = ErrorModel.consensus({"auroc": 0.9, "ece": 0.05})
+    state["spec"] = {**state["spec"], "name": "base", "error_model": consensus.to_dict()}
+    torch.save(state, tmp_path / "start.pt")
+    source = tmp_path / "base.onnx"
+    sidecar = {**record, "checkpoint": str(tmp_path / "start.pt")}
+    source.with_name("base" + learning.SIDECAR).write_text(json.dumps(sidecar))
+    p = learning.plan_fine_tune(str(source), folder, overrides=("data.num_workers=0", "train.epochs=1"))
+    assert p.name == "base-ft1" and p.val_cases == ("case2",)
+    run = learning.FineTuneRun(p)
+    run.start()
+    states, lines = set(), set()
+    while not run.finished:
+        states.add(run.poll())
+        lines.add(run.progress().line)
+        time.sleep(0.05)
+    assert run.state == "done", run.message
+    assert "measuring" in states
+    assert "measuring the error map on the held-out corrected case(s)..." in lines
+    figures = load_model(p.output, device="cpu").spec.error_map_model.figures
+    assert isinstance(figures["auroc"], float) and isinstance(figures["ece"], float)
+    assert [c["case"] for c in figures["per_case"]] == ["base-ft1.onnx: corrections/case2"]
+    assert figures["start_model"] == {"name": "base", "auroc": 0.9, "ece": 0.05}
+    assert f"Error map on the held-out case(s): AUROC {figures['auroc']:.3f}" in run.message
+    assert "-m export.calibrate" in run.console_log.read_text()
