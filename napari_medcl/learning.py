@@ -444,7 +444,11 @@ class FineTuneRun:
         code = self._process.poll()
         if code is None:
             return self.state
-        if code != 0:
+        unmeasured = ""
+        if code != 0 and self.state == "measuring":
+            # the model trained and passed its verification: keep it, its map unmeasured, and say why
+            unmeasured = " " + self._last_error(code)
+        elif code != 0:
             return self._finish("failed", self._last_error(code))
         if self.state == "training":
             self.state = "exporting"
@@ -465,7 +469,7 @@ class FineTuneRun:
             return self._finish(
                 "failed", f"the model could not be placed in {self.plan.output.parent}: {error}"
             )
-        return self._finish("done", fine_tune_result(self.plan))
+        return self._finish("done", fine_tune_result(self.plan) + unmeasured)
 
     def wait(self, timeout_s: float = 600.0, interval_s: float = 0.2) -> str:
         import time
@@ -528,14 +532,21 @@ class FineTuneRun:
         os.replace(exported, self.plan.output)
 
     def _last_error(self, code: int) -> str:
-        what = {"training": "training", "exporting": "export"}.get(self.state, "the error map's measurement")
+        if self.state == "measuring":
+            return (
+                f"The error map could not be measured on the held-out case(s): {self._last_line(code)} "
+                f"(log: {self.console_log})"
+            )
+        what = "training" if self.state == "training" else "export"
+        return f"Fine-tuning failed during {what}: {self._last_line(code)} (log: {self.console_log})"
+
+    def _last_line(self, code: int) -> str:
         try:
             lines = self.console_log.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
             lines = []
         errors = [line for line in lines if "error" in line.lower()]
-        last = (errors or lines or [f"exit status {code}"])[-1].strip()
-        return f"Fine-tuning failed during {what}: {last} (log: {self.console_log})"
+        return (errors or lines or [f"exit status {code}"])[-1].strip()
 
 
 def _summary(run_dir: Path) -> dict[str, Any]:
@@ -588,7 +599,7 @@ def _error_map_line(model: Path) -> str:
         )
     start = figures.get("start_model")
     if isinstance(start, Mapping):
-        return f"Error map: carried from {start.get('name')}, not measured on this model (no case held out)."
+        return f"Error map: carried from {start.get('name')}, not measured on this model."
     return "Error map: no figures recorded."
 
 

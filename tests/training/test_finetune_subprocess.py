@@ -123,3 +123,20 @@ def test_a_carried_consensus_is_measured_on_the_held_out_cases_before_the_model_
     assert figures["start_model"] == {"name": "base", "auroc": 0.9, "ece": 0.05}
     assert f"Error map on the held-out case(s): AUROC {figures['auroc']:.3f}" in run.message
     assert "-m export.calibrate" in run.console_log.read_text()
+
+
+def test_a_failed_measurement_keeps_the_model_and_says_why(started, monkeypatch):
+    """Training and export succeeded: a measurement that fails costs the map's figures, never the model."""
+    import sys
+
+    failing = [sys.executable, "-c", "import sys; print('medcl-calibrate: error: boom'); sys.exit(1)"]
+    monkeypatch.setattr(learning, "measure_command", lambda *args, **kwargs: failing)
+    p = plan(started, "train.epochs=1")
+    run = learning.FineTuneRun(p)
+    run.start()
+    assert run.wait(timeout_s=240) == "done", run.message
+    assert p.output.is_file() and p.sidecar.is_file()
+    assert run.message.endswith(
+        f"The error map could not be measured on the held-out case(s): medcl-calibrate: error: boom "
+        f"(log: {run.console_log})"
+    )
