@@ -41,6 +41,25 @@ CLICKERS = ("oracle", "guided", "random")
 ENGINES = ("local", "network")
 
 
+def training_block_cases(root: Path, blocks: Sequence[int]) -> list[tuple[str, object, np.ndarray]]:
+    """(name, image Volume, true labels) for training blocks of mni152-tissue, each perturbed as the accuracy
+    benchmark perturbs the held-out block but with its own seed (2000 + block): a new scanner on cases the
+    model trained on, where a setting can be chosen without looking at the held-out block."""
+    from uncertainty import _accuracy_module
+
+    from napari_medcl.io import read_image
+
+    cases = []
+    for block in blocks:
+        image = read_image(next((root / "imagesTr").glob(f"mni152_block{block}_0000.nii*")))
+        truth = read_image(next((root / "labelsTr").glob(f"mni152_block{block}.nii*"))).array
+        perturbed = _accuracy_module().perturb(image, seed=2000 + block)
+        cases.append(
+            (f"mni152_block{block} perturbed (training block, seed {2000 + block})", perturbed, truth)
+        )
+    return cases
+
+
 def mean_dice(labels: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
     scores = []
     for c in range(1, num_classes):
@@ -136,13 +155,15 @@ def click_ceiling(
     return {"click": [int(a) for a in at], "from": v, "to": c, "rows": rows}
 
 
-def click_for(clicker: str, session, truth: np.ndarray, rng: np.random.Generator):
+def click_for(
+    clicker: str, session, truth: np.ndarray, rng: np.random.Generator, window_mm: float | None = None
+):
     """(z, y, x) of the next click on the 3D grid, or None when the clicker has nowhere to click."""
     labels = np.asarray(session._labels)
     if clicker == "oracle":
         return deepest_error(labels, truth)
     if clicker == "guided":
-        region = session.next_region()
+        region = session.next_region(window_mm=window_mm)
         if region is None:
             return None
         at = deepest_error(labels, truth, region.box)
@@ -153,7 +174,10 @@ def click_for(clicker: str, session, truth: np.ndarray, rng: np.random.Generator
     return tuple(int(v) for v in brain[rng.integers(len(brain))])
 
 
-def run_case(image, truth_image, model, clicker: str, clicks: int, seed: int, engine: str = "local") -> dict:
+def run_case(
+    image, truth_image, model, clicker: str, clicks: int, seed: int, engine: str = "local",
+    window_mm: float | None = None,
+) -> dict:  # fmt: skip
     from napari_medcl.interactive import open_session
     from napari_medcl.prompts import point
 
@@ -180,7 +204,7 @@ def run_case(image, truth_image, model, clicker: str, clicks: int, seed: int, en
     )
     seconds = []
     for _ in range(clicks):
-        at = click_for(clicker, session, truth, rng)
+        at = click_for(clicker, session, truth, rng, window_mm)
         if at is None:
             dice.append(dice[-1])
             errors.append(errors[-1])
@@ -327,16 +351,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="engines to compare (network: models with prompt channels only)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="the random clicker's seed")
+    parser.add_argument(
+        "--window-mm", type=float,
+        help="the guided clicker's proposal window (default: the product's, the size of a prompt's box)",
+    )  # fmt: skip
     parser.add_argument("--markdown", help="write the report between its markers in this markdown file")
     parser.add_argument("--plots", help="write one PNG of Dice against clicks per model to this folder")
     parser.add_argument("--json", help="write every curve to this JSON file")
+    parser.add_argument(
+        "--training-blocks", type=int, nargs="+", metavar="B",
+        help="instead of the held-out block, these training blocks, perturbed (seed 2000 + B): to choose a "
+        "setting without looking at the held-out block",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     from uncertainty import tissue_cases, write_between_markers
 
     from napari_medcl.onnx_session import load_model
 
-    cases = tissue_cases(Path(args.data), args.fold)[:2]  # clean and perturbed
+    if args.training_blocks:
+        cases = training_block_cases(Path(args.data), args.training_blocks)
+    else:
+        cases = tissue_cases(Path(args.data), args.fold)[:2]  # clean and perturbed
     results: dict = {}
     for model_name in args.model:
         model = load_model(model_name, device="cpu", backend="onnxruntime")
@@ -347,7 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             truth_volume = image.with_array(truth)
             results[name][case] = {engine: {} for engine in engines}
             for engine, clicker in ((e, c) for e in engines for c in args.clickers):
-                r = run_case(image, truth_volume, model, clicker, args.clicks, args.seed, engine)
+                r = run_case(
+                    image, truth_volume, model, clicker, args.clicks, args.seed, engine, args.window_mm
+                )
                 results[name][case][engine][clicker] = r
                 d = r["dice"]
                 print(

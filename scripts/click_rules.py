@@ -28,17 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def case(root: Path, block: int, seed: int):
-    """(image Volume perturbed, true labels (Z, Y, X)) of ``mni152_block<block>``."""
-    from uncertainty import _accuracy_module
-
-    from napari_medcl.io import read_image
-
-    image = read_image(next((root / "imagesTr").glob(f"mni152_block{block}_0000.nii*")))
-    truth = read_image(next((root / "labelsTr").glob(f"mni152_block{block}.nii*"))).array
-    return _accuracy_module().perturb(image, seed=seed), truth
-
-
 def threshold_rule(rule: str, image, labels, spacing, at, c: int, radius: float) -> np.ndarray:
     """The box's new labels under ``rule`` for a positive click of ``c`` at ``at`` (box coordinates)."""
     from scipy import ndimage
@@ -104,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clicks", type=int, default=10)
     args = parser.parse_args(argv)
 
+    from interactive import training_block_cases
+    from uncertainty import tissue_cases
+
     from napari_medcl.onnx_session import load_model
 
     model = load_model("brain-tissue-3d", device="cpu", backend="onnxruntime")
-    cases = [(f"block{b} perturbed (seed {2000 + b})", *case(args.data, b, 2000 + b)) for b in args.blocks]
+    cases = training_block_cases(args.data, args.blocks)
     if args.held_out:
-        cases.append(("block4 perturbed (held out, seed 1000)", *case(args.data, 4, 1000)))
+        cases.append(tissue_cases(args.data, 0)[1])  # the held-out block's perturbed copy (seed 1000)
     for name, image, truth in cases:
         run(name, image, truth, model, "engine (a)", 0.0, args.clicks)
         for radius in (8.0, 16.0):
