@@ -2,10 +2,14 @@
 
     PYTHONPATH=$PWD python benchmarks/interactive.py [--model brain-tissue-3d] [--clicks 20]
         [--engines local network] [--markdown docs/benchmarks.md] [--plots docs/interactive]
+        [--training-blocks 1 2] [--window-mm W]
 
 Cases: the held-out block of the mni152-tissue dataset at 1 mm (fold 0, as the bundled models were trained:
 ``mni152_block4``) and its perturbed copy (the accuracy benchmark's bias field, contrast and noise, seed 1000 +
-fold), through ``napari_medcl.interactive`` exactly as the widget and the API use it.
+fold), through ``napari_medcl.interactive`` exactly as the widget and the API use it. ``--training-blocks``
+takes training blocks instead, each perturbed with its own seed (2000 + block), to choose a setting (such as
+the guided clicker's ``--window-mm``) without looking at the held-out block. For the oracle clicker the report
+also gives ``click_ceiling``: the most its first click could fix by a threshold rule chosen knowing the truth.
 
 Clickers, each giving one positive click per interaction with the true class at the clicked voxel:
 - ``oracle``: the voxel deepest inside the largest connected error component (3D, faces touching);
