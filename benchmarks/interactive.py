@@ -52,11 +52,13 @@ def training_block_cases(root: Path, blocks: Sequence[int]) -> list[tuple[str, o
     from uncertainty import _accuracy_module
 
     from napari_medcl.io import read_image
+    from training.data.layouts import discover
 
+    by_id = {case.case_id: case for case in discover("msd", root).cases}
     cases = []
     for block in blocks:
-        image = read_image(next((root / "imagesTr").glob(f"mni152_block{block}_0000.nii*")))
-        truth = read_image(next((root / "labelsTr").glob(f"mni152_block{block}.nii*"))).array
+        case = by_id[f"mni152_block{block}"]
+        image, truth = read_image(case.images[0]), read_image(case.label).array
         perturbed = _accuracy_module().perturb(image, seed=2000 + block)
         cases.append(
             (f"mni152_block{block} perturbed (training block, seed {2000 + block})", perturbed, truth)

@@ -116,6 +116,17 @@ def select_cases(
     return labelled
 
 
+def without_dataset_problem(
+    cases: Sequence[str] | None, fold: int | None, features: bool, error_cases: Sequence[Any], error_map: str
+) -> str | None:
+    """Why a calibration without a dataset cannot run as asked (one line), or None when it can."""
+    if cases or fold is not None or features:
+        return "--cases, --fold and --features profile a dataset: name the DATASET"
+    if not error_cases and error_map != "consensus":
+        return "nothing to write: name the DATASET to profile, or give --error-case or --error-map"
+    return None
+
+
 def calibrate(
     model: str | Path,
     dataset: str | Path | None,
@@ -156,12 +167,9 @@ def calibrate(
     data = _read_bounded(path, 2 * 1024**3)
     spec = check_model_bytes(data, path)
     if dataset is None:
-        if cases or fold is not None or features:
-            raise ValueError("--cases, --fold and --features profile a dataset: name the DATASET")
-        if not error_cases and error_map != "consensus":
-            raise ValueError(
-                "nothing to write: name the DATASET to profile, or give --error-case or --error-map"
-            )
+        problem = without_dataset_problem(cases, fold, features, error_cases, error_map)
+        if problem:
+            raise ValueError(problem)
         found, chosen, new_spec = None, [], spec
     else:
         found = discover(layout, dataset)
@@ -341,10 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.error_voxels is not None and args.error_voxels < 100:
         parser.error(f"--error-voxels must be at least 100, got {args.error_voxels}")
-    if args.dataset is None and (args.cases or args.fold is not None or args.features):
-        parser.error("--cases, --fold and --features profile a dataset: name the DATASET")
-    if args.dataset is None and not args.error_case and args.error_map != "consensus":
-        parser.error("nothing to write: name the DATASET to profile, or give --error-case or --error-map")
+    if args.dataset is None and (
+        problem := without_dataset_problem(
+            args.cases, args.fold, args.features, args.error_case, args.error_map
+        )
+    ):
+        parser.error(problem)
     from export.error_fit import parse_error_case
     from napari_medcl.errors import MedclError
 

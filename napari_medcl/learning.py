@@ -328,11 +328,9 @@ def measure_command(plan: FineTunePlan, model: Path, python: str | None = None) 
     """medcl-calibrate of the exported ``model`` that measures its carried intensity consensus on the held-out
     corrected cases (the model itself predicts them: it never trained on them), its profile kept; None when
     no case is held out or the model carries no consensus (nothing to measure)."""
-    from napari_medcl.onnx_session import check_model_bytes
-
     if not plan.val_cases:
         return None
-    error_model = check_model_bytes(model.read_bytes(), model).error_map_model
+    error_model = _error_map_of(model)
     if error_model is None or not error_model.is_consensus:
         return None
     command = [python or sys.executable, "-m", "export.calibrate", str(model), "-o", str(model)]
@@ -581,12 +579,17 @@ def fine_tune_result(plan: FineTunePlan) -> str:
     return " ".join(part for part in parts if part)
 
 
-def _error_map_line(model: Path) -> str:
-    """What the placed model's error map was measured at, in one sentence ('' without a map)."""
+def _error_map_of(model: Path) -> Any:  # -> ErrorModel | None
+    """The error map a model file's spec holds, read without starting a session (OSError, ModelError)."""
     from napari_medcl.onnx_session import check_model_bytes
 
+    return check_model_bytes(model.read_bytes(), model).error_map_model
+
+
+def _error_map_line(model: Path) -> str:
+    """What the placed model's error map was measured at, in one sentence ('' without a map)."""
     try:
-        error_model = check_model_bytes(model.read_bytes(), model).error_map_model
+        error_model = _error_map_of(model)
     except (OSError, MedclError):
         return ""
     if error_model is None:
