@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,22 @@ def _medcl_train() -> str | None:
     """The installed console script, next to this interpreter (the venv) or on PATH."""
     beside = Path(sys.executable).with_name("medcl-train")
     return str(beside) if beside.exists() else shutil.which("medcl-train")
+
+
+def _torchrun(command: list[str]) -> subprocess.CompletedProcess:
+    # faulthandler prints each process's Python stack should one die of a signal
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+
+
+def _native_abort(done: subprocess.CompletedProcess) -> bool:
+    """Whether torchrun's report names a process that died of SIGABRT (exit code -6), not one that exited
+    with an error of ours (a plain message and exit code 1 or 2)."""
+    return done.returncode != 0 and re.search(r"exitcode\s*:\s*-6\b", done.stderr) is not None
+
+
+def _tail(done: subprocess.CompletedProcess) -> str:
+    return done.stdout[-3000:] + done.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -38,10 +55,19 @@ def test_two_process_gloo_run(tmp_path):
         " sync_batchnorm: true}\n"
         f"output: {{dir: {out}}}\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [str(torchrun), "--standalone", "--nproc_per_node=2", "--no-python", script, str(config)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = _torchrun(command)
+    if _native_abort(done):
+        # A rank once died in gloo's native code ("terminate called without an active exception", SIGABRT,
+        # no Python error) on an otherwise passing run, and in none of 31 runs here. One more try tells
+        # such a crash from a defect of ours, which fails both; the first run's output stays in the message.
+        first = done
+        shutil.rmtree(out, ignore_errors=True)
+        done = _torchrun(command)
+        assert done.returncode == 0, (
+            "both runs failed; the first:\n" + _tail(first) + "\nthe second:\n" + _tail(done)
+        )
+    assert done.returncode == 0, _tail(done)
 
     log = (out / "train.log").read_text(encoding="utf-8").splitlines()
     assert log[0] == "world size 2"
