@@ -182,12 +182,12 @@ def click_for(
 
 def run_case(
     image, truth_image, model, clicker: str, clicks: int, seed: int, engine: str = "local",
-    window_mm: float | None = None,
+    window_mm: float | None = None, network_options: dict | None = None,
 ) -> dict:  # fmt: skip
     from napari_medcl.interactive import open_session
     from napari_medcl.prompts import point
 
-    session = open_session(image, model, engine=engine)
+    session = open_session(image, model, engine=engine, network_options=network_options)
     start = time.perf_counter()
     session.predict()
     predict_seconds = time.perf_counter() - start
@@ -369,7 +369,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instead of the held-out block, these training blocks, perturbed (seed 2000 + B): to choose a "
         "setting without looking at the held-out block",
     )  # fmt: skip
+    parser.add_argument(
+        "--network-keep", choices=["box", "connected", "caused"],
+        help="what of engine (b)'s answer is written (NetworkRefiner's keep; default: the product's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--network-margin-mm", type=float,
+        help="how far around a click engine (b)'s answer is written (NetworkRefiner's margin_mm)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    network_options = {
+        key: value
+        for key, value in (("keep", args.network_keep), ("margin_mm", args.network_margin_mm))
+        if value is not None
+    }
 
     from uncertainty import tissue_cases, write_between_markers
 
@@ -390,8 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[name][case] = {engine: {} for engine in engines}
             for engine, clicker in ((e, c) for e in engines for c in args.clickers):
                 r = run_case(
-                    image, truth_volume, model, clicker, args.clicks, args.seed, engine, args.window_mm
-                )
+                    image, truth_volume, model, clicker, args.clicks, args.seed, engine, args.window_mm,
+                    network_options,
+                )  # fmt: skip
                 results[name][case][engine][clicker] = r
                 d = r["dice"]
                 print(

@@ -29,8 +29,9 @@ from napari_medcl.session import InferenceSession
 from napari_medcl.spec import ModelSpec
 
 Box = tuple[slice, slice, slice]
-# What of the network's answer is written: all of the box, or only the changes connected to the prompt
-KEEP = ("box", "connected")
+# What of the network's answer is written: all of the box, only the changes connected to the prompt, or only
+# the changes the prompt caused (the window run with and without it)
+KEEP = ("box", "connected", "caused")
 
 
 class NetworkRefiner:
@@ -38,11 +39,13 @@ class NetworkRefiner:
 
     ``margin_mm``: how far around a prompt the network's answer is written (the session's box); the network
     itself sees a region of its own patch's extent around the prompt. ``keep``: "connected" writes only the
-    changes connected to the prompt's voxels, "box" every change in the box. Why connected and 6 mm by
-    default: the region is one window, and near a window's edge its answer differs from the stitched
-    prediction the labels came from; on the perturbed held-out block, writing the whole 10 mm box lowered
-    Dice with every click (the changes away from the click were those differences, not the click's answer). ``predict_options``: options of
-    ``predict_iter`` (overlap, tta, batch_size)."""
+    changes connected to the prompt's voxels, "box" every change in the box, "caused" every voxel of the box
+    where the network's answer with the prompt differs from its answer without it (the region run twice, so
+    a click costs two network runs; it lets a click correct a region that does not touch it). Why connected
+    and 6 mm by default: the region is one window, and near a window's edge its answer differs from the
+    stitched prediction the labels came from; on the perturbed held-out block, writing the whole 10 mm box
+    lowered Dice with every click (the changes away from the click were those differences, not the click's
+    answer). ``predict_options``: options of ``predict_iter`` (overlap, tta, batch_size)."""
 
     name = "network"
 
@@ -92,11 +95,36 @@ class NetworkRefiner:
         ``image`` (C, Z, Y, X) as read (a 2D image: depth 1, ``spatial_dims`` 2), ``spacing`` (z, y, x) mm,
         ``labels`` (Z, Y, X) the labels as they stand, ``prompts`` every prompt so far (the last is the one
         answered), in voxel indices of the grid."""
+        grid = tuple(labels.shape)
+        region = self.region(prompts[-1], grid, spacing, holding=box)
+        origin = np.array([s.start for s in region])
+        new, probabilities = self._labels(image, spacing, labels, prompts, region, spatial_dims)
+        if self.keep == "caused":
+            # The same window without the last prompt: what differs is the prompt's effect, and the window's
+            # own disagreements with the stitched labels (its edges) are the same in both and drop out.
+            before, _ = self._labels(image, spacing, labels, prompts[:-1], region, spatial_dims)
+            new = np.where(new != before, new, labels[region])
+        _seed(new, probabilities, prompts, origin)
+        inner = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))
+        new = new[inner].astype(labels.dtype)
+        if self.keep == "connected":
+            new = _connected_changes(new, labels[box], prompts[-1], box)
+        return new
+
+    def _labels(
+        self,
+        image: np.ndarray,
+        spacing: Sequence[float],
+        labels: np.ndarray,
+        prompts: Sequence[Prompt],
+        region: Box,
+        spatial_dims: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The network's labels (*region) and probabilities (K, *region) for ``region`` given ``prompts``
+        (those outside the region are left out) and ``labels`` as the previous segmentation."""
         from napari_medcl.prediction import predict
 
         spec = self.model.spec
-        grid = tuple(labels.shape)
-        region = self.region(prompts[-1], grid, spacing, holding=box)
         normalised = self._normalised_image(image)
         origin = np.array([s.start for s in region])
         shape = tuple(s.stop - s.start for s in region)
@@ -132,12 +160,7 @@ class NetworkRefiner:
             # the model's rule (architecture.md 4.4): a masked scan's non-zero voxels are never background
             foreground = probabilities[1:].argmax(axis=0) + 1
             new = np.where(inside, foreground, 0)
-        _seed(new, probabilities, prompts, origin)
-        inner = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))
-        new = new[inner].astype(labels.dtype)
-        if self.keep == "connected":
-            new = _connected_changes(new, labels[box], prompts[-1], box)
-        return new
+        return new, probabilities
 
     def region(
         self, prompt: Prompt, grid: Sequence[int], spacing: Sequence[float], *, holding: Box | None = None

@@ -125,6 +125,42 @@ def test_keep_connected_writes_only_the_changes_that_touch_the_prompt():
         NetworkRefiner(ExactPromptModel(), keep="all")
 
 
+class RegionalPromptModel(ExactPromptModel):
+    """One window holds the whole case. With prompts it labels the window's first voxel class 2 whatever was
+    clicked (a window's own disagreement with the stitched labels), and answers a positive class-2 click at
+    the window's last voxel too, away from the click (a regional answer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.spec = dataclasses.replace(self.spec, patch_size=(10, 40, 40))
+
+    def run(self, batch, prompts=None):
+        probabilities, maps = super().run(batch, prompts)
+        if prompts is not None:
+            probabilities[:, :, 0, 0, 0] = (0.05, 0.05, 0.9)
+            if prompts[:, 2].any():
+                probabilities[:, :, -1, -1, -1] = (0.05, 0.05, 0.9)
+        return probabilities, maps
+
+
+@pytest.mark.parametrize(
+    "keep, window_edge, far_answer",
+    [("box", True, True), ("caused", False, True), ("connected", False, False)],
+)
+def test_keep_chooses_what_of_the_answer_is_written(keep, window_edge, far_answer):
+    session = open_session(
+        case(), RegionalPromptModel(), engine="network", network_options={"keep": keep, "margin_mm": 40.0}
+    )
+    session.predict()
+    assert session.labels[0, 0, 0] == 0 and session.labels[9, 39, 39] == 0
+    session.add_prompt(point(5, 20, 20, label=2))
+    labels = session.labels
+    assert labels[5, 20, 20] == 2
+    # "caused" leaves out what the window says with and without the click alike; "connected" what is away
+    assert bool(labels[0, 0, 0] == 2) is window_edge
+    assert bool(labels[9, 39, 39] == 2) is far_answer
+
+
 class DeafPromptModel(ExactPromptModel):
     """Ignores the click maps: answers with the previous segmentation alone."""
 
