@@ -10,7 +10,11 @@ the previous segmentation one-hot over the foreground classes ``previous:<class>
 they are all zero). The graph takes them as its second input ``prompts`` (N, P, *S), never normalised.
 
 A click is a disk (value 1 inside ``radius_mm``) or a Gaussian (exp(-d^2 / 2 r^2), cut at 3 r) around its
-voxel, in millimetres of the grid it is drawn on. A positive click on the background ("this is not any
+voxel, in millimetres of the grid it is drawn on. Every prompt channel, the previous segmentation's too, is
+then multiplied by the encoding's ``amplitude`` (1 unless the spec says otherwise): the input layer's weights
+for these channels start at zero when a trained network gains them, and an optimiser such as Adam moves a
+weight by about its learning rate per step whatever the input's scale, so a larger amplitude lets the prompts
+reach the network sooner, as a larger learning rate for those weights alone would. A positive click on the background ("this is not any
 class") is drawn in the negative map of every foreground class; a negative click on the background says
 nothing a foreground map can hold and is left out.
 """
@@ -28,6 +32,9 @@ from napari_medcl.errors import MedclError
 
 PROMPTS_INPUT = "prompts"
 ENCODING_VERSION = 1
+# An encoding with an amplitude other than 1 is written as version 2, so that a reader that knows only
+# version 1 (and would feed channels of value 1) refuses the model instead of feeding it the wrong scale.
+AMPLITUDE_VERSION = 2
 CLICK_SHAPES = ("disk", "gaussian")
 
 
@@ -48,12 +55,14 @@ class Click:
 @dataclass(frozen=True)
 class PromptEncoding:
     """How prompts become channels: ``num_classes`` K (background included), ``radius_mm`` and ``shape``
-    (disk or gaussian) of a click, ``previous`` whether the previous segmentation is a channel group."""
+    (disk or gaussian) of a click, ``previous`` whether the previous segmentation is a channel group,
+    ``amplitude`` the value every channel is scaled by (see the module's text)."""
 
     num_classes: int
     radius_mm: float = 2.0
     shape: str = "disk"
     previous: bool = True
+    amplitude: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
@@ -64,6 +73,10 @@ class PromptEncoding:
             raise PromptEncodingError(f"prompts: radius_mm must be a positive number, got {self.radius_mm!r}")
         if self.shape not in CLICK_SHAPES:
             raise PromptEncodingError(f"prompts: shape must be one of {CLICK_SHAPES}, got {self.shape!r}")
+        if not (
+            isinstance(self.amplitude, (int, float)) and math.isfinite(self.amplitude) and self.amplitude > 0
+        ):
+            raise PromptEncodingError(f"prompts: amplitude must be a positive number, got {self.amplitude!r}")
 
     @property
     def channel_names(self) -> list[str]:
@@ -82,13 +95,14 @@ class PromptEncoding:
     def to_dict(self) -> dict[str, Any]:
         """The spec's ``prompts`` entry (JSON): the encoding, the input's name and its channels in order."""
         return {
-            "version": ENCODING_VERSION,
+            "version": ENCODING_VERSION if self.amplitude == 1.0 else AMPLITUDE_VERSION,
             "input": PROMPTS_INPUT,
             "channels": self.channel_names,
             "num_classes": self.num_classes,
             "radius_mm": float(self.radius_mm),
             "shape": self.shape,
             "previous": "onehot" if self.previous else None,
+            "amplitude": float(self.amplitude),
         }
 
     @classmethod
@@ -97,9 +111,10 @@ class PromptEncoding:
         if not isinstance(data, dict):
             raise PromptEncodingError(f"prompts must be an object, got {type(data).__name__}")
         version = data.get("version")
-        if version != ENCODING_VERSION:
+        if version not in (ENCODING_VERSION, AMPLITUDE_VERSION):
             raise PromptEncodingError(
-                f"prompts.version {version!r}: this napari-medcl reads version {ENCODING_VERSION}"
+                f"prompts.version {version!r}: this napari-medcl reads versions {ENCODING_VERSION} and "
+                f"{AMPLITUDE_VERSION}"
             )
         if data.get("previous") not in ("onehot", None):
             raise PromptEncodingError(
@@ -111,6 +126,7 @@ class PromptEncoding:
                 radius_mm=data["radius_mm"],
                 shape=data["shape"],
                 previous=data.get("previous") == "onehot",
+                amplitude=data.get("amplitude", 1.0),  # absent from the files of the first prompt models
             )
         except KeyError as error:
             raise PromptEncodingError(f"prompts lacks {error.args[0]!r}") from None
@@ -149,6 +165,8 @@ class PromptEncoding:
             first = 2 * (self.num_classes - 1)
             for k in range(1, self.num_classes):
                 out[first + k - 1] = previous == k
+        if self.amplitude != 1.0:
+            out *= np.float32(self.amplitude)
         return out
 
     def _click_channels(self, click: Click) -> list[int]:

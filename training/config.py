@@ -98,6 +98,8 @@ class PromptsConfig:
     from the ground truth: a positive click on the true class, or with ``negative_click_prob`` a negative
     click on the wrongly predicted foreground class) and taking the prediction as the previous segmentation;
     then the training pass with gradients sees every click so far. Randomness from the run's generator.
+    ``amplitude`` scales every prompt channel (``napari_medcl.prompt_channels``: with a larger one the new input
+    weights, which start at zero, reach the prompts in fewer steps); the spec records it.
     """
 
     enabled: bool = False
@@ -107,12 +109,15 @@ class PromptsConfig:
     max_rounds: int = 3
     no_prompt_fraction: float = 0.25
     negative_click_prob: float = 0.2
+    amplitude: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds!r}")
         if not self.click_radius_mm > 0:
             raise ValueError(f"click_radius_mm must be > 0, got {self.click_radius_mm!r}")
+        if not (self.amplitude > 0 and math.isfinite(self.amplitude)):
+            raise ValueError(f"amplitude must be a finite number > 0, got {self.amplitude!r}")
         for name in ("no_prompt_fraction", "negative_click_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")

@@ -29,6 +29,7 @@ def prompt_encoding(settings, num_classes: int) -> PromptEncoding | None:
         radius_mm=float(settings.click_radius_mm),
         shape=settings.click_shape,
         previous=settings.previous_segmentation,
+        amplitude=float(settings.amplitude),
     )
 
 

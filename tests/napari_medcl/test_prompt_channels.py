@@ -102,3 +102,20 @@ def test_a_malformed_prompts_entry_is_a_spec_error():
         spec({**good, "version": 99})
     with pytest.raises(SpecError, match="for 2 classes, the model has 3"):
         spec(PromptEncoding(num_classes=2).to_dict())
+
+
+def test_the_amplitude_scales_every_channel_and_a_first_reader_refuses_it():
+    previous = np.zeros(SHAPE, dtype=np.uint8)
+    previous[:2] = 2
+    clicks = [Click(1, True, (4, 5, 6)), Click(2, False, (6, 6, 6))]
+    plain = PromptEncoding(num_classes=3).encode(clicks, previous, SHAPE, (1.0, 1.0, 1.0))
+    loud = PromptEncoding(num_classes=3, amplitude=10.0)
+    assert np.array_equal(loud.encode(clicks, previous, SHAPE, (1.0, 1.0, 1.0)), 10.0 * plain)
+    # written as version 2 (a reader of version 1 would feed channels of value 1), read back whole
+    assert loud.to_dict()["version"] == 2 and PromptEncoding(num_classes=3).to_dict()["version"] == 1
+    assert spec(loud.to_dict()).prompt_encoding == loud
+    # the first prompt models' files have no amplitude: 1
+    first = {k: v for k, v in PromptEncoding(num_classes=3).to_dict().items() if k != "amplitude"}
+    assert spec(first).prompt_encoding.amplitude == 1.0
+    with pytest.raises(SpecError, match="amplitude must be a positive number"):
+        spec({**loud.to_dict(), "amplitude": 0})
