@@ -20,7 +20,9 @@ reported on.
 ``--error-map consensus`` stores the intensity consensus instead (``ErrorModel.consensus``: the network's odds
 that a label is wrong times those of a local intensity model of the scan, nothing fitted); any ``--error-case``
 then only measures it, and the model that predicts a case may be the calibrated model itself. Without
-``--error-case`` it is stored without figures.
+``--error-case`` it is stored without figures. ``--intensity-weight W`` raises the intensity model's odds to
+the power W (default 1): below 1 it trusts the scan's intensities less, which helps where a scanner shift makes
+them agree with the network's mistakes; choose W on training cases (``scripts/consensus_sigma.py --weights``).
 
 Without DATASET the model's own training-data profile is kept and only the error map is written: how a
 fine-tuned model's carried consensus is measured on the corrected cases it did not train on
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -141,13 +144,15 @@ def calibrate(
     error_cases: Sequence[Any] = (),
     error_voxels: int | None = None,
     error_map: str = "fit",
+    intensity_weight: float = 1.0,
     features: bool = False,
     progress: Any = None,
 ) -> CalibrationResult:
     """Write ``output``: ``model`` (an .onnx file or a bundled model name) with the training-data profile of
     the chosen cases of ``dataset`` in its spec, and with ``error_cases`` (``export.error_fit.ErrorCase``) its
     calibrated error map fitted on them (``error_voxels`` sampled per case; ``progress`` receives a line per
-    step); with ``error_map="consensus"`` the intensity consensus map, measured on ``error_cases`` if any.
+    step); with ``error_map="consensus"`` the intensity consensus map (its intensity model's log-odds times
+    ``intensity_weight``), measured on ``error_cases`` if any.
     With ``features`` the graph gains the window-features output (``export.feature_output``; a graph
     that has it keeps it) and the spec their statistics on the chosen cases, which the verdict's ``features``
     check compares each scan with. Raises ModelError (unusable model), DatasetError (unusable
@@ -191,6 +196,8 @@ def calibrate(
         new_spec = dataclasses.replace(spec, training_profile=profile)
     if error_map not in ("fit", "consensus"):
         raise ValueError(f"error_map must be 'fit' or 'consensus', got {error_map!r}")
+    if intensity_weight != 1.0 and error_map != "consensus":
+        raise ValueError("an intensity weight applies to --error-map consensus only")
     if error_cases or error_map == "consensus":
         from export.error_fit import (
             DEFAULT_VOXELS_PER_CASE,
@@ -209,14 +216,18 @@ def calibrate(
                 progress=progress or (lambda _: None),
                 names=CONSENSUS_FEATURES if error_map == "consensus" else None,
             )
-            measure = measure_consensus if error_map == "consensus" else fit_error_model
-            error_model = measure(names, samples, list(error_cases))
+            if error_map == "consensus":
+                error_model = measure_consensus(names, samples, list(error_cases), intensity_weight)
+            else:
+                error_model = fit_error_model(names, samples, list(error_cases))
         else:
-            error_model = ErrorModel.consensus()
+            error_model = ErrorModel.consensus(intensity_weight=intensity_weight)
         before = spec.error_map_model
         start = before.figures.get("start_model") if before is not None and before.is_consensus else None
         if error_model.is_consensus and start is not None:  # still the map it started from: say so
-            error_model = ErrorModel.consensus({**error_model.figures, "start_model": start})
+            error_model = dataclasses.replace(
+                error_model, figures={**error_model.figures, "start_model": start}
+            )
         new_spec = dataclasses.replace(new_spec, error_model=error_model.to_dict())
 
     proto = onnx.load_model_from_string(data)
@@ -329,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--error-case cases (which the calibrated model itself may predict)",
     )
     parser.add_argument(
+        "--intensity-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="with --error-map consensus: raise the intensity model's odds to the power W (default 1; below 1 "
+        "trusts the scan's intensities less; choose W on training cases, never on cases you report on)",
+    )
+    parser.add_argument(
         "--features",
         action="store_true",
         help="also measure the network's own window features (its bottleneck, averaged over each window) on "
@@ -349,6 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.error_voxels is not None and args.error_voxels < 100:
         parser.error(f"--error-voxels must be at least 100, got {args.error_voxels}")
+    if args.intensity_weight != 1.0 and args.error_map != "consensus":
+        parser.error("--intensity-weight applies to --error-map consensus only")
+    if not (math.isfinite(args.intensity_weight) and args.intensity_weight > 0):
+        parser.error(f"--intensity-weight must be a positive number, got {args.intensity_weight:g}")
     if args.dataset is None and (
         problem := without_dataset_problem(
             args.cases, args.fold, args.features, args.error_case, args.error_map
@@ -372,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             error_cases=[parse_error_case(values) for values in args.error_case],
             error_voxels=args.error_voxels,
             error_map=args.error_map,
+            intensity_weight=args.intensity_weight,
             features=args.features,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )

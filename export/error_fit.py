@@ -234,22 +234,26 @@ def _figures(
     }
 
 
-def measure_consensus(names: Sequence[str], samples: ErrorSamples, cases: Sequence[ErrorCase]) -> Any:
-    """The intensity consensus ErrorModel with the figures measured on ``samples`` (collected with
-    ``names`` = ``CONSENSUS_FEATURES``)."""
+def measure_consensus(
+    names: Sequence[str], samples: ErrorSamples, cases: Sequence[ErrorCase], intensity_weight: float = 1.0
+) -> Any:
+    """The intensity consensus ErrorModel (its intensity model's log-odds times ``intensity_weight``) with
+    the figures measured on ``samples`` (collected with ``names`` = ``CONSENSUS_FEATURES``)."""
     from napari_medcl.error_model import CONSENSUS_FEATURES, ErrorModel
 
     if tuple(names) != CONSENSUS_FEATURES:
         raise ValueError(f"the consensus is measured on {CONSENSUS_FEATURES}, got {tuple(names)}")
     _check_both_kinds(samples.wrong)
-    consensus = ErrorModel.consensus()
+    consensus = ErrorModel.consensus(intensity_weight=intensity_weight)
     probability = _probability(samples.features, np.asarray(consensus.coefficients), consensus.intercept)
     fit = "none: the network's odds of error times the local intensity model's"
+    if intensity_weight != 1.0:
+        fit += f" raised to {intensity_weight:g}"
     figures = _figures(names, samples, cases, probability, fit)
     # the map it replaces as the default, 1 - p(label), measured on the same voxels
     network = _probability(samples.features[:, :1], np.ones(1), 0.0)
     figures["ece_network_alone"] = round(expected_calibration_error(network, samples.wrong), 4)
-    return ErrorModel.consensus(figures)
+    return ErrorModel.consensus(figures, intensity_weight)
 
 
 def fit_error_model(names: Sequence[str], samples: ErrorSamples, cases: Sequence[ErrorCase]) -> Any:

@@ -55,7 +55,8 @@ BASE_FEATURES: dict[str, str] = {
 }
 # Features computed from the image itself, not only from the prediction.
 IMAGE_FEATURES = frozenset({"intensity_error_logit"})
-# The consensus map: log-odds of error = the network's + the local intensity model's, nothing fitted.
+# The consensus map: log-odds of error = the network's + the local intensity model's (times its weight), nothing
+# fitted.
 CONSENSUS_FEATURES = ("top_error_logit", "intensity_error_logit")
 
 
@@ -198,13 +199,18 @@ class ErrorModel:
             raise ErrorModelError(f"error_model.figures must hold plain JSON values ({error})") from None
 
     @classmethod
-    def consensus(cls, figures: Mapping[str, Any] | None = None) -> ErrorModel:
+    def consensus(cls, figures: Mapping[str, Any] | None = None, intensity_weight: float = 1.0) -> ErrorModel:
         """The intensity consensus: P(wrong) from the network's odds that the label is wrong times the local
-        intensity model's (``napari_medcl.intensity_model``), as two independent experts would combine;
-        nothing is fitted, so it needs no out-of-fold cases. ``figures``: what it was measured at."""
+        intensity model's (``napari_medcl.intensity_model``) raised to ``intensity_weight``; at 1, as two
+        independent experts would combine. Below 1 it tempers the intensity expert, which a scanner shift
+        makes agree with the network's own mistakes. Nothing is fitted from voxels, so it needs no
+        out-of-fold cases. ``figures``: what it was measured at."""
+        weight = float(intensity_weight)
+        if not (math.isfinite(weight) and weight > 0):
+            raise ErrorModelError(f"the intensity weight must be a positive number, got {intensity_weight!r}")
         return cls(
             features=CONSENSUS_FEATURES,
-            coefficients=(1.0, 1.0),
+            coefficients=(1.0, weight),
             intercept=0.0,
             figures=dict(figures or {}),
         )
@@ -212,8 +218,18 @@ class ErrorModel:
     @property
     def is_consensus(self) -> bool:
         return (
-            self.features == CONSENSUS_FEATURES and self.coefficients == (1.0, 1.0) and self.intercept == 0.0
+            self.features == CONSENSUS_FEATURES
+            and self.coefficients[0] == 1.0
+            and self.coefficients[1] > 0
+            and self.intercept == 0.0
         )
+
+    @property
+    def intensity_weight(self) -> float:
+        """The weight of the intensity model's log-odds in a consensus (1 for the plain consensus)."""
+        if not self.is_consensus:
+            raise ErrorModelError("only an intensity consensus has an intensity weight")
+        return self.coefficients[1]
 
     @property
     def needs_image(self) -> bool:
@@ -311,7 +327,9 @@ class ErrorModel:
         count = len(fig.get("cases", []))
         measured = isinstance(auroc, (int, float)) and isinstance(ece, (int, float))
         if self.is_consensus:
-            what = "intensity consensus error map (network x local intensity model, nothing fitted)"
+            weight = self.intensity_weight
+            expert = "local intensity model" if weight == 1.0 else f"local intensity model^{weight:g}"
+            what = f"intensity consensus error map (network x {expert}, nothing fitted)"
             start = fig.get("start_model")
             if not measured and isinstance(start, Mapping):
                 there = (

@@ -334,7 +334,7 @@ def measure_command(plan: FineTunePlan, model: Path, python: str | None = None) 
     if error_model is None or not error_model.is_consensus:
         return None
     command = [python or sys.executable, "-m", "export.calibrate", str(model), "-o", str(model)]
-    command += ["--error-map", "consensus"]
+    command += ["--error-map", "consensus", "--intensity-weight", repr(error_model.intensity_weight)]
     for case in plan.val_cases:
         command += ["--error-case", str(model), str(plan.corrections), case]
     return command

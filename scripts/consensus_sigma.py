@@ -1,12 +1,15 @@
 """How wide the intensity consensus's neighbourhood should be, chosen on training blocks only.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/consensus_sigma.py [--model brain-tissue-3d] [--sigmas 2 4 8 12]
+    PYTHONPATH=$PWD .venv/bin/python scripts/consensus_sigma.py [--model brain-tissue-3d] [--sigmas 2 4 8 12] \
+        [--weights 1]
 
 The bundled model predicts its four training blocks of mni152-tissue (fold 0: blocks 0-3; block 4, on which
 docs/uncertainty.md reports, is never read) clean and with the moderate and strong intensity shifts of
 ``scripts/error_map_recipe.py`` (seeds 2000 + block), and each case is scored: AUROC of "label is wrong" over
 the non-zero voxels, for 1 - p(label) and for the consensus (``ErrorModel.consensus``) at each neighbourhood
-width ``sigma_mm`` of ``napari_medcl.intensity_model``. Prints one row per case and the mean over the twelve.
+width ``sigma_mm`` of ``napari_medcl.intensity_model`` and each weight of the intensity model's log-odds
+(1: the consensus as shipped; 0: the network alone). Prints one row per case, the mean over the twelve and the
+AUROC of the twelve pooled (the figure ``medcl-calibrate`` reports).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ sys.path.insert(0, str(ROOT))
 from tests.benchmark_modules import benchmark_module  # noqa: E402  (the benchmarks' perturbations)
 
 
-def consensus_at(sigma_mm: float, image: np.ndarray, labels, top_error, eligible, spacing) -> np.ndarray:
+def consensus_at(
+    sigma_mm: float, weight: float, image: np.ndarray, labels, top_error, eligible, spacing
+) -> np.ndarray:
     from napari_medcl.intensity_model import label_probability
 
     right = np.clip(label_probability(image, labels, spacing, eligible, sigma_mm=sigma_mm), 1e-4, 1 - 1e-4)
     network = np.clip(top_error, 1e-4, 1 - 1e-4)
-    odds = network / (1 - network) * (1 - right) / right
+    odds = network / (1 - network) * ((1 - right) / right) ** weight
     return odds / (1 + odds)
 
 
@@ -38,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="brain-tissue-3d")
     parser.add_argument("--data", type=Path, default=ROOT / "data/mni152-tissue")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[2.0, 4.0, 8.0, 12.0])
+    parser.add_argument("--weights", type=float, nargs="+", default=[1.0], help="of the intensity log-odds")
     args = parser.parse_args(argv)
     from sklearn.metrics import roc_auc_score
 
@@ -46,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     from napari_medcl.onnx_session import load_model
 
     session = load_model(args.model, device="cpu")
-    columns = ["1 - p(label)", *(f"consensus {s:g} mm" for s in args.sigmas)]
+    settings = [(s, w) for s in args.sigmas for w in args.weights]
+    columns = ["1 - p(label)", *(f"{s:g} mm x {w:g}" for s, w in settings)]
     print(f"{'case':22s} " + " ".join(f"{c:>16s}" for c in columns))
-    rows = []
+    rows, pooled_wrong, pooled_scores = [], [], []
     with benchmark_module("accuracy") as accuracy, benchmark_module("uncertainty") as uncertainty:
         for block in range(4):
             clean = read_image(args.data / "imagesTr" / f"mni152_block{block}_0000.nii.gz")
@@ -67,15 +74,20 @@ def main(argv: list[str] | None = None) -> int:
                 eligible = image.array != 0
                 wrong = (labels != truth)[eligible]
                 scores = [top] + [
-                    consensus_at(s, image.array[None], labels, top, eligible, image.spacing)
-                    for s in args.sigmas
+                    consensus_at(s, w, image.array[None], labels, top, eligible, image.spacing)
+                    for s, w in settings
                 ]
                 row = [roc_auc_score(wrong, score[eligible]) for score in scores]
                 rows.append(row)
+                pooled_wrong.append(wrong)
+                pooled_scores.append([score[eligible] for score in scores])
                 name = f"block{block} {kind}"
                 print(f"{name:22s} " + " ".join(f"{v:16.3f}" for v in row), flush=True)
     mean = np.mean(rows, axis=0)
     print(f"{'mean of ' + str(len(rows)):22s} " + " ".join(f"{v:16.3f}" for v in mean))
+    wrong = np.concatenate(pooled_wrong)
+    pooled = [roc_auc_score(wrong, np.concatenate(column)) for column in zip(*pooled_scores, strict=True)]
+    print(f"{'pooled ' + str(len(rows)):22s} " + " ".join(f"{v:16.3f}" for v in pooled))
     return 0
 
 

@@ -228,14 +228,14 @@ def test_without_a_dataset_calibrate_keeps_the_profile_and_measures_a_carried_co
     assert calibrate_main([str(model), str(data), "-o", str(profiled), "--cases", "case_000"]) == 0
     proto = onnx.load(str(profiled))
     entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
-    carried = ErrorModel.consensus({"start_model": {"name": "base", "auroc": 0.9, "ece": 0.05}})
+    carried = ErrorModel.consensus({"start_model": {"name": "base", "auroc": 0.9, "ece": 0.05}}, 0.5)
     entry.value = json.dumps({**json.loads(entry.value), "error_model": carried.to_dict()})
     onnx.save(proto, str(profiled))
     capsys.readouterr()
 
     out = tmp_path / "measured.onnx"
     argv = [str(profiled), "-o", str(out), "--error-map", "consensus", "--error-voxels", "500"]
-    argv += ["--error-case", str(profiled), str(data), "case_003"]
+    argv += ["--intensity-weight", "0.5", "--error-case", str(profiled), str(data), "case_003"]
     assert calibrate_main(argv) == 0
     printed = capsys.readouterr().out
     assert "(kept as it was)" in printed and "cases:" not in printed
@@ -244,10 +244,20 @@ def test_without_a_dataset_calibrate_keeps_the_profile_and_measures_a_carried_co
     assert after.training_profile == before.training_profile
     figures = after.error_map_model.figures
     assert after.error_map_model.is_consensus and isinstance(figures["auroc"], float)
+    assert after.error_map_model.intensity_weight == 0.5
     assert figures["start_model"] == {"name": "base", "auroc": 0.9, "ece": 0.05}
+    assert figures["fit"].endswith("raised to 0.5")
     assert after.error_map_model.summary().startswith(
-        "intensity consensus error map (network x local intensity model, nothing fitted): AUROC "
+        "intensity consensus error map (network x local intensity model^0.5, nothing fitted): AUROC "
     )
+    # a weight is refused where it means nothing, or is not a positive number; nothing is written
+    for extra in (["--error-case", str(profiled), str(data), "case_003"], ["--error-map", "consensus"]):
+        for weight in ("0.5", "0") if extra[0] == "--error-case" else ("0", "-1", "nan"):
+            with pytest.raises(SystemExit):
+                calibrate_main(
+                    [str(profiled), "-o", str(tmp_path / "no.onnx"), *extra, "--intensity-weight", weight]
+                )
+            assert "--intensity-weight" in capsys.readouterr().err and not (tmp_path / "no.onnx").exists()
     # what needs a dataset says so, and nothing is written
     for extra in (["--fold", "0"], []):
         with pytest.raises(SystemExit):

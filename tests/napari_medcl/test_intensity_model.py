@@ -89,6 +89,42 @@ def test_consensus_multiplies_the_two_odds_and_needs_the_image():
     assert again.is_consensus and "intensity consensus" in again.summary()
 
 
+def test_a_weighted_consensus_raises_the_intensity_odds_to_its_weight():
+    image, truth = two_tissues()
+    labels = truth.copy()
+    labels[:, 10:14, 24:28] = 1
+    top = np.full(labels.shape, 0.2, np.float32)
+    tempered = ErrorModel.consensus(intensity_weight=0.25)
+    assert tempered.is_consensus and tempered.intensity_weight == 0.25
+    got = tempered.apply(labels, top, top, {}, (1.0, 1.0, 1.0), image=image[None])
+    p = np.clip(label_probability(image[None], labels, (1.0, 1.0, 1.0)), 1e-4, 1 - 1e-4)
+    odds = (0.2 / 0.8) * ((1 - p) / p) ** 0.25
+    np.testing.assert_allclose(got, odds / (1 + odds), rtol=1e-4, atol=1e-6)
+    plain = ErrorModel.consensus().apply(labels, top, top, {}, (1.0, 1.0, 1.0), image=image[None])
+    wrong = np.zeros(labels.shape, bool)
+    wrong[:, 10:14, 24:28] = True
+    # the intensities still raise the mislabelled patch above the network's 0.2 and lower the rest, by less
+    # than the full intensity expert does
+    assert (
+        np.median(plain[wrong])
+        > np.median(got[wrong])
+        > 0.2
+        > np.median(got[~wrong])
+        > np.median(plain[~wrong])
+    )
+    again = ErrorModel.from_dict(tempered.to_dict())
+    assert again.is_consensus and again.intensity_weight == 0.25
+    assert "network x local intensity model^0.25, nothing fitted" in again.summary()
+    assert "network x local intensity model, nothing fitted" in ErrorModel.consensus().summary()
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ErrorModelError, match="intensity weight must be a positive number"):
+            ErrorModel.consensus(intensity_weight=bad)
+    fitted = ErrorModel(features=CONSENSUS_FEATURES, coefficients=(0.8, 1.0), intercept=0.1)
+    assert not fitted.is_consensus
+    with pytest.raises(ErrorModelError, match="only an intensity consensus"):
+        _ = fitted.intensity_weight
+
+
 def test_calibrate_stores_the_consensus_measures_it_and_predictions_use_the_image(tmp_path, capsys):
     spec = make_spec(normalization={"kind": "zscore", "use_nonzero_mask": True}, maps=("decoder1",))
     model = save(pointwise_model(spec=spec, k=3.0), tmp_path / "model.onnx")

@@ -214,13 +214,15 @@ def test_the_intensity_consensus_is_carried_with_its_figures_kept_as_the_start_m
     from napari_medcl.spec import ModelSpec
 
     base, three, _, checkpoint = trained
-    consensus = ErrorModel.consensus({"auroc": 0.9, "ece": 0.04, "cases": ["a"]}).to_dict()
+    consensus = ErrorModel.consensus(
+        {"auroc": 0.9, "ece": 0.04, "cases": ["a"]}, intensity_weight=0.5
+    ).to_dict()
     start = _with_error_model(checkpoint, tmp_path / "start.pt", consensus)
     out = tmp_path / "tuned"
     assert train(three, out, *FROZEN, init_from=str(start)) == 0
     spec = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)["spec"]
     carried = ModelSpec.from_dict(spec).error_map_model
-    assert carried.is_consensus
+    assert carried.is_consensus and carried.intensity_weight == 0.5
     assert carried.figures == {"start_model": {"name": "start-model", "auroc": 0.9, "ece": 0.04}}
     assert carried.summary().endswith(
         "not measured on this model; carried from start-model (there AUROC 0.900, ECE 0.040)"
