@@ -1,6 +1,6 @@
 """How well the per-case verdict separates training-like scans from scans a model should not be trusted on.
 
-    .venv/bin/python benchmarks/verdict.py [--model brain-tissue-3d] [--root data/mni152-tissue]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/verdict.py [--model brain-tissue-3d] [--root data/mni152-tissue]
         [--pyradiomics DIR]
 
 In-distribution cases: the held-out block of fold 0 of mni152-tissue (the block the bundled models never saw)
