@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,12 @@ def test_two_process_gloo_run(tmp_path):
         first = done
         shutil.rmtree(out, ignore_errors=True)
         done = _torchrun(command)
+        # in pytest's warnings summary, so a crash that a second run hid is still seen
+        warnings.warn(
+            "a rank died of SIGABRT in gloo's native code; the second run "
+            + ("passed" if done.returncode == 0 else "failed too"),
+            stacklevel=1,
+        )
         assert done.returncode == 0, (
             "both runs failed; the first:\n" + _tail(first) + "\nthe second:\n" + _tail(done)
         )
