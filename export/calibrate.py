@@ -130,6 +130,15 @@ def without_dataset_problem(
     return None
 
 
+def intensity_weight_problem(intensity_weight: float, error_map: str) -> str | None:
+    """Why ``intensity_weight`` cannot be used as asked (one line), or None when it can."""
+    if not (math.isfinite(intensity_weight) and intensity_weight > 0):
+        return f"--intensity-weight must be a positive number, got {intensity_weight:g}"
+    if intensity_weight != 1.0 and error_map != "consensus":
+        return "--intensity-weight applies to --error-map consensus only"
+    return None
+
+
 def calibrate(
     model: str | Path,
     dataset: str | Path | None,
@@ -168,6 +177,10 @@ def calibrate(
     from training.data.layouts import DatasetError, discover
     from training.data.profile import MAX_PROFILE_CASES, dataset_profile
 
+    if error_map not in ("fit", "consensus"):
+        raise ValueError(f"error_map must be 'fit' or 'consensus', got {error_map!r}")
+    if problem := intensity_weight_problem(intensity_weight, error_map):
+        raise ValueError(problem)
     path, _ = _resolve(model, None)
     data = _read_bounded(path, 2 * 1024**3)
     spec = check_model_bytes(data, path)
@@ -194,10 +207,6 @@ def calibrate(
             source=f"{found.name}: {how}: {', '.join(c.case_id for c in chosen)}",
         )
         new_spec = dataclasses.replace(spec, training_profile=profile)
-    if error_map not in ("fit", "consensus"):
-        raise ValueError(f"error_map must be 'fit' or 'consensus', got {error_map!r}")
-    if intensity_weight != 1.0 and error_map != "consensus":
-        raise ValueError("an intensity weight applies to --error-map consensus only")
     if error_cases or error_map == "consensus":
         from export.error_fit import (
             DEFAULT_VOXELS_PER_CASE,
@@ -368,10 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.error_voxels is not None and args.error_voxels < 100:
         parser.error(f"--error-voxels must be at least 100, got {args.error_voxels}")
-    if args.intensity_weight != 1.0 and args.error_map != "consensus":
-        parser.error("--intensity-weight applies to --error-map consensus only")
-    if not (math.isfinite(args.intensity_weight) and args.intensity_weight > 0):
-        parser.error(f"--intensity-weight must be a positive number, got {args.intensity_weight:g}")
+    if problem := intensity_weight_problem(args.intensity_weight, args.error_map):
+        parser.error(problem)
     if args.dataset is None and (
         problem := without_dataset_problem(
             args.cases, args.fold, args.features, args.error_case, args.error_map
