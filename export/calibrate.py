@@ -23,6 +23,9 @@ then only measures it, and the model that predicts a case may be the calibrated 
 ``--error-case`` it is stored without figures. ``--intensity-weight W`` raises the intensity model's odds to
 the power W (default 1): below 1 it trusts the scan's intensities less, which helps where a scanner shift makes
 them agree with the network's mistakes; choose W on training cases (``scripts/consensus_sigma.py --weights``).
+``--verdict-weight LEVEL=W`` (repeatable) gives scans of that verdict level their own weight (0 leaves the
+intensity model out), e.g. the full weight on scans judged ``ok`` and a small one under ``caution``, where a
+shift is likely (``scripts/consensus_sigma.py --by-verdict``).
 
 Without DATASET the model's own training-data profile is kept and only the error map is written: how a
 fine-tuned model's carried consensus is measured on the corrected cases it did not train on
@@ -37,7 +40,7 @@ import dataclasses
 import hashlib
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,13 +133,34 @@ def without_dataset_problem(
     return None
 
 
-def intensity_weight_problem(intensity_weight: float, error_map: str) -> str | None:
-    """Why ``intensity_weight`` cannot be used as asked (one line), or None when it can."""
+def intensity_weight_problem(
+    intensity_weight: float, error_map: str, verdict_weights: Mapping[str, float] | None = None
+) -> str | None:
+    """Why ``intensity_weight`` and ``verdict_weights`` cannot be used as asked (one line), or None when they
+    can."""
+    from napari_medcl.error_model import verdict_weights_problem
+
     if not (math.isfinite(intensity_weight) and intensity_weight > 0):
         return f"--intensity-weight must be a positive number, got {intensity_weight:g}"
     if intensity_weight != 1.0 and error_map != "consensus":
         return "--intensity-weight applies to --error-map consensus only"
+    if verdict_weights:
+        if error_map != "consensus":
+            return "--verdict-weight applies to --error-map consensus only"
+        if problem := verdict_weights_problem(verdict_weights):
+            return f"--verdict-weight: {problem}"
     return None
+
+
+def parse_verdict_weight(text: str) -> tuple[str, float]:
+    """``LEVEL=W`` from the command line (argparse type)."""
+    level, sep, weight = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return level.strip(), float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LEVEL=W, e.g. caution=0.125, got {text!r}") from None
 
 
 def calibrate(
@@ -154,6 +178,7 @@ def calibrate(
     error_voxels: int | None = None,
     error_map: str = "fit",
     intensity_weight: float = 1.0,
+    verdict_weights: Mapping[str, float] | None = None,
     features: bool = False,
     progress: Any = None,
 ) -> CalibrationResult:
@@ -161,7 +186,8 @@ def calibrate(
     the chosen cases of ``dataset`` in its spec, and with ``error_cases`` (``export.error_fit.ErrorCase``) its
     calibrated error map fitted on them (``error_voxels`` sampled per case; ``progress`` receives a line per
     step); with ``error_map="consensus"`` the intensity consensus map (its intensity model's log-odds times
-    ``intensity_weight``), measured on ``error_cases`` if any.
+    ``intensity_weight``, or ``verdict_weights[level]`` on a scan of that verdict level), measured on
+    ``error_cases`` if any.
     With ``features`` the graph gains the window-features output (``export.feature_output``; a graph
     that has it keeps it) and the spec their statistics on the chosen cases, which the verdict's ``features``
     check compares each scan with. Raises ModelError (unusable model), DatasetError (unusable
@@ -179,7 +205,7 @@ def calibrate(
 
     if error_map not in ("fit", "consensus"):
         raise ValueError(f"error_map must be 'fit' or 'consensus', got {error_map!r}")
-    if problem := intensity_weight_problem(intensity_weight, error_map):
+    if problem := intensity_weight_problem(intensity_weight, error_map, verdict_weights):
         raise ValueError(problem)
     path, _ = _resolve(model, None)
     data = _read_bounded(path, 2 * 1024**3)
@@ -226,11 +252,15 @@ def calibrate(
                 names=CONSENSUS_FEATURES if error_map == "consensus" else None,
             )
             if error_map == "consensus":
-                error_model = measure_consensus(names, samples, list(error_cases), intensity_weight)
+                error_model = measure_consensus(
+                    names, samples, list(error_cases), intensity_weight, dict(verdict_weights or {})
+                )
             else:
                 error_model = fit_error_model(names, samples, list(error_cases))
         else:
-            error_model = ErrorModel.consensus(intensity_weight=intensity_weight)
+            error_model = ErrorModel.consensus(
+                intensity_weight=intensity_weight, verdict_weights=verdict_weights
+            )
         before = spec.error_map_model
         start = before.figures.get("start_model") if before is not None and before.is_consensus else None
         if error_model.is_consensus and start is not None:  # still the map it started from: say so
@@ -357,6 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
         "trusts the scan's intensities less; choose W on training cases, never on cases you report on)",
     )
     parser.add_argument(
+        "--verdict-weight",
+        type=parse_verdict_weight,
+        action="append",
+        default=[],
+        metavar="LEVEL=W",
+        help="with --error-map consensus: on a scan whose verdict is LEVEL (ok, caution or "
+        "out-of-distribution), weigh the intensity model by W instead (0 leaves it out); repeatable, e.g. "
+        "--verdict-weight caution=0.125 --verdict-weight out-of-distribution=0",
+    )
+    parser.add_argument(
         "--features",
         action="store_true",
         help="also measure the network's own window features (its bottleneck, averaged over each window) on "
@@ -377,7 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.error_voxels is not None and args.error_voxels < 100:
         parser.error(f"--error-voxels must be at least 100, got {args.error_voxels}")
-    if problem := intensity_weight_problem(args.intensity_weight, args.error_map):
+    verdict_weights = dict(args.verdict_weight)
+    if len(verdict_weights) != len(args.verdict_weight):
+        parser.error("--verdict-weight names a level twice")
+    if problem := intensity_weight_problem(args.intensity_weight, args.error_map, verdict_weights):
         parser.error(problem)
     if args.dataset is None and (
         problem := without_dataset_problem(
@@ -403,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             error_voxels=args.error_voxels,
             error_map=args.error_map,
             intensity_weight=args.intensity_weight,
+            verdict_weights=verdict_weights,
             features=args.features,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )

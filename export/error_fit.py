@@ -12,7 +12,8 @@ map's AUROC and expected calibration error (15 equal-width bins) in sample, and,
 models, the same for the map fitted without each fold model's cases and scored on them.
 
 ``measure_consensus`` takes the same samples for the intensity consensus map
-(``ErrorModel.consensus``), which has nothing to fit: it only records the figures measured on them.
+(``ErrorModel.consensus``), which has nothing to fit: it only records the figures measured on them, each
+case's voxels weighed as the product weighs them, by the verdict the predicting model gave that case.
 """
 
 from __future__ import annotations
@@ -59,12 +60,21 @@ def parse_error_case(values: Sequence[str]) -> ErrorCase:
 @dataclass
 class ErrorSamples:
     """Sampled voxels: ``features`` (N, F) float32, ``wrong`` (N,) bool, ``group`` (N,) int (the index of
-    the fold model that predicted them), with per-case counts for the report."""
+    the fold model that predicted them), ``verdict`` (N,) int8 (the index in ``napari_medcl.verdict.LEVELS``
+    of their case's verdict), with per-case counts for the report."""
 
     features: np.ndarray
     wrong: np.ndarray
     group: np.ndarray
     per_case: list[dict[str, Any]]
+    verdict: np.ndarray | None = None
+
+    def verdict_levels(self) -> np.ndarray:
+        """(N,) str: each sample's verdict level (``unknown`` when none was recorded)."""
+        from napari_medcl.verdict import LEVELS
+
+        codes = np.full(self.wrong.shape, LEVELS.index("unknown")) if self.verdict is None else self.verdict
+        return np.asarray(LEVELS)[codes]
 
 
 def _check_compatible(spec: Any, fold_spec: Any, model_name: str) -> None:
@@ -95,13 +105,14 @@ def collect_samples(
     from napari_medcl.error_model import eligible_voxels, feature_names, feature_planes
     from napari_medcl.onnx_session import open_session
     from napari_medcl.prediction import normalises_over_mask, predict
+    from napari_medcl.verdict import LEVELS
     from training.data.check import read_case
     from training.data.layouts import DatasetError, discover
 
     names = tuple(feature_names(spec.uncertainty_maps) if names is None else names)
     rng = np.random.default_rng(seed)
     groups = {model: i for i, model in enumerate(dict.fromkeys(c.model for c in cases))}
-    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     per_case = []
     layouts: dict[Path, Any] = {}
     sessions: dict[str, Any] = {}
@@ -146,13 +157,22 @@ def collect_samples(
         )
         for j, (_, plane) in enumerate(planes):
             columns[:, j] = plane[where][take]
-        blocks.append((columns, wrong[take], np.full(take.size, groups[case.model], dtype=np.int32)))
+        level = "unknown" if prediction.verdict is None else prediction.verdict.level
+        blocks.append(
+            (
+                columns,
+                wrong[take],
+                np.full(take.size, groups[case.model], dtype=np.int32),
+                np.full(take.size, LEVELS.index(level), dtype=np.int8),
+            )
+        )
         per_case.append(
             {
                 "case": case.label(),
                 "voxels": count,
                 "sampled": int(take.size),
                 "error_rate": round(float(wrong.mean()) if wrong.size else 0.0, 5),
+                "verdict": level,
             }
         )
         progress(f"[{number}/{len(cases)}] {case.label()}: {count} voxels, {wrong.mean():.2%} wrong")
@@ -162,6 +182,7 @@ def collect_samples(
         wrong=np.concatenate([b[1] for b in blocks]),
         group=np.concatenate([b[2] for b in blocks]),
         per_case=per_case,
+        verdict=np.concatenate([b[3] for b in blocks]),
     )
 
 
@@ -235,25 +256,37 @@ def _figures(
 
 
 def measure_consensus(
-    names: Sequence[str], samples: ErrorSamples, cases: Sequence[ErrorCase], intensity_weight: float = 1.0
+    names: Sequence[str],
+    samples: ErrorSamples,
+    cases: Sequence[ErrorCase],
+    intensity_weight: float = 1.0,
+    verdict_weights: dict[str, float] | None = None,
 ) -> Any:
-    """The intensity consensus ErrorModel (its intensity model's log-odds times ``intensity_weight``) with
-    the figures measured on ``samples`` (collected with ``names`` = ``CONSENSUS_FEATURES``)."""
+    """The intensity consensus ErrorModel (its intensity model's log-odds times ``intensity_weight``, or
+    ``verdict_weights``' weight on a case of that verdict) with the figures measured on ``samples``
+    (collected with ``names`` = ``CONSENSUS_FEATURES``)."""
     from napari_medcl.error_model import CONSENSUS_FEATURES, ErrorModel
 
     if tuple(names) != CONSENSUS_FEATURES:
         raise ValueError(f"the consensus is measured on {CONSENSUS_FEATURES}, got {tuple(names)}")
     _check_both_kinds(samples.wrong)
-    consensus = ErrorModel.consensus(intensity_weight=intensity_weight)
-    probability = _probability(samples.features, np.asarray(consensus.coefficients), consensus.intercept)
+    consensus = ErrorModel.consensus(intensity_weight=intensity_weight, verdict_weights=verdict_weights)
+    levels = samples.verdict_levels()
+    probability = np.empty(samples.wrong.shape, dtype=np.float64)
+    for level in np.unique(levels):
+        at = levels == level
+        coefficients = np.asarray(consensus.coefficients_for(str(level)))
+        probability[at] = _probability(samples.features[at], coefficients, consensus.intercept)
     fit = "none: the network's odds of error times the local intensity model's"
-    if intensity_weight != 1.0:
+    if consensus.verdict_weights:
+        fit += f" ({consensus.verdict_weights_text()})"
+    elif intensity_weight != 1.0:
         fit += f" raised to {intensity_weight:g}"
     figures = _figures(names, samples, cases, probability, fit)
     # the map it replaces as the default, 1 - p(label), measured on the same voxels
     network = _probability(samples.features[:, :1], np.ones(1), 0.0)
     figures["ece_network_alone"] = round(expected_calibration_error(network, samples.wrong), 4)
-    return ErrorModel.consensus(figures, intensity_weight)
+    return consensus.with_figures(figures)
 
 
 def fit_error_model(names: Sequence[str], samples: ErrorSamples, cases: Sequence[ErrorCase]) -> Any:

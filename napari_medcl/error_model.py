@@ -10,7 +10,10 @@ trained on (fold models' held-out cases), and travels in the model's spec (``Mod
 figures measured on those cases. Applying it needs numpy and scipy only: ``predict`` adds the map to every
 Prediction of such a model as ``Prediction.error_likelihood``. ``ErrorModel.consensus`` is the same logistic form
 with nothing fitted: the network's log-odds of error plus those of a local intensity model of the scan
-(``napari_medcl.intensity_model``), which makes it the one error map that reads the image itself.
+(``napari_medcl.intensity_model``), which makes it the one error map that reads the image itself. How much
+the intensity model counts can depend on the scan's verdict (``napari_medcl.verdict``): a scanner shift that
+makes a scan less like the training images fools the intensity model in the same places as the network, so a
+consensus may temper it, or leave it out, on scans judged ``caution`` or ``out-of-distribution``.
 
 Memory: the linear predictor is summed one feature plane at a time, so the map costs a few float32 planes on
 the prediction's grid whatever the number of features.
@@ -18,6 +21,7 @@ the prediction's grid whatever the number of features.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,6 +33,7 @@ import numpy as np
 __all__ = [
     "BASE_FEATURES",
     "VERSION",
+    "WEIGHTED_LEVELS",
     "ErrorModel",
     "ErrorModelError",
     "eligible_voxels",
@@ -36,7 +41,12 @@ __all__ = [
     "feature_planes",
 ]
 
-VERSION = 1
+# The newest format this module reads. Version 2 added the intensity weight per verdict level; a file
+# without one is still written as version 1, so that older readers keep reading it.
+VERSION = 2
+# Verdict levels a consensus may weigh its intensity model by (``napari_medcl.verdict.LEVELS`` but
+# ``unknown``, which keeps the base weight: without a training-data profile nothing was judged).
+WEIGHTED_LEVELS = ("ok", "caution", "out-of-distribution")
 MAP_PREFIX = "map:"
 # Natural-log odds are clipped here: a probability of error closer to 0 or 1 than 1e-4 says nothing more.
 _LOGIT_FLOOR = 1e-4
@@ -62,6 +72,16 @@ CONSENSUS_FEATURES = ("top_error_logit", "intensity_error_logit")
 
 class ErrorModelError(ValueError):
     """An error model that cannot be read or applied (named in the message)."""
+
+
+def verdict_weights_problem(weights: Mapping[str, float]) -> str | None:
+    """Why ``weights`` (verdict level -> intensity weight) cannot weigh a consensus (one line), or None."""
+    for level, weight in weights.items():
+        if level not in WEIGHTED_LEVELS:
+            return f"unknown verdict level {level!r} (one of {', '.join(WEIGHTED_LEVELS)})"
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            return f"the intensity weight on {level} must be a number >= 0, got {weight!r}"
+    return None
 
 
 def feature_names(uncertainty_maps: Sequence[str]) -> tuple[str, ...]:
@@ -166,15 +186,34 @@ class ErrorModel:
     ``features``: names from ``feature_names``; ``coefficients``: one per feature, on the raw features (any
     standardisation of the fit is folded in); ``figures``: what was measured on the out-of-fold cases it
     was fitted on (each signal's AUROC, the map's own AUROC and calibration error, the cases), kept as
-    plain JSON; ``version``: the format (a newer one than this module reads is refused when applied)."""
+    plain JSON; ``verdict_weights``: for a consensus only, the intensity model's weight on scans of the named
+    verdict levels (``WEIGHTED_LEVELS``; 0 leaves it out), in place of its coefficient, which stays the
+    weight on the other levels; ``version``: the format (a newer one than this module reads is refused when
+    applied; None: the oldest that holds this model)."""
 
     features: tuple[str, ...]
     coefficients: tuple[float, ...]
     intercept: float
     figures: dict[str, Any] = field(default_factory=dict)
-    version: int = VERSION
+    verdict_weights: Mapping[str, float] = field(default_factory=dict)
+    version: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.verdict_weights, Mapping):
+            raise ErrorModelError(
+                "error_model.intensity_weight_by_verdict must be an object, got "
+                f"{type(self.verdict_weights).__name__}"
+            )
+        try:
+            weights = {str(level): float(w) for level, w in self.verdict_weights.items()}
+        except (TypeError, ValueError):
+            raise ErrorModelError(
+                "error_model.intensity_weight_by_verdict must map levels to numbers, got "
+                f"{dict(self.verdict_weights)!r}"
+            ) from None
+        object.__setattr__(self, "verdict_weights", weights)
+        if self.version is None:
+            object.__setattr__(self, "version", 2 if weights else 1)
         object.__setattr__(self, "features", tuple(str(f) for f in self.features))
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
         object.__setattr__(self, "intercept", float(self.intercept))
@@ -197,14 +236,30 @@ class ErrorModel:
             json.dumps(self.figures, allow_nan=False)
         except (TypeError, ValueError) as error:
             raise ErrorModelError(f"error_model.figures must hold plain JSON values ({error})") from None
+        if weights:
+            if self.features != CONSENSUS_FEATURES:
+                raise ErrorModelError("only an intensity consensus can weigh its intensity model by verdict")
+            if problem := verdict_weights_problem(weights):
+                raise ErrorModelError(f"error_model.intensity_weight_by_verdict: {problem}")
+            if self.version < 2:
+                raise ErrorModelError(
+                    f"error_model version {self.version} has no intensity weight by verdict (version 2 has)"
+                )
 
     @classmethod
-    def consensus(cls, figures: Mapping[str, Any] | None = None, intensity_weight: float = 1.0) -> ErrorModel:
+    def consensus(
+        cls,
+        figures: Mapping[str, Any] | None = None,
+        intensity_weight: float = 1.0,
+        verdict_weights: Mapping[str, float] | None = None,
+    ) -> ErrorModel:
         """The intensity consensus: P(wrong) from the network's odds that the label is wrong times the local
         intensity model's (``napari_medcl.intensity_model``) raised to ``intensity_weight``; at 1, as two
         independent experts would combine. Below 1 it tempers the intensity expert, which a scanner shift
-        makes agree with the network's own mistakes. Nothing is fitted from voxels, so it needs no
-        out-of-fold cases. ``figures``: what it was measured at."""
+        makes agree with the network's own mistakes. ``verdict_weights``: another weight on scans of the
+        named verdict levels (e.g. ``{"caution": 0.125, "out-of-distribution": 0}``), where such a shift is
+        likely. Nothing is fitted from voxels, so it needs no out-of-fold cases. ``figures``: what it was
+        measured at."""
         weight = float(intensity_weight)
         if not (math.isfinite(weight) and weight > 0):
             raise ErrorModelError(f"the intensity weight must be a positive number, got {intensity_weight!r}")
@@ -213,7 +268,12 @@ class ErrorModel:
             coefficients=(1.0, weight),
             intercept=0.0,
             figures=dict(figures or {}),
+            verdict_weights=dict(verdict_weights or {}),
         )
+
+    def with_figures(self, figures: Mapping[str, Any]) -> ErrorModel:
+        """The same map with other figures."""
+        return dataclasses.replace(self, figures=dict(figures))
 
     @property
     def is_consensus(self) -> bool:
@@ -226,10 +286,24 @@ class ErrorModel:
 
     @property
     def intensity_weight(self) -> float:
-        """The weight of the intensity model's log-odds in a consensus (1 for the plain consensus)."""
+        """The weight of the intensity model's log-odds in a consensus (1 for the plain consensus) on scans
+        whose verdict level has no weight of its own in ``verdict_weights``."""
         if not self.is_consensus:
             raise ErrorModelError("only an intensity consensus has an intensity weight")
         return self.coefficients[1]
+
+    def coefficients_for(self, verdict_level: str | None) -> tuple[float, ...]:
+        """The coefficients applied to a scan of this verdict level (None: not assessed)."""
+        if verdict_level is None or verdict_level not in self.verdict_weights:
+            return self.coefficients
+        return (self.coefficients[0], self.verdict_weights[verdict_level])
+
+    def verdict_weights_text(self) -> str:
+        """How the intensity model's weight depends on the verdict, for a summary ('' when it does not)."""
+        if not self.verdict_weights:
+            return ""
+        parts = [f"{w:g} on {level}" for level, w in self.verdict_weights.items()]
+        return f"intensity weight {', '.join(parts)}, {self.intensity_weight:g} otherwise"
 
     @property
     def needs_image(self) -> bool:
@@ -251,6 +325,7 @@ class ErrorModel:
                 coefficients=tuple(data["coefficients"]),
                 intercept=data["intercept"],
                 figures=dict(data.get("figures", {})),
+                verdict_weights=data.get("intensity_weight_by_verdict", {}),
                 version=version,
             )
         except KeyError as error:
@@ -261,7 +336,7 @@ class ErrorModel:
             raise ErrorModelError(f"error_model is malformed ({error})") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "version": self.version,
             "kind": "logistic",
             "features": list(self.features),
@@ -269,6 +344,9 @@ class ErrorModel:
             "intercept": self.intercept,
             "figures": self.figures,
         }
+        if self.verdict_weights:
+            data["intensity_weight_by_verdict"] = dict(self.verdict_weights)
+        return data
 
     def check_maps(self, uncertainty_maps: Sequence[str]) -> None:
         """ErrorModelError when a ``map:`` feature names a UAFR map the model does not output."""
@@ -293,16 +371,20 @@ class ErrorModel:
         eligible: np.ndarray | None = None,
         cancelled: Callable[[], bool] | None = None,
         image: np.ndarray | None = None,
+        verdict_level: str | None = None,
     ) -> np.ndarray:
         """The error likelihood (S) float32 in [0, 1]; 0 outside ``eligible`` (S bool; None: everywhere).
-        Arguments as ``feature_planes``'s."""
+        ``verdict_level``: the scan's verdict (``Verdict.level``; None: not assessed), which sets the
+        intensity model's weight of a consensus with ``verdict_weights``. Other arguments as
+        ``feature_planes``'s."""
         if self.version > VERSION:
             raise ErrorModelError(
                 f"error_model version {self.version} is newer than this napari-medcl reads ({VERSION})"
             )
         logit = np.full(np.shape(labels), self.intercept, dtype=np.float32)
-        weights = dict(zip(self.features, self.coefficients))
-        planes = feature_planes(self.features, labels, top_error, entropy, maps, spacing, image, eligible)
+        # a feature weighted 0 (the intensity model left out on such a scan) is not computed at all
+        weights = {f: c for f, c in zip(self.features, self.coefficients_for(verdict_level)) if c != 0.0}
+        planes = feature_planes(tuple(weights), labels, top_error, entropy, maps, spacing, image, eligible)
         for name, plane in planes:
             plane *= np.float32(weights[name])
             logit += plane
@@ -329,7 +411,11 @@ class ErrorModel:
         if self.is_consensus:
             weight = self.intensity_weight
             expert = "local intensity model" if weight == 1.0 else f"local intensity model^{weight:g}"
-            what = f"intensity consensus error map (network x {expert}, nothing fitted)"
+            by_verdict = self.verdict_weights_text()
+            if by_verdict:
+                expert = "local intensity model"
+            what = f"intensity consensus error map (network x {expert}, nothing fitted"
+            what += f"; {by_verdict})" if by_verdict else ")"
             start = fig.get("start_model")
             if not measured and isinstance(start, Mapping):
                 there = (

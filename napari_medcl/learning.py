@@ -335,6 +335,8 @@ def measure_command(plan: FineTunePlan, model: Path, python: str | None = None) 
         return None
     command = [python or sys.executable, "-m", "export.calibrate", str(model), "-o", str(model)]
     command += ["--error-map", "consensus", "--intensity-weight", repr(error_model.intensity_weight)]
+    for level, weight in error_model.verdict_weights.items():
+        command += ["--verdict-weight", f"{level}={weight!r}"]
     for case in plan.val_cases:
         command += ["--error-case", str(model), str(plan.corrections), case]
     return command

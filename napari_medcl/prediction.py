@@ -230,7 +230,7 @@ def predict_iter(
     if spec.error_model is not None:
         t = time.perf_counter()
         eligible = nonzero if masked_normalisation else None
-        prediction = with_error_likelihood(prediction, spec, eligible, cancelled, image=part)
+        prediction = with_error_likelihood(prediction, spec, eligible, cancelled, image=part, verdict=verdict)
         timings["error_map"] = time.perf_counter() - t
     t = time.perf_counter()
     if not plan.whole:
@@ -345,11 +345,13 @@ def with_error_likelihood(
     cancelled: Callable[[], bool] | None = None,
     *,
     image: Volume | None = None,
+    verdict: Verdict | None = None,
 ) -> Prediction:
     """``prediction`` with its ``error_likelihood`` from the spec's error model (``napari_medcl.error_model``),
     computed on its own grid from its labels, top-class error, entropy and UAFR maps, and from ``image`` (the
     scan on that grid) for a model that reads it. ``eligible`` (spatial bool): the voxels whose label can be
-    wrong (None: all); the map is 0 elsewhere."""
+    wrong (None: all); the map is 0 elsewhere. ``verdict``: the scan's, for a consensus that weighs its
+    intensity model by it (None: not assessed)."""
     error_model = spec.error_map_model
     if error_model is None or prediction.top_class_error is None:
         return prediction
@@ -363,6 +365,7 @@ def with_error_likelihood(
         prediction.labels.spacing,
         eligible,
         image=image.channels if image is not None and error_model.needs_image else None,
+        verdict_level=None if verdict is None else verdict.level,
     )
     return dataclasses.replace(
         prediction, error_likelihood=prediction.labels.with_array(likelihood, channel_axis=False, metadata={})

@@ -12,7 +12,13 @@ import pytest
 
 import napari_medcl
 from export.calibrate import main as calibrate_main
-from export.error_fit import ErrorCase, ErrorSamples, expected_calibration_error, fit_error_model
+from export.error_fit import (
+    ErrorCase,
+    ErrorSamples,
+    expected_calibration_error,
+    fit_error_model,
+    measure_consensus,
+)
 from napari_medcl.error_model import BASE_FEATURES, ErrorModel, ErrorModelError, feature_names, feature_planes
 from napari_medcl.errors import UsageError
 from napari_medcl.spec import ModelSpec, SpecError
@@ -130,6 +136,36 @@ def test_fit_recovers_a_known_error_rule_and_measures_it():
     assert "auroc_other_folds" in model.figures and model.figures["ece_other_folds"] < 0.03
     with pytest.raises(UsageError, match="no wrong voxel"):
         fit_error_model(names, ErrorSamples(features, np.zeros(n, bool), group, []), cases)
+
+
+def test_a_consensus_by_verdict_is_measured_as_the_product_applies_it():
+    """Each case's samples are weighed by the verdict the predicting model gave the case: the figures are
+    those of the map the product computes, not of one weight for all."""
+    from sklearn.metrics import roc_auc_score
+
+    from napari_medcl.error_model import CONSENSUS_FEATURES
+    from napari_medcl.verdict import LEVELS
+
+    rng = np.random.default_rng(1)
+    n = 4000
+    features = rng.normal(0, 2, (n, 2)).astype(np.float32)
+    wrong = rng.uniform(0, 1, n) < 1 / (1 + np.exp(-features[:, 0]))
+    verdict = np.where(np.arange(n) < n // 2, LEVELS.index("ok"), LEVELS.index("caution")).astype(np.int8)
+    samples = ErrorSamples(features, wrong, np.zeros(n, np.int32), [], verdict=verdict)
+    cases = [ErrorCase("m.onnx", __import__("pathlib").Path("d"), "c")]
+    model = measure_consensus(CONSENSUS_FEATURES, samples, cases, 1.0, {"caution": 0.0})
+    assert model.verdict_weights == {"caution": 0.0} and model.intensity_weight == 1.0
+    logit = features[:, 0] + np.where(verdict == LEVELS.index("ok"), features[:, 1], 0.0)
+    expected = roc_auc_score(wrong, 1 / (1 + np.exp(-logit)))
+    assert model.figures["auroc"] == pytest.approx(expected, abs=1e-4)
+    single = measure_consensus(CONSENSUS_FEATURES, samples, cases, 1.0)
+    assert single.figures["auroc"] != pytest.approx(expected, abs=1e-3)
+    assert "0 on caution, 1 otherwise" in model.figures["fit"]
+    # samples without recorded verdicts are 'unknown', which keeps the base weight
+    unrecorded = ErrorSamples(features, wrong, np.zeros(n, np.int32), [])
+    assert measure_consensus(CONSENSUS_FEATURES, unrecorded, cases, 1.0, {"caution": 0.0}).figures[
+        "auroc"
+    ] == pytest.approx(single.figures["auroc"])
 
 
 def test_expected_calibration_error_on_known_bins():
@@ -250,6 +286,25 @@ def test_without_a_dataset_calibrate_keeps_the_profile_and_measures_a_carried_co
     assert after.error_map_model.summary().startswith(
         "intensity consensus error map (network x local intensity model^0.5, nothing fitted): AUROC "
     )
+    assert figures["per_case"][0]["verdict"] in ("ok", "caution", "out-of-distribution")
+    # a weight per verdict level is stored, measured, and carried by the summary
+    argv[argv.index("-o") + 1] = str(tmp_path / "by-verdict.onnx")
+    argv += ["--verdict-weight", "caution=0.25", "--verdict-weight", "out-of-distribution=0"]
+    assert calibrate_main(argv) == 0
+    by_verdict = napari_medcl.load_model(tmp_path / "by-verdict.onnx", device="cpu").spec.error_map_model
+    assert by_verdict.verdict_weights == {"caution": 0.25, "out-of-distribution": 0.0}
+    assert by_verdict.intensity_weight == 0.5 and by_verdict.version == 2
+    assert "intensity weight 0.25 on caution, 0 on out-of-distribution, 0.5 otherwise" in by_verdict.summary()
+    for bad, message in (
+        (["--verdict-weight", "caution"], "expected LEVEL=W"),
+        (["--verdict-weight", "bogus=1"], "unknown verdict level 'bogus'"),
+        (["--verdict-weight", "caution=-1"], "must be a number >= 0"),
+        (["--verdict-weight", "caution=1", "--verdict-weight", "caution=0"], "names a level twice"),
+        (["--error-map", "fit", "--verdict-weight", "caution=0"], "consensus only"),
+    ):
+        with pytest.raises(SystemExit):
+            calibrate_main([str(profiled), "-o", str(tmp_path / "no.onnx"), "--error-map", "consensus", *bad])
+        assert message in capsys.readouterr().err and not (tmp_path / "no.onnx").exists()
     # a weight is refused where it means nothing, or is not a positive number; nothing is written
     for extra in (["--error-case", str(profiled), str(data), "case_003"], ["--error-map", "consensus"]):
         for weight in ("0.5", "0") if extra[0] == "--error-case" else ("0", "-1", "nan"):

@@ -125,6 +125,57 @@ def test_a_weighted_consensus_raises_the_intensity_odds_to_its_weight():
         _ = fitted.intensity_weight
 
 
+def test_a_consensus_weighs_its_intensity_model_by_the_scans_verdict():
+    """On a scan judged ``caution`` the intensity odds take that level's weight; on one judged
+    ``out-of-distribution`` with weight 0 the map is the network's alone; other levels, and a scan not
+    assessed, keep the base weight. The weights round-trip, and need format version 2."""
+    image, truth = two_tissues()
+    labels = truth.copy()
+    labels[:, 10:14, 24:28] = 1
+    top = np.full(labels.shape, 0.2, np.float32)
+    by_verdict = ErrorModel.consensus(verdict_weights={"caution": 0.25, "out-of-distribution": 0.0})
+    assert by_verdict.is_consensus and by_verdict.intensity_weight == 1.0 and by_verdict.version == 2
+    assert ErrorModel.consensus().version == 1  # a file without them stays readable by older versions
+
+    def on(level):
+        return by_verdict.apply(labels, top, top, {}, (1.0, 1.0, 1.0), image=image[None], verdict_level=level)
+
+    plain = ErrorModel.consensus().apply(labels, top, top, {}, (1.0, 1.0, 1.0), image=image[None])
+    tempered = ErrorModel.consensus(intensity_weight=0.25).apply(
+        labels, top, top, {}, (1.0, 1.0, 1.0), image=image[None]
+    )
+    for level in ("ok", "unknown", None):
+        np.testing.assert_array_equal(on(level), plain)
+    np.testing.assert_array_equal(on("caution"), tempered)
+    np.testing.assert_allclose(on("out-of-distribution"), 0.2, rtol=1e-5)
+    # weight 0: the intensity model is not computed, so not even the image is needed
+    alone = by_verdict.apply(labels, top, top, {}, (1.0, 1.0, 1.0), verdict_level="out-of-distribution")
+    np.testing.assert_allclose(alone, 0.2, rtol=1e-5)
+
+    data = by_verdict.to_dict()
+    assert data["version"] == 2
+    assert data["intensity_weight_by_verdict"] == {"caution": 0.25, "out-of-distribution": 0.0}
+    again = ErrorModel.from_dict(data)
+    assert again == by_verdict
+    assert "intensity weight 0.25 on caution, 0 on out-of-distribution, 1 otherwise" in again.summary()
+    for bad, message in (
+        ({"caution": -1.0}, "must be a number >= 0"),
+        ({"caution": float("nan")}, "must be a number >= 0"),
+        ({"unknown": 0.5}, "unknown verdict level 'unknown'"),
+        ({"cautious": 0.5}, "unknown verdict level 'cautious'"),
+    ):
+        with pytest.raises(ErrorModelError, match=message):
+            ErrorModel.consensus(verdict_weights=bad)
+    with pytest.raises(ErrorModelError, match="only an intensity consensus"):
+        ErrorModel(
+            features=("top_error",), coefficients=(1.0,), intercept=0.0, verdict_weights={"caution": 0.5}
+        )
+    with pytest.raises(ErrorModelError, match="version 1 has no intensity weight by verdict"):
+        ErrorModel.from_dict({**data, "version": 1})
+    with pytest.raises(ErrorModelError, match="must map levels to numbers"):
+        ErrorModel.from_dict({**data, "intensity_weight_by_verdict": {"caution": "high"}})
+
+
 def test_calibrate_stores_the_consensus_measures_it_and_predictions_use_the_image(tmp_path, capsys):
     spec = make_spec(normalization={"kind": "zscore", "use_nonzero_mask": True}, maps=("decoder1",))
     model = save(pointwise_model(spec=spec, k=3.0), tmp_path / "model.onnx")
@@ -164,6 +215,22 @@ def test_calibrate_stores_the_consensus_measures_it_and_predictions_use_the_imag
     )
     np.testing.assert_allclose(likelihood, expected, atol=1e-6)
     assert (likelihood[image.array == 0] == 0).all()
+
+    # the scan's verdict reaches the map: with the intensity model left out on every judged level, the map
+    # is the network's 1 - p(label) on this profiled model's scans (its odds clipped at 1e-4, as always)
+    assert prediction.verdict.level != "unknown"
+    by_verdict = tmp_path / "by-verdict.onnx"
+    levels = ("ok", "caution", "out-of-distribution")
+    argv = [str(model), str(data), "-o", str(by_verdict), "--error-map", "consensus"]
+    assert calibrate_main([*argv, *(f"--verdict-weight={level}=0" for level in levels)]) == 0
+    alone = napari_medcl.predict(image, by_verdict, device="cpu")
+    nonzero = image.array != 0
+    np.testing.assert_allclose(
+        alone.error_likelihood.array[nonzero],
+        np.clip(alone.top_class_error.array[nonzero], 1e-4, 1 - 1e-4),
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
 
 def test_the_coarse_grid_gives_what_full_resolution_sums_give():

@@ -99,7 +99,9 @@ def test_a_carried_consensus_is_measured_on_the_held_out_cases_before_the_model_
     folder, model = started
     record = json.loads(model.with_name(model.stem + learning.SIDECAR).read_text())
     state = torch.load(record["checkpoint"], map_location="cpu", weights_only=True)
-    consensus = ErrorModel.consensus({"auroc": 0.9, "ece": 0.05}, intensity_weight=0.5)
+    consensus = ErrorModel.consensus(
+        {"auroc": 0.9, "ece": 0.05}, intensity_weight=0.5, verdict_weights={"out-of-distribution": 0.0}
+    )
     state["spec"] = {**state["spec"], "name": "base", "error_model": consensus.to_dict()}
     torch.save(state, tmp_path / "start.pt")
     source = tmp_path / "base.onnx"
@@ -119,7 +121,8 @@ def test_a_carried_consensus_is_measured_on_the_held_out_cases_before_the_model_
     assert "measuring the error map on the held-out corrected case(s)..." in lines
     measured = load_model(p.output, device="cpu").spec.error_map_model
     figures = measured.figures
-    assert measured.intensity_weight == 0.5  # carried through training and kept by the measurement
+    # carried through training and kept by the measurement
+    assert measured.intensity_weight == 0.5 and measured.verdict_weights == {"out-of-distribution": 0.0}
     assert isinstance(figures["auroc"], float) and isinstance(figures["ece"], float)
     assert [c["case"] for c in figures["per_case"]] == ["base-ft1.onnx: corrections/case2"]
     assert figures["start_model"] == {"name": "base", "auroc": 0.9, "ece": 0.05}

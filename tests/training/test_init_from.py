@@ -215,7 +215,7 @@ def test_the_intensity_consensus_is_carried_with_its_figures_kept_as_the_start_m
 
     base, three, _, checkpoint = trained
     consensus = ErrorModel.consensus(
-        {"auroc": 0.9, "ece": 0.04, "cases": ["a"]}, intensity_weight=0.5
+        {"auroc": 0.9, "ece": 0.04, "cases": ["a"]}, intensity_weight=0.5, verdict_weights={"caution": 0.125}
     ).to_dict()
     start = _with_error_model(checkpoint, tmp_path / "start.pt", consensus)
     out = tmp_path / "tuned"
@@ -223,6 +223,7 @@ def test_the_intensity_consensus_is_carried_with_its_figures_kept_as_the_start_m
     spec = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)["spec"]
     carried = ModelSpec.from_dict(spec).error_map_model
     assert carried.is_consensus and carried.intensity_weight == 0.5
+    assert carried.verdict_weights == {"caution": 0.125}
     assert carried.figures == {"start_model": {"name": "start-model", "auroc": 0.9, "ece": 0.04}}
     assert carried.summary().endswith(
         "not measured on this model; carried from start-model (there AUROC 0.900, ECE 0.040)"
