@@ -166,7 +166,8 @@ def walk(args: argparse.Namespace) -> None:
             centre = tuple(int(round(c)) for c in region.center)
             before_prompt = labels.data.copy()
             points = panel.place_prompts()
-            panel._class.value = 2  # grey matter: a click that says "this is grey matter"
+            # a correcting click, as a reader would make it: grey matter where the label is not, else white matter
+            panel._class.value = 3 if int(labels.data[centre]) == 2 else 2
             points.add(np.array([image.world_to_data(image.data_to_world(centre))]))
             changed = int((labels.data != before_prompt).sum())
             tour.shot("prompt_click", f"{panel._info.value} (labels changed: {changed} voxel(s))")
