@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_medcl.verdict import LEVELS
+
 __all__ = [
     "BASE_FEATURES",
     "VERSION",
@@ -44,9 +46,9 @@ __all__ = [
 # The newest format this module reads. Version 2 added the intensity weight per verdict level; a file
 # without one is still written as version 1, so that older readers keep reading it.
 VERSION = 2
-# Verdict levels a consensus may weigh its intensity model by (``napari_medcl.verdict.LEVELS`` but
-# ``unknown``, which keeps the base weight: without a training-data profile nothing was judged).
-WEIGHTED_LEVELS = ("ok", "caution", "out-of-distribution")
+# Verdict levels a consensus may weigh its intensity model by: all but ``unknown``, which keeps the base
+# weight (without a training-data profile nothing was judged).
+WEIGHTED_LEVELS = tuple(level for level in LEVELS if level != "unknown")
 MAP_PREFIX = "map:"
 # Natural-log odds are clipped here: a probability of error closer to 0 or 1 than 1e-4 says nothing more.
 _LOGIT_FLOOR = 1e-4
