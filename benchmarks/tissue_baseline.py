@@ -12,7 +12,8 @@ For each fold (of 5, split seed 12345, as training splits) the held-out block is
   tissue mix does to its normalisation statistics;
 - the model (``--model``, through ``napari_medcl.predict``: resampled to its spacing and back), on the block of
   ``--model-fold`` only: the other blocks were its training data. A model with ``nonzero_is_foreground``
-  also gets a row with its network's plain argmax, without that rule.
+  also gets a row with its network's plain argmax, without that rule. ``--tta`` adds a row with test-time
+  mirroring (``predict(..., tta=True)``: the mean over every mirroring of the model's spatial axes).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def main() -> None:
         default=0,
         help="the fold the model held out (its only unseen block; default 0)",
     )
+    parser.add_argument(
+        "--tta", action="store_true", help="also score the model with test-time mirroring (2^d passes)"
+    )
     parser.add_argument("--root", default="data/mni152-tissue")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     args = parser.parse_args()
@@ -107,6 +111,8 @@ def main() -> None:
                 if result.provenance["nonzero_is_foreground"]:
                     # The network's own argmax, before the rule that no non-zero voxel is background.
                     methods["model, network argmax only"] = result.probabilities.array.argmax(0)
+                if args.tta:
+                    methods["model, test-time mirroring"] = predict(image, args.model, tta=True).labels.array
             for method, pred in methods.items():
                 scores = [dice(pred == k, truth == k) for k in range(1, 4)]
                 print(
