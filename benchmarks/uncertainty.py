@@ -344,6 +344,14 @@ def _consensus(image, prediction, spec) -> np.ndarray:
     return with_error_likelihood(prediction, carrying, eligible, image=image).error_likelihood.array
 
 
+def verdict_text(verdict: dict | None) -> str:
+    """``ok (0.69)``; ``-`` for a case without a verdict."""
+    if not verdict:
+        return "-"
+    score = verdict.get("score")
+    return verdict["level"] + ("" if score is None else f" ({score:.2f})")
+
+
 def score_case(result: CaseResult, truth: np.ndarray) -> dict:
     """Every metric of every map on one labelled tissue case."""
     from napari_medcl.review import rank_slices
@@ -353,7 +361,10 @@ def score_case(result: CaseResult, truth: np.ndarray) -> dict:
     wrong = (labels != truth) & region
     errors_per_slice = wrong.sum(axis=(1, 2))
     oracle = reviewer_curve(errors_per_slice, oracle_order(errors_per_slice))
+    verdict = result.prediction.verdict
     out = {
+        # the scan's verdict: a model whose error map weighs its intensity model by it maps by this level
+        "verdict": None if verdict is None else {"level": verdict.level, "score": verdict.score},
         "region_voxels": int(region.sum()),
         "errors": int(wrong.sum()),
         "error_rate": float(wrong.sum() / region.sum()),
@@ -538,17 +549,16 @@ def report(results: dict, header: str) -> str:
         cases = list(tissue)
         lines.append(f"\n### {model} (SHA-256 `{res['sha256']}`)\n")
         lines.append(
-            "| case | voxels scored | errors | of which tissue vs background | error rate | Dice CSF / GM / WM "
-            "| seconds (plain + mirrors) |"
+            "| case | verdict (score) | voxels scored | errors | of which tissue vs background | error rate "
+            "| Dice CSF / GM / WM | seconds (plain + mirrors) |"
         )
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for case in cases:
             s = tissue[case]
             dice = " / ".join(f"{s['dice'][k]:.3f}" for k in ("1", "2", "3"))
             lines.append(
-                f"| {case} | {s['region_voxels']} | {s['errors']} | {s['brain_edge_errors']} | "
-                f"{s['error_rate']:.4f} | {dice} | "
-                f"{s['seconds']:.0f} |"
+                f"| {case} | {verdict_text(s.get('verdict'))} | {s['region_voxels']} | {s['errors']} | "
+                f"{s['brain_edge_errors']} | {s['error_rate']:.4f} | {dice} | {s['seconds']:.0f} |"
             )
         lines.append(
             "\nHeadline (AUROC on each case; the rest on the clean block; random: AUROC 0.5, top-10% share "

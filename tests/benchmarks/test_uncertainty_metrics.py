@@ -140,3 +140,9 @@ def test_write_between_markers_keeps_the_prose(unc, tmp_path):
     text = path.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n")
     assert "second" in text and "first" not in text
+
+
+def test_the_case_table_names_each_cases_verdict(unc):
+    assert unc.verdict_text({"level": "ok", "score": 0.6931}) == "ok (0.69)"
+    assert unc.verdict_text({"level": "unknown", "score": None}) == "unknown"
+    assert unc.verdict_text(None) == "-"
