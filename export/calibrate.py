@@ -253,7 +253,7 @@ def calibrate(
             )
             if error_map == "consensus":
                 error_model = measure_consensus(
-                    names, samples, list(error_cases), intensity_weight, dict(verdict_weights or {})
+                    names, samples, list(error_cases), intensity_weight, verdict_weights
                 )
             else:
                 error_model = fit_error_model(names, samples, list(error_cases))
@@ -264,9 +264,7 @@ def calibrate(
         before = spec.error_map_model
         start = before.figures.get("start_model") if before is not None and before.is_consensus else None
         if error_model.is_consensus and start is not None:  # still the map it started from: say so
-            error_model = dataclasses.replace(
-                error_model, figures={**error_model.figures, "start_model": start}
-            )
+            error_model = error_model.with_figures({**error_model.figures, "start_model": start})
         new_spec = dataclasses.replace(new_spec, error_model=error_model.to_dict())
 
     proto = onnx.load_model_from_string(data)

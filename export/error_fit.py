@@ -18,7 +18,7 @@ case's voxels weighed as the product weighs them, by the verdict the predicting 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,7 +260,7 @@ def measure_consensus(
     samples: ErrorSamples,
     cases: Sequence[ErrorCase],
     intensity_weight: float = 1.0,
-    verdict_weights: dict[str, float] | None = None,
+    verdict_weights: Mapping[str, float] | None = None,
 ) -> Any:
     """The intensity consensus ErrorModel (its intensity model's log-odds times ``intensity_weight``, or
     ``verdict_weights``' weight on a case of that verdict) with the figures measured on ``samples``

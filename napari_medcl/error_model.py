@@ -412,10 +412,10 @@ class ErrorModel:
         measured = isinstance(auroc, (int, float)) and isinstance(ece, (int, float))
         if self.is_consensus:
             weight = self.intensity_weight
-            expert = "local intensity model" if weight == 1.0 else f"local intensity model^{weight:g}"
-            by_verdict = self.verdict_weights_text()
-            if by_verdict:
-                expert = "local intensity model"
+            by_verdict = self.verdict_weights_text()  # names every weight itself
+            expert = "local intensity model"
+            if weight != 1.0 and not by_verdict:
+                expert += f"^{weight:g}"
             what = f"intensity consensus error map (network x {expert}, nothing fitted"
             what += f"; {by_verdict})" if by_verdict else ")"
             start = fig.get("start_model")

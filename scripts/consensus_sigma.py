@@ -106,7 +106,9 @@ def by_verdict(args, levels: list[str], wrong: list[np.ndarray], scores: list[li
     mean of the per-case AUROCs); ``scores[case][i]``: the consensus at the first sigma and weight i."""
     from sklearn.metrics import roc_auc_score
 
-    seen = sorted(set(levels), key=("ok", "caution", "out-of-distribution", "unknown").index)
+    from napari_medcl.verdict import LEVELS
+
+    seen = sorted(set(levels), key=LEVELS.index)
     truth = np.concatenate(wrong)
     ranked = []
     for choice in itertools.product(range(len(args.weights)), repeat=len(seen)):

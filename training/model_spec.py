@@ -88,9 +88,8 @@ def carried_error_model(start_spec: Mapping[str, Any] | None) -> tuple[dict[str,
             "the new model with medcl-calibrate --error-case"
         )
     measured = {k: start.figures[k] for k in ("auroc", "ece") if k in start.figures}
-    carried = ErrorModel.consensus(
-        {"start_model": {"name": name, **measured}}, start.intensity_weight, start.verdict_weights
-    )
+    # nothing in a consensus is fitted: it is carried whole, only its figures become the start model's
+    carried = start.with_figures({"start_model": {"name": name, **measured}})
     return carried.to_dict(), (
         f"error map: the intensity consensus carried from {name} (nothing fitted; its figures are {name}'s)"
     )
