@@ -300,7 +300,8 @@ def test_provenance(models):
     assert set(p["timings"]) >= {"read", "preprocess", "inference", "ort_seconds", "postprocess", "total"}
     assert 0 < p["timings"]["ort_seconds"] <= p["timings"]["inference"] <= p["timings"]["total"]
     stages = ("read", "load_model", "preprocess", "verdict", "inference", "postprocess", "error_map")
-    assert sum(p["timings"].get(s, 0.0) for s in stages) <= p["timings"]["total"]  # no stage counted twice
+    # no stage counted twice; each timing is rounded to 0.1 ms, so the sum may pass the total by that per stage
+    assert sum(p["timings"].get(s, 0.0) for s in stages) <= p["timings"]["total"] + 1e-4 * len(stages)
     assert 0 < p["timings"]["stitch_seconds"] <= p["timings"]["inference"]
     assert 0 <= p["timings"]["wait_seconds"] <= p["timings"]["inference"]
     assert p["tiling"]["batch_size"] == 1  # the default on a CPU
