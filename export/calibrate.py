@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Calibrate an exported model against its training data, without torch: measure the dataset's "
             "training cases under the model's own normalisation (intensity percentiles of the foreground, "
             "whether the images are zero outside the object, spacing, slice thickness, field of view, "
-            "foreground fraction) and write a copy of MODEL.onnx whose spec carries this training-data "
+            "foreground fraction, voxel-scale noise) and write a copy of MODEL.onnx whose spec carries this training-data "
             "profile. medcl-predict, the Python API and the napari plugin then give every case a verdict: "
             "ok, caution or out-of-distribution with its reasons (without a profile: unknown). The graph "
             "and weights are copied byte for byte (with --features, two nodes and an output are added, every "

@@ -17,7 +17,11 @@ What is measured, per case (``case_statistics``):
 - spacing (mm per axis, array order), field of view (mm per axis), the non-zero (foreground) fraction, the
   labelled fraction when a label is given, and the axis order (which anatomical axis each array axis runs
   along: ``zyx`` for axial slices stacked along z);
-- whether the foreground is constant.
+- whether the foreground is constant;
+- the *noise* at the voxel scale, per channel: a robust estimate of the standard deviation of the noise in the
+  foreground (``_noise_fraction``), as a fraction of the foreground's normalised intensity span (99th - 1st
+  percentile), so that a scan noisier than every training image can be told apart from one that only looks
+  brighter or darker.
 
 Large images are measured on a regular subsample of at most ``SAMPLE_VOXELS`` voxels (the border ring on
 every voxel of its slices), so a profile or a verdict costs a fraction of a second.
@@ -55,6 +59,8 @@ POOLED_PER_CASE = 200_000
 # A case counts as zero outside the object (skull-stripped) when at most this fraction of its border ring
 # is non-zero: a skull-stripped scan's ring is all zero, but a crop may touch the anatomy at one spot.
 ZERO_OUTSIDE_MAX_NONZERO = 0.05
+# Foreground voxels with a whole 3x3 in-plane neighbourhood in the foreground needed to estimate the noise.
+NOISE_MIN_VOXELS = 500
 _AXIS_LETTERS = ("z", "y", "x")  # physical axes in array order (napari_medcl.volume)
 
 
@@ -64,7 +70,8 @@ def case_statistics(volume: Any, normalization: Mapping[str, Any] | None) -> dic
     ``normalization``: a ModelSpec normalisation dict (None: values as they are). Keys: ``spatial_dims``,
     ``shape``, ``spacing``, ``fov_mm``, ``axis_order``, ``channels``, ``foreground_fraction``,
     ``border_zero_fraction``, ``constant`` (None, or the value of a constant foreground), ``percentiles``
-    (one list per channel, ``PERCENTILES`` order; None when no voxel is finite)."""
+    (one list per channel, ``PERCENTILES`` order; None when no voxel is finite), ``noise`` (one fraction of
+    the intensity span per channel, None where it cannot be estimated)."""
     stats, _ = _measure(volume, normalization, pooled=0)
     return stats
 
@@ -152,6 +159,12 @@ def profile_cases(
         "foreground_fraction": _spread([c["foreground_fraction"] for c in cases]),
         "labelled_fraction": _spread(labelled) if labelled else None,
         "axis_orders": sorted({c["axis_order"] for c in cases}),
+        "noise_fraction": [
+            _spread(known)
+            if (known := [c["noise"][ch] for c in cases if c["noise"][ch] is not None])
+            else None
+            for ch in range(n_channels)
+        ],
         "constant_cases": sum(c["constant"] is not None for c in cases),
     }
 
@@ -225,8 +238,52 @@ def _measure(
         "border_zero_fraction": round(_border_zero_fraction(array, spacing, step), 6),
         "constant": constant,
         "percentiles": percentiles,
+        "noise": _noise_fraction(array, normalization),
     }
     return stats, chosen
+
+
+def _noise_fraction(array: Any, normalization: Mapping[str, Any] | None) -> list[float | None]:
+    """Per channel: the noise's standard deviation over the foreground's normalised p99 - p1 span (None where
+    fewer than ``NOISE_MIN_VOXELS`` foreground voxels have a whole in-plane neighbourhood in the foreground).
+
+    The noise is estimated in-plane (slices may be thick, or a 2D image is one plane), on whole slices at full
+    resolution (evenly spread slices up to ``SAMPLE_VOXELS`` voxels; a central crop of a larger plane), with
+    Immerkaer's 3x3 operator, which cancels intensity ramps and most of the curvature of smooth anatomy: its
+    response to white noise of sd s has sd 6 s, and its median absolute value over the foreground's interior
+    (1.4826 x the median for a Gaussian) keeps tissue edges, a minority of the voxels, from counting."""
+    from scipy import ndimage
+
+    spatial = tuple(array.shape[1:])
+    plane = spatial[-2:]
+    if len(spatial) == 2:
+        picked = np.asarray(array)[:, None]
+    else:
+        per_slice = max(1, math.prod(plane))
+        count = max(1, min(spatial[0], SAMPLE_VOXELS // per_slice))
+        index = np.unique(np.linspace(0, spatial[0] - 1, count).round().astype(int))
+        picked = np.asarray(array[:, index])
+    crop = []
+    for n in picked.shape[-2:]:  # a plane larger than the budget: its central part
+        keep = min(n, max(3, int(math.sqrt(SAMPLE_VOXELS))))
+        crop.append(slice((n - keep) // 2, (n - keep) // 2 + keep))
+    picked = picked[(slice(None), slice(None), *crop)]
+    if picked.dtype.kind == "f" and not np.isfinite(picked).all():
+        picked = np.where(np.isfinite(picked), picked, 0)
+    nonzero = np.any(picked != 0, axis=0)  # (Z', Y', X')
+    foreground = nonzero if nonzero.any() else np.ones_like(nonzero)
+    interior = ndimage.binary_erosion(foreground, structure=np.ones((1, 3, 3), dtype=bool), border_value=0)
+    if int(interior.sum()) < NOISE_MIN_VOXELS:
+        return [None] * int(picked.shape[0])
+    data = picked.astype(np.float32) if normalization is None else normalize(picked, dict(normalization))
+    kernel = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)[None]
+    fractions: list[float | None] = []
+    for channel in data:
+        low, high = np.percentile(channel[foreground], (1, 99))
+        response = ndimage.convolve(channel, kernel, mode="nearest")[interior]
+        sigma = 1.4826 * float(np.median(np.abs(response))) / 6.0
+        fractions.append(round(sigma / float(high - low), 6) if high > low else None)
+    return fractions
 
 
 def border_ring(shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.ndarray:

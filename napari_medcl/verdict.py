@@ -63,11 +63,20 @@ THRESHOLDS: dict[str, tuple[float, float]] = {
     # case's typical window (a scanner or protocol shift moves it this far); x3: most windows are as far
     # out as the rarest 1% of training windows or beyond: anatomy, orientation or content it never saw.
     "features": (math.log2(1.5), math.log2(3.0)),
+    # Voxel-scale noise (training_profile._noise_fraction) above the training cases' noisiest, in points of
+    # the intensity span (p99 - p1). 0.015: well above how much the estimate varies between scans of one kind
+    # (the bundled models' four training blocks 0.0045-0.0062, their held-out block 0.0057, the same template
+    # at 2 mm 0.0092), and below the mildest synthetic scanner of the benchmarks (0.035 and up): noise the
+    # model, and the intensity model behind its error likelihood, never saw. 0.10: every few voxels
+    # cross into the next tissue's range. Noise alone never makes a scan out-of-distribution (the anatomy and
+    # contrast can still be right), so its severity is capped below 2.
+    "noise": (0.015, 0.10),
 }
 # Fixed severities of yes/no findings.
 SEVERITY_CONSTANT = 3.0  # an empty or constant image: nothing to segment
 SEVERITY_AXIS_ORDER = 1.2  # slices along another anatomical axis: caution (models often cope, not always)
 FOREGROUND_CAP = 1.9
+NOISE_CAP = 1.9
 _SEVERITY_CAP = 10.0
 
 
@@ -145,6 +154,7 @@ def assess(volume: Any, spec: Any, *, profile: Mapping[str, Any] | None = None) 
         _intensity(stats, profile, normalization),
         _foreground(stats, profile),
         _axis_order(stats, profile),
+        _noise(stats, profile),
     ]
     findings = [f for f in findings if f is not None]
     if stats["constant"] is not None:  # the other measurements of a constant image mean nothing
@@ -171,6 +181,7 @@ def assess(volume: Any, spec: Any, *, profile: Mapping[str, Any] | None = None) 
                 "border_zero_fraction",
                 "constant",
                 "percentiles",
+                "noise",
             )
         },
         "profile_cases": profile.get("cases"),
@@ -341,6 +352,28 @@ def _foreground(stats: Mapping[str, Any], profile: Mapping[str, Any]) -> _Findin
         severity,
         f"{_percent(fraction)} of the image is non-zero, training images {_percent(lo)}–{_percent(hi)}",
     )
+
+
+def _noise(stats: Mapping[str, Any], profile: Mapping[str, Any]) -> _Finding | None:
+    trained = profile.get("noise_fraction") or []
+    measured = stats.get("noise") or []
+    if len(trained) != len(measured):
+        return None  # a channel-count mismatch is an error of its own, before inference
+    worst, text = 0.0, None
+    for ch, (spread, value) in enumerate(zip(trained, measured)):
+        if spread is None or value is None:
+            continue
+        severity = min(_severity(float(value) - float(spread["max"]), "noise"), NOISE_CAP)
+        if severity > worst:
+            worst = severity
+            channels = profile.get("intensity") or []
+            name = f" ({channels[ch].get('channel')})" if len(trained) > 1 and ch < len(channels) else ""
+            text = (
+                f"noisier than the training images{name}: voxel-to-voxel noise {100 * value:.1f}% of the "
+                f"intensity range (training images at most {100 * float(spread['max']):.1f}%); another "
+                "scanner or a faster sequence? Labels and the error map are less reliable in noise"
+            )
+    return _Finding("noise", worst, text)
 
 
 def _axis_order(stats: Mapping[str, Any], profile: Mapping[str, Any]) -> _Finding | None:

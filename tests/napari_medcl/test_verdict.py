@@ -12,8 +12,8 @@ import pytest
 import napari_medcl
 from napari_medcl import cli
 from napari_medcl.spec import ModelSpec, SpecError
-from napari_medcl.training_profile import profile_cases
-from napari_medcl.verdict import NO_PROFILE, THRESHOLDS, Verdict, assess
+from napari_medcl.training_profile import case_statistics, profile_cases
+from napari_medcl.verdict import NO_PROFILE, NOISE_CAP, THRESHOLDS, Verdict, assess
 from napari_medcl.volume import Volume
 from tests.onnx_models import make_spec, pointwise_model, save
 
@@ -21,9 +21,9 @@ RESCALE = {"kind": "rescale", "low": 0.5, "high": 99.5, "use_nonzero_mask": True
 SHAPE = (40, 64, 64)
 
 
-def head(seed: int, *, shape=SHAPE, spacing=(1.0, 1.0, 1.0), size: float = 1.0) -> Volume:
-    """A skull-stripped synthetic 'brain': nested ellipsoids of CSF (60), GM (110), WM (160) with noise, zero
-    outside, about 10 voxels of zero border in-plane."""
+def head(seed: int, *, shape=SHAPE, spacing=(1.0, 1.0, 1.0), size: float = 1.0, noise: float = 4.0) -> Volume:
+    """A skull-stripped synthetic 'brain': nested ellipsoids of CSF (60), GM (110), WM (160) with Gaussian
+    noise of sd ``noise``, zero outside, about 10 voxels of zero border in-plane."""
     rng = np.random.default_rng(seed)
     z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
     r = np.sqrt((z / (0.8 * size)) ** 2 + (y / (0.72 * size)) ** 2 + (x / (0.66 * size)) ** 2)
@@ -32,7 +32,7 @@ def head(seed: int, *, shape=SHAPE, spacing=(1.0, 1.0, 1.0), size: float = 1.0) 
     image[r < 0.85] = 110
     image[r < 0.6] = 160
     brain = image > 0
-    image[brain] += rng.normal(0, 4, int(brain.sum())).astype(np.float32)
+    image[brain] += rng.normal(0, noise, int(brain.sum())).astype(np.float32)
     image[brain] = np.maximum(image[brain], 1.0)  # stays non-zero inside
     return Volume(image, spacing, (0.0, 0.0, 0.0), np.eye(3))
 
@@ -135,6 +135,43 @@ def test_sagittal_slices_get_a_caution(spec):
     assert verdict.reasons == (
         "sagittal slices (array axes run x/y/z); the model was trained on axial slices (z/y/x)",
     )
+
+
+@pytest.mark.parametrize("sigma", [2.0, 5.0, 12.0])
+def test_the_noise_estimate_finds_the_noise_of_a_smooth_scan_with_edges(sigma):
+    """A ramp and a curved background (which the estimate must not count as noise), a sharp-edged disc of
+    +80 in it, and Gaussian noise of sd ``sigma``: the estimate is sigma over the foreground's p99 - p1."""
+    rng = np.random.default_rng(7)
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in (6, 120, 120)), indexing="ij")
+    clean = 100 + 30 * x + 20 * y**2 + 80 * ((x - 0.2) ** 2 + y**2 < 0.3)
+    image = (clean + rng.normal(0, sigma, clean.shape)).astype(np.float32)
+    low, high = np.percentile(image, (1, 99))
+    (measured,) = case_statistics(Volume(image, (3.0, 1.0, 1.0), (0.0,) * 3, np.eye(3)), None)["noise"]
+    assert measured == pytest.approx(sigma / (high - low), rel=0.12)
+    # a 2D image is one plane
+    (planar,) = case_statistics(Volume(image[2], (1.0, 1.0), (0.0,) * 2, np.eye(2)), None)["noise"]
+    assert planar == pytest.approx(sigma / (high - low), rel=0.2)
+
+
+def test_a_noisier_scan_gets_a_caution_that_says_so_and_noise_alone_is_never_out_of_distribution(spec):
+    trained = spec.training_profile["noise_fraction"][0]
+    assert 0 < trained["min"] <= trained["max"] < 0.06  # sd 4 over a span of about 110
+    typical = assess(head(16), spec)
+    assert typical.details["severity"]["noise"] < 0.5
+    noisy = assess(head(16, noise=12.0), spec)
+    assert noisy.level == "caution" and noisy.details["severity"]["noise"] >= 1.0
+    assert any(r.startswith("noisier than the training images: voxel-to-voxel noise") for r in noisy.reasons)
+    assert noisy.score > typical.score + 1
+    very = assess(head(16, noise=60.0), spec)
+    assert very.details["severity"]["noise"] == NOISE_CAP
+    assert very.details["measured"]["noise"][0] > noisy.details["measured"]["noise"][0]
+
+
+def test_a_profile_without_noise_figures_skips_the_noise_check(spec):
+    older = {k: v for k, v in spec.training_profile.items() if k != "noise_fraction"}
+    verdict = assess(head(16, noise=12.0), spec, profile=older)
+    assert "noise" not in verdict.details["severity"]
+    assert not any("noisier" in r for r in verdict.reasons)
 
 
 def test_thresholds_are_ordered():
