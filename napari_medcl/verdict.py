@@ -15,7 +15,7 @@ A verdict never stops a prediction: it is information for the person reviewing t
 Each check turns one measurement into a *severity*: 0 when the scan is typical, 1 at the caution threshold,
 2 at the out-of-distribution threshold, growing linearly beyond (``_severity``). The level comes from the
 largest severity; ``score`` (the sum over the checks of their severities, each check counted once at its
-worst axis or channel; larger = less like training) ranks cases for
+worst axis or channel, the noise check left out; larger = less like training) ranks cases for
 benchmarks (``benchmarks/verdict.py``). All thresholds are in ``THRESHOLDS``, with the reason for each.
 """
 
@@ -85,7 +85,8 @@ class Verdict:
     """How a scan compares with the model's training data.
 
     ``level``: one of ``LEVELS``. ``reasons``: one plain sentence per finding, worst first (empty for ``ok``).
-    ``score``: the sum of the checks' severities, larger = less like training (None for ``unknown``).
+    ``score``: the sum of the checks' severities but the noise check's, larger = less like training in kind
+    (None for ``unknown``).
     ``details``: the measurements and each check's severity, plain JSON types.
     """
 
@@ -186,8 +187,7 @@ def assess(volume: Any, spec: Any, *, profile: Mapping[str, Any] | None = None) 
         },
         "profile_cases": profile.get("cases"),
     }
-    score = round(float(sum(severities.values())), 4)  # each check once (its worst axis/channel)
-    return Verdict(level, reasons, score, details)
+    return Verdict(level, reasons, _score(severities), details)
 
 
 def with_feature_distance(verdict: Verdict, distance: float, stats: Any) -> Verdict:
@@ -216,11 +216,18 @@ def with_feature_distance(verdict: Verdict, distance: float, stats: Any) -> Verd
         # Reasons are worst first: the feature reason goes before those of checks with a lower severity.
         ordered = sorted((v for k, v in severities.items() if k != "features" and v >= 1.0), reverse=True)
         reasons.insert(sum(1 for v in ordered if v > severity), reason)
-    score = round(float(sum(severities.values())), 4)
-    return Verdict(level, tuple(reasons), score, details)
+    return Verdict(level, tuple(reasons), _score(severities), details)
 
 
 # ------------------------------------------------------------------------------------------------ checks
+
+
+def _score(severities: Mapping[str, float]) -> float:
+    """The verdict's score: each check once (its worst axis or channel), but not the noise check. The score
+    says how unlike the training images a scan is in kind (another contrast, anatomy, protocol); noise is the
+    image's quality, which sets the level (never above caution) without making a noisy scan of the right kind
+    rank among the out-of-distribution ones."""
+    return round(float(sum(v for k, v in severities.items() if k != "noise")), 4)
 
 
 def _level(worst: float) -> str:
