@@ -69,6 +69,7 @@ _MAP_NAMES = {
 WARNING_STYLE = "color: #ffb000;"
 ERROR_STYLE = "color: #ff5050;"
 OOD_STYLE = "color: #ffffff; background-color: #a01818; padding: 4px; font-weight: bold;"
+COMBO_MIN_CHARACTERS = 14  # a layer or model combo box is at least this wide, in characters
 
 
 def _layer_choices(kind: str):
@@ -85,14 +86,36 @@ def _layer_choices(kind: str):
 
 
 def _combo(label: str, kind: str, owner: Any, **kwargs: Any) -> ComboBox:
-    combo = ComboBox(label=label, choices=_layer_choices(kind), **kwargs)
+    combo = _compact(ComboBox(label=label, choices=_layer_choices(kind), **kwargs))
     combo._medcl_owner = owner
     combo.reset_choices()
     return combo
 
 
+def _compact(combo: ComboBox) -> ComboBox:
+    """A combo box of names (layers, models) that long names do not widen: a box as wide as its longest
+    choice widens the whole dock past the screen's edge, where the scroll area clips every line of text. A long
+    name is elided in its middle (its start and its kind, e.g. "... error likelihood", stay readable); the
+    hover text gives it whole."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QComboBox
+
+    native = combo.native
+    native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    native.setMinimumContentsLength(COMBO_MIN_CHARACTERS)
+    native.view().setTextElideMode(Qt.TextElideMode.ElideMiddle)
+    native.currentTextChanged.connect(native.setToolTip)
+    return combo
+
+
 def _wrap(label: Label) -> Label:
+    """A label whose text wraps at the dock's width. Qt sizes a wrapped label's minimum width by its text (a
+    long verdict or model summary asks for hundreds of pixels), which would widen the dock past the screen's
+    edge and clip every line, so the label takes the width it is given and grows in height instead."""
+    from qtpy.QtWidgets import QSizePolicy
+
     label.native.setWordWrap(True)
+    label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     return label
 
 
@@ -116,7 +139,7 @@ class ReviewWidget(Container):
         self._labels_combo = _combo("Labels", "labels", self)
         self._uncertainty = _combo("Uncertainty", "image", self)
         self._axis = ComboBox(label="Slice axis", choices=[("z", 0), ("y", 1), ("x", 2)], value=0)
-        self._mode = ComboBox(label="Rank by", choices=RANK_MODES, value="expected_errors")
+        self._mode = _compact(ComboBox(label="Rank by", choices=RANK_MODES, value="expected_errors"))
         self._threshold = FloatSlider(label="Threshold", min=0.0, max=1.0, step=0.01, value=0.5)
         self._show_overlay = CheckBox(text="Outline uncertainty above threshold", value=True)
         self._rank_button = PushButton(text="Rank slices")
@@ -532,7 +555,7 @@ class SegmentWidget(Container):
         self._review: ReviewWidget | None = None
         self._manifest_error: str | None = None
         self._image = _combo("Image", "image", self)
-        self._model = ComboBox(label="Model", choices=self._model_choices)
+        self._model = _compact(ComboBox(label="Model", choices=self._model_choices))
         self._model_info = _wrap(Label(value=""))
         self._notice = _wrap(Label(value=""))
         devices, self._cuda_reason = _devices()
@@ -1330,13 +1353,24 @@ def _scrolling_body(outer: Container, widgets: list[Any]) -> Container:
     from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QFrame, QScrollArea
 
+    class BodyWideScrollArea(QScrollArea):
+        """Never narrower than its body's rows and a vertical scroll bar, whatever the rows hold now: a
+        narrower area would clip the rows' right-hand side (there is no horizontal scroll bar)."""
+
+        def minimumSizeHint(self) -> Any:
+            hint = super().minimumSizeHint()
+            inner = self.widget()
+            if inner is not None:
+                scrollbar = self.verticalScrollBar().sizeHint().width()
+                hint.setWidth(max(hint.width(), inner.minimumSizeHint().width() + scrollbar + 2))
+            return hint
+
     body = Container(widgets=widgets)
-    scroll = QScrollArea()
+    scroll = BodyWideScrollArea()
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
     scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     scroll.setWidget(body.native)
-    scroll.setMinimumWidth(body.native.minimumSizeHint().width() + 20)
     layout = outer.native.layout()
     layout.setContentsMargins(0, 0, 0, 0)
     layout.addWidget(scroll)
