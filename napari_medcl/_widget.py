@@ -97,14 +97,21 @@ def _compact(combo: ComboBox) -> ComboBox:
     choice widens the whole dock past the screen's edge, where the scroll area clips every line of text. A long
     name is elided in its middle (its start and its kind, e.g. "... error likelihood", stay readable); the
     hover text gives it whole."""
-    from qtpy.QtCore import Qt
+    from qtpy.QtCore import QEvent, QObject, Qt
     from qtpy.QtWidgets import QComboBox
+
+    class WholeNameTip(QObject):
+        # set when the tip is asked for: choices are refreshed without signals when layers come and go
+        def eventFilter(self, watched: Any, event: Any) -> bool:
+            if event.type() == QEvent.Type.ToolTip:
+                watched.setToolTip(watched.currentText())
+            return False
 
     native = combo.native
     native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
     native.setMinimumContentsLength(COMBO_MIN_CHARACTERS)
     native.view().setTextElideMode(Qt.TextElideMode.ElideMiddle)
-    native.currentTextChanged.connect(native.setToolTip)
+    native.installEventFilter(WholeNameTip(native))
     return combo
 
 

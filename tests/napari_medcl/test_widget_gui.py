@@ -352,3 +352,48 @@ def test_verdict_banner_stays_with_the_result_and_warns(make_napari_viewer, qtbo
     # the banner follows the chosen image: back to the first scan, its own verdict
     widget._image.value = viewer.layers["like training"]
     assert widget._verdict.value.startswith("Scan check: ok")
+
+
+def test_long_verdicts_and_layer_names_do_not_widen_the_dock(make_napari_viewer, qtbot, tmp_path):
+    """A caution banner (a noisy scan), a long model summary and a long layer name wrap or elide within the
+    dock: its rows ask for no more width than a dock beside the canvas has, and its scroll area never gets
+    narrower than its rows (there is no horizontal scroll bar, so a wider row would be clipped)."""
+    import dataclasses
+
+    from qtpy.QtWidgets import QScrollArea
+
+    from napari_medcl.training_profile import profile_cases
+    from tests.napari_medcl.test_verdict import RESCALE, head
+    from tests.onnx_models import make_spec
+
+    base = make_spec(
+        spacing=(1.0, 1.0, 1.0), normalization=RESCALE, nonzero_is_foreground=True, patch=(8, 32, 32)
+    )
+    spec = dataclasses.replace(base, training_profile=profile_cases([head(s) for s in (1, 2, 3)], base))
+    model = save(pointwise_model(spec=spec), tmp_path / "profiled.onnx")
+    viewer = make_napari_viewer(show=True)  # sizes are only laid out in a shown window
+    viewer.window.resize(1600, 1000)
+    name = "sub-0001_ses-baseline_acq-mprage_run-02_desc-preprocessed_T1w_" * 2
+    viewer.add_image(head(8, noise=14.0).array, name=name)
+    widget = make_widget(viewer, model)
+    widget._image.value = viewer.layers[name]
+    run_and_wait(qtbot, widget)
+    assert widget._verdict.value.startswith("Scan check: CAUTION. noisier than the training images")
+    assert len(widget._verdict.value) > 200
+    (scroll,) = [s for s in widget.native.findChildren(QScrollArea) if s.widget() is not None][:1]
+    body = scroll.widget()
+    qtbot.wait(50)  # the layout settles in the shown window
+    assert body.minimumSizeHint().width() < 450
+    assert body.width() <= scroll.viewport().width()  # nothing clipped on the right
+    assert scroll.minimumSizeHint().width() >= body.minimumSizeHint().width()
+    review = widget.show_review()
+    assert review._uncertainty.native.minimumSizeHint().width() < 300
+    from qtpy.QtCore import QEvent, QPoint
+    from qtpy.QtGui import QHelpEvent
+    from qtpy.QtWidgets import QApplication
+
+    combo = widget._image.native
+    QApplication.sendEvent(
+        combo, QHelpEvent(QEvent.Type.ToolTip, QPoint(5, 5), combo.mapToGlobal(QPoint(5, 5)))
+    )
+    assert combo.toolTip() == name  # the whole name on hover
