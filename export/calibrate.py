@@ -237,10 +237,11 @@ def calibrate(
         from export.error_fit import (
             DEFAULT_VOXELS_PER_CASE,
             collect_samples,
+            consensus_signals,
             fit_error_model,
             measure_consensus,
         )
-        from napari_medcl.error_model import CONSENSUS_FEATURES, ErrorModel
+        from napari_medcl.error_model import ErrorModel
 
         if error_cases:
             names, samples = collect_samples(
@@ -249,7 +250,8 @@ def calibrate(
                 layout=layout,
                 voxels_per_case=DEFAULT_VOXELS_PER_CASE if error_voxels is None else error_voxels,
                 progress=progress or (lambda _: None),
-                names=CONSENSUS_FEATURES if error_map == "consensus" else None,
+                # the consensus's own two features, then each UAFR map, whose figures the summary shows
+                names=consensus_signals(spec) if error_map == "consensus" else None,
             )
             if error_map == "consensus":
                 error_model = measure_consensus(

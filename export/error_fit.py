@@ -29,6 +29,7 @@ __all__ = [
     "ErrorCase",
     "ErrorSamples",
     "collect_samples",
+    "consensus_signals",
     "fit_error_model",
     "measure_consensus",
     "parse_error_case",
@@ -255,6 +256,14 @@ def _figures(
     }
 
 
+def consensus_signals(spec: Any) -> tuple[str, ...]:
+    """What a consensus is measured on: its own two features, then each of ``spec``'s UAFR maps (their AUROC
+    alone goes into the figures, so the model summary gives every UAFR map its own figure)."""
+    from napari_medcl.error_model import CONSENSUS_FEATURES, MAP_PREFIX
+
+    return (*CONSENSUS_FEATURES, *(f"{MAP_PREFIX}{name}" for name in spec.uncertainty_maps))
+
+
 def measure_consensus(
     names: Sequence[str],
     samples: ErrorSamples,
@@ -264,11 +273,12 @@ def measure_consensus(
 ) -> Any:
     """The intensity consensus ErrorModel (its intensity model's log-odds times ``intensity_weight``, or
     ``verdict_weights``' weight on a case of that verdict) with the figures measured on ``samples``
-    (collected with ``names`` = ``CONSENSUS_FEATURES``)."""
+    (collected with ``names`` starting with ``CONSENSUS_FEATURES``; the features after them, e.g. the UAFR
+    maps of ``consensus_signals``, are only measured alone, as each signal's AUROC)."""
     from napari_medcl.error_model import CONSENSUS_FEATURES, ErrorModel
 
-    if tuple(names) != CONSENSUS_FEATURES:
-        raise ValueError(f"the consensus is measured on {CONSENSUS_FEATURES}, got {tuple(names)}")
+    if tuple(names[: len(CONSENSUS_FEATURES)]) != CONSENSUS_FEATURES:
+        raise ValueError(f"the consensus is measured on {CONSENSUS_FEATURES} first, got {tuple(names)}")
     _check_both_kinds(samples.wrong)
     consensus = ErrorModel.consensus(intensity_weight=intensity_weight, verdict_weights=verdict_weights)
     levels = samples.verdict_levels()
@@ -276,7 +286,8 @@ def measure_consensus(
     for level in np.unique(levels):
         at = levels == level
         coefficients = np.asarray(consensus.coefficients_for(str(level)))
-        probability[at] = _probability(samples.features[at], coefficients, consensus.intercept)
+        own = samples.features[at][:, : len(CONSENSUS_FEATURES)]
+        probability[at] = _probability(own, coefficients, consensus.intercept)
     fit = "none: the network's odds of error times the local intensity model's"
     if consensus.verdict_weights:
         fit += f" ({consensus.verdict_weights_text()})"

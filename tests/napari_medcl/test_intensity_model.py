@@ -197,7 +197,10 @@ def test_calibrate_stores_the_consensus_measures_it_and_predictions_use_the_imag
     summary = spec.error_map_summary()
     assert "on the 2 case(s) it was measured on (1 - p(label) alone: ECE" in summary
     assert "AUROC of each signal alone on the same cases: top_error_logit" in summary
-    assert error_model.is_consensus and set(error_model.figures["signals"]) == set(CONSENSUS_FEATURES)
+    # every UAFR map gets its own figure beside the consensus's two signals, and the summary names it
+    assert error_model.is_consensus and error_model.features == CONSENSUS_FEATURES
+    assert set(error_model.figures["signals"]) == {*CONSENSUS_FEATURES, "map:decoder1"}
+    assert f"UAFR decoder1 {error_model.figures['signals']['map:decoder1']:.3f}" in summary
     assert error_model.figures["fit"].startswith("none") and "ece network alone" in printed
     assert 0 <= error_model.figures["ece_network_alone"] <= 1
 
