@@ -66,7 +66,7 @@ THRESHOLDS: dict[str, tuple[float, float]] = {
     # Voxel-scale noise (training_profile._noise_fraction) above the training cases' noisiest, in points of
     # the intensity span (p99 - p1). 0.015: well above how much the estimate varies between scans of one kind
     # (the bundled models' four training blocks 0.0045-0.0062, their held-out block 0.0057, the same template
-    # at 2 mm 0.0092), and below the mildest synthetic scanner of the benchmarks (0.035 and up): noise the
+    # at 2 mm 0.0092), and below the mildest synthetic scanner of the benchmarks (0.034 and up): noise the
     # model, and the intensity model behind its error likelihood, never saw. 0.10: every few voxels
     # cross into the next tissue's range. Noise alone never makes a scan out-of-distribution (the anatomy and
     # contrast can still be right), so its severity is capped below 2.
