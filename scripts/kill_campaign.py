@@ -51,10 +51,14 @@ def _tool(name: str) -> str:
     return str(path)
 
 
-def _run_killed(cmd: list[str], delay: float, log: Path) -> tuple[bool, int]:
-    """Start ``cmd``; SIGKILL it after ``delay`` s unless it ended first. Returns (killed, exit code)."""
+def _run_killed(cmd: list[str], delay: float, log: Path, after: Path | None = None) -> tuple[bool, int]:
+    """Start ``cmd``; SIGKILL it after ``delay`` s unless it ended first (with ``after``: ``delay`` s after that
+    file first exists, so a kill meant for a later stage lands there however slowly the run starts). Returns
+    (killed, exit code)."""
     with log.open("wb") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
+        while after is not None and not after.exists() and proc.poll() is None:
+            time.sleep(0.05)
         try:
             proc.wait(timeout=delay)
             return False, proc.returncode
@@ -65,7 +69,7 @@ def _run_killed(cmd: list[str], delay: float, log: Path) -> tuple[bool, int]:
 
 
 def _kill_during(
-    cmd: list[str], delay: float, log: Path, clear: Sequence[Path]
+    cmd: list[str], delay: float, log: Path, clear: Sequence[Path], after: Path | None = None
 ) -> tuple[bool, int, float, int]:
     """Like _run_killed, but a run that finished before ``delay`` is undone (``clear`` removed) and run again
     with a delay 0.8 times shorter, up to 8 times, so that (nearly) every trial is a kill: one timed run is
@@ -73,7 +77,7 @@ def _kill_during(
     """
     ended_first = 0
     for _ in range(8):
-        killed, code = _run_killed(cmd, delay, log)
+        killed, code = _run_killed(cmd, delay, log, after)
         if killed or code != 0:
             break
         ended_first += 1
@@ -407,12 +411,15 @@ def run_train_campaign(
     *,
     seed: int = 0,
     fractions: Sequence[float] | None = None,
+    after_checkpoint: Sequence[bool] | None = None,
     epochs: int = TRAIN_EPOCHS,
     verbose: bool = False,
 ) -> TrainSummary:
     """``trials`` killed ``medcl-train`` runs under ``work``, each resumed (or re-run) to completion.
 
-    Kill delays: uniform over the timed run (seeded), or ``fractions`` of it when given (one per trial)."""
+    Kill delays: uniform over the timed run (seeded), or ``fractions`` of it when given (one per trial);
+    counted from the start, or for a trial whose ``after_checkpoint`` entry is true from the moment its first
+    ``checkpoint_last.pt`` appears (a kill meant to hit a resumable run, whatever the machine's load)."""
     setup = make_train_setup(work / "setup", epochs=epochs)
     summary = TrainSummary()
     start = time.perf_counter()
@@ -422,12 +429,15 @@ def run_train_campaign(
         raise RuntimeError(f"the uninterrupted medcl-train run failed:\n{reference.stdout}{reference.stderr}")
     if fractions is not None and len(fractions) != trials:
         raise ValueError(f"{len(fractions)} kill fractions for {trials} trials")
+    if after_checkpoint is not None and len(after_checkpoint) != trials:
+        raise ValueError(f"{len(after_checkpoint)} after_checkpoint entries for {trials} trials")
     rng = random.Random(seed)
     for trial in range(trials):
         out, cache = work / f"trial{trial:03d}", work / f"cache{trial:03d}"
         delay = summary.run_seconds * (fractions[trial] if fractions else rng.random())
+        after = out / "checkpoint_last.pt" if after_checkpoint and after_checkpoint[trial] else None
         killed, code, delay, ended_first = _kill_during(
-            setup.command(out, cache), delay, work / f"trial{trial:03d}.log", [out, cache]
+            setup.command(out, cache), delay, work / f"trial{trial:03d}.log", [out, cache], after
         )
         summary.ended_first += ended_first
         summary.trials += 1
