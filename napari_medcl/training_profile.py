@@ -212,11 +212,7 @@ def _measure(
     dims = len(spatial)
     spacing = tuple(float(s) for s in volume.spacing)
     step = max(1, math.ceil((math.prod(spatial) / SAMPLE_VOXELS) ** (1.0 / dims)))
-    sample = np.asarray(array[(slice(None), *(slice(None, None, step),) * dims)])
-    if sample.dtype.kind == "f" and not np.isfinite(sample).all():
-        sample = np.where(np.isfinite(sample), sample, 0)  # NaN/Inf are refused by inference anyway
-    nonzero = np.any(sample != 0, axis=0)  # (*S') foreground
-    foreground = nonzero if nonzero.any() else np.ones_like(nonzero)
+    sample, nonzero, foreground = _finite_foreground(array[(slice(None), *(slice(None, None, step),) * dims)])
     raw = sample[:, foreground]  # (C, N)
     constant = None
     if raw.size and float(raw.min()) == float(raw.max()):
@@ -245,6 +241,16 @@ def _measure(
     return stats, chosen
 
 
+def _finite_foreground(array: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``array`` (C, *S) read, with NaN/Inf as 0 (inference refuses them anyway); its non-zero mask (*S) (a
+    voxel non-zero in some channel); and the foreground: that mask, or every voxel when none is non-zero."""
+    data = np.asarray(array)
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        data = np.where(np.isfinite(data), data, 0)
+    nonzero = np.any(data != 0, axis=0)
+    return data, nonzero, nonzero if nonzero.any() else np.ones_like(nonzero)
+
+
 def _noise_fraction(array: Any, normalization: Mapping[str, Any] | None) -> list[float | None]:
     """Per channel: the noise's standard deviation over the foreground's normalised p99 - p1 span (None where
     fewer than ``NOISE_MIN_VOXELS`` foreground voxels have a whole in-plane neighbourhood in the foreground).
@@ -269,11 +275,7 @@ def _noise_fraction(array: Any, normalization: Mapping[str, Any] | None) -> list
     for n in picked.shape[-2:]:  # a plane larger than the budget: its central part
         keep = min(n, max(3, int(math.sqrt(NOISE_VOXELS))))
         crop.append(slice((n - keep) // 2, (n - keep) // 2 + keep))
-    picked = picked[(slice(None), slice(None), *crop)]
-    if picked.dtype.kind == "f" and not np.isfinite(picked).all():
-        picked = np.where(np.isfinite(picked), picked, 0)
-    nonzero = np.any(picked != 0, axis=0)  # (Z', Y', X')
-    foreground = nonzero if nonzero.any() else np.ones_like(nonzero)
+    picked, _, foreground = _finite_foreground(picked[(slice(None), slice(None), *crop)])
     interior = ndimage.binary_erosion(foreground, structure=np.ones((1, 3, 3), dtype=bool), border_value=0)
     if int(interior.sum()) < NOISE_MIN_VOXELS:
         return [None] * int(picked.shape[0])

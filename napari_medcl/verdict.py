@@ -329,14 +329,14 @@ def _intensity(stats: Mapping[str, Any], profile: Mapping[str, Any], normalizati
         return None  # the profile was measured under another normalisation: not comparable
     q25, q50, q75 = (PERCENTILES.index(p) for p in (25, 50, 75))
     worst, text = 0.0, None
-    for entry, values in zip(channels, measured):
+    for ch, (entry, values) in enumerate(zip(channels, measured)):
         low, high, pooled = entry["case_min"], entry["case_max"], entry["pooled"]
         span = max(float(pooled[-1]) - float(pooled[0]), 1e-6)
         distance = max((max(lo - v, v - hi, 0.0) for v, lo, hi in zip(values, low, high)), default=0.0) / span
         severity = _severity(distance, "intensity")
         if severity > worst:
             worst = severity
-            name = "" if len(channels) == 1 else f" ({entry.get('channel')})"
+            name = _channel_name(channels, ch)
             text = (
                 f"intensities unlike the training images{name} after the model's normalisation: median "
                 f"{values[q50]:.2f} (training cases {low[q50]:.2f}–{high[q50]:.2f}), quartiles "
@@ -373,8 +373,7 @@ def _noise(stats: Mapping[str, Any], profile: Mapping[str, Any]) -> _Finding | N
         severity = min(_severity(float(value) - float(spread["max"]), "noise"), NOISE_CAP)
         if severity > worst:
             worst = severity
-            channels = profile.get("intensity") or []
-            name = f" ({channels[ch].get('channel')})" if len(trained) > 1 and ch < len(channels) else ""
+            name = _channel_name(profile.get("intensity") or [], ch)
             text = (
                 f"noisier than the training images{name}: voxel-to-voxel noise {100 * value:.1f}% of the "
                 f"intensity range (training images at most {100 * float(spread['max']):.1f}%); another "
@@ -414,6 +413,14 @@ def _axis_words(axis: int, dims: int) -> dict[str, Any]:
     if dims == 3 and axis == 0:
         return {"slice": True, "plural": "slices"}
     return {"slice": False, "plural": "rows" if axis == dims - 2 else "columns"}
+
+
+def _channel_name(entries: list[Any], channel: int) -> str:
+    """`` (T1)``: the channel's name from the profile's intensity entries, for a reason about one channel of
+    several; empty for a single-channel profile."""
+    if len(entries) < 2 or channel >= len(entries):
+        return ""
+    return f" ({entries[channel].get('channel')})"
 
 
 def _mm_range(low: float, high: float) -> str:

@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.accuracy import perturb
     from benchmarks.uncertainty import perturb_strong
+    from napari_medcl import load_model
     from napari_medcl._sample_data import SAMPLE_FILE
     from napari_medcl.io import read_image
-    from napari_medcl.onnx_session import _resolve, check_model_bytes
     from napari_medcl.training_profile import case_statistics
     from napari_medcl.verdict import assess
 
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pyradiomics", type=Path, help="folder with pyradiomics' *image*.nrrd test images")
     args = parser.parse_args(argv)
 
-    path, _ = _resolve(args.model, None)
-    spec = check_model_bytes(path.read_bytes(), path)
+    spec = load_model(args.model, device="cpu").spec
     trained = (spec.training_profile or {}).get("noise_fraction")
     print(f"model {spec.name}; training profile's noise: {trained}")
 
