@@ -2,14 +2,19 @@
 
     PYTHONPATH=$PWD python benchmarks/interactive.py [--model brain-tissue-3d] [--clicks 20]
         [--engines local network] [--markdown docs/benchmarks.md] [--plots docs/interactive]
-        [--training-blocks 1 2] [--window-mm W]
+        [--training-blocks 1 2] [--window-mm W] [--lesions data/pyradiomics-lesions --work W]
 
 Cases: the held-out block of the mni152-tissue dataset at 1 mm (fold 0, as the bundled models were trained:
 ``mni152_block4``) and its perturbed copy (the accuracy benchmark's bias field, contrast and noise, seed 1000 +
 fold), through ``napari_medcl.interactive`` exactly as the widget and the API use it. ``--training-blocks``
 takes training blocks instead, each perturbed with its own seed (2000 + block), to choose a setting (such as
-the guided clicker's ``--window-mm``) without looking at the held-out block. For the oracle clicker the report
-also gives ``click_ceiling``: the most its first click could fix by a threshold rule chosen knowing the truth.
+the guided clicker's ``--window-mm``) without looking at the held-out block. ``--lesions`` takes the three MRI
+cases of ``pyradiomics-lesions`` instead (``medcl-data build pyradiomics-lesions --modality MRI``), each with a
+2D model trained without it (leave-one-case-out, the lesion table's CE + Dice recipe of
+``benchmarks/accuracy.py``, seed 0; trained and exported once under ``--work``): a model that finds little of the
+lesion, as a tiny training set gives, and a user who clicks it in. For the oracle clicker the report also gives
+``click_ceiling``: the most its first click could fix by a threshold rule chosen knowing the truth, and
+``local_ceiling``: the most any engine could gain if every click set right every wrong voxel within a radius.
 
 Clickers, each giving one positive click per interaction with the true class at the clicked voxel:
 - ``oracle``: the voxel deepest inside the largest connected error component (3D, faces touching);
@@ -17,7 +22,8 @@ Clickers, each giving one positive click per interaction with the true class at 
   default refiner, with the most expected mistakes), and inside that window the deepest voxel of its largest
   error component, as a user who goes where the product points and clicks the mistake they see there; a
   proposal with no mistake in it is a click at its centre, wasted;
-- ``random``: a uniformly drawn brain voxel (seeded), most of which are already right.
+- ``random``: a uniformly drawn voxel of the true foreground (seeded): on the tissue blocks a brain voxel, most
+  of which are already right; on a lesion case a voxel of the lesion.
 Engines: ``local`` (engine (a), ``napari_medcl.refinement.LocalRefiner``), ``network`` (engine (b),
 ``napari_medcl.network_refiner.NetworkRefiner``: only for a model with prompt channels, skipped for the others)
 and ``re-run``: running the model again without prompts, which changes nothing (the baseline every
@@ -41,6 +47,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 MARKERS = ("<!-- interactive:start -->", "<!-- interactive:end -->")
+LESION_MARKERS = ("<!-- interactive-lesions:start -->", "<!-- interactive-lesions:end -->")
 CLICKERS = ("oracle", "guided", "random")
 ENGINES = ("local", "network")
 
@@ -64,6 +71,77 @@ def training_block_cases(root: Path, blocks: Sequence[int]) -> list[tuple[str, o
             (f"mni152_block{block} perturbed (training block, seed {2000 + block})", perturbed, truth)
         )
     return cases
+
+
+def lesion_cases(source: Path, work: Path) -> list[tuple[str, object, np.ndarray, Path]]:
+    """(name, image Volume, true labels, model) for each MRI case of ``pyradiomics-lesions``, the model an ONNX
+    file of a 2D network trained on the other two cases (the lesion table's folds and CE + Dice recipe of
+    ``benchmarks/accuracy.py``, seed 0), trained and exported into ``work`` once (later runs reuse it)."""
+    import accuracy
+
+    from napari_medcl.io import read_image
+
+    task = accuracy.TASKS["lesions"]
+    cases = []
+    for fold in range(task.num_folds):
+        root, test = accuracy.fold_dataset(source, work, 2, fold, "full", task)
+        model = work / f"lesion-2d-without-{test}.onnx"
+        if not model.is_file():
+            from export.onnx import to_onnx
+            from training.config import load_config
+            from training.run import train
+
+            overrides = [
+                f"data.root={root}",
+                f"data.val_cases=[{test}]",
+                f"data.cache_dir={work / 'cache'}",
+                "train.seed=0",
+                f"output.dir={work / 'runs' / f'lesions-fold{fold}'}",
+                *accuracy.ARMS["CE+Dice"],
+            ]
+            result = train(load_config(accuracy.HERE / "configs" / task.config, overrides))
+            to_onnx(result.last_checkpoint, model, name=model.stem)
+        image = read_image(root / "imagesTr" / f"{test}_0000.nii.gz")
+        truth = read_image(root / "labelsTr" / f"{test}.nii.gz").array
+        cases.append((test, image, truth, model))
+    return cases
+
+
+def local_ceiling(
+    labels: np.ndarray,
+    truth: np.ndarray,
+    spacing: Sequence[float],
+    num_classes: int,
+    radius_mm: float,
+    clicks: Sequence[int] = (1, 5, 10, 20),
+) -> dict:
+    """What an engine that changes nothing farther than ``radius_mm`` from a click could gain at best.
+
+    ``gains``: mean Dice gained after k clicks (k in ``clicks``) if each click set right every wrong voxel
+    within ``radius_mm`` of it, the clicks placed greedily where the most wrong voxels are left (an estimate:
+    greedy covering holds at least 1 - 1/e of the best covering's wrong voxels). ``fullest``: the most wrong
+    voxels one such ball holds on the automatic result, so k clicks set right at most k times as many of its
+    ``wrong`` voxels, whatever the engine. ``labels``, ``truth`` (Z, Y, X); ``spacing`` (z, y, x) mm."""
+    from scipy import signal
+
+    reach = [int(radius_mm // s) for s in spacing]
+    grid = np.ogrid[tuple(slice(-r, r + 1) for r in reach)]
+    ball = sum((g * s) ** 2 for g, s in zip(grid, spacing)) <= radius_mm**2
+    fixed = labels.copy()
+    start = mean_dice(labels, truth, num_classes)
+    gains, fullest = {}, 0
+    for k in range(1, max(clicks) + 1):
+        wrong = (fixed != truth).astype(np.float32)
+        if wrong.any():
+            count = signal.fftconvolve(wrong, ball.astype(np.float32), mode="same")
+            at = np.unravel_index(int(count.argmax()), count.shape)
+            fullest = fullest or int(round(float(count[at])))
+            box = tuple(slice(max(0, a - r), min(n, a + r + 1)) for a, r, n in zip(at, reach, labels.shape))
+            inside = ball[tuple(slice(b.start - a + r, b.stop - a + r) for a, r, b in zip(at, reach, box))]
+            fixed[box][inside] = truth[box][inside]
+        if k in clicks:
+            gains[k] = mean_dice(fixed, truth, num_classes) - start
+    return {"gains": gains, "fullest": fullest, "wrong": int(np.count_nonzero(labels != truth))}
 
 
 def mean_dice(labels: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
@@ -197,6 +275,14 @@ def run_case(
     dice = [mean_dice(session._labels, truth, num_classes)]
     errors = [int(np.count_nonzero(session._labels != truth))]
     shape = error_shape(np.asarray(session._labels), truth)
+    local = (
+        {
+            radius: local_ceiling(np.asarray(session._labels), truth, session.spacing, num_classes, radius)
+            for radius in (session.refiner.release_mm, 2 * session.refiner.release_mm)
+        }
+        if clicker == "oracle"
+        else None
+    )
     ceiling = (
         click_ceiling(
             np.asarray(session._labels),
@@ -220,7 +306,8 @@ def run_case(
         dice.append(mean_dice(session._labels, truth, num_classes))
         errors.append(int(np.count_nonzero(session._labels != truth)))
     result = {"dice": dice, "errors": errors, "seconds": seconds, "predict_seconds": predict_seconds}
-    return {**result, "error_shape": shape, **({"ceiling": ceiling} if ceiling is not None else {})}
+    extra = {"ceiling": ceiling, "local_ceiling": local} if clicker == "oracle" else {}
+    return {**result, "error_shape": shape, **extra}
 
 
 def clicks_to(dice: Sequence[float], target: float) -> int | None:
@@ -284,6 +371,26 @@ def report(results: dict, header: str, clicks: int) -> str:
                     + "; ".join(f"best threshold on {signal}: {', '.join(v)}" for signal, v in best.items())
                     + "."
                 )
+    lines += [
+        "",
+        "What any engine that changes nothing farther than R from a click could gain at best (`local_ceiling`): "
+        "mean Dice at 1 / 5 / 10 / 20 clicks if each click set right every wrong voxel within R of it, the clicks "
+        "placed greedily where the most wrong voxels are left; and the most wrong voxels one such ball holds, so "
+        "that k clicks set right at most k times as many, whatever the engine:",
+        "",
+    ]
+    for model, cases in results.items():
+        for case, by_engine in cases.items():
+            oracle = next((r for (_, c), r in _runs(by_engine) if c == "oracle"), None)
+            if not oracle or not oracle.get("local_ceiling"):
+                continue
+            rows = [
+                f"R = {float(radius):g} mm: "
+                + " / ".join(f"{g:+.4f}" for g in c["gains"].values())
+                + f" (the fullest ball holds {c['fullest']:,} of the {c['wrong']:,} wrong voxels)"
+                for radius, c in oracle["local_ceiling"].items()
+            ]
+            lines.append(f"- {model}, {case}: " + "; ".join(rows) + ".")
     lines += ["", "Guided against oracle:", ""]
     for model, cases in results.items():
         for case, by_engine in cases.items():
@@ -292,10 +399,15 @@ def report(results: dict, header: str, clicks: int) -> str:
                     oracle = by_clicker["oracle"]["dice"]
                     guided = by_clicker["guided"]["dice"]
                     gain = oracle[10] - oracle[0]
-                    share = (guided[10] - guided[0]) / gain if gain > 0 else float("nan")
+                    share = f"{(guided[10] - guided[0]) / gain:.0%}" if gain > 0 else "– (no oracle gain)"
+                    fixed = {
+                        c: by_clicker[c]["errors"][0] - by_clicker[c]["errors"][10]
+                        for c in ("guided", "oracle")
+                    }
                     lines.append(
-                        f"- {model}, {case}, engine {engine}: the guided clicker reaches {share:.0%} of the "
-                        "oracle's gain at 10 clicks."
+                        f"- {model}, {case}, engine {engine}: the guided clicker reaches {share} of the "
+                        f"oracle's gain at 10 clicks; wrong voxels set right, net: guided {fixed['guided']:,}, "
+                        f"oracle {fixed['oracle']:,}."
                     )
     return "\n".join(lines) + "\n"
 
@@ -305,17 +417,22 @@ def _runs(by_engine: dict):
     return [((e, c), r) for e, by_clicker in by_engine.items() for c, r in by_clicker.items()]
 
 
-def plot(results: dict, folder: Path) -> list[Path]:
+def plot(results: dict, folder: Path, together: str | None = None) -> list[Path]:
+    """One PNG of Dice against clicks per model (``{model}-clicks.png``, a panel per case), or with
+    ``together`` one PNG of every model's cases (``{together}-clicks.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
+    figures = {model: {case: (model, r) for case, r in cases.items()} for model, cases in results.items()}
+    if together:
+        figures = {together: {case: v for panels in figures.values() for case, v in panels.items()}}
     written = []
-    for model, cases in results.items():
-        fig, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 4), squeeze=False)
-        for ax, (case, by_engine) in zip(axes[0], cases.items()):
+    for name, panels in figures.items():
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+        for ax, (case, (model, by_engine)) in zip(axes[0], panels.items()):
             runs = _runs(by_engine)
             for (engine, clicker), r in runs:
                 style = "-" if engine == "network" else ":"
@@ -334,7 +451,7 @@ def plot(results: dict, folder: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        path = folder / f"{model}-clicks.png"
+        path = folder / f"{name}-clicks.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -370,6 +487,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "setting without looking at the held-out block",
     )  # fmt: skip
     parser.add_argument(
+        "--lesions", metavar="DATA",
+        help="instead of the tissue blocks, the MRI cases of this pyradiomics-lesions dataset, each with a model "
+        "trained without it (trained once into --work)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--work", default="/tmp/medcl-interactive",
+        help="where --lesions keeps its fold datasets and models (default /tmp/medcl-interactive)",
+    )  # fmt: skip
+    parser.add_argument(
         "--network-keep", choices=["box", "connected", "caused"],
         help="what of engine (b)'s answer is written (NetworkRefiner's keep; default: the product's)",
     )  # fmt: skip
@@ -388,12 +514,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from napari_medcl.onnx_session import load_model
 
-    if args.training_blocks:
-        cases = training_block_cases(Path(args.data), args.training_blocks)
+    if args.lesions:
+        lesions = lesion_cases(Path(args.lesions), Path(args.work))
+        jobs = [(str(path), [(case, image, truth)]) for case, image, truth, path in lesions]
     else:
-        cases = tissue_cases(Path(args.data), args.fold)[:2]  # clean and perturbed
+        if args.training_blocks:
+            cases = training_block_cases(Path(args.data), args.training_blocks)
+        else:
+            cases = tissue_cases(Path(args.data), args.fold)[:2]  # clean and perturbed
+        jobs = [(model_name, cases) for model_name in args.model]
     results: dict = {}
-    for model_name in args.model:
+    for model_name, cases in jobs:
         model = load_model(model_name, device="cpu", backend="onnxruntime")
         name = model.spec.name
         results[name] = {}
@@ -424,9 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report(results, header, args.clicks)
     sys.stdout.write(text)
     if args.markdown:
-        write_between_markers(Path(args.markdown), text, MARKERS)
+        write_between_markers(Path(args.markdown), text, LESION_MARKERS if args.lesions else MARKERS)
     if args.plots:
-        for path in plot(results, Path(args.plots)):
+        for path in plot(results, Path(args.plots), together="lesions" if args.lesions else None):
             print(f"wrote {path}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")

@@ -76,3 +76,21 @@ def test_click_ceiling_finds_the_best_threshold_and_counts_what_it_breaks(bench)
     backwards = probabilities[::-1].copy()
     rows = bench.click_ceiling(labels, truth, backwards, -ramp[None], (1.0, 1.0, 1.0), radii=(100.0,))["rows"]
     assert rows[0]["net"] == 0 and rows[0]["flipped"] == 0
+
+
+def test_local_ceiling_sets_right_what_balls_around_the_clicks_reach(bench):
+    truth = np.zeros((5, 40, 40), dtype=np.uint8)
+    truth[:, 5:35, 5:35] = 1
+    labels = truth.copy()
+    labels[2, 10, 10] = 0  # one wrong voxel far from the rest
+    labels[1:4, 28:31, 28:31] = 0  # a 27-voxel hole
+    wrong = int((labels != truth).sum())
+    one = bench.local_ceiling(labels, truth, (1.0, 1.0, 1.0), 2, radius_mm=1.5, clicks=(1, 2, 30))
+    assert one["wrong"] == wrong == 28
+    # a ball of 1.5 mm holds the voxel and its 18 neighbours at distance <= sqrt(2): 19 of the hole's voxels
+    assert one["fullest"] == 19
+    assert 0 < one["gains"][1] < one["gains"][2] <= one["gains"][30]
+    assert one["gains"][30] == pytest.approx(1.0 - bench.mean_dice(labels, truth, 2))  # all set right at last
+    # a ball longer along a coarse axis reaches fewer slices: spacing counts in mm
+    coarse = bench.local_ceiling(labels, truth, (4.0, 1.0, 1.0), 2, radius_mm=1.5, clicks=(1,))
+    assert coarse["fullest"] == 9
