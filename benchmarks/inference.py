@@ -6,7 +6,9 @@ Run: ``.venv/bin/python benchmarks/inference.py`` (also ``make bench``); ``--ct`
 
 - 3D: a 160x192x160 float32 volume, a 3D U-Net (16/32/64/128 channels, 96^3 windows, 4 classes, 2 UAFR maps);
 - 2D: a 512x512 float32 image, a 2D U-Net (32/64/128/256 channels, 256^2 windows, 3 classes, 2 UAFR maps);
-- the bundled ``brain-tissue-3d`` model's 24x80x80 window (what users run), per window only;
+- the bundled ``brain-tissue-3d`` model's 24x80x80 window (what users run), per window, and ``make demo``'s
+  sample predicted once with it: its windows times the window's FLOPs over the peak is the least time any fp32
+  CPU backend could take for the demo;
 - with ``--ct``: a 512x512x300 CT-like volume (``ct_phantom``) through a 3D model and a 2D model over every
   slice, for time, windows and peak memory against the input + outputs.
 
@@ -665,7 +667,21 @@ def run_bundled(*, repeats: int, with_torch: bool, quick: bool) -> dict:
         "graph_unknown": len(flops.unknown),
         "parity": parity,
         "backends": backends,
+        **({} if quick else {"demo": demo_windows(model)}),
     }
+
+
+def demo_windows(model) -> dict:
+    """``make demo``'s prediction of the bundled sample with ``model`` at the default settings: how many windows
+    it runs and how long the whole ``predict()`` takes, so that its FLOPs can be set against the fp32 peak."""
+    from napari_medcl.demo import sample_path
+    from napari_medcl.io import read_image
+
+    volume = read_image(sample_path())
+    start = time.perf_counter()
+    prediction = predict(volume, model)
+    seconds = time.perf_counter() - start
+    return {"windows": int(prediction.provenance["tiling"]["windows"]), "seconds": seconds}
 
 
 def bundled_torch_session(spec: ModelSpec):
@@ -730,6 +746,18 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {label} | " + " | ".join(cell(r) for r in rows) + " |")
 
 
+def demo_floor(row: dict) -> str:
+    """The least time any fp32 CPU backend could take for ``make demo``'s windows, at the peak measured in the
+    same run: a bundled row of ``run_bundled`` that carries ``demo``."""
+    demo, peak = row["demo"], row["backends"]["peak_gflops"]
+    total = demo["windows"] * row["graph_flops"] / 1e9
+    return (
+        f"make demo's sample: {demo['windows']} windows x {row['graph_flops'] / 1e9:.2f} GFLOP = {total:.0f} "
+        f"GFLOP, at least {total / peak:.1f} s on any fp32 CPU backend at this run's peak of {peak:.0f} GFLOP/s; "
+        f"ONNX Runtime's whole predict() took {demo['seconds']:.1f} s"
+    )
+
+
 def print_peak_table(rows: list[dict]) -> None:
     """Each model's window on each backend as a share of the fp32 peak measured beside it."""
     print(
@@ -770,6 +798,7 @@ def print_peak_table(rows: list[dict]) -> None:
             ratios.append(
                 f"{row['case']}: OpenVINO fp32 speed-up over ORT {ort['window_s'] / ov['window_s']:.2f}"
             )
+    ratios += [demo_floor(row) for row in rows if "demo" in row]
     for line in ratios:
         print(f"# {line}")
     for row in rows:

@@ -103,3 +103,15 @@ def test_pooled_network_matches_its_torch_copy(bench):
         np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
         torch_probabilities = bench.unet_torch(d, case.channels, weights, stem=case.stem)(window)
         assert np.abs(torch_probabilities - probabilities).max() < 1e-5
+
+
+def test_demo_floor_is_the_windows_flops_over_the_peak(bench):
+    row = {
+        "graph_flops": 22.12e9,
+        "demo": {"windows": 144, "seconds": 45.9},
+        "backends": {"peak_gflops": 173.0},
+    }
+    line = bench.demo_floor(row)
+    # 144 x 22.12 = 3185.3 GFLOP; / 173 GFLOP/s = 18.41 s
+    assert "144 windows x 22.12 GFLOP = 3185 GFLOP" in line
+    assert "at least 18.4 s" in line and "took 45.9 s" in line
