@@ -285,3 +285,16 @@ def test_bundled_weights_are_checked_against_the_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InitError, match="ships no training weights"):
         load_initial_weights("brain-tissue-2d", models_dir=tmp_path)
+
+
+def test_finetune_preset_repeats_the_bundled_models_recipe():
+    """The preset fine-tunes the bundled weights with the data handling they were last trained with (stage 2 of
+    the recipe): a preset left on an older stage's augmentation would pull the model back towards it."""
+    configs = Path(__file__).parents[2] / "training" / "configs"
+    preset = load_config(configs / "finetune-brain-tissue-3d.yaml")
+    recipe = load_config(configs / "default-brain-tissue-3d-stage2.yaml")
+    assert preset.data.augmentation == recipe.data.augmentation
+    assert preset.data.target_spacing == recipe.data.target_spacing
+    assert preset.data.normalization == recipe.data.normalization
+    assert preset.model == recipe.model
+    assert preset.train.patch_size == recipe.train.patch_size
