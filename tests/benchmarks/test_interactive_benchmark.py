@@ -91,6 +91,6 @@ def test_local_ceiling_sets_right_what_balls_around_the_clicks_reach(bench):
     assert one["fullest"] == 19
     assert 0 < one["gains"][1] < one["gains"][2] <= one["gains"][30]
     assert one["gains"][30] == pytest.approx(1.0 - bench.mean_dice(labels, truth, 2))  # all set right at last
-    # a ball longer along a coarse axis reaches fewer slices: spacing counts in mm
+    # spacing counts in mm: with 4 mm slices a 1.5 mm ball is one slice thick, 9 voxels
     coarse = bench.local_ceiling(labels, truth, (4.0, 1.0, 1.0), 2, radius_mm=1.5, clicks=(1,))
     assert coarse["fullest"] == 9
