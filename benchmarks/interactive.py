@@ -489,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--lesions", metavar="DATA",
         help="instead of the tissue blocks, the MRI cases of this pyradiomics-lesions dataset, each with a model "
-        "trained without it (trained once into --work)",
+        "trained without it (trained once into --work; --model does not apply)",
     )  # fmt: skip
     parser.add_argument(
         "--work", default="/tmp/medcl-interactive",
@@ -504,6 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how far around a click engine (b)'s answer is written (NetworkRefiner's margin_mm)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.lesions and args.training_blocks:
+        parser.error("--lesions and --training-blocks choose the cases: give one of them")
     network_options = {
         key: value
         for key, value in (("keep", args.network_keep), ("margin_mm", args.network_margin_mm))
