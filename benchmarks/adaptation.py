@@ -248,8 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--replay-fraction",
         type=float,
-        default=0.5,
-        help="init.replay_fraction; 0: no replay (default 0.5)",
+        help="init.replay_fraction; 0: no replay (default: the preset's)",
     )
     parser.add_argument(
         "--perturbation",
@@ -281,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
+    if args.replay_fraction is None:
+        from training.config import load_config
+
+        args.replay_fraction = load_config(PRESET).init.replay_fraction
     ks = args.k or ([2] if args.quick else [1, 2, 4])
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
 
