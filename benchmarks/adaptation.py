@@ -147,6 +147,26 @@ def random_choice(candidates: Sequence[str], k: int, seed: int) -> list[str]:
     return sorted(str(c) for c in rng.choice(list(candidates), size=k, replace=False))
 
 
+def fine_tune_plan(
+    ks: Sequence[int],
+    seeds: Sequence[int],
+    choices: Sequence[str],
+    ranked: Sequence[str],
+    candidates: Sequence[str],
+    held_out: str,
+) -> list[tuple[int, int, str, list[str]]]:
+    """(k, seed, choice, blocks) of every row: per k and seed the ranked top k and a seeded random k, as
+    ``choices`` asks; ``held-out`` adds the held-out block itself once per seed (k = 1)."""
+    plan = []
+    for k in ks:
+        for seed in seeds:
+            picks = {"ranked": sorted(ranked[:k]), "random": random_choice(candidates, k, seed)}
+            plan += [(k, seed, how, blocks) for how, blocks in picks.items() if how in choices]
+    if "held-out" in choices:
+        plan += [(1, seed, "held-out", [held_out]) for seed in seeds]
+    return plan
+
+
 # ------------------------------------------------------------------------------------ training, scoring
 
 
@@ -257,7 +277,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the new scanner: strong (gamma + twice the bias field and noise; default) or mild (the "
         "accuracy benchmark's bias field and noise, the issue's 0.90 -> 0.78 case)",
     )
-    parser.add_argument("--choices", nargs="+", default=["ranked", "random"], choices=["ranked", "random"])
+    parser.add_argument(
+        "--choices",
+        nargs="+",
+        default=["ranked", "random"],
+        choices=["ranked", "random", "held-out"],
+        help="how the corrected blocks are chosen (default ranked random); held-out: the held-out block "
+        "itself, once per seed, what fine-tuning can recover at this budget when the corrected case is the "
+        "scored one",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -313,76 +341,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = dict(load_initial_weights(MODEL).state_dict) if args.mix_sweep else {}
     runs: dict[tuple[tuple[str, ...], int], dict[str, Any]] = {}
     rows = []
-    for k in ks:
-        for seed in seeds:
-            choices = {
-                "ranked": sorted(r["case"] for r in ranking[:k]),
-                "random": random_choice(candidates, k, seed),
-            }
-            for how, blocks in choices.items():
-                if how not in args.choices:
-                    continue
-                key = (tuple(blocks), seed)
-                if key not in runs:
-                    data = corrections_dataset(perturbed, blocks, args.work)
-                    name = f"{'+'.join(blocks)}-seed{seed}-replay{args.replay_fraction:g}{args.tag}"
-                    out = (
-                        args.work
-                        / ("runs" if args.perturbation == "strong" else f"runs-{args.perturbation}")
-                        / name
-                    )
-                    checkpoint, seconds = fine_tune(
-                        data,
-                        out,
-                        seed=seed,
-                        replay=args.data,
-                        replay_fraction=args.replay_fraction,
-                        quick=args.quick,
-                        overrides=args.overrides,
-                    )
-                    session, _ = load_checkpoint_session(checkpoint, "cpu")
-                    runs[key] = {
-                        "seconds": seconds,
-                        **held_out_scores(session, args.data, perturbed, held_out),
-                    }
-                    sweep = {}
-                    for share in args.mix_sweep:
-                        name = f"{share:g}"
-                        mixed = mixed_checkpoint(checkpoint, start, share, out / f"mixed-{name}.pt")
-                        session, _ = load_checkpoint_session(mixed, "cpu")
-                        sweep[name] = held_out_scores(session, args.data, perturbed, held_out)
-                        mixed.unlink()
-                        print(
-                            f"  mixed at {name}: perturbed {sweep[name]['perturbed']:.4f}, "
-                            f"clean {sweep[name]['clean']:.4f}",
-                            flush=True,
-                        )
-                    if sweep:
-                        runs[key]["mix_sweep"] = sweep
-                row = {
-                    "k": k,
-                    "seed": seed,
-                    "choice": how,
-                    "blocks": blocks,
-                    "replay": args.replay_fraction,
-                    "settings": list(args.overrides),
-                    **runs[key],
-                }
-                rows.append(row)
-                if args.json:  # after every fine-tune: a long run stopped early keeps what it measured
-                    write_text_atomic(
-                        args.json,
-                        json.dumps(
-                            {"before": before, "ranking": ranking, "rows": rows, "command": command},
-                            indent=1,
-                        ),
-                    )
-                print(
-                    f"k={k} seed={seed} {how} {'+'.join(blocks)}: perturbed {row['perturbed']:.4f} "
-                    f"({row['perturbed'] - before['perturbed']:+.4f}), clean {row['clean']:.4f} "
-                    f"({row['clean'] - before['clean']:+.4f}), fine-tune {row['seconds']:.0f} s",
-                    flush=True,
-                )
+
+    def fine_tune_and_score(blocks: list[str], seed: int) -> dict[str, Any]:
+        """Fine-tune on ``blocks`` with ``seed`` (once per pair) and score the held-out block."""
+        key = (tuple(blocks), seed)
+        if key in runs:
+            return runs[key]
+        data = corrections_dataset(perturbed, blocks, args.work)
+        name = f"{'+'.join(blocks)}-seed{seed}-replay{args.replay_fraction:g}{args.tag}"
+        out = args.work / ("runs" if args.perturbation == "strong" else f"runs-{args.perturbation}") / name
+        checkpoint, seconds = fine_tune(
+            data,
+            out,
+            seed=seed,
+            replay=args.data,
+            replay_fraction=args.replay_fraction,
+            quick=args.quick,
+            overrides=args.overrides,
+        )
+        session, _ = load_checkpoint_session(checkpoint, "cpu")
+        runs[key] = {"seconds": seconds, **held_out_scores(session, args.data, perturbed, held_out)}
+        sweep = {}
+        for share in args.mix_sweep:
+            name = f"{share:g}"
+            mixed = mixed_checkpoint(checkpoint, start, share, out / f"mixed-{name}.pt")
+            session, _ = load_checkpoint_session(mixed, "cpu")
+            sweep[name] = held_out_scores(session, args.data, perturbed, held_out)
+            mixed.unlink()
+            print(
+                f"  mixed at {name}: perturbed {sweep[name]['perturbed']:.4f}, clean {sweep[name]['clean']:.4f}",
+                flush=True,
+            )
+        if sweep:
+            runs[key]["mix_sweep"] = sweep
+        return runs[key]
+
+    plan = fine_tune_plan(ks, seeds, args.choices, [r["case"] for r in ranking], candidates, held_out)
+    for k, seed, how, blocks in plan:
+        row = {
+            "k": k,
+            "seed": seed,
+            "choice": how,
+            "blocks": blocks,
+            "replay": args.replay_fraction,
+            "settings": list(args.overrides),
+            **fine_tune_and_score(blocks, seed),
+        }
+        rows.append(row)
+        if args.json:  # after every fine-tune: a long run stopped early keeps what it measured
+            write_text_atomic(
+                args.json,
+                json.dumps(
+                    {"before": before, "ranking": ranking, "rows": rows, "command": command}, indent=1
+                ),
+            )
+        print(
+            f"k={k} seed={seed} {how} {'+'.join(blocks)}: perturbed {row['perturbed']:.4f} "
+            f"({row['perturbed'] - before['perturbed']:+.4f}), clean {row['clean']:.4f} "
+            f"({row['clean'] - before['clean']:+.4f}), fine-tune {row['seconds']:.0f} s",
+            flush=True,
+        )
     print(report(before, rows, held_out, command, threads=args.threads))
     return 0
 

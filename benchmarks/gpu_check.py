@@ -17,6 +17,11 @@ next one still runs; each numbered part of a section is a "step" with its own st
 - ``fp16``: an fp16 copy of the bundled 3D model, its speed and label agreement with the fp32 model.
 - ``training``: steps of a real-size 3D preset (patch and batch from ``PRESET``) with bf16 and fp16 autocast,
   CE + Dice, + PDCR, + CCDC, built by ``training.building.build_training``: it/s and peak memory.
+- ``finetune``: the fine-tuning preset (``FINETUNE_PRESET``) run as ``medcl-train`` runs it, from the
+  bundled 3D model's weights on two corrected cases (the sample and its mirror image, the model's labels
+  standing in for the corrections), for ``FINETUNE_EPOCHS`` epochs on CUDA; the seconds per epoch after the
+  first (data loading and augmentation included) and the preset's whole run extrapolated from them. No
+  replay (the original data is not on a GPU machine), which changes what a batch holds, not its size.
 - ``ddp``: a one-process NCCL process group (file store), an all-reduce and one DDP training step.
 
 ``--dry-run`` runs the same code on the CPU with tiny sizes (a crop of the sample, a tiny volume, one
@@ -52,10 +57,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SCHEMA = "napari-medcl-gpu-check/1"
-SECTIONS = ("environment", "inference", "fp16", "training", "ddp")
+SECTIONS = ("environment", "inference", "fp16", "training", "finetune", "ddp")
 # Seconds held back for each section: a section may run until the global deadline minus what the sections
 # after it hold, so a slow section cannot starve the later ones.
-RESERVE = {"environment": 20, "inference": 150, "fp16": 50, "training": 70, "ddp": 40}
+RESERVE = {"environment": 20, "inference": 150, "fp16": 50, "training": 70, "finetune": 60, "ddp": 40}
 MIN_START = 10.0  # a section that would have less than this is skipped
 GRACE = 15.0  # seconds a section's process gets past its deadline before it is killed
 DEFAULT_BUDGET = 420.0
@@ -70,6 +75,8 @@ TINY_SAMPLE_BOX = (slice(34, 46), slice(30, 60), slice(25, 55))  # of the 80x95x
 CT_CPU_MAX_SECONDS = 90.0  # the CPU run of the CT volume is done only when estimated below this
 PRESET, PRESET_CLASSES = ROOT / "training" / "configs" / "msd-task02-heart-unet3d-pdcr.yaml", 2  # left atrium
 DDP_PRESET, DDP_CLASSES = ROOT / "training" / "configs" / "quickstart-3d.yaml", 4  # brain tissue
+FINETUNE_PRESET = ROOT / "training" / "configs" / "finetune-brain-tissue-3d.yaml"
+FINETUNE_EPOCHS = 3  # the first one warms up (CUDA context, cuDNN's choice of kernels); the others are timed
 LOSS_SETS = {
     "CE+Dice": ["loss.pdcr.enabled=false", "loss.ccdc.enabled=false"],
     "+ PDCR": ["loss.ccdc.enabled=false"],  # the preset's PDCR (RF-PDCR on encoder 3-4 + cross-layer)
@@ -854,6 +861,72 @@ def train_steps(ctx: Context, preset: Path, overrides: list[str]) -> dict[str, A
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Section: finetune
+
+
+def section_finetune(ctx: Context) -> None:
+    _dry_run_threads(ctx)
+    cases = ctx.step("corrections", lambda: write_corrections(ctx.workdir / "corrections", ctx.dry_run))
+    if cases is not None:
+        ctx.step("run", lambda: finetune_run(ctx, ctx.workdir / "corrections", ctx.workdir / "finetune"))
+
+
+def write_corrections(folder: Path, dry_run: bool) -> dict[str, Any]:
+    """Two corrected cases for a timing run: the bundled sample (its crop in a dry run) and its left-right
+    mirror image, each with the bundled 3D model's labels as the correction
+    (``napari_medcl.corrections.add_correction``)."""
+    from napari_medcl.corrections import add_correction
+    from napari_medcl.onnx_session import load_model
+    from napari_medcl.prediction import predict
+
+    image, _ = sample_volume(dry_run)
+    session = load_model(MODELS["3d"], device="cpu", precision="fp32")
+    prediction = predict(image, session)
+    labels = prediction.labels
+    mirrored = dataclasses.replace(image, array=np.ascontiguousarray(image.array[..., ::-1]))
+    mirrored_labels = np.ascontiguousarray(labels.array[..., ::-1])
+    for case_id, scan, truth in (("sample", image, labels.array), ("mirrored", mirrored, mirrored_labels)):
+        add_correction(folder, scan, truth, model=prediction.provenance, model_labels=truth,
+                       case_id=case_id)  # fmt: skip
+    return {"cases": 2, "shape": list(image.array.shape)}
+
+
+def finetune_run(ctx: Context, corrections: Path, out: Path) -> dict[str, Any]:
+    """``medcl-train`` with the fine-tuning preset for a few epochs; seconds per epoch and the preset's
+    whole run extrapolated (its epochs times the mean of the timed ones, plus the first)."""
+    from training.cli import train_main
+    from training.config import load_config
+
+    preset = load_config(FINETUNE_PRESET)
+    epochs = 2 if ctx.dry_run else FINETUNE_EPOCHS
+    sets = [f"data.root={corrections}", f"output.dir={out}", "data.val_cases=[]", "data.num_workers=0",
+            "init.replay=null", f"train.epochs={epochs}", f"train.val_every={epochs}",
+            f"train.device={'cpu' if ctx.dry_run else 'cuda'}"]  # fmt: skip
+    if ctx.dry_run:
+        sets += ["train.iterations_per_epoch=2", "train.patch_size=[16,32,32]"]
+    argv = [str(FINETUNE_PRESET)]
+    for item in sets:
+        argv += ["--set", item]
+    start = time.perf_counter()
+    code = train_main(argv)
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"medcl-train exited {code}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    seconds = [float(r["seconds"]) for r in rows]
+    timed = float(np.mean(seconds[1:]))
+    return {
+        "device": "cpu" if ctx.dry_run else "cuda",
+        "epochs": epochs,
+        "iterations_per_epoch": 2 if ctx.dry_run else preset.train.iterations_per_epoch,
+        "epoch_seconds": [round(v, 2) for v in seconds],
+        "wall_seconds": round(wall, 1),
+        "preset_epochs": preset.train.epochs,
+        "preset_estimate_seconds": round(seconds[0] + timed * (preset.train.epochs - 1), 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Section: ddp
 
 
@@ -919,6 +992,7 @@ SECTION_FUNCTIONS = {
     "inference": section_inference,
     "fp16": section_fp16,
     "training": section_training,
+    "finetune": section_finetune,
     "ddp": section_ddp,
 }
 
@@ -1015,7 +1089,8 @@ def summary(step: dict[str, Any]) -> str:
     parts = []
     for key in ("execution_provider", "cuda_provider_loaded", "gpu", "torch", "onnxruntime", "amp", "backend",
                 "method", "warm_seconds", "ort_seconds", "it_per_s", "peak_memory_mib",
-                "device_memory_peak_mib", "batch1_ms_per_window", "batch8_ms_per_window", "loss"):  # fmt: skip
+                "device_memory_peak_mib", "batch1_ms_per_window", "batch8_ms_per_window", "loss",
+                "epoch_seconds", "preset_estimate_seconds"):  # fmt: skip
         if step.get(key) is not None:
             parts.append(f"{key}={step[key]}")
     for key, value in step.items():

@@ -1,7 +1,7 @@
 """Rescore fine-tunes of ``benchmarks/adaptation.py`` with their trained change mixed back per layer.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/adaptation_layer_mix.py RUN_DIR [RUN_DIR ...] \
-        [--work /tmp/medcl-adaptation] [--plans "0.75" "decoder 0.9, rest 0.25"]
+        [--work /tmp/medcl-adaptation] [--perturbation mild] [--plans "0.75" "decoder 0.9, rest 0.25"]
 
 Each RUN_DIR is a fine-tune's output folder (its ``checkpoint_last.pt`` keeps the trained weights as
 ``trained_model``). For each plan the bundled model's weights plus a share of the trained change
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--work", type=Path, default=Path("/tmp/medcl-adaptation"))
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "mni152-tissue")
+    parser.add_argument(
+        "--perturbation", choices=["strong", "mild"], default="strong", help="the runs' new scanner"
+    )
     parser.add_argument("--plans", nargs="+", default=["0.75", "decoder 0.9, rest 0.25"])
     args = parser.parse_args(argv)
     import adaptation
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.torch_session import load_checkpoint_session
 
     plans = {text: parse_plan(text) for text in args.plans}
-    perturbed, held_out, _ = adaptation.perturbed_dataset(args.data, args.work)
+    perturbed, held_out, _ = adaptation.perturbed_dataset(args.data, args.work, args.perturbation)
     start = torch.load(ROOT / "napari_medcl/models/brain-tissue-3d.pt", map_location="cpu", weights_only=True)
     start = start.get("model", start)
     before = adaptation.held_out_scores(

@@ -76,3 +76,17 @@ def test_the_mild_new_scanner_is_kept_apart_from_the_strong_one(bench, tmp_path)
     assert 0 < np.abs(b - clean).mean() < np.abs(a - clean).mean()
     sets = {bench.corrections_dataset(root, candidates[:1], tmp_path / "work") for root in (strong, mild)}
     assert len(sets) == 2
+
+
+def test_the_plan_trains_the_held_out_block_itself_only_when_asked(bench):
+    ranked, candidates = ["b3", "b1", "b2", "b0"], ["b0", "b1", "b2", "b3"]
+    plan = bench.fine_tune_plan([2], [0, 1], ["ranked", "random"], ranked, candidates, "b4")
+    assert [(k, seed, how) for k, seed, how, _ in plan] == [
+        (2, 0, "ranked"),
+        (2, 0, "random"),
+        (2, 1, "ranked"),
+        (2, 1, "random"),
+    ]
+    assert plan[0][3] == ["b1", "b3"] and all("b4" not in blocks for *_, blocks in plan)
+    ceiling = bench.fine_tune_plan([2, 4], [0, 1], ["held-out"], ranked, candidates, "b4")
+    assert ceiling == [(1, 0, "held-out", ["b4"]), (1, 1, "held-out", ["b4"])]

@@ -36,6 +36,7 @@ EXPECTED_STEPS = {
     },
     "fp16": {"convert", "sessions", "window", "sample", "ct"},
     "training": {f"{amp}/{losses}" for amp in ("bf16", "fp16") for losses in ("CE+Dice", "+ PDCR", "+ CCDC")},
+    "finetune": {"corrections", "run"},
     "ddp": {"init", "all_reduce", "ddp_train_step"},
 }
 
@@ -94,6 +95,9 @@ def test_dry_run_figures(dry_run_report):
     for step in report["sections"]["training"]["steps"].values():
         assert step["finite"] and step["it_per_s"] > 0 and step["steps"] == 1
     assert report["sections"]["ddp"]["steps"]["init"]["backend"] == "gloo"
+    run = report["sections"]["finetune"]["steps"]["run"]
+    assert run["device"] == "cpu" and len(run["epoch_seconds"]) == run["epochs"] == 2
+    assert run["preset_estimate_seconds"] > sum(run["epoch_seconds"])  # the preset runs more epochs
 
 
 def test_a_failing_step_is_recorded_and_the_next_one_runs(gpu_check, tmp_path):
