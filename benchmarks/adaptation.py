@@ -303,8 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="SHARE",
-        help="also score every fine-tune mixed with the start at these shares of its trained change "
-        "(init.weight_mix, from the trained weights the checkpoint keeps)",
+        help="also score every fine-tune mixed with the start at these shares of its trained change, one "
+        "share for every tensor whatever the run's init.weight_mix_layers (1: the trained weights as they "
+        "are; from the trained weights the checkpoint keeps)",
     )
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -364,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = {}
         for share in args.mix_sweep:
             name = f"{share:g}"
-            mixed = mixed_checkpoint(checkpoint, start, share, out / f"mixed-{name}.pt")
+            mixed = mixed_checkpoint(checkpoint, start, share, out / f"mixed-{name}.pt", layers={})
             session, _ = load_checkpoint_session(mixed, "cpu")
             sweep[name] = held_out_scores(session, args.data, perturbed, held_out)
             mixed.unlink()

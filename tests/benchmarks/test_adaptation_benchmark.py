@@ -90,3 +90,21 @@ def test_the_plan_trains_the_held_out_block_itself_only_when_asked(bench):
     assert plan[0][3] == ["b1", "b3"] and all("b4" not in blocks for *_, blocks in plan)
     ceiling = bench.fine_tune_plan([2, 4], [0, 1], ["held-out"], ranked, candidates, "b4")
     assert ceiling == [(1, 0, "held-out", ["b4"]), (1, 1, "held-out", ["b4"])]
+
+
+def test_a_mix_sweep_share_holds_for_every_tensor_unless_layers_are_named(bench, tmp_path):
+    import torch
+
+    start = {"encoder.0.w": torch.zeros(2), "decoder.0.w": torch.zeros(2)}
+    trained = {"encoder.0.w": torch.ones(2), "decoder.0.w": torch.ones(2)}
+    config = {"init": {"weight_mix": 0.25, "weight_mix_layers": {"decoder": 0.9}}}
+    checkpoint = tmp_path / "checkpoint_last.pt"
+    torch.save({"model": start, "trained_model": trained, "config": config}, checkpoint)
+
+    def mixed(**layers):
+        bench.mixed_checkpoint(checkpoint, start, 1.0, tmp_path / "mixed.pt", **layers)
+        model = torch.load(tmp_path / "mixed.pt", weights_only=True)["model"]
+        return float(model["encoder.0.w"][0]), float(model["decoder.0.w"][0])
+
+    assert mixed(layers={}) == (1.0, 1.0)  # what --mix-sweep 1 scores: the trained weights as they are
+    assert mixed() == (1.0, pytest.approx(0.9))  # None: the run's own per-layer shares
