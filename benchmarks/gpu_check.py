@@ -22,6 +22,7 @@ next one still runs; each numbered part of a section is a "step" with its own st
   standing in for the corrections), for ``FINETUNE_EPOCHS`` epochs on CUDA; the seconds per epoch after the
   first (data loading and augmentation included) and the preset's whole run extrapolated from them. No
   replay (the original data is not on a GPU machine), which changes what a batch holds, not its size.
+  Skipped, with the reason, where SimpleITK is missing.
 - ``ddp``: a one-process NCCL process group (file store), an all-reduce and one DDP training step.
 
 ``--dry-run`` runs the same code on the CPU with tiny sizes (a crop of the sample, a tiny volume, one
@@ -866,6 +867,12 @@ def train_steps(ctx: Context, preset: Path, overrides: list[str]) -> dict[str, A
 
 def section_finetune(ctx: Context) -> None:
     _dry_run_threads(ctx)
+    try:
+        import SimpleITK  # noqa: F401  (training reads its cases through napari_medcl.io)
+    except ImportError as error:
+        for name in ("corrections", "run"):
+            ctx.skip(name, f"needs SimpleITK to write and read the corrected cases ({error})")
+        return
     cases = ctx.step("corrections", lambda: write_corrections(ctx.workdir / "corrections", ctx.dry_run))
     if cases is not None:
         ctx.step("run", lambda: finetune_run(ctx, ctx.workdir / "corrections", ctx.workdir / "finetune"))
