@@ -17,10 +17,11 @@ next one still runs; each numbered part of a section is a "step" with its own st
 - ``fp16``: an fp16 copy of the bundled 3D model, its speed and label agreement with the fp32 model.
 - ``training``: steps of a real-size 3D preset (patch and batch from ``PRESET``) with bf16 and fp16 autocast,
   CE + Dice, + PDCR, + CCDC, built by ``training.building.build_training``: it/s and peak memory.
-- ``finetune``: the fine-tuning preset (``FINETUNE_PRESET``) run as ``medcl-train`` runs it, from the
-  bundled 3D model's weights on two corrected cases (the sample and its mirror image, the model's labels
-  standing in for the corrections), for ``FINETUNE_EPOCHS`` epochs on CUDA; the seconds per epoch after the
-  first (data loading and augmentation included) and the preset's whole run extrapolated from them. No
+- ``finetune``: the bundled 3D model's fine-tuning recipe run as the widget's *Fine-tune* runs it (the
+  ``medcl-train`` command of ``napari_medcl.learning``, in a subprocess), from its weights on two corrected
+  cases (the sample and its mirror image, the model's labels standing in for the corrections), for
+  ``FINETUNE_EPOCHS`` epochs on CUDA; the seconds per epoch after the first (data loading and augmentation
+  included) and the recipe's whole run extrapolated from them. No
   replay (the original data is not on a GPU machine), which changes what a batch holds, not its size.
   Skipped, with the reason, where SimpleITK is missing.
 - ``ddp``: a one-process NCCL process group (file store), an all-reduce and one DDP training step.
@@ -76,7 +77,6 @@ TINY_SAMPLE_BOX = (slice(34, 46), slice(30, 60), slice(25, 55))  # of the 80x95x
 CT_CPU_MAX_SECONDS = 90.0  # the CPU run of the CT volume is done only when estimated below this
 PRESET, PRESET_CLASSES = ROOT / "training" / "configs" / "msd-task02-heart-unet3d-pdcr.yaml", 2  # left atrium
 DDP_PRESET, DDP_CLASSES = ROOT / "training" / "configs" / "quickstart-3d.yaml", 4  # brain tissue
-FINETUNE_PRESET = ROOT / "training" / "configs" / "finetune-brain-tissue-3d.yaml"
 FINETUNE_EPOCHS = 3  # the first one warms up (CUDA context, cuDNN's choice of kernels); the others are timed
 LOSS_SETS = {
     "CE+Dice": ["loss.pdcr.enabled=false", "loss.ccdc.enabled=false"],
@@ -875,7 +875,7 @@ def section_finetune(ctx: Context) -> None:
         return
     cases = ctx.step("corrections", lambda: write_corrections(ctx.workdir / "corrections", ctx.dry_run))
     if cases is not None:
-        ctx.step("run", lambda: finetune_run(ctx, ctx.workdir / "corrections", ctx.workdir / "finetune"))
+        ctx.step("run", lambda: finetune_run(ctx, ctx.workdir / "corrections"))
 
 
 def write_corrections(folder: Path, dry_run: bool) -> dict[str, Any]:
@@ -898,38 +898,38 @@ def write_corrections(folder: Path, dry_run: bool) -> dict[str, Any]:
     return {"cases": 2, "shape": list(image.array.shape)}
 
 
-def finetune_run(ctx: Context, corrections: Path, out: Path) -> dict[str, Any]:
-    """``medcl-train`` with the fine-tuning preset for a few epochs; seconds per epoch and the preset's
-    whole run extrapolated (its epochs times the mean of the timed ones, plus the first)."""
-    from training.cli import train_main
+def finetune_run(ctx: Context, corrections: Path) -> dict[str, Any]:
+    """The widget's *Fine-tune* command (``napari_medcl.learning.plan_fine_tune`` and ``train_command``) for a
+    few epochs; seconds per epoch and the recipe's whole run extrapolated (the first epoch plus its other
+    epochs at the mean of the timed ones)."""
+    from napari_medcl.learning import plan_fine_tune, train_command
     from training.config import load_config
 
-    preset = load_config(FINETUNE_PRESET)
     epochs = 2 if ctx.dry_run else FINETUNE_EPOCHS
-    sets = [f"data.root={corrections}", f"output.dir={out}", "data.val_cases=[]", "data.num_workers=0",
-            "init.replay=null", f"train.epochs={epochs}", f"train.val_every={epochs}",
-            f"train.device={'cpu' if ctx.dry_run else 'cuda'}"]  # fmt: skip
+    overrides = ["init.replay=null", f"train.epochs={epochs}", f"train.val_every={epochs}",
+                 f"train.device={ctx.device}"]  # fmt: skip
     if ctx.dry_run:
-        sets += ["train.iterations_per_epoch=2", "train.patch_size=[16,32,32]"]
-    argv = [str(FINETUNE_PRESET)]
-    for item in sets:
-        argv += ["--set", item]
+        overrides += ["data.num_workers=0", "train.iterations_per_epoch=2", "train.patch_size=[16,32,32]"]
+    plan = plan_fine_tune(MODELS["3d"], corrections, overrides=overrides)
     start = time.perf_counter()
-    code = train_main(argv)
+    done = subprocess.run(train_command(plan), cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    if code != 0:
-        raise RuntimeError(f"medcl-train exited {code}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    seconds = [float(r["seconds"]) for r in rows]
-    timed = float(np.mean(seconds[1:]))
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"medcl-train exited {done.returncode}: {(done.stdout + done.stderr).strip()[-1500:]}"
+        )
+    metrics = (plan.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    seconds = [float(json.loads(line)["seconds"]) for line in metrics]
+    recipe = load_config(plan.config).train
     return {
-        "device": "cpu" if ctx.dry_run else "cuda",
+        "device": ctx.device,
+        "recipe": plan.config.name,
         "epochs": epochs,
-        "iterations_per_epoch": 2 if ctx.dry_run else preset.train.iterations_per_epoch,
+        "iterations_per_epoch": load_config(plan.run_dir / "config.yaml").train.iterations_per_epoch,
         "epoch_seconds": [round(v, 2) for v in seconds],
         "wall_seconds": round(wall, 1),
-        "preset_epochs": preset.train.epochs,
-        "preset_estimate_seconds": round(seconds[0] + timed * (preset.train.epochs - 1), 1),
+        "preset_epochs": recipe.epochs,
+        "preset_estimate_seconds": round(seconds[0] + float(np.mean(seconds[1:])) * (recipe.epochs - 1), 1),
     }
 
 

@@ -57,15 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plans", nargs="+", default=["0.75", "decoder 0.9, rest 0.25"])
     args = parser.parse_args(argv)
     import adaptation
-    import torch
 
     from napari_medcl.onnx_session import load_model
+    from training.init_weights import load_initial_weights
     from training.torch_session import load_checkpoint_session
 
     plans = {text: parse_plan(text) for text in args.plans}
     perturbed, held_out, _ = adaptation.perturbed_dataset(args.data, args.work, args.perturbation)
-    start = torch.load(ROOT / "napari_medcl/models/brain-tissue-3d.pt", map_location="cpu", weights_only=True)
-    start = start.get("model", start)
+    start = dict(load_initial_weights(adaptation.MODEL).state_dict)  # as --mix-sweep reads them
     before = adaptation.held_out_scores(
         load_model(adaptation.MODEL, device="cpu", precision="fp32"), args.data, perturbed, held_out
     )
